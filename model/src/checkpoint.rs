@@ -1,0 +1,234 @@
+//! One view over every checkpoint kind: an HF folder (safetensors) or a GGUF file. Tensors
+//! are addressed by their HF names, read lazily and converted to f32 one at a time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::gguf::{self, GgufFile};
+use crate::safetensors_io::SafetensorsSet;
+
+/// What one tensor is, without reading it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMeta {
+    /// HF name (GGUF-only tensors keep their GGUF name).
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Storage type name (`BF16`, `Q4_1`, ...).
+    pub dtype: String,
+    /// Bytes of data on disk.
+    pub bytes: u64,
+}
+
+impl TensorMeta {
+    /// Number of values.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+enum Source {
+    Hf(SafetensorsSet),
+    Gguf { file: GgufFile, hf_to_gguf: BTreeMap<String, usize>, permute: bool },
+}
+
+/// An opened teacher or student checkpoint.
+pub struct Checkpoint {
+    path: PathBuf,
+    config: Config,
+    source: Source,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("path", &self.path).field("format", &self.format()).finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens an HF folder or a `.gguf` file and validates its header and config.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+        if meta.is_dir() {
+            let config = Config::from_file(&path.join("config.json"))?;
+            let set = SafetensorsSet::open(path)?;
+            Ok(Self { path: path.into(), config, source: Source::Hf(set) })
+        } else {
+            let file = GgufFile::open(path)?;
+            let config = file.config()?;
+            let mut hf_to_gguf = BTreeMap::new();
+            for (i, t) in file.tensors().iter().enumerate() {
+                let name = gguf::gguf_to_hf_name(&t.name).unwrap_or_else(|| t.name.clone());
+                hf_to_gguf.insert(name, i);
+            }
+            let permute = file.arch()? != "qwen2";
+            Ok(Self { path: path.into(), config, source: Source::Gguf { file, hf_to_gguf, permute } })
+        }
+    }
+
+    /// Where it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// `safetensors` or `gguf`.
+    pub fn format(&self) -> &'static str {
+        match self.source {
+            Source::Hf(_) => "safetensors",
+            Source::Gguf { .. } => "gguf",
+        }
+    }
+
+    /// The GGUF file, when this is one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            Source::Gguf { file, .. } => Some(file),
+            Source::Hf(_) => None,
+        }
+    }
+
+    /// Every tensor's name, shape, storage type and size.
+    pub fn tensors(&self) -> Vec<TensorMeta> {
+        match &self.source {
+            Source::Hf(set) => set
+                .entries()
+                .iter()
+                .map(|(name, e)| TensorMeta {
+                    name: name.clone(),
+                    shape: e.shape.clone(),
+                    dtype: format!("{:?}", e.dtype),
+                    bytes: e.shape.iter().product::<usize>() as u64 * e.dtype.bitsize() as u64 / 8,
+                })
+                .collect(),
+            Source::Gguf { file, hf_to_gguf, .. } => hf_to_gguf
+                .iter()
+                .map(|(name, &i)| {
+                    let t = &file.tensors()[i];
+                    TensorMeta { name: name.clone(), shape: t.shape.clone(), dtype: t.ty.name().into(), bytes: t.nbytes as u64 }
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether a tensor of this HF name exists.
+    pub fn has(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Hf(set) => set.entries().contains_key(name),
+            Source::Gguf { hf_to_gguf, .. } => hf_to_gguf.contains_key(name),
+        }
+    }
+
+    /// Bytes of the checkpoint's weight files on disk.
+    pub fn bytes_on_disk(&self) -> u64 {
+        match &self.source {
+            Source::Hf(set) => set.bytes_on_disk(),
+            Source::Gguf { file, .. } => file.file_len(),
+        }
+    }
+
+    /// Reads a tensor as f32 in HF layout, checking its shape and that every value is finite.
+    pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (data, shape) = match &self.source {
+            Source::Hf(set) => set
+                .read_f32(name)?
+                .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.into() })?,
+            Source::Gguf { file, hf_to_gguf, permute } => {
+                let &i = hf_to_gguf
+                    .get(name)
+                    .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+                let t = &file.tensors()[i];
+                let mut data = file.read_f32(t);
+                // llama.cpp stores q/k rows interleaved per rotary pair for the `llama` arch.
+                if *permute {
+                    let heads = if name.contains("self_attn.q_proj") {
+                        Some(self.config.num_attention_heads)
+                    } else if name.contains("self_attn.k_proj") {
+                        Some(self.config.num_kv_heads())
+                    } else {
+                        None
+                    };
+                    if let Some(h) = heads {
+                        let rows = t.shape[0];
+                        let cols = if t.shape.len() > 1 { t.shape[1] } else { 1 };
+                        if rows % h == 0 && (rows / h) % 2 == 0 {
+                            data = gguf::unpermute_rows(&data, rows, cols, h);
+                        }
+                    }
+                }
+                (data, t.shape.clone())
+            }
+        };
+        if shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: self.path.clone(),
+                tensor: name.into(),
+                expected: expected.to_vec(),
+                found: shape,
+            });
+        }
+        let bad = data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(ModelError::NonFinite { path: self.path.clone(), tensor: name.into(), count: bad });
+        }
+        Ok(data)
+    }
+
+    /// The HF names and shapes of every tensor the architecture needs, in file order.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        expected_tensors(&self.config)
+    }
+}
+
+/// The HF names and shapes a config implies (embedding, blocks, final norm, lm_head).
+pub fn expected_tensors(c: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..c.num_hidden_layers {
+        out.extend(block_tensors(c, l));
+    }
+    out.push(("model.norm.weight".into(), vec![h]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    out
+}
+
+/// The HF names and shapes of block `l`'s tensors.
+pub fn block_tensors(c: &Config, l: usize) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim();
+    let kv = c.num_kv_heads() * c.head_dim();
+    let p = format!("model.layers.{l}");
+    let mut out = vec![
+        (format!("{p}.input_layernorm.weight"), vec![h]),
+        (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+        (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+        (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+        (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+        (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+        (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+        (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+        (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+    ];
+    if c.qkv_bias() {
+        out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+        out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+        out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+    }
+    if c.o_bias() {
+        out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+    }
+    if c.mlp_bias {
+        out.push((format!("{p}.mlp.gate_proj.bias"), vec![i]));
+        out.push((format!("{p}.mlp.up_proj.bias"), vec![i]));
+        out.push((format!("{p}.mlp.down_proj.bias"), vec![h]));
+    }
+    out
+}

@@ -1,0 +1,131 @@
+//! The layer-by-layer engine: every window goes through block 0, then every window through
+//! block 1, and so on, with only one block's weights in memory. Evaluation, calibration and
+//! pruning all drive it; a caller sees each block and its inputs through a callback.
+
+use burn::nn::RmsNorm;
+use burn::tensor::{Device, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, Result};
+use crate::transformer::{DecoderLayer, Rope, rms_norm_from, tensor_from};
+
+/// Activations of all windows between blocks, one `[1, seq, hidden]` tensor per window.
+pub type States = Vec<Tensor<3>>;
+
+/// The final norm and the output projection.
+#[derive(Debug)]
+pub struct Head {
+    norm: RmsNorm,
+    /// `[hidden, vocab]`.
+    lm_head: Tensor<2>,
+    vocab: usize,
+}
+
+impl Head {
+    /// Logits `[n, vocab]` (row-major, f32) for positions `from..seq` of one window state.
+    pub fn logits(&self, state: &Tensor<3>, from: usize) -> Vec<f32> {
+        let [_, seq, hidden] = state.dims();
+        let x = state.clone().slice([0..1, from..seq, 0..hidden]).reshape([seq - from, hidden]);
+        let x = self.norm.forward(x);
+        let out = x.matmul(self.lm_head.clone());
+        out.into_data().try_into_vec::<f32>().expect("f32 logits")
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+}
+
+/// Drives a checkpoint one block at a time.
+pub struct LayerEngine<'a> {
+    ckpt: &'a Checkpoint,
+    device: Device,
+    rope: Rope,
+}
+
+impl<'a> LayerEngine<'a> {
+    /// An engine for windows of at most `max_len` tokens.
+    pub fn new(ckpt: &'a Checkpoint, device: Device, max_len: usize) -> Self {
+        let rope = Rope::new(ckpt.config(), max_len, &device);
+        Self { ckpt, device, rope }
+    }
+
+    /// The checkpoint.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        self.ckpt
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The RoPE tables.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Embeds token windows (reading the embedding matrix once, then dropping it).
+    pub fn embed(&self, windows: &[Vec<u32>]) -> Result<States> {
+        let c = self.ckpt.config();
+        let (v, h) = (c.vocab_size, c.hidden_size);
+        let table = self.ckpt.read("model.embed_tokens.weight", &[v, h])?;
+        windows
+            .iter()
+            .map(|w| {
+                let mut x = Vec::with_capacity(w.len() * h);
+                for &t in w {
+                    let t = t as usize;
+                    if t >= v {
+                        return Err(ModelError::format(
+                            self.ckpt.path(),
+                            format!("token id {t} is outside the vocabulary of {v} (tokenizer and model disagree)"),
+                        ));
+                    }
+                    x.extend_from_slice(&table[t * h..(t + 1) * h]);
+                }
+                Ok(tensor_from(x, [1, w.len(), h], &self.device))
+            })
+            .collect()
+    }
+
+    /// Loads block `l`.
+    pub fn load_block(&self, l: usize) -> Result<DecoderLayer> {
+        DecoderLayer::load(self.ckpt, l, &self.device)
+    }
+
+    /// Runs every block over `states` in place. `on_block(l, block, inputs)` runs before
+    /// block `l` is applied (calibration hooks read or even replace the block there), and
+    /// `progress` is told after each window of each block.
+    pub fn run_blocks(
+        &self,
+        states: &mut States,
+        mut on_block: impl FnMut(usize, &mut DecoderLayer, &States) -> Result<()>,
+        mut progress: impl FnMut(),
+    ) -> Result<()> {
+        for l in 0..self.ckpt.config().num_hidden_layers {
+            let mut block = self.load_block(l)?;
+            on_block(l, &mut block, states)?;
+            for s in states.iter_mut() {
+                *s = block.forward(s.clone(), &self.rope);
+                progress();
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the final norm and lm_head (the embedding when tied).
+    pub fn load_head(&self) -> Result<Head> {
+        let c = self.ckpt.config();
+        let (v, h) = (c.vocab_size, c.hidden_size);
+        let norm = rms_norm_from(self.ckpt.read("model.norm.weight", &[h])?, c.rms_norm_eps, &self.device);
+        let name = if c.tie_word_embeddings && !self.ckpt.has("lm_head.weight") {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let w = self.ckpt.read(name, &[v, h])?;
+        Ok(Head { norm, lm_head: tensor_from(w, [v, h], &self.device).transpose(), vocab: v })
+    }
+}

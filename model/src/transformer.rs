@@ -1,0 +1,214 @@
+//! The Llama-family decoder block in burn, with module paths that mirror HF tensor names
+//! (`self_attn.q_proj`, `mlp.down_proj`, `input_layernorm`, ...). Mistral, Qwen2, SmolLM2 and
+//! TinyLlama are config flags of the same block (GQA, q/k/v bias, RoPE base and scaling).
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::error::Result;
+
+/// Where a calibration tap sits: the input of a group of linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tap {
+    /// Normalized block input, shared by q/k/v.
+    QkvInput,
+    /// Attention context, the input of o_proj.
+    OInput,
+    /// Normalized residual, shared by gate/up.
+    GateUpInput,
+    /// SiLU(gate) * up, the input of down_proj.
+    DownInput,
+}
+
+/// Builds a tensor of `shape` from f32 values.
+pub fn tensor_from<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// A burn `Linear` from an HF weight `[out, in]` (burn stores `[in, out]`).
+pub fn linear_from_hf(weight: Vec<f32>, out: usize, inp: usize, bias: Option<Vec<f32>>, device: &Device) -> Linear {
+    let w = tensor_from(weight, [out, inp], device).transpose();
+    Linear {
+        weight: Param::from_tensor(w),
+        bias: bias.map(|b| Param::from_tensor(tensor_from(b, [out], device))),
+    }
+}
+
+/// An RMSNorm from its HF weight.
+pub fn rms_norm_from(gamma: Vec<f32>, eps: f64, device: &Device) -> RmsNorm {
+    let n = gamma.len();
+    RmsNorm { gamma: Param::from_tensor(tensor_from(gamma, [n], device)), epsilon: eps }
+}
+
+/// Rotary position embedding tables (HF `rotate_half` convention).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+}
+
+impl Rope {
+    /// Tables for positions `0..max_len`.
+    pub fn new(cfg: &Config, max_len: usize, device: &Device) -> Self {
+        let inv = cfg.rope_inv_freq();
+        let hd = cfg.head_dim();
+        let (mut cos, mut sin) = (Vec::with_capacity(max_len * hd), Vec::with_capacity(max_len * hd));
+        for p in 0..max_len {
+            // HF repeats the frequencies for both halves: cat(freqs, freqs).
+            for _ in 0..2 {
+                for f in &inv {
+                    // f64 angles, as HF computes them in float32 from an f32 inv_freq; the
+                    // difference is far below the tolerance of any comparison made here.
+                    let a = p as f64 * *f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        Self { cos: tensor_from(cos, [max_len, hd], device), sin: tensor_from(sin, [max_len, hd], device) }
+    }
+
+    /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `0..seq`.
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, seq, hd] = x.dims();
+        let cos = self.cos.clone().slice([0..seq]).unsqueeze::<4>();
+        let sin = self.sin.clone().slice([0..seq]).unsqueeze::<4>();
+        let x1 = x.clone().narrow(3, 0, hd / 2);
+        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
+        let rot = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rot * sin
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>, rope: &Rope, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = rope.apply(heads(self.q_proj.forward(x.clone()), nh));
+        let k = rope.apply(heads(self.k_proj.forward(x.clone()), nkv));
+        let v = heads(self.v_proj.forward(x), nkv);
+        let (k, v) = if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |t: Tensor<4>| t.reshape([b, nkv, 1, s, hd]).repeat_dim(2, rep).reshape([b, nh, s, hd]);
+            (expand(k), expand(v))
+        } else {
+            (k, v)
+        };
+        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let ctx = attention(q, k, v, None, None, opts).swap_dims(1, 2).reshape([b, s, nh * hd]);
+        tap(Tap::OInput, &ctx);
+        self.o_proj.forward(ctx)
+    }
+}
+
+/// The SwiGLU feed-forward network.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+        let h = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        tap(Tap::DownInput, &h);
+        self.down_proj.forward(h)
+    }
+}
+
+/// One decoder block (HF `LlamaDecoderLayer`).
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// Attention.
+    pub self_attn: Attention,
+    /// Feed-forward.
+    pub mlp: Mlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// Reads block `l` from a checkpoint (one block's weights, converted to f32).
+    pub fn load(ckpt: &Checkpoint, l: usize, device: &Device) -> Result<Self> {
+        let c = ckpt.config();
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim();
+        let kv = c.num_kv_heads() * c.head_dim();
+        let p = format!("model.layers.{l}");
+        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = ckpt.read(&format!("{p}.{name}.weight"), &[out, inp])?;
+            let b = if bias { Some(ckpt.read(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+            Ok(linear_from_hf(w, out, inp, b, device))
+        };
+        let eps = c.rms_norm_eps;
+        Ok(Self {
+            input_layernorm: rms_norm_from(ckpt.read(&format!("{p}.input_layernorm.weight"), &[h])?, eps, device),
+            self_attn: Attention {
+                q_proj: lin("self_attn.q_proj", q, h, c.qkv_bias())?,
+                k_proj: lin("self_attn.k_proj", kv, h, c.qkv_bias())?,
+                v_proj: lin("self_attn.v_proj", kv, h, c.qkv_bias())?,
+                o_proj: lin("self_attn.o_proj", h, q, c.o_bias())?,
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_kv_heads(),
+                head_dim: c.head_dim(),
+            },
+            post_attention_layernorm: rms_norm_from(
+                ckpt.read(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                eps,
+                device,
+            ),
+            mlp: Mlp {
+                gate_proj: lin("mlp.gate_proj", i, h, c.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", i, h, c.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", h, i, c.mlp_bias)?,
+            },
+        })
+    }
+
+    /// Runs the block on `x` `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        self.forward_tapped(x, rope, &mut |_, _| {})
+    }
+
+    /// Runs the block and shows `tap` the input of every linear group (for calibration).
+    pub fn forward_tapped(&self, x: Tensor<3>, rope: &Rope, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+        let n = self.input_layernorm.forward(x.clone());
+        tap(Tap::QkvInput, &n);
+        let h = x + self.self_attn.forward(n, rope, tap);
+        let n = self.post_attention_layernorm.forward(h.clone());
+        tap(Tap::GateUpInput, &n);
+        h + self.mlp.forward(n, tap)
+    }
+}
