@@ -1,10 +1,12 @@
-//! `compress eval MODEL --ppl FILE`: perplexity, size and speed, as a table and JSON.
+//! `compress eval MODEL`: perplexity, divergence from a teacher, speed, energy and size, as a
+//! table on stdout and a JSON report.
 
 use anyhow::{Context, bail};
 use comfy_table::Table;
+use eval::energy::{DEFAULT_GRID_G_PER_KWH, DEFAULT_WATTS_PER_CORE, EnergyMeter};
 use eval::{PplOptions, Protocol, SizeReport, SpeedReport};
 use model::Checkpoint;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::output::write_atomic;
 
@@ -26,63 +28,158 @@ pub struct Args {
     /// (every token scored, as in the AWQ/GPTQ papers).
     #[arg(long, default_value = "llama", value_parser = ["llama", "hf"])]
     protocol: String,
+    /// Teacher model: also report KL(teacher ‖ student) over the --ppl chunks.
+    #[arg(long)]
+    teacher: Option<crate::Path>,
+    /// Measure prompt processing and greedy generation speed with a KV cache.
+    #[arg(long)]
+    speed: bool,
+    /// Prompt tokens for --speed.
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    /// Generated tokens for --speed.
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<crate::Path>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Watts per busy core for the energy estimate when RAPL counters are absent.
+    #[arg(long, default_value_t = DEFAULT_WATTS_PER_CORE)]
+    watts_per_core: f64,
+    /// Grid carbon intensity in g CO2e per kWh.
+    #[arg(long, default_value_t = DEFAULT_GRID_G_PER_KWH)]
+    grid_intensity: f64,
+}
+
+/// The text used for speed prompts when no --ppl file is given: fixed, so runs compare.
+const SPEED_TEXT: &str = "The patient is a 67-year-old man with a history of hypertension and type 2 diabetes \
+who presents with two days of progressive shortness of breath and bilateral leg swelling. ";
+
+fn read_text(path: &crate::Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let threads = crate::set_threads(a.threads);
-    let Some(ppl_path) = a.ppl.as_ref() else {
-        bail!("nothing to evaluate: give --ppl TEXT_FILE");
-    };
+    if a.ppl.is_none() && !a.speed {
+        bail!("nothing to evaluate: give --ppl TEXT_FILE and/or --speed");
+    }
+    if a.teacher.is_some() && a.ppl.is_none() {
+        bail!("--teacher needs --ppl TEXT_FILE (divergence is measured over the perplexity chunks)");
+    }
     if a.chunks == Some(0) {
         bail!("--chunks must be at least 1");
     }
+    if !(a.watts_per_core > 0.0 && a.grid_intensity >= 0.0) {
+        bail!("--watts-per-core must be positive and --grid-intensity non-negative");
+    }
+    let meter = EnergyMeter::start();
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
-    let bytes = std::fs::read(ppl_path).with_context(|| format!("{}", ppl_path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", ppl_path.display()))?;
-    let tokens = tok.encode(&text)?;
-    let opts = PplOptions {
-        ctx: a.ctx,
-        chunks: a.chunks,
-        protocol: if a.protocol == "hf" { Protocol::Hf } else { Protocol::Llama },
-    };
-    let pb = crate::progress_bar("perplexity", 1);
-    let res = eval::perplexity(&ckpt, &tok, &tokens, &opts, model::default_device(), |done, total| {
-        pb.set_length(total);
-        pb.set_position(done);
-    })
-    .map_err(|e| anyhow::anyhow!("{}: {e}", ppl_path.display()))?;
-    pb.finish_and_clear();
+    let device = model::default_device();
     let size = SizeReport::of(&ckpt);
-    let speed = SpeedReport {
-        tokens_per_second: res.tokens_processed as f64 / res.wall_seconds,
-        wall_seconds: res.wall_seconds,
-        threads,
-    };
+    let mut report = json!({"model": a.model, "format": ckpt.format(), "size": size});
+    let mut tokens_processed = 0u64;
+    let mut rows: Vec<(String, String)> = vec![
+        ("model".into(), a.model.display().to_string()),
+        ("bytes / params / bpw".into(), format!("{} / {} / {:.3}", size.bytes, size.params, size.bits_per_weight)),
+    ];
+
+    if let Some(ppl_path) = &a.ppl {
+        let text = read_text(ppl_path)?;
+        let tokens = tok.encode(&text)?;
+        let opts = PplOptions {
+            ctx: a.ctx,
+            chunks: a.chunks,
+            protocol: if a.protocol == "hf" { Protocol::Hf } else { Protocol::Llama },
+        };
+        let pb = crate::progress_bar(if a.teacher.is_some() { "kld" } else { "perplexity" }, 1);
+        let progress = |done: u64, total: u64| {
+            pb.set_length(total);
+            pb.set_position(done);
+        };
+        let ctx_err = |e: eval::EvalError| anyhow::anyhow!("{}: {e}", ppl_path.display());
+        let res = if let Some(tpath) = &a.teacher {
+            let teacher = Checkpoint::open(tpath).context("cannot open teacher")?;
+            let ttok = model::load_tokenizer(&teacher).context("cannot build the teacher's tokenizer")?;
+            eval::kld::check_same_vocab(&teacher, &ckpt, &ttok, &tok)?;
+            let (s, t, k) = eval::kl_divergence(&teacher, &ckpt, &tok, &tokens, &opts, device.clone(), progress)
+                .map_err(ctx_err)?;
+            rows.push(("teacher ppl".into(), format!("{:.4} ± {:.4}", t.value, t.stderr)));
+            rows.push(("KLD mean ± se".into(), format!("{:.6} ± {:.6}", k.mean, k.stderr)));
+            rows.push(("KLD median / p90 / p99".into(), format!("{:.6} / {:.6} / {:.6}", k.median, k.p90, k.p99)));
+            rows.push(("same top token".into(), format!("{:.2} ± {:.2} %", k.top1_agreement, k.top1_agreement_stderr)));
+            rows.push(("RMS Δp".into(), format!("{:.3} %", k.rms_delta_p)));
+            report["teacher"] = json!({"model": tpath, "perplexity": t});
+            report["kld"] = serde_json::to_value(&k)?;
+            tokens_processed += 2 * s.tokens_processed as u64;
+            s
+        } else {
+            let r = eval::perplexity(&ckpt, &tok, &tokens, &opts, device.clone(), progress).map_err(ctx_err)?;
+            tokens_processed += r.tokens_processed as u64;
+            r
+        };
+        pb.finish_and_clear();
+        let speed = SpeedReport {
+            tokens_per_second: res.tokens_processed as f64 / res.wall_seconds,
+            wall_seconds: res.wall_seconds,
+            threads,
+        };
+        rows.insert(1, ("perplexity".into(), format!("{:.4} ± {:.4} ({} x {}, {})", res.value, res.stderr, res.chunks, res.ctx, a.protocol)));
+        rows.push(("eval tok/s".into(), format!("{:.1} ({threads} threads)", speed.tokens_per_second)));
+        report["text"] = json!(ppl_path);
+        report["perplexity"] = serde_json::to_value(&res)?;
+        report["speed"] = serde_json::to_value(&speed)?;
+    }
+
+    if a.speed {
+        let text = match &a.ppl {
+            Some(p) => read_text(p)?,
+            None => SPEED_TEXT.repeat(1 + a.pp / 20),
+        };
+        let mut prompt = tok.encode(&text)?;
+        if prompt.len() < a.pp {
+            bail!("the speed prompt has only {} tokens, fewer than --pp {}", prompt.len(), a.pp);
+        }
+        prompt.truncate(a.pp.max(1));
+        let g = eval::speed::measure(&ckpt, &prompt, a.tg, device.clone())?;
+        rows.push(("prompt tok/s".into(), format!("{:.1} ({} tokens)", g.pp_tokens_per_second, g.prompt_tokens)));
+        rows.push(("generation tok/s".into(), format!("{:.2} ({} tokens, greedy, KV cache)", g.tg_tokens_per_second, g.generated_tokens)));
+        tokens_processed += (g.prompt_tokens + g.generated_tokens) as u64;
+        let speed = report.get_mut("speed").and_then(Value::as_object_mut).map(|m| m.clone()).unwrap_or_default();
+        let mut speed = Value::Object(speed);
+        for (k, v) in serde_json::to_value(&g)?.as_object().expect("object") {
+            speed[k] = v.clone();
+        }
+        speed["threads"] = json!(threads);
+        report["speed"] = speed;
+    }
+
+    let peak = eval::speed::peak_rss_bytes();
+    report["speed"]["peak_rss_bytes"] = json!(peak);
+    let energy = meter.finish(tokens_processed, a.watts_per_core, a.grid_intensity);
+    rows.push(("peak RSS".into(), peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into())));
+    rows.push((
+        format!("energy ({})", energy.source),
+        format!(
+            "{:.1} J/1k tokens, {:.3} g CO2e/1k tokens at {} g/kWh",
+            energy.joules_per_1k_tokens, energy.g_co2e_per_1k_tokens, energy.grid_g_co2e_per_kwh
+        ),
+    ));
+    report["energy"] = serde_json::to_value(&energy)?;
+
     let mut t = Table::new();
-    t.set_header(vec!["model", "ppl", "± stderr", "chunks x ctx", "tok/s", "bytes", "bpw"]);
-    t.add_row(vec![
-        a.model.display().to_string(),
-        format!("{:.4}", res.value),
-        format!("{:.4}", res.stderr),
-        format!("{} x {}", res.chunks, res.ctx),
-        format!("{:.1}", speed.tokens_per_second),
-        size.bytes.to_string(),
-        format!("{:.3}", size.bits_per_weight),
-    ]);
+    t.set_header(vec!["measure", "value"]);
+    for (k, v) in rows {
+        t.add_row(vec![k, v]);
+    }
     println!("{t}");
     if let Some(out) = &a.json {
-        let v = json!({
-            "model": a.model, "format": ckpt.format(), "text": ppl_path,
-            "perplexity": res, "speed": speed, "size": size,
-        });
-        write_atomic(out, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
 }

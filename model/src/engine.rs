@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
-use crate::transformer::{DecoderLayer, Rope, rms_norm_from, tensor_from};
+use crate::transformer::{DecoderLayer, KvCache, Positions, Rope, WindowLayout, rms_norm_from, tensor_from};
 
 /// Activations of all windows between blocks, one `[1, seq, hidden]` tensor per window.
 pub type States = Vec<Tensor<3>>;
@@ -101,14 +101,30 @@ impl<'a> LayerEngine<'a> {
     pub fn run_blocks(
         &self,
         states: &mut States,
+        on_block: impl FnMut(usize, &mut DecoderLayer, &States) -> Result<()>,
+        progress: impl FnMut(),
+    ) -> Result<()> {
+        self.run_blocks_with(states, None, on_block, progress)
+    }
+
+    /// As [`Self::run_blocks`], with one [`WindowLayout`] per window (explicit positions and
+    /// masks, e.g. several answer continuations packed after one shared context).
+    pub fn run_blocks_with(
+        &self,
+        states: &mut States,
+        layouts: Option<&[WindowLayout]>,
         mut on_block: impl FnMut(usize, &mut DecoderLayer, &States) -> Result<()>,
         mut progress: impl FnMut(),
     ) -> Result<()> {
         for l in 0..self.ckpt.config().num_hidden_layers {
             let mut block = self.load_block(l)?;
             on_block(l, &mut block, states)?;
-            for s in states.iter_mut() {
-                *s = block.forward(s.clone(), &self.rope);
+            for (i, s) in states.iter_mut().enumerate() {
+                let pos = match layouts {
+                    Some(ls) => Positions::Layout(&ls[i]),
+                    None => Positions::Causal(&self.rope),
+                };
+                *s = block.forward_at(s.clone(), pos, &mut |_, _| {});
                 progress();
             }
         }
@@ -126,6 +142,86 @@ impl<'a> LayerEngine<'a> {
             "lm_head.weight"
         };
         let w = self.ckpt.read(name, &[v, h])?;
-        Ok(Head { norm, lm_head: tensor_from(w, [v, h], &self.device).transpose(), vocab: v })
+        let w = crate::transformer::transpose(&w, v, h);
+        Ok(Head { norm, lm_head: tensor_from(w, [h, v], &self.device), vocab: v })
     }
+}
+
+/// The whole model in memory with a KV cache: greedy generation for speed measurements.
+/// (Evaluation and calibration use the layer-by-layer path instead.)
+pub struct Generator {
+    layers: Vec<DecoderLayer>,
+    head: Head,
+    embed: Vec<f32>,
+    hidden: usize,
+    rope: Rope,
+    caches: Vec<KvCache>,
+    device: Device,
+}
+
+impl Generator {
+    /// Loads every block of the engine's checkpoint, for sequences up to `max_len`.
+    pub fn load(engine: &LayerEngine<'_>, max_len: usize) -> Result<Self> {
+        let c = engine.ckpt.config();
+        let layers = (0..c.num_hidden_layers).map(|l| engine.load_block(l)).collect::<Result<Vec<_>>>()?;
+        let embed = engine.ckpt.read("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        Ok(Self {
+            caches: vec![KvCache::default(); layers.len()],
+            layers,
+            head: engine.load_head()?,
+            embed,
+            hidden: c.hidden_size,
+            rope: Rope::new(c, max_len, &engine.device),
+            device: engine.device.clone(),
+        })
+    }
+
+    /// Forgets the cache.
+    pub fn reset(&mut self) {
+        self.caches = vec![KvCache::default(); self.layers.len()];
+    }
+
+    /// Tokens in the cache.
+    pub fn cached(&self) -> usize {
+        self.caches.first().map_or(0, |c| c.len())
+    }
+
+    /// Runs `tokens` after the cached ones and returns the logits of the last position.
+    pub fn forward(&mut self, tokens: &[u32]) -> Vec<f32> {
+        let h = self.hidden;
+        let mut x = Vec::with_capacity(tokens.len() * h);
+        for &t in tokens {
+            let t = (t as usize).min(self.head.vocab - 1);
+            x.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
+        }
+        let mut s = tensor_from(x, [1, tokens.len(), h], &self.device);
+        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
+            s = layer.forward_at(s, Positions::Cached(&self.rope, cache), &mut |_, _| {});
+        }
+        self.head.logits(&s, tokens.len() - 1)
+    }
+
+    /// Greedy decoding of `n` tokens after `prompt` (the cache is reset first).
+    pub fn generate(&mut self, prompt: &[u32], n: usize) -> Vec<u32> {
+        self.reset();
+        let mut out = Vec::with_capacity(n);
+        let mut logits = self.forward(prompt);
+        for _ in 0..n {
+            let next = argmax(&logits);
+            out.push(next);
+            logits = self.forward(&[next]);
+        }
+        out
+    }
+}
+
+/// Index of the largest value.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
 }

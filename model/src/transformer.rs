@@ -7,7 +7,7 @@ use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
@@ -33,11 +33,33 @@ pub fn tensor_from<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &D
 
 /// A burn `Linear` from an HF weight `[out, in]` (burn stores `[in, out]`).
 pub fn linear_from_hf(weight: Vec<f32>, out: usize, inp: usize, bias: Option<Vec<f32>>, device: &Device) -> Linear {
-    let w = tensor_from(weight, [out, inp], device).transpose();
+    // Transposed once here into contiguous memory: a strided view would be copied by the
+    // backend on every matmul, which dominates single-token decoding.
+    let w = tensor_from(transpose(&weight, out, inp), [inp, out], device);
     Linear {
         weight: Param::from_tensor(w),
         bias: bias.map(|b| Param::from_tensor(tensor_from(b, [out], device))),
     }
+}
+
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`, in cache-friendly tiles.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const T: usize = 32;
+    let mut out = vec![0f32; data.len()];
+    // Each task fills a band of T output rows (= T input columns).
+    out.par_chunks_mut(T * rows).enumerate().for_each(|(band, chunk)| {
+        let c0 = band * T;
+        let cw = chunk.len() / rows;
+        for r0 in (0..rows).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in 0..cw {
+                    chunk[c * rows + r] = data[r * cols + c0 + c];
+                }
+            }
+        }
+    });
+    out
 }
 
 /// An RMSNorm from its HF weight.
@@ -51,6 +73,18 @@ pub fn rms_norm_from(gamma: Vec<f32>, eps: f64, device: &Device) -> RmsNorm {
 pub struct Rope {
     cos: Tensor<2>,
     sin: Tensor<2>,
+    inv_freq: Vec<f64>,
+    device: Device,
+}
+
+/// How one window attends: RoPE tables at each token's position, and a mask when tokens
+/// do not simply see all earlier tokens (several continuations packed after one context).
+#[derive(Debug, Clone)]
+pub struct WindowLayout {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    /// `[1, heads, seq, seq]`, true where attention is blocked; `None` means causal.
+    mask: Option<Tensor<4, Bool>>,
 }
 
 impl Rope {
@@ -71,19 +105,91 @@ impl Rope {
                 }
             }
         }
-        Self { cos: tensor_from(cos, [max_len, hd], device), sin: tensor_from(sin, [max_len, hd], device) }
+        Self {
+            cos: tensor_from(cos, [max_len, hd], device),
+            sin: tensor_from(sin, [max_len, hd], device),
+            inv_freq: inv,
+            device: device.clone(),
+        }
+    }
+
+    fn tables(&self, positions: &[usize]) -> (Tensor<2>, Tensor<2>) {
+        let hd = self.inv_freq.len() * 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * hd), Vec::with_capacity(positions.len() * hd));
+        for &p in positions {
+            for _ in 0..2 {
+                for f in &self.inv_freq {
+                    let a = p as f64 * *f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        let n = positions.len();
+        (tensor_from(cos, [n, hd], &self.device), tensor_from(sin, [n, hd], &self.device))
+    }
+
+    /// A layout for tokens at `positions`. With `segments`, token i sees token j <= i only
+    /// when j is in segment 0 (the shared context) or in i's own segment; without, it is
+    /// plain causal attention.
+    pub fn layout(&self, positions: &[usize], segments: Option<&[u32]>, n_heads: usize) -> WindowLayout {
+        let (cos, sin) = self.tables(positions);
+        let mask = segments.map(|seg| {
+            let n = seg.len();
+            let mut m = vec![true; n * n];
+            for i in 0..n {
+                for j in 0..=i {
+                    m[i * n + j] = !(seg[j] == 0 || seg[j] == seg[i]);
+                }
+            }
+            Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, n, n]), &self.device).repeat_dim(1, n_heads)
+        });
+        WindowLayout { cos, sin, mask }
     }
 
     /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `0..seq`.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, seq, hd] = x.dims();
-        let cos = self.cos.clone().slice([0..seq]).unsqueeze::<4>();
-        let sin = self.sin.clone().slice([0..seq]).unsqueeze::<4>();
-        let x1 = x.clone().narrow(3, 0, hd / 2);
-        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
-        let rot = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rot * sin
+        let seq = x.dims()[2];
+        rotate(x, self.cos.clone().slice([0..seq]), self.sin.clone().slice([0..seq]))
     }
+}
+
+/// Rotates `x` `[batch, heads, seq, head_dim]` with tables `[seq, head_dim]`.
+fn rotate(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    let hd = x.dims()[3];
+    let (cos, sin) = (cos.unsqueeze::<4>(), sin.unsqueeze::<4>());
+    let x1 = x.clone().narrow(3, 0, hd / 2);
+    let x2 = x.clone().narrow(3, hd / 2, hd / 2);
+    let rot = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rot * sin
+}
+
+/// One block's key/value cache for incremental decoding, `[1, kv_heads, t, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    k: Option<Tensor<4>>,
+    v: Option<Tensor<4>>,
+}
+
+impl KvCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where the tokens of a forward pass sit.
+pub enum Positions<'a> {
+    /// Positions `0..seq`, causal.
+    Causal(&'a Rope),
+    /// Explicit positions and mask.
+    Layout(&'a WindowLayout),
+    /// Positions after the cached ones; the cache grows by `seq`.
+    Cached(&'a Rope, &'a mut KvCache),
 }
 
 /// Grouped-query self-attention.
@@ -106,22 +212,54 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, rope: &Rope, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, pos: Positions<'_>, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), nh));
-        let k = rope.apply(heads(self.k_proj.forward(x.clone()), nkv));
+        let q = heads(self.q_proj.forward(x.clone()), nh);
+        let k = heads(self.k_proj.forward(x.clone()), nkv);
         let v = heads(self.v_proj.forward(x), nkv);
+        let (q, k, v, mask, causal) = match pos {
+            Positions::Causal(rope) => (rope.apply(q), rope.apply(k), v, None, true),
+            Positions::Layout(l) => {
+                let (q, k) = (rotate(q, l.cos.clone(), l.sin.clone()), rotate(k, l.cos.clone(), l.sin.clone()));
+                (q, k, v, l.mask.clone(), l.mask.is_none())
+            }
+            Positions::Cached(rope, cache) => {
+                let past = cache.len();
+                let (cos, sin) = if past + s <= rope.cos.dims()[0] {
+                    (rope.cos.clone().slice([past..past + s]), rope.sin.clone().slice([past..past + s]))
+                } else {
+                    rope.tables(&(past..past + s).collect::<Vec<_>>())
+                };
+                let (q, k) = (rotate(q, cos.clone(), sin.clone()), rotate(k, cos, sin));
+                let cat = |old: Option<Tensor<4>>, new: Tensor<4>| match old {
+                    Some(o) => Tensor::cat(vec![o, new], 2),
+                    None => new,
+                };
+                let k = cat(cache.k.take(), k);
+                let v = cat(cache.v.take(), v);
+                cache.k = Some(k.clone());
+                cache.v = Some(v.clone());
+                // Query i (absolute past+i) sees keys 0..=past+i.
+                let mask = (past > 0 && s > 1).then(|| {
+                    let t = past + s;
+                    let m: Vec<bool> = (0..s).flat_map(|i| (0..t).map(move |j| j > past + i)).collect();
+                    Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, s, t]), &rope.device).repeat_dim(1, nh)
+                });
+                (q, k, v, mask, past == 0 && s > 1)
+            }
+        };
+        let t = k.dims()[2];
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
-            let expand = |t: Tensor<4>| t.reshape([b, nkv, 1, s, hd]).repeat_dim(2, rep).reshape([b, nh, s, hd]);
+            let expand = |x: Tensor<4>| x.reshape([b, nkv, 1, t, hd]).repeat_dim(2, rep).reshape([b, nh, t, hd]);
             (expand(k), expand(v))
         } else {
             (k, v)
         };
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        let ctx = attention(q, k, v, None, None, opts).swap_dims(1, 2).reshape([b, s, nh * hd]);
+        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+        let ctx = attention(q, k, v, mask, None, opts).swap_dims(1, 2).reshape([b, s, nh * hd]);
         tap(Tap::OInput, &ctx);
         self.o_proj.forward(ctx)
     }
@@ -197,16 +335,21 @@ impl DecoderLayer {
         })
     }
 
-    /// Runs the block on `x` `[batch, seq, hidden]`.
+    /// Runs the block on `x` `[batch, seq, hidden]` at positions `0..seq`.
     pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
-        self.forward_tapped(x, rope, &mut |_, _| {})
+        self.forward_at(x, Positions::Causal(rope), &mut |_, _| {})
     }
 
     /// Runs the block and shows `tap` the input of every linear group (for calibration).
     pub fn forward_tapped(&self, x: Tensor<3>, rope: &Rope, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+        self.forward_at(x, Positions::Causal(rope), tap)
+    }
+
+    /// Runs the block with explicit positions (packed windows, or a KV cache).
+    pub fn forward_at(&self, x: Tensor<3>, pos: Positions<'_>, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
         let n = self.input_layernorm.forward(x.clone());
         tap(Tap::QkvInput, &n);
-        let h = x + self.self_attn.forward(n, rope, tap);
+        let h = x + self.self_attn.forward(n, pos, tap);
         let n = self.post_attention_layernorm.forward(h.clone());
         tap(Tap::GateUpInput, &n);
         h + self.mlp.forward(n, tap)

@@ -4,6 +4,7 @@
 
 pub mod blocks;
 mod prescan;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Seek, SeekFrom};
