@@ -1,13 +1,16 @@
 //! `compress convert MODEL OUT_DIR`: any readable model to an HF folder that transformers
 //! loads as `LlamaForCausalLM` / `Qwen2ForCausalLM`. Tensors stream one at a time, so the
 //! whole model is never in memory; the folder appears only when complete.
+//!
+//! `compress convert MODEL OUT.gguf --type TYPE`: a GGUF file for llama.cpp, quantized with
+//! the block quantizers of `quant` (presets documented on `quant::gguf_export::TypePlan`),
+//! written to a temporary name and renamed when complete.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
-use serde_json::json;
 
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 
@@ -24,11 +27,19 @@ pub struct Args {
     /// Replace OUT if it exists.
     #[arg(long)]
     force: bool,
+    /// GGUF output only: the type preset (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
+    /// q4_k_m, q5_k_m, f16, f32, bf16).
+    #[arg(long = "type", default_value = "q8_0")]
+    gguf_type: String,
+    /// GGUF output only: override tensor types, PATTERN=TYPE (e.g. ffn_down=q6_k,
+    /// `blk.*.attn_v.weight=q8_0`); repeatable, the first matching rule wins.
+    #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
+    tensor_type: Vec<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.out.extension().is_some_and(|e| e == "gguf") {
-        bail!("{}: writing GGUF is not supported yet; give an output folder for an HF checkpoint", a.out.display());
+        return run_gguf(a);
     }
     let dtype = StoreDtype::parse(&a.dtype)
         .with_context(|| format!("--dtype `{}` is not one of f32, f16, bf16", a.dtype))?;
@@ -40,13 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
 
-    let mut cfg = ckpt.config().clone();
-    cfg.torch_dtype = Some(dtype.torch_name().into());
-    cfg.num_key_value_heads = Some(cfg.num_kv_heads());
-    if cfg.architectures.is_empty() {
-        cfg.architectures = vec![if cfg.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }.into()];
-    }
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    let cfg = crate::hf_folder::write_config(&ckpt, dtype, &tmp, None)?;
 
     let plan: Vec<(String, Vec<usize>, StoreDtype)> =
         ckpt.expected_tensors().into_iter().map(|(n, s)| (n, s, dtype)).collect();
@@ -63,46 +68,66 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     w.finish()?;
     pb.finish_and_clear();
 
-    // Tokenizer: copy an HF folder's files as they are; build them from GGUF metadata.
-    let src_dir = a.model.is_dir().then_some(a.model.as_path());
-    std::fs::write(tmp.join("tokenizer.json"), tok.to_json())?;
-    let bos = cfg.bos_token_id.as_ref().and_then(|b| b.first());
-    let eos = cfg.eos_token_id.as_ref().and_then(|b| b.first());
-    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
-    let copied = |f: &str| -> anyhow::Result<bool> {
-        if let Some(d) = src_dir
-            && d.join(f).exists()
-        {
-            std::fs::copy(d.join(f), tmp.join(f)).with_context(|| format!("{}", d.join(f).display()))?;
-            return Ok(true);
-        }
-        Ok(false)
-    };
-    if !copied("tokenizer_config.json")? {
-        let mut tc = json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": tok.add_bos,
-            "model_max_length": cfg.max_position_embeddings,
-            "clean_up_tokenization_spaces": false,
-        });
-        if let Some(b) = name(bos) {
-            tc["bos_token"] = json!(b);
-        }
-        if let Some(e) = name(eos) {
-            tc["eos_token"] = json!(e);
-        }
-        if let Some(t) = ckpt.gguf().and_then(|g| g.get_str("tokenizer.chat_template")) {
-            tc["chat_template"] = json!(t);
-        }
-        std::fs::write(tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)?;
-    }
-    if !copied("generation_config.json")? {
-        let gc = json!({"_from_model_config": true, "bos_token_id": bos, "eos_token_id": eos});
-        std::fs::write(tmp.join("generation_config.json"), serde_json::to_string_pretty(&gc)?)?;
-    }
+    crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &tmp)?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
     let bytes = std::fs::metadata(a.out.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
     println!("wrote {} ({} tensors, {} bytes of {} weights)", a.out.display(), plan.len(), bytes, a.dtype);
+    Ok(())
+}
+
+/// `convert MODEL OUT.gguf --type TYPE`.
+fn run_gguf(a: Args) -> anyhow::Result<()> {
+    use quant::gguf_export::{PRESETS, TypePlan, export};
+    if !PRESETS.contains(&a.gguf_type.to_ascii_lowercase().as_str()) {
+        bail!("--type `{}` is not one of {}", a.gguf_type, PRESETS.join(", "));
+    }
+    let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    check_output(&a.model, &a.out, a.force)?;
+    let cfg = ckpt.config();
+    let mut plan = TypePlan::preset(&a.gguf_type, cfg.num_hidden_layers, cfg.tie_word_embeddings)?;
+    for r in a.tensor_type.iter().rev() {
+        plan = plan.with_rule(r)?;
+    }
+    let tmp = temp_sibling(&a.out);
+    let mut guard = TempGuard(Some(tmp.clone()));
+    let n = ckpt.expected_tensors().len() as u64;
+    let pb = crate::progress_bar("convert", n);
+    let report = export(&ckpt, &tmp, &plan, None, &mut |p| pb.set_position(p.index as u64))
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    pb.finish_and_clear();
+    commit(&tmp, &a.out)?;
+    guard.0 = None;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    // Fallbacks grouped by (planned -> written, tensor kind): `blk.*.attn_q.weight x30`.
+    let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for t in report.fallbacks() {
+        let kind = match t.name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+            Some((_, rest)) => format!("blk.*.{rest}"),
+            None => t.name.clone(),
+        };
+        *groups.entry((format!("{}->{}", t.planned.name(), t.ty.name()), kind)).or_default() += 1;
+    }
+    if !groups.is_empty() {
+        let list: Vec<String> = groups.iter().map(|((change, kind), n)| format!("{kind} x{n} {change}")).collect();
+        eprintln!(
+            "note: {} tensors have rows that are not a multiple of their planned type's block and fell back: {}",
+            report.fallbacks().count(),
+            list.join(", ")
+        );
+    }
+    let types: Vec<String> = report.type_counts().iter().map(|(t, c)| format!("{t} {c}")).collect();
+    println!(
+        "wrote {} ({}, {} tensors: {}; {} bytes, {:.3} bpw, {:.2} s)",
+        a.out.display(),
+        plan.name,
+        report.tensors.len(),
+        types.join(", "),
+        report.file_bytes,
+        report.bpw(),
+        report.seconds
+    );
     Ok(())
 }

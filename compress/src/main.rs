@@ -3,8 +3,10 @@
 
 mod convert;
 mod evaluate;
+mod hf_folder;
 mod inspect;
 mod output;
+mod quantize;
 
 use std::path::PathBuf;
 
@@ -26,6 +28,8 @@ enum Command {
     Convert(convert::Args),
     /// Evaluate a model: perplexity (llama.cpp protocol), size and speed.
     Eval(evaluate::Args),
+    /// Post-training quantization (RTN, AWQ, GPTQ) of the decoder's linear layers.
+    Quant(quantize::Args),
 }
 
 /// Sets the worker thread count for all parallel work.
@@ -54,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Eval(a) => evaluate::run(a),
+        Command::Quant(a) => quantize::run(a),
     }
 }
 

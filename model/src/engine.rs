@@ -3,7 +3,7 @@
 //! pruning all drive it; a caller sees each block and its inputs through a callback.
 
 use burn::nn::RmsNorm;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
@@ -28,6 +28,21 @@ impl Head {
         let x = state.clone().slice([0..1, from..seq, 0..hidden]).reshape([seq - from, hidden]);
         let x = self.norm.forward(x);
         let out = x.matmul(self.lm_head.clone());
+        out.into_data().try_into_vec::<f32>().expect("f32 logits")
+    }
+
+    /// Logits `[rows.len(), vocab]` (row-major, f32) for the listed positions of one window
+    /// state, in the order given (multiple-choice scoring needs a few scattered positions).
+    pub fn logits_at(&self, state: &Tensor<3>, rows: &[usize]) -> Vec<f32> {
+        let [_, seq, hidden] = state.dims();
+        assert!(rows.iter().all(|&r| r < seq), "logits_at: a row is outside the window of {seq}");
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &state.device());
+        let x = state.clone().reshape([seq, hidden]).select(0, idx);
+        let out = self.norm.forward(x).matmul(self.lm_head.clone());
         out.into_data().try_into_vec::<f32>().expect("f32 logits")
     }
 

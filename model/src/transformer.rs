@@ -4,7 +4,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::activation::silu;
+pub use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::error::Result;
 
 /// Where a calibration tap sits: the input of a group of linear layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tap {
     /// Normalized block input, shared by q/k/v.
     QkvInput,
@@ -213,6 +213,13 @@ pub struct Attention {
 
 impl Attention {
     fn forward(&self, x: Tensor<3>, pos: Positions<'_>, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+        let ctx = self.context(x, pos);
+        tap(Tap::OInput, &ctx);
+        self.o_proj.forward(ctx)
+    }
+
+    /// The attention context `[batch, seq, heads * head_dim]`: everything before `o_proj`.
+    pub fn context(&self, x: Tensor<3>, pos: Positions<'_>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
@@ -259,9 +266,7 @@ impl Attention {
             (k, v)
         };
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
-        let ctx = attention(q, k, v, mask, None, opts).swap_dims(1, 2).reshape([b, s, nh * hd]);
-        tap(Tap::OInput, &ctx);
-        self.o_proj.forward(ctx)
+        attention(q, k, v, mask, None, opts).swap_dims(1, 2).reshape([b, s, nh * hd])
     }
 }
 
@@ -300,38 +305,41 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// Reads block `l` from a checkpoint (one block's weights, converted to f32).
     pub fn load(ckpt: &Checkpoint, l: usize, device: &Device) -> Result<Self> {
-        let c = ckpt.config();
+        let p = format!("model.layers.{l}");
+        Self::from_fn(ckpt.config(), |name, shape| ckpt.read(&format!("{p}.{name}"), shape), device)
+    }
+
+    /// Builds a block from HF-named weights (`self_attn.q_proj.weight`, ...) that `get`
+    /// returns in HF layout for the shape asked.
+    pub fn from_fn(c: &Config, mut get: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>, device: &Device) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let q = c.num_attention_heads * c.head_dim();
         let kv = c.num_kv_heads() * c.head_dim();
-        let p = format!("model.layers.{l}");
-        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = ckpt.read(&format!("{p}.{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(ckpt.read(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+        let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = get(&format!("{name}.weight"), &[out, inp])?;
+            let b = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
             Ok(linear_from_hf(w, out, inp, b, device))
         };
         let eps = c.rms_norm_eps;
+        let self_attn = Attention {
+            q_proj: lin("self_attn.q_proj", q, h, c.qkv_bias())?,
+            k_proj: lin("self_attn.k_proj", kv, h, c.qkv_bias())?,
+            v_proj: lin("self_attn.v_proj", kv, h, c.qkv_bias())?,
+            o_proj: lin("self_attn.o_proj", h, q, c.o_bias())?,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_kv_heads(),
+            head_dim: c.head_dim(),
+        };
+        let mlp = Mlp {
+            gate_proj: lin("mlp.gate_proj", i, h, c.mlp_bias)?,
+            up_proj: lin("mlp.up_proj", i, h, c.mlp_bias)?,
+            down_proj: lin("mlp.down_proj", h, i, c.mlp_bias)?,
+        };
         Ok(Self {
-            input_layernorm: rms_norm_from(ckpt.read(&format!("{p}.input_layernorm.weight"), &[h])?, eps, device),
-            self_attn: Attention {
-                q_proj: lin("self_attn.q_proj", q, h, c.qkv_bias())?,
-                k_proj: lin("self_attn.k_proj", kv, h, c.qkv_bias())?,
-                v_proj: lin("self_attn.v_proj", kv, h, c.qkv_bias())?,
-                o_proj: lin("self_attn.o_proj", h, q, c.o_bias())?,
-                n_heads: c.num_attention_heads,
-                n_kv_heads: c.num_kv_heads(),
-                head_dim: c.head_dim(),
-            },
-            post_attention_layernorm: rms_norm_from(
-                ckpt.read(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                eps,
-                device,
-            ),
-            mlp: Mlp {
-                gate_proj: lin("mlp.gate_proj", i, h, c.mlp_bias)?,
-                up_proj: lin("mlp.up_proj", i, h, c.mlp_bias)?,
-                down_proj: lin("mlp.down_proj", h, i, c.mlp_bias)?,
-            },
+            input_layernorm: rms_norm_from(get("input_layernorm.weight", &[h])?, eps, device),
+            self_attn,
+            post_attention_layernorm: rms_norm_from(get("post_attention_layernorm.weight", &[h])?, eps, device),
+            mlp,
         })
     }
 

@@ -1,0 +1,163 @@
+//! `compress quant MODEL --method rtn|awq|gptq --bits N ...`: weight-only post-training
+//! quantization of every linear layer in the decoder blocks, calibrated on the layer-by-layer
+//! engine, written as a dense bf16 HF folder (and other formats), with `quant_report.json`.
+
+use anyhow::{Context, bail};
+use comfy_table::Table;
+use model::Checkpoint;
+use model::safetensors_io::StoreDtype;
+use quant::method::MethodOptions;
+use quant::pipeline::{DenseSink, OutputSink, PtqOptions};
+use quant::scheme::QuantScheme;
+use serde_json::json;
+
+use crate::output::{TempGuard, check_output, commit, temp_sibling};
+
+/// Arguments of `quant`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An HF folder or a .gguf file (the teacher; never modified).
+    model: crate::Path,
+    /// rtn, awq or gptq.
+    #[arg(long, default_value = "rtn")]
+    method: String,
+    /// Bits per weight code (2 to 8).
+    #[arg(long, default_value_t = 4)]
+    bits: u8,
+    /// Input channels per scale (32, 64, 128, ...); must divide every input width.
+    #[arg(long, default_value_t = 128, conflicts_with = "per_channel")]
+    group: usize,
+    /// One scale per output channel instead of groups.
+    #[arg(long)]
+    per_channel: bool,
+    /// Symmetric quantization (no zero point).
+    #[arg(long)]
+    sym: bool,
+    /// Calibration text: plain text, or JSONL with a `text` field.
+    #[arg(long)]
+    calib: Option<crate::Path>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    calib_samples: usize,
+    /// Tokens per calibration sequence.
+    #[arg(long, default_value_t = 512)]
+    calib_len: usize,
+    /// Seed for drawing calibration sequences.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where block i's calibration inputs come from: `quantized` blocks 0..i-1 (GPTQ's
+    /// default) or the `teacher` (AWQ's default).
+    #[arg(long, value_parser = ["quantized", "teacher"])]
+    propagate: Option<String>,
+    /// GPTQ: quantize columns in decreasing order of activation energy.
+    #[arg(long)]
+    act_order: bool,
+    /// GPTQ: dampening as a fraction of the mean Hessian diagonal.
+    #[arg(long)]
+    damp: Option<f64>,
+    /// AWQ: skip the per-channel scale search.
+    #[arg(long)]
+    no_awq_scale: bool,
+    /// AWQ: skip the clipping search.
+    #[arg(long)]
+    no_awq_clip: bool,
+    /// Calibration rows kept per layer for AWQ's searches and the error report.
+    #[arg(long, default_value_t = 2048)]
+    sample_rows: usize,
+    /// Output folder (the dense HF model).
+    #[arg(long)]
+    out: crate::Path,
+    /// Output formats, comma-separated: dense (bf16 HF folder).
+    #[arg(long, default_value = "dense")]
+    format: String,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    crate::set_threads(a.threads);
+    let scheme = QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
+    if a.group == 0 {
+        bail!("--group must be positive");
+    }
+    let formats: Vec<&str> = a.format.split(',').map(str::trim).filter(|f| !f.is_empty()).collect();
+    for f in &formats {
+        if *f != "dense" {
+            bail!("--format `{f}` is not supported (supported: dense)");
+        }
+    }
+    let opts = MethodOptions { act_order: a.act_order, damp: a.damp, no_awq_scale: a.no_awq_scale, no_awq_clip: a.no_awq_clip };
+    let method = quant::method::by_name(&a.method, &opts)?;
+    let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    check_output(&a.model, &a.out, a.force)?;
+    let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
+    // Every input width must take the group size before any work starts.
+    for (name, shape) in model::checkpoint::block_tensors(ckpt.config(), 0) {
+        if shape.len() == 2 && quant::block::LINEARS.iter().any(|(n, _)| name.ends_with(&format!("{n}.weight"))) {
+            scheme.group_len(&name, shape[1])?;
+        }
+    }
+    let calib = match &a.calib {
+        Some(path) => {
+            let text = quant::calib::read_text(path)?;
+            let tokens = tok.encode(&text)?;
+            quant::calib::sample_windows(&tokens, &tok, a.calib_samples, a.calib_len, a.seed, path)?
+        }
+        None if method.needs_calibration() => bail!("--method {} needs --calib FILE", a.method),
+        None => Vec::new(),
+    };
+
+    let tmp = temp_sibling(&a.out);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &tmp, None)?;
+    crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &tmp)?;
+    let mut sinks: Vec<Box<dyn OutputSink>> = vec![Box::new(DenseSink::create(&tmp.join("model.safetensors"), &cfg)?)];
+
+    let pb = crate::progress_bar(&a.method, cfg.num_hidden_layers as u64);
+    let popts = PtqOptions {
+        scheme,
+        calib,
+        propagate_quantized: a.propagate.as_deref().map(|p| p == "quantized"),
+        sample_rows: a.sample_rows,
+    };
+    let report = quant::pipeline::quantize(&ckpt, method.as_ref(), &popts, model::default_device(), &mut sinks, |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    for s in sinks {
+        s.finish()?;
+    }
+    pb.finish_and_clear();
+    let out_ckpt_bytes = std::fs::metadata(tmp.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
+    let full = json!({
+        "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": formats,
+        "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
+        "dense_bytes": out_ckpt_bytes, "report": report,
+    });
+    std::fs::write(tmp.join("quant_report.json"), serde_json::to_string_pretty(&full)?)?;
+    commit(&tmp, &a.out)?;
+    guard.0 = None;
+
+    let mean = |f: &dyn Fn(&quant::pipeline::LinearReport) -> Option<f64>| {
+        let v: Vec<f64> = report.linears.iter().filter_map(f).collect();
+        if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+    };
+    let mut t = Table::new();
+    t.set_header(vec!["method", "scheme", "linear bpw", "quantized params", "mean weight err", "mean output err", "seconds"]);
+    t.add_row(vec![
+        report.method.clone(),
+        scheme.label(),
+        format!("{:.3}", report.linear_bits_per_weight),
+        report.quantized_params.to_string(),
+        format!("{:.4}", mean(&|r| Some(r.weight_rel_error))),
+        format!("{:.4}", mean(&|r| r.output_rel_error)),
+        format!("{:.1}", report.wall_seconds),
+    ]);
+    println!("{t}");
+    println!("wrote {} (dense bf16, {} bytes) and quant_report.json", a.out.display(), out_ckpt_bytes);
+    Ok(())
+}

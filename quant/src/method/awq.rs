@@ -1,0 +1,259 @@
+//! AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization"): per block, scale the
+//! input channels of each group of linear layers by s = mean|x|^alpha (normalised), with
+//! alpha from a 20-point grid over [0, 1) that minimises the error of the group's outputs on
+//! calibration inputs, and fold 1/s into the preceding norm or linear so the block computes
+//! the same function; then search, per output row and group, how far to shrink the weight
+//! range before rounding (not for q/k, whose errors the softmax amplifies).
+//!
+//! Deviation from llm-awq, for CPU budgets: the objective is the output of the group's own
+//! linear layers (llm-awq inspects the whole attention for q/k/v and the whole MLP for
+//! gate/up), evaluated on a strided subsample of the calibration tokens (`sample_rows`).
+
+use std::collections::BTreeMap;
+
+use model::transformer::Tap;
+use model::{Device, Tensor};
+
+use super::{BlockJob, BlockResult, Outputs, QuantMethod};
+use crate::QuantError;
+use crate::block::{CaptureSpec, LINEARS, TapStats, capture};
+use crate::scheme::{QuantScheme, quantize_rtn};
+
+/// AWQ's options.
+#[derive(Debug, Clone)]
+pub struct Awq {
+    /// Search per-channel scales.
+    pub scale_search: bool,
+    /// Search clipping ranges.
+    pub clip_search: bool,
+    /// Grid points for alpha.
+    pub grid: usize,
+    /// Largest shrink of the range tried by the clipping search.
+    pub max_shrink: f64,
+    /// Tokens used by the clipping search.
+    pub clip_rows: usize,
+}
+
+impl Default for Awq {
+    fn default() -> Self {
+        Self { scale_search: true, clip_search: true, grid: 20, max_shrink: 0.5, clip_rows: 512 }
+    }
+}
+
+/// The weight as it will be used: quantized then divided by the scales (`w` already scaled).
+fn fake_rows(scheme: &QuantScheme, name: &str, w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, QuantError> {
+    Ok(quantize_rtn(scheme, name, w, rows, cols)?.dequantize())
+}
+
+fn to_dev(data: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    model::transformer::tensor_from(data, [rows, cols], device)
+}
+
+/// Mean squared error between `x wᵀ` and `x qᵀ` (`x` `[n, in]` on the device).
+fn mse(x: &Tensor<2>, reference: &Tensor<2>, q: Vec<f32>, rows: usize, cols: usize, device: &Device) -> f64 {
+    let qt = to_dev(model::transformer::transpose(&q, rows, cols), cols, rows, device);
+    let d = x.clone().matmul(qt) - reference.clone();
+    d.powi_scalar(2).mean().into_data().try_into_vec::<f32>().expect("f32")[0] as f64
+}
+
+impl Awq {
+    /// Searches the scales of one group and applies them (weights times s, previous op by 1/s).
+    /// Returns the scales applied, so inputs seen later can be divided by them.
+    fn scale_group(
+        &self,
+        job: &mut BlockJob<'_>,
+        stats: &TapStats,
+        linears: &[&str],
+        prev: &str,
+    ) -> Result<Vec<f32>, QuantError> {
+        let cols = stats.width;
+        let n = stats.sample_rows();
+        let device = job.device.clone();
+        // The group's weights stacked: [sum of rows, cols].
+        let mut w = Vec::new();
+        let mut rows = 0;
+        for l in linears {
+            let t = job.weights.get(&format!("{l}.weight"));
+            w.extend_from_slice(&t.data);
+            rows += t.shape[0];
+        }
+        let x = to_dev(stats.sample.clone(), n, cols, &device);
+        let reference = x.clone().matmul(to_dev(model::transformer::transpose(&w, rows, cols), cols, rows, &device));
+        let name = format!("{}.weight", linears[0]);
+        let mut best = (f64::INFINITY, vec![1f32; cols]);
+        for k in 0..self.grid {
+            let alpha = k as f64 / self.grid as f64;
+            let mut s: Vec<f64> = stats.abs_mean.iter().map(|m| m.powf(alpha).max(1e-4)).collect();
+            let (mx, mn) = s.iter().fold((0f64, f64::INFINITY), |(a, b), &v| (a.max(v), b.min(v)));
+            let norm = (mx * mn).sqrt();
+            s.iter_mut().for_each(|v| *v /= norm);
+            let scaled: Vec<f32> = w.iter().enumerate().map(|(i, &v)| v * s[i % cols] as f32).collect();
+            let q = fake_rows(&job.scheme, &name, &scaled, rows, cols)?;
+            let unscaled: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v / s[i % cols] as f32).collect();
+            let err = mse(&x, &reference, unscaled, rows, cols, &device);
+            if err < best.0 {
+                best = (err, s.iter().map(|&v| v as f32).collect());
+            }
+        }
+        let s = best.1;
+        for l in linears {
+            let t = job.weights.get_mut(&format!("{l}.weight"));
+            let c = t.shape[1];
+            t.data.iter_mut().enumerate().for_each(|(i, v)| *v *= s[i % c]);
+        }
+        // Fold 1/s into the op that produces the inputs: a norm's gamma, or a linear's rows.
+        let key = format!("{prev}.weight");
+        let p = job.weights.get_mut(&key);
+        if p.shape.len() == 1 {
+            p.data.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
+        } else {
+            let pc = p.shape[1];
+            for (r, sr) in s.iter().enumerate() {
+                p.data[r * pc..(r + 1) * pc].iter_mut().for_each(|v| *v /= sr);
+            }
+            if let Some(b) = job.weights.tensors.get_mut(&format!("{prev}.bias")) {
+                b.data.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Shrinks each (row, group) range of `name` to the clip that best preserves the
+    /// group's partial outputs on sampled inputs `x` `[n, cols]`.
+    fn clip_linear(&self, job: &mut BlockJob<'_>, name: &str, x: &[f32], n: usize) -> Result<(), QuantError> {
+        let key = format!("{name}.weight");
+        let t = job.weights.get(&key).clone();
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let g = job.scheme.group_len(&key, cols)?;
+        let groups = cols.div_ceil(g);
+        let padded = groups * g;
+        let device = job.device.clone();
+        // Zero-pad a partial last group; zero inputs add nothing to the partial outputs.
+        let pad = |m: &[f32], rows: usize| -> Vec<f32> {
+            if padded == cols {
+                return m.to_vec();
+            }
+            let mut out = vec![0f32; rows * padded];
+            for r in 0..rows {
+                out[r * padded..r * padded + cols].copy_from_slice(&m[r * cols..(r + 1) * cols]);
+            }
+            out
+        };
+        // [groups, n, g] inputs and per-candidate [groups, rows, g] weights.
+        let xg = model::transformer::tensor_from(pad(x, n), [n, groups, g], &device).swap_dims(0, 1);
+        let partial = |w: &[f32]| -> Tensor<3> {
+            let wg = model::transformer::tensor_from(pad(w, rows), [rows, groups, g], &device).swap_dims(0, 1);
+            xg.clone().matmul(wg.swap_dims(1, 2)) // [groups, n, rows]
+        };
+        let reference = partial(&t.data);
+        let amax: Vec<f32> = (0..rows * groups)
+            .map(|i| {
+                let (r, k) = (i / groups, i % groups);
+                t.data[r * cols + k * g..r * cols + ((k + 1) * g).min(cols)].iter().fold(0f32, |m, v| m.max(v.abs()))
+            })
+            .collect();
+        let steps = (self.max_shrink * self.grid as f64) as usize;
+        let mut best_err = vec![f32::INFINITY; rows * groups];
+        let mut best_max = amax.clone();
+        for i in 0..steps.max(1) {
+            let ratio = 1.0 - i as f32 / self.grid as f32;
+            let clipped: Vec<f32> = t
+                .data
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| {
+                    let m = amax[(j / cols) * groups + (j % cols) / g] * ratio;
+                    v.clamp(-m, m)
+                })
+                .collect();
+            let q = fake_rows(&job.scheme, &key, &clipped, rows, cols)?;
+            let d = partial(&q) - reference.clone();
+            // Squared error summed over tokens: [groups, 1, rows] -> per (row, group).
+            let e = d.powi_scalar(2).sum_dim(1).into_data().try_into_vec::<f32>().expect("f32");
+            for k in 0..groups {
+                for r in 0..rows {
+                    let v = e[k * rows + r];
+                    if v < best_err[r * groups + k] {
+                        best_err[r * groups + k] = v;
+                        best_max[r * groups + k] = amax[r * groups + k] * ratio;
+                    }
+                }
+            }
+        }
+        let w = job.weights.get_mut(&key);
+        for (j, v) in w.data.iter_mut().enumerate() {
+            let m = best_max[(j / cols) * groups + (j % cols) / g];
+            *v = v.clamp(-m, m);
+        }
+        Ok(())
+    }
+}
+
+impl QuantMethod for Awq {
+    fn name(&self) -> &'static str {
+        "awq"
+    }
+
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+
+    fn propagate_quantized(&self) -> bool {
+        false
+    }
+
+    fn quantize_block(&self, job: &mut BlockJob<'_>) -> Result<BlockResult, QuantError> {
+        let block = job.weights.build(job.cfg, job.device);
+        let taps = [Tap::QkvInput, Tap::OInput, Tap::GateUpInput, Tap::DownInput];
+        let (mut st, outputs) = capture(&block, job.rope, job.inputs, &taps, CaptureSpec { xtx: false, sample_rows: job.sample_rows });
+        drop(block);
+        if self.scale_search {
+            let o_foldable = job.cfg.num_kv_heads() == job.cfg.num_attention_heads;
+            let groups: Vec<(Tap, Vec<&str>, &str)> = vec![
+                (Tap::QkvInput, vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+                (Tap::OInput, vec!["self_attn.o_proj"], "self_attn.v_proj"),
+                (Tap::GateUpInput, vec!["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
+                (Tap::DownInput, vec!["mlp.down_proj"], "mlp.up_proj"),
+            ];
+            for (tap, linears, prev) in groups {
+                // o_proj's inputs come from v through the attention; with grouped KV heads the
+                // channels do not map one to one onto v's rows, so llm-awq skips it too.
+                if tap == Tap::OInput && !o_foldable {
+                    continue;
+                }
+                let stats = st[&tap].clone();
+                let s = self.scale_group(job, &stats, &linears, prev)?;
+                // The inputs of the scaled group are now x / s.
+                let e = st.get_mut(&tap).expect("captured");
+                let w = e.width;
+                e.sample.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % w]);
+                e.abs_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= *s as f64);
+                e.sq_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= (*s as f64).powi(2));
+            }
+        }
+        let reference: BTreeMap<String, Vec<f32>> =
+            LINEARS.iter().map(|(n, _)| (n.to_string(), job.weights.get(&format!("{n}.weight")).data.clone())).collect();
+        if self.clip_search {
+            for (name, tap) in LINEARS {
+                if name == "self_attn.q_proj" || name == "self_attn.k_proj" {
+                    continue;
+                }
+                let stats = &st[&tap];
+                let n = stats.sample_rows().min(self.clip_rows);
+                let x = stats.sample[..n * stats.width].to_vec();
+                self.clip_linear(job, name, &x, n)?;
+            }
+        }
+        let mut linears = BTreeMap::new();
+        let mut stats = BTreeMap::new();
+        for (name, tap) in LINEARS {
+            let key = format!("{name}.weight");
+            let t = job.weights.get(&key);
+            let q = quantize_rtn(&job.scheme, &key, &t.data, t.shape[0], t.shape[1])?;
+            job.weights.get_mut(&key).data = q.dequantize();
+            linears.insert(name.to_string(), q);
+            stats.insert(name.to_string(), st[&tap].clone());
+        }
+        Ok(BlockResult { linears, reference, stats, outputs: Outputs::Teacher(outputs) })
+    }
+}

@@ -1,0 +1,100 @@
+//! Quantization methods, one file each behind [`QuantMethod`]. Adding a method is a new file
+//! and one line in [`by_name`]; the pipeline never matches on the method.
+
+pub mod awq;
+pub mod gptq;
+pub mod rtn;
+
+use std::collections::BTreeMap;
+
+use model::config::Config;
+use model::engine::States;
+use model::transformer::Rope;
+use model::{Device, Tensor};
+
+use crate::QuantError;
+use crate::block::{BlockWeights, TapStats};
+use crate::scheme::{QuantScheme, QuantizedLinear};
+
+/// Everything a method sees of one decoder block.
+pub struct BlockJob<'a> {
+    /// Model configuration.
+    pub cfg: &'a Config,
+    /// The block's tensors; a method leaves the dequantized weights here (and may rescale
+    /// norms or other tensors, keeping the block's function).
+    pub weights: &'a mut BlockWeights,
+    /// Calibration inputs of the block (empty without calibration).
+    pub inputs: &'a States,
+    /// RoPE tables.
+    pub rope: &'a Rope,
+    /// Compute device.
+    pub device: &'a Device,
+    /// The scheme.
+    pub scheme: QuantScheme,
+    /// Rows of inputs to keep for search objectives and error reports.
+    pub sample_rows: usize,
+}
+
+/// Block outputs a method computed on the way, so the pipeline need not run the block again.
+pub enum Outputs {
+    /// None computed.
+    None,
+    /// The teacher block's outputs.
+    Teacher(Vec<Tensor<3>>),
+    /// The quantized block's outputs.
+    Quantized(Vec<Tensor<3>>),
+}
+
+/// What a method returns for a block.
+pub struct BlockResult {
+    /// Integer form of every linear, by HF suffix (`self_attn.q_proj`).
+    pub linears: BTreeMap<String, QuantizedLinear>,
+    /// Each linear's weight just before rounding (after any function-preserving rescaling),
+    /// the reference its quantization error is measured against.
+    pub reference: BTreeMap<String, Vec<f32>>,
+    /// Input statistics each linear was quantized against, in the same basis.
+    pub stats: BTreeMap<String, TapStats>,
+    /// Outputs computed on the way.
+    pub outputs: Outputs,
+}
+
+/// A weight-only post-training quantization method.
+pub trait QuantMethod: Send + Sync {
+    /// Its name on the command line.
+    fn name(&self) -> &'static str;
+    /// Whether it needs calibration data.
+    fn needs_calibration(&self) -> bool;
+    /// Where block inputs come from by default: `true` for the quantized blocks before it
+    /// (GPTQ, as in its paper), `false` for the teacher (AWQ, as llm-awq).
+    fn propagate_quantized(&self) -> bool {
+        true
+    }
+    /// Quantizes one block.
+    fn quantize_block(&self, job: &mut BlockJob<'_>) -> Result<BlockResult, QuantError>;
+}
+
+/// Options that select and tune a method.
+#[derive(Debug, Clone, Default)]
+pub struct MethodOptions {
+    /// GPTQ: activation order.
+    pub act_order: bool,
+    /// GPTQ: dampening fraction.
+    pub damp: Option<f64>,
+    /// AWQ: skip the scale search.
+    pub no_awq_scale: bool,
+    /// AWQ: skip the clipping search.
+    pub no_awq_clip: bool,
+}
+
+/// The known methods.
+pub const METHODS: &[&str] = &["rtn", "awq", "gptq"];
+
+/// A method by name.
+pub fn by_name(name: &str, o: &MethodOptions) -> Result<Box<dyn QuantMethod>, QuantError> {
+    Ok(match name {
+        "rtn" => Box::new(rtn::Rtn),
+        "awq" => Box::new(awq::Awq { scale_search: !o.no_awq_scale, clip_search: !o.no_awq_clip, ..awq::Awq::default() }),
+        "gptq" => Box::new(gptq::Gptq { act_order: o.act_order, damp: o.damp.unwrap_or(0.01), ..gptq::Gptq::default() }),
+        other => return Err(QuantError::Input(format!("unknown method `{other}` (known: {})", METHODS.join(", ")))),
+    })
+}
