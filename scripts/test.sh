@@ -17,6 +17,9 @@ if ! bash scripts/get-smollm2.sh; then
     echo "note: SmolLM2 model unavailable; tests that need it will be skipped"
 fi
 
+# The fixture check needs PyPI's gguf (small, pure Python); skip quietly if pip cannot get it.
+python3 -m pip install -q --disable-pip-version-check gguf==0.19.0 numpy >/dev/null 2>&1 || true
+
 GEN=scripts/gen_gguf_fixtures.py
 if command -v python3 >/dev/null 2>&1 && [[ -f "$GEN" ]] && grep -q -- '--check' "$GEN"; then
     echo "== fixtures: python3 $GEN --check"
@@ -31,4 +34,11 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
     echo "== cargo test --workspace"
     cargo test --workspace
+fi
+
+# Interop: the converted HF folder reproduces the GGUF's perplexity (transformers' own load
+# check needs a 2.8 GB torch download; run it with CHECK_HF=1).
+if [[ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
+    echo "== scripts/check_convert.sh"
+    if [[ "${CHECK_HF:-0}" == 1 ]]; then bash scripts/check_convert.sh; else SKIP_HF=1 bash scripts/check_convert.sh; fi
 fi

@@ -31,6 +31,26 @@ pub struct Args {
     /// Teacher model: also report KL(teacher ‖ student) over the --ppl chunks.
     #[arg(long)]
     teacher: Option<crate::Path>,
+    /// With --teacher: also save the teacher's top-k log-probabilities here for reuse.
+    #[arg(long, requires = "teacher")]
+    save_teacher_logits: Option<crate::Path>,
+    /// Saved teacher log-probabilities to measure divergence against instead of --teacher
+    /// (KL over the top-k tokens plus one bucket for the rest: a lower bound).
+    #[arg(long, conflicts_with = "teacher")]
+    teacher_logits: Option<crate::Path>,
+    /// Tokens kept per position by --save-teacher-logits.
+    #[arg(long, default_value_t = 64)]
+    top_k: usize,
+    /// Zero-shot multiple-choice tasks, comma-separated: piqa, arc_easy, medqa, pubmedqa,
+    /// mmlu_medical (or one MMLU subset, e.g. mmlu_anatomy).
+    #[arg(long)]
+    tasks: Option<String>,
+    /// Score only the first N documents of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Folder with the task data (default: ../shared/data, or $COMPRESS_DATA).
+    #[arg(long)]
+    data_dir: Option<crate::Path>,
     /// Measure prompt processing and greedy generation speed with a KV cache.
     #[arg(long)]
     speed: bool,
@@ -65,10 +85,10 @@ fn read_text(path: &crate::Path) -> anyhow::Result<String> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let threads = crate::set_threads(a.threads);
-    if a.ppl.is_none() && !a.speed {
-        bail!("nothing to evaluate: give --ppl TEXT_FILE and/or --speed");
+    if a.ppl.is_none() && !a.speed && a.tasks.is_none() {
+        bail!("nothing to evaluate: give --ppl TEXT_FILE, --tasks LIST and/or --speed");
     }
-    if a.teacher.is_some() && a.ppl.is_none() {
+    if (a.teacher.is_some() || a.teacher_logits.is_some()) && a.ppl.is_none() {
         bail!("--teacher needs --ppl TEXT_FILE (divergence is measured over the perplexity chunks)");
     }
     if a.chunks == Some(0) {
@@ -103,20 +123,42 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             pb.set_position(done);
         };
         let ctx_err = |e: eval::EvalError| anyhow::anyhow!("{}: {e}", ppl_path.display());
-        let res = if let Some(tpath) = &a.teacher {
-            let teacher = Checkpoint::open(tpath).context("cannot open teacher")?;
-            let ttok = model::load_tokenizer(&teacher).context("cannot build the teacher's tokenizer")?;
-            eval::kld::check_same_vocab(&teacher, &ckpt, &ttok, &tok)?;
-            let (s, t, k) = eval::kl_divergence(&teacher, &ckpt, &tok, &tokens, &opts, device.clone(), progress)
-                .map_err(ctx_err)?;
+        let kld_rows = |t: &eval::PplResult, k: &eval::KldResult, rows: &mut Vec<(String, String)>| {
             rows.push(("teacher ppl".into(), format!("{:.4} ± {:.4}", t.value, t.stderr)));
             rows.push(("KLD mean ± se".into(), format!("{:.6} ± {:.6}", k.mean, k.stderr)));
             rows.push(("KLD median / p90 / p99".into(), format!("{:.6} / {:.6} / {:.6}", k.median, k.p90, k.p99)));
             rows.push(("same top token".into(), format!("{:.2} ± {:.2} %", k.top1_agreement, k.top1_agreement_stderr)));
             rows.push(("RMS Δp".into(), format!("{:.3} %", k.rms_delta_p)));
+        };
+        let res = if let Some(tpath) = &a.teacher {
+            let teacher = Checkpoint::open(tpath).context("cannot open teacher")?;
+            let ttok = model::load_tokenizer(&teacher).context("cannot build the teacher's tokenizer")?;
+            eval::kld::check_same_vocab(&teacher, &ckpt, &ttok, &tok)?;
+            if let Some(save) = &a.save_teacher_logits {
+                if a.top_k == 0 {
+                    bail!("--top-k must be at least 1");
+                }
+                let saved = eval::kld::teacher_logits(&teacher, &tok, &tokens, &opts, a.top_k, device.clone(), |_, _| {})
+                    .map_err(ctx_err)?;
+                saved.save(save).with_context(|| format!("{}", save.display()))?;
+                tokens_processed += saved.header["chunks"].as_u64().unwrap_or(0) * a.ctx as u64;
+            }
+            let (s, t, k) = eval::kl_divergence(&teacher, &ckpt, &tok, &tokens, &opts, device.clone(), progress)
+                .map_err(ctx_err)?;
+            kld_rows(&t, &k, &mut rows);
             report["teacher"] = json!({"model": tpath, "perplexity": t});
             report["kld"] = serde_json::to_value(&k)?;
             tokens_processed += 2 * s.tokens_processed as u64;
+            s
+        } else if let Some(lpath) = &a.teacher_logits {
+            let saved = eval::kld::TeacherLogits::load(lpath)?;
+            let (s, t, k) = eval::kld::kl_from_saved(&saved, &ckpt, &tok, &tokens, &opts, device.clone(), progress)
+                .map_err(ctx_err)?;
+            kld_rows(&t, &k, &mut rows);
+            report["teacher"] = json!({"logits": lpath, "model": saved.header["model"], "top_k": saved.header["k"], "perplexity": t});
+            report["kld"] = serde_json::to_value(&k)?;
+            report["kld"]["approximation"] = json!("top-k of the teacher plus one bucket for the rest (lower bound)");
+            tokens_processed += s.tokens_processed as u64;
             s
         } else {
             let r = eval::perplexity(&ckpt, &tok, &tokens, &opts, device.clone(), progress).map_err(ctx_err)?;
@@ -134,6 +176,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         report["text"] = json!(ppl_path);
         report["perplexity"] = serde_json::to_value(&res)?;
         report["speed"] = serde_json::to_value(&speed)?;
+    }
+
+    if let Some(list) = &a.tasks {
+        let names: Vec<String> = list.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        let dir = a
+            .data_dir
+            .clone()
+            .or_else(|| std::env::var_os("COMPRESS_DATA").map(Into::into))
+            .unwrap_or_else(|| "../shared/data".into());
+        let pb = crate::progress_bar("tasks", 1);
+        let results = eval::run_tasks(&ckpt, &tok, &names, &dir, a.limit, device.clone(), |name, done, total| {
+            pb.set_message(name.to_string());
+            pb.set_length(total);
+            pb.set_position(done);
+        })?;
+        pb.finish_and_clear();
+        for (name, r) in &results {
+            rows.push((
+                format!("{name} (n={})", r.n),
+                format!("acc {:.2} ± {:.2} %, acc_norm {:.2} ± {:.2} %", 100.0 * r.acc, 100.0 * r.acc_stderr, 100.0 * r.acc_norm, 100.0 * r.acc_norm_stderr),
+            ));
+        }
+        report["tasks"] = serde_json::to_value(&results)?;
     }
 
     if a.speed {
@@ -165,10 +230,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rows.push(("peak RSS".into(), peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into())));
     rows.push((
         format!("energy ({})", energy.source),
-        format!(
-            "{:.1} J/1k tokens, {:.3} g CO2e/1k tokens at {} g/kWh",
-            energy.joules_per_1k_tokens, energy.g_co2e_per_1k_tokens, energy.grid_g_co2e_per_kwh
-        ),
+        if energy.tokens > 0 {
+            format!(
+                "{:.1} J/1k tokens, {:.3} g CO2e/1k tokens at {} g/kWh",
+                energy.joules_per_1k_tokens, energy.g_co2e_per_1k_tokens, energy.grid_g_co2e_per_kwh
+            )
+        } else {
+            format!("{:.1} J, {:.3} g CO2e in all at {} g/kWh", energy.joules, energy.g_co2e, energy.grid_g_co2e_per_kwh)
+        },
     ));
     report["energy"] = serde_json::to_value(&energy)?;
 

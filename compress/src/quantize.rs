@@ -7,6 +7,7 @@ use comfy_table::Table;
 use model::Checkpoint;
 use model::safetensors_io::StoreDtype;
 use quant::method::MethodOptions;
+use quant::pack::PackedSink;
 use quant::pipeline::{DenseSink, OutputSink, PtqOptions};
 use quant::scheme::QuantScheme;
 use serde_json::json;
@@ -64,10 +65,12 @@ pub struct Args {
     /// Calibration rows kept per layer for AWQ's searches and the error report.
     #[arg(long, default_value_t = 2048)]
     sample_rows: usize,
-    /// Output folder (the dense HF model).
+    /// Output folder: the dense HF model, or the packed one if only `packed` is asked.
     #[arg(long)]
     out: crate::Path,
-    /// Output formats, comma-separated: dense (bf16 HF folder).
+    /// Output formats, comma-separated: `dense` (dequantized bf16 HF folder) and/or `packed`
+    /// (compressed-tensors `pack-quantized`, int32-packed codes that vLLM loads; bits 2, 4 or
+    /// 8). With both, OUT holds the dense model and OUT/packed the packed one.
     #[arg(long, default_value = "dense")]
     format: String,
     /// Replace OUT if it exists.
@@ -86,9 +89,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let formats: Vec<&str> = a.format.split(',').map(str::trim).filter(|f| !f.is_empty()).collect();
     for f in &formats {
-        if *f != "dense" {
-            bail!("--format `{f}` is not supported (supported: dense)");
+        if !["dense", "packed"].contains(f) {
+            bail!("--format `{f}` is not supported (supported: dense, packed)");
         }
+    }
+    if formats.is_empty() {
+        bail!("--format names no format (supported: dense, packed)");
+    }
+    let (dense, packed) = (formats.contains(&"dense"), formats.contains(&"packed"));
+    // Groups in activation order are stored with `weight_g_idx` (GPTQ --act-order only).
+    let act_order = a.act_order && a.method == "gptq";
+    if packed {
+        quant::pack::check_scheme(&scheme)?;
     }
     let opts = MethodOptions { act_order: a.act_order, damp: a.damp, no_awq_scale: a.no_awq_scale, no_awq_clip: a.no_awq_clip };
     let method = quant::method::by_name(&a.method, &opts)?;
@@ -114,9 +126,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tmp = temp_sibling(&a.out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &tmp, None)?;
-    crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &tmp)?;
-    let mut sinks: Vec<Box<dyn OutputSink>> = vec![Box::new(DenseSink::create(&tmp.join("model.safetensors"), &cfg)?)];
+    // The packed model: OUT/packed next to the dense one, or OUT itself.
+    let packed_dir = if dense { tmp.join("packed") } else { tmp.clone() };
+    let mut sinks: Vec<Box<dyn OutputSink>> = Vec::new();
+    let mut cfg = None;
+    if dense {
+        let c = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &tmp, None)?;
+        crate::hf_folder::write_aux(&ckpt, &tok, &c, &tmp)?;
+        sinks.push(Box::new(DenseSink::create(&tmp.join("model.safetensors"), &c)?));
+        cfg = Some(c);
+    }
+    if packed {
+        std::fs::create_dir_all(&packed_dir).with_context(|| format!("{}", packed_dir.display()))?;
+        let qc = quant::pack::quantization_config(ckpt.config(), &scheme, act_order)?;
+        let extra = json!({ "quantization_config": qc });
+        let c = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &packed_dir, Some(extra))?;
+        crate::hf_folder::write_aux(&ckpt, &tok, &c, &packed_dir)?;
+        sinks.push(Box::new(PackedSink::create(&packed_dir.join("model.safetensors"), &c, scheme, act_order)?));
+        cfg = Some(c);
+    }
+    let cfg = cfg.expect("a format");
 
     let pb = crate::progress_bar(&a.method, cfg.num_hidden_layers as u64);
     let popts = PtqOptions {
@@ -132,11 +161,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.finish()?;
     }
     pb.finish_and_clear();
-    let out_ckpt_bytes = std::fs::metadata(tmp.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
+    let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let out_ckpt_bytes = if dense { size(tmp.join("model.safetensors")) } else { 0 };
+    let packed_bytes = if packed { size(packed_dir.join("model.safetensors")) } else { 0 };
     let full = json!({
         "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": formats,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
-        "dense_bytes": out_ckpt_bytes, "report": report,
+        "dense_bytes": dense.then_some(out_ckpt_bytes), "packed_bytes": packed.then_some(packed_bytes), "report": report,
     });
     std::fs::write(tmp.join("quant_report.json"), serde_json::to_string_pretty(&full)?)?;
     commit(&tmp, &a.out)?;
@@ -158,6 +189,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         format!("{:.1}", report.wall_seconds),
     ]);
     println!("{t}");
-    println!("wrote {} (dense bf16, {} bytes) and quant_report.json", a.out.display(), out_ckpt_bytes);
+    if dense {
+        println!("wrote {} (dense bf16, {} bytes) and quant_report.json", a.out.display(), out_ckpt_bytes);
+    }
+    if packed {
+        let dir = if dense { a.out.join("packed") } else { a.out.clone() };
+        let report_note = if dense { "" } else { " and quant_report.json" };
+        println!("wrote {} (compressed-tensors pack-quantized, {packed_bytes} bytes){report_note}", dir.display());
+        if act_order && scheme.group.is_some() {
+            println!("note: activation-order groups are stored with weight_g_idx (actorder \"group\"), which compressed-tensors 0.19+ no longer reads; load with compressed-tensors <= 0.18");
+        }
+    }
     Ok(())
 }

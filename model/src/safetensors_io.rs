@@ -56,8 +56,13 @@ fn open_shard(path: &Path) -> Result<Shard> {
             ));
         }
     }
-    let (n, meta) = SafeTensors::read_metadata(&mmap)
-        .map_err(|e| ModelError::format(path, format!("invalid safetensors file: {e}")))?;
+    let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        let msg = match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => data_extent_problem(&mmap),
+            e => format!("invalid safetensors file: {e}"),
+        };
+        ModelError::format(path, msg)
+    })?;
     let base = 8 + n;
     let mut tensors = BTreeMap::new();
     for (name, info) in meta.tensors() {
@@ -65,6 +70,28 @@ fn open_shard(path: &Path) -> Result<Shard> {
         tensors.insert(name, (info.dtype, info.shape.clone(), base + s, base + e));
     }
     Ok(Shard { path: path.into(), mmap, tensors })
+}
+
+/// Says how the header's data offsets disagree with the file size (the safetensors crate
+/// only says "incomplete metadata"). Called after the header length was checked and the
+/// header validated, so it parses.
+fn data_extent_problem(buf: &[u8]) -> String {
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&buf[8..8 + n]).unwrap_or_default();
+    let end = header
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0)
+        .saturating_add(8 + n as u64);
+    let len = buf.len() as u64;
+    if end > len {
+        format!("tensor data runs past the end of the file: the header places data up to byte {end}, the file has {len} bytes")
+    } else {
+        format!("{} bytes after the last tensor's data (byte {end}) are not described by the header", len - end)
+    }
 }
 
 impl SafetensorsSet {
@@ -227,6 +254,41 @@ impl StoreDtype {
     }
 }
 
+/// Dtype of a tensor in a [`StreamingWriter`] plan: a float encoded from f32 values, or an
+/// integer type whose little-endian bytes the caller supplies ([`StreamingWriter::write_next_raw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanDtype {
+    /// A float dtype, written from f32 values.
+    Float(StoreDtype),
+    /// 32-bit signed integer.
+    I32,
+    /// 64-bit signed integer.
+    I64,
+}
+
+impl From<StoreDtype> for PlanDtype {
+    fn from(d: StoreDtype) -> Self {
+        Self::Float(d)
+    }
+}
+
+impl PlanDtype {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Float(d) => d.name(),
+            Self::I32 => "I32",
+            Self::I64 => "I64",
+        }
+    }
+    fn size(self) -> usize {
+        match self {
+            Self::Float(d) => d.size(),
+            Self::I32 => 4,
+            Self::I64 => 8,
+        }
+    }
+}
+
 /// Writes a safetensors file one tensor at a time: the header is computed from the names
 /// and shapes up front, then each tensor's bytes are produced and written in turn.
 /// Hand-written because the safetensors crate's writer needs every tensor's bytes available
@@ -234,13 +296,18 @@ impl StoreDtype {
 pub struct StreamingWriter {
     file: std::io::BufWriter<std::fs::File>,
     path: PathBuf,
-    plan: Vec<(String, Vec<usize>, StoreDtype)>,
+    plan: Vec<(String, Vec<usize>, PlanDtype)>,
     next: usize,
 }
 
 impl StreamingWriter {
     /// Creates `path` and writes the header for `plan` (name, shape, dtype) in that order.
     pub fn create(path: &Path, plan: Vec<(String, Vec<usize>, StoreDtype)>, meta: &BTreeMap<String, String>) -> Result<Self> {
+        Self::create_with(path, plan.into_iter().map(|(n, s, d)| (n, s, d.into())).collect(), meta)
+    }
+
+    /// Like [`Self::create`], with integer tensors in the plan too.
+    pub fn create_with(path: &Path, plan: Vec<(String, Vec<usize>, PlanDtype)>, meta: &BTreeMap<String, String>) -> Result<Self> {
         let mut header = serde_json::Map::new();
         if !meta.is_empty() {
             header.insert("__metadata__".into(), serde_json::to_value(meta).expect("strings"));
@@ -274,8 +341,24 @@ impl StreamingWriter {
         if pname != name || shape.iter().product::<usize>() != data.len() {
             return Err(ModelError::format(&self.path, format!("tensor `{name}` written out of order or with wrong size")));
         }
+        let PlanDtype::Float(dt) = *dt else {
+            return Err(ModelError::format(&self.path, format!("tensor `{name}` is {}, not a float", dt.name())));
+        };
         let bytes = dt.encode(data);
         self.file.write_all(&bytes).map_err(|e| ModelError::io(&self.path, e))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Writes the next tensor of the plan from its little-endian bytes in the planned dtype.
+    pub fn write_next_raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let Some((pname, shape, dt)) = self.plan.get(self.next) else {
+            return Err(ModelError::format(&self.path, format!("tensor `{name}` is not in the plan")));
+        };
+        if pname != name || shape.iter().product::<usize>() * dt.size() != bytes.len() {
+            return Err(ModelError::format(&self.path, format!("tensor `{name}` written out of order or with wrong size")));
+        }
+        self.file.write_all(bytes).map_err(|e| ModelError::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }

@@ -1,3 +1,29 @@
 //! Post-training quantization. GGUF block quantizers (the formats themselves are declared in
 //! `model::gguf::blocks`, which the reader needs), and the weight-only methods (RTN, AWQ,
 //! GPTQ) behind one small trait.
+
+pub mod block;
+pub mod blocks;
+pub mod calib;
+pub mod gguf_export;
+pub mod method;
+pub mod pack;
+pub mod pipeline;
+pub mod scheme;
+
+/// Errors of quantization.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// From the model crate (files, tensors).
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    /// The scheme cannot be applied.
+    #[error(transparent)]
+    Scheme(#[from] scheme::SchemeError),
+    /// A bad option or input.
+    #[error("{0}")]
+    Input(String),
+    /// A numerical failure (non-finite values, a Hessian that cannot be factored).
+    #[error("{0}")]
+    Numerical(String),
+}

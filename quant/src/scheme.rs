@@ -58,7 +58,8 @@ impl QuantScheme {
 
     /// Input channels per group for a weight with `cols` inputs. When `cols` is not a
     /// multiple of the group size the last group holds the remainder (576 = 4 x 128 + 64),
-    /// the rule compressed-tensors uses (`ceil(cols / group)` scales per row).
+    /// `ceil(cols / group)` scales per row. (compressed-tensors needs whole groups; the
+    /// packed writer stores such layers with groups of gcd(group, cols) and repeated scales.)
     pub fn group_len(&self, tensor: &str, cols: usize) -> Result<usize, SchemeError> {
         match self.group {
             None => Ok(cols),

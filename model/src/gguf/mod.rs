@@ -376,7 +376,7 @@ impl GgufFile {
             .get_u64(&format!("{arch}.vocab_size"))
             .map(|v| v as usize)
             .or_else(|| self.get_array("tokenizer.ggml.tokens").map(|a| a.len()))
-            .or_else(|| self.tensor("token_embd.weight").map(|t| t.shape[0]))
+            .or_else(|| self.tensor("token_embd.weight").and_then(|t| t.shape.first().copied()))
             .ok_or_else(|| ModelError::config(&self.path, "cannot tell the vocabulary size"))?;
         let head_dim = self
             .get_u64(&format!("{arch}.attention.key_length"))

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::GgmlType;
 use crate::error::{ModelError, Result};
 
 struct Cursor<'a> {
@@ -38,9 +39,11 @@ impl<'a> Cursor<'a> {
         self.skip(8, what)?;
         Ok(u64::from_le_bytes(self.buf[start..start + 8].try_into().expect("8 bytes")))
     }
-    fn string(&mut self, what: &str) -> Result<()> {
+    fn string(&mut self, what: &str) -> Result<&'a [u8]> {
         let n = self.u64(what)?;
-        self.skip(n, what)
+        let start = self.pos;
+        self.skip(n, what)?;
+        Ok(&self.buf[start..self.pos])
     }
 }
 
@@ -72,7 +75,9 @@ pub fn check(buf: &[u8], path: &Path) -> Result<()> {
         c.string(&format!("metadata key {i}"))?;
         let ty = c.u32("metadata value type")?;
         match ty {
-            8 => c.string("metadata string")?,
+            8 => {
+                c.string("metadata string")?;
+            }
             9 => {
                 let item = c.u32("array item type")?;
                 let len = c.u64("array length")?;
@@ -96,7 +101,7 @@ pub fn check(buf: &[u8], path: &Path) -> Result<()> {
         }
     }
     for i in 0..n_tensors {
-        c.string(&format!("tensor {i} name"))?;
+        let name = c.string(&format!("tensor {i} name"))?;
         let dims = c.u32("tensor dimension count")?;
         if dims > 4 {
             return c.fail(&format!("tensor {i} has {dims} dimensions (at most 4)"));
@@ -109,7 +114,13 @@ pub fn check(buf: &[u8], path: &Path) -> Result<()> {
                 None => return c.fail(&format!("tensor {i}: the product of its dimensions overflows")),
             };
         }
-        c.u32("tensor type")?;
+        // gguf-rs reaches `unreachable!` on some ids (GGML_TYPE_COUNT = 40), so unknown ids
+        // are refused here, before it decodes them.
+        let ty = c.u32("tensor type")?;
+        if GgmlType::from_id(ty).is_none() {
+            let name = String::from_utf8_lossy(name);
+            return Err(ModelError::format(path, format!("tensor `{name}` has unknown type id {ty}")));
+        }
         c.u64("tensor offset")?;
     }
     Ok(())

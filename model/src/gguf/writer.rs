@@ -245,7 +245,7 @@ impl TensorDecl {
             return Err(format!("{} dimensions (1 to 4 are allowed)", self.shape.len()));
         }
         let row = *self.shape.last().expect("non-empty");
-        if row % blk != 0 {
+        if !row.is_multiple_of(blk) {
             return Err(format!("row length {row} is not a multiple of the {} block size {blk}", self.ty.name()));
         }
         let numel = self

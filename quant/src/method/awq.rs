@@ -36,7 +36,7 @@ pub struct Awq {
 
 impl Default for Awq {
     fn default() -> Self {
-        Self { scale_search: true, clip_search: true, grid: 20, max_shrink: 0.5, clip_rows: 512 }
+        Self { scale_search: true, clip_search: true, grid: 20, max_shrink: 0.5, clip_rows: 4096 }
     }
 }
 

@@ -1,0 +1,241 @@
+//! The 32-wide legacy formats: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+//!
+//! Plain rounding reproduces ggml's reference quantizers exactly as gguf-py computes them in
+//! f32 (byte-identical output):
+//! * Q8_0: `d = amax/127`, `q = round_half_away(x/d)`.
+//! * Q4_0 / Q5_0: `d = max/-8` (`/-16`) where `max` is the first value of largest magnitude,
+//!   `q = min(15, trunc(x/d + 8.5))` (`min(31, trunc(x/d + 16.5))`).
+//! * Q4_1 / Q5_1: `d = (max-min)/15` (`/31`), `m = min`, `q = min(15, trunc((x-min)/d + 0.5))`.
+//!
+//! (`x/d` is computed as `x * (1/d)`, with `1/d = 0` when `d = 0`, as the reference does.)
+//! With importance, a weighted scale search ([`super::search_symmetric`] /
+//! [`super::search_affine`]) proposes a block, the levels are re-rounded against the f16
+//! scale actually stored, and the better of it and the plain block is kept.
+
+use model::gguf::GgmlType;
+use model::gguf::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, QK};
+
+use super::{BlockQuantizer, better, f16_bits, f16_val, round_away, search_affine, search_symmetric};
+
+/// First value of largest magnitude, and that magnitude.
+fn signed_absmax(x: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+#[inline]
+fn inv(d: f32) -> f32 {
+    if d != 0.0 { 1.0 / d } else { 0.0 }
+}
+
+/// Packs 32 levels of 0..16 into nibbles: low nibbles values 0..16, high nibbles 16..32.
+fn pack_nibbles(q: &[u8; QK]) -> [u8; QK / 2] {
+    std::array::from_fn(|j| (q[j] & 0x0f) | ((q[j + QK / 2] & 0x0f) << 4))
+}
+
+/// The fifth bits of 32 five-bit levels, bit `j` for value `j`.
+fn fifth_bits(q: &[u8; QK]) -> [u8; 4] {
+    let mut qh = 0u32;
+    for (j, &v) in q.iter().enumerate() {
+        qh |= ((v as u32 >> 4) & 1) << j;
+    }
+    qh.to_le_bytes()
+}
+
+/// Re-rounds `x` to offset levels `0..=top` under the stored f16 scale: `q = round(x/d) + off`.
+fn round_sym(x: &[f32], d_bits: u16, off: i32, top: i32) -> [u8; QK] {
+    let d = f16_val(d_bits);
+    let id = inv(d);
+    std::array::from_fn(|j| (round_away(x[j] * id) + off).clamp(0, top) as u8)
+}
+
+/// Re-rounds `x` to levels `0..=top` under the stored f16 scale and minimum.
+fn round_affine(x: &[f32], d_bits: u16, m_bits: u16, top: i32) -> [u8; QK] {
+    let (d, m) = (f16_val(d_bits), f16_val(m_bits));
+    let id = inv(d);
+    std::array::from_fn(|j| round_away((x[j] - m) * id).clamp(0, top) as u8)
+}
+
+/// Weighted symmetric proposal: f16 scale bits (levels are re-rounded by the caller).
+fn weighted_sym_scale(x: &[f32], w: &[f32], nmax: i32, hi: i32) -> u16 {
+    let mut l = [0i32; QK];
+    let d = search_symmetric(x, w, nmax, hi, 9, &mut l);
+    f16_bits(d)
+}
+
+/// Weighted affine proposal: f16 (scale, min) bits.
+fn weighted_affine(x: &[f32], w: &[f32], nmax: i32) -> (u16, u16) {
+    let mut l = [0i32; QK];
+    let (d, m) = search_affine(x, w, nmax, -1.0, 0.1, 20, false, &mut l);
+    (f16_bits(d), f16_bits(m))
+}
+
+/// Q8_0: 8-bit symmetric, one f16 scale per 32 values.
+#[derive(Debug)]
+pub struct Q8_0;
+
+impl Q8_0 {
+    /// ggml's reference rounding.
+    pub fn reference(x: &[f32]) -> BlockQ8_0 {
+        let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = inv(d);
+        BlockQ8_0 { d: f16_bits(d), qs: std::array::from_fn(|j| round_away(x[j] * id) as i8) }
+    }
+}
+
+impl BlockQuantizer for Q8_0 {
+    type Block = BlockQ8_0;
+    const TYPE: GgmlType = GgmlType::Q8_0;
+    fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ8_0 {
+        let plain = Self::reference(x);
+        let Some(w) = importance else { return plain };
+        let d = weighted_sym_scale(x, w, 127, 127);
+        let id = inv(f16_val(d));
+        let cand = BlockQ8_0 { d, qs: std::array::from_fn(|j| round_away(x[j] * id).clamp(-127, 127) as i8) };
+        better(x, w, plain, cand)
+    }
+}
+
+/// Q4_0: 4-bit symmetric (levels -8..7), one f16 scale per 32 values.
+#[derive(Debug)]
+pub struct Q4_0;
+
+impl Q4_0 {
+    /// ggml's reference rounding.
+    pub fn reference(x: &[f32]) -> BlockQ4_0 {
+        let d = signed_absmax(x) / -8.0;
+        let id = inv(d);
+        let q: [u8; QK] = std::array::from_fn(|j| ((x[j] * id + 8.5) as i32).clamp(0, 15) as u8);
+        BlockQ4_0 { d: f16_bits(d), qs: pack_nibbles(&q) }
+    }
+}
+
+impl BlockQuantizer for Q4_0 {
+    type Block = BlockQ4_0;
+    const TYPE: GgmlType = GgmlType::Q4_0;
+    fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4_0 {
+        let plain = Self::reference(x);
+        let Some(w) = importance else { return plain };
+        let d = weighted_sym_scale(x, w, 8, 7);
+        let cand = BlockQ4_0 { d, qs: pack_nibbles(&round_sym(x, d, 8, 15)) };
+        better(x, w, plain, cand)
+    }
+}
+
+/// Q4_1: 4-bit affine (levels 0..15), f16 scale and minimum per 32 values.
+#[derive(Debug)]
+pub struct Q4_1;
+
+impl Q4_1 {
+    /// ggml's reference rounding.
+    pub fn reference(x: &[f32]) -> BlockQ4_1 {
+        let (min, max) = min_max(x);
+        let d = (max - min) / 15.0;
+        let id = inv(d);
+        let q: [u8; QK] = std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as i32).clamp(0, 15) as u8);
+        BlockQ4_1 { d: f16_bits(d), m: f16_bits(min), qs: pack_nibbles(&q) }
+    }
+}
+
+impl BlockQuantizer for Q4_1 {
+    type Block = BlockQ4_1;
+    const TYPE: GgmlType = GgmlType::Q4_1;
+    fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4_1 {
+        let plain = Self::reference(x);
+        let Some(w) = importance else { return plain };
+        let (d, m) = weighted_affine(x, w, 15);
+        let cand = BlockQ4_1 { d, m, qs: pack_nibbles(&round_affine(x, d, m, 15)) };
+        better(x, w, plain, cand)
+    }
+}
+
+/// Q5_0: 5-bit symmetric (levels -16..15), one f16 scale per 32 values.
+#[derive(Debug)]
+pub struct Q5_0;
+
+impl Q5_0 {
+    /// ggml's reference rounding.
+    pub fn reference(x: &[f32]) -> BlockQ5_0 {
+        let d = signed_absmax(x) / -16.0;
+        let id = inv(d);
+        let q: [u8; QK] = std::array::from_fn(|j| ((x[j] * id + 16.5) as i32).clamp(0, 31) as u8);
+        BlockQ5_0 { d: f16_bits(d), qh: fifth_bits(&q), qs: pack_nibbles(&q) }
+    }
+}
+
+impl BlockQuantizer for Q5_0 {
+    type Block = BlockQ5_0;
+    const TYPE: GgmlType = GgmlType::Q5_0;
+    fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ5_0 {
+        let plain = Self::reference(x);
+        let Some(w) = importance else { return plain };
+        let d = weighted_sym_scale(x, w, 16, 15);
+        let q = round_sym(x, d, 16, 31);
+        better(x, w, plain, BlockQ5_0 { d, qh: fifth_bits(&q), qs: pack_nibbles(&q) })
+    }
+}
+
+/// Q5_1: 5-bit affine (levels 0..31), f16 scale and minimum per 32 values.
+#[derive(Debug)]
+pub struct Q5_1;
+
+impl Q5_1 {
+    /// ggml's reference rounding.
+    pub fn reference(x: &[f32]) -> BlockQ5_1 {
+        let (min, max) = min_max(x);
+        let d = (max - min) / 31.0;
+        let id = inv(d);
+        let q: [u8; QK] = std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as i32).clamp(0, 31) as u8);
+        BlockQ5_1 { d: f16_bits(d), m: f16_bits(min), qh: fifth_bits(&q), qs: pack_nibbles(&q) }
+    }
+}
+
+impl BlockQuantizer for Q5_1 {
+    type Block = BlockQ5_1;
+    const TYPE: GgmlType = GgmlType::Q5_1;
+    fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ5_1 {
+        let plain = Self::reference(x);
+        let Some(w) = importance else { return plain };
+        let (d, m) = weighted_affine(x, w, 31);
+        let q = round_affine(x, d, m, 31);
+        better(x, w, plain, BlockQ5_1 { d, m, qh: fifth_bits(&q), qs: pack_nibbles(&q) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_rounding_details() {
+        // Q4_0: the first value of largest magnitude sets d = max/-8 (here -8 -> level 0).
+        let mut x = [0f32; QK];
+        x[3] = -1.0;
+        x[5] = 1.0;
+        x[7] = 0.5;
+        let b = Q4_0::reference(&x);
+        assert_eq!(f16_val(b.d), 0.125);
+        let mut y = [0f32; QK];
+        use model::gguf::blocks::GgmlBlock;
+        b.dequantize(&mut y);
+        assert_eq!((y[3], y[5], y[7]), (-1.0, 0.875, 0.5));
+        // Q8_0 rounds half away from zero.
+        let mut x = [0f32; QK];
+        x[0] = 127.0;
+        x[1] = 2.5;
+        x[2] = -2.5;
+        let b = Q8_0::reference(&x);
+        assert_eq!((b.qs[0], b.qs[1], b.qs[2]), (127, 3, -3));
+    }
+}
