@@ -7,7 +7,9 @@ pub mod kld;
 pub mod perplexity;
 pub mod report;
 pub mod speed;
+pub mod tasks;
 
 pub use kld::{KldResult, kl_divergence};
 pub use perplexity::{EvalError, PplOptions, PplResult, Protocol, perplexity};
 pub use report::{SizeReport, SpeedReport};
+pub use tasks::{KNOWN_TASKS, TaskResult, run_tasks};

@@ -154,8 +154,10 @@ impl Checkpoint {
                     } else {
                         None
                     };
-                    if let Some(h) = heads {
-                        let rows = t.shape[0];
+                    // A 0-dimensional tensor has no rows to permute (and fails the shape check).
+                    if let Some(h) = heads
+                        && let Some(&rows) = t.shape.first()
+                    {
                         let cols = if t.shape.len() > 1 { t.shape[1] } else { 1 };
                         if rows % h == 0 && (rows / h) % 2 == 0 {
                             data = gguf::unpermute_rows(&data, rows, cols, h);
