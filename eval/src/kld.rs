@@ -266,7 +266,8 @@ impl TopK {
             ps_top += lsi.exp();
         }
         let (pr, qr) = ((1.0 - pt_top).max(0.0), (1.0 - ps_top).max(1e-30));
-        if pr > 0.0 {
+        // Mass below f32 rounding of the stored log-probabilities is not a bucket.
+        if pr > 1e-6 {
             kl += pr * (pr.ln() - qr.ln());
         }
         TokenStats {
