@@ -249,7 +249,7 @@ impl St {
             h.insert(t.name.clone(), json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [t.offsets.0, t.offsets.1]}));
         }
         let mut text = serde_json::to_string(&h).unwrap();
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let mut out = self.header_len.unwrap_or(text.len() as u64).to_le_bytes().to_vec();
