@@ -9,6 +9,11 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::transformer::{DecoderLayer, KvCache, Positions, Rope, WindowLayout, rms_norm_from, tensor_from};
 
+/// Tokens of the windows that [`LayerEngine::run_blocks_with`] runs through a block together:
+/// enough rows for the matrix products to use every core, few enough to keep the
+/// intermediate activations (`tokens x intermediate_size` floats) small.
+pub const BATCH_TOKENS: usize = 1024;
+
 /// Activations of all windows between blocks, one `[1, seq, hidden]` tensor per window.
 pub type States = Vec<Tensor<3>>;
 
@@ -134,13 +139,22 @@ impl<'a> LayerEngine<'a> {
         for l in 0..self.ckpt.config().num_hidden_layers {
             let mut block = self.load_block(l)?;
             on_block(l, &mut block, states)?;
-            for (i, s) in states.iter_mut().enumerate() {
-                let pos = match layouts {
-                    Some(ls) => Positions::Layout(&ls[i]),
-                    None => Positions::Causal(&self.rope),
-                };
-                *s = block.forward_at(s.clone(), pos, &mut |_, _| {});
-                progress();
+            // Windows go through in batches of about BATCH_TOKENS tokens.
+            let mut start = 0;
+            while start < states.len() {
+                let mut end = start + 1;
+                let mut tokens = states[start].dims()[1];
+                while end < states.len() && tokens + states[end].dims()[1] <= BATCH_TOKENS {
+                    tokens += states[end].dims()[1];
+                    end += 1;
+                }
+                let xs: Vec<Tensor<3>> = states[start..end].to_vec();
+                let ls = layouts.map(|ls| &ls[start..end]);
+                for (s, y) in states[start..end].iter_mut().zip(block.forward_windows(xs, ls, &self.rope)) {
+                    *s = y;
+                    progress();
+                }
+                start = end;
             }
         }
         Ok(())

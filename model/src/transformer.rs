@@ -220,12 +220,18 @@ impl Attention {
 
     /// The attention context `[batch, seq, heads * head_dim]`: everything before `o_proj`.
     pub fn context(&self, x: Tensor<3>, pos: Positions<'_>) -> Tensor<3> {
-        let [b, s, _] = x.dims();
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        self.attend(q, k, v, pos)
+    }
+
+    /// Attention over projected queries, keys and values `[batch, seq, heads * head_dim]`.
+    fn attend(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, pos: Positions<'_>) -> Tensor<3> {
+        let [b, s, _] = q.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), nh);
-        let k = heads(self.k_proj.forward(x.clone()), nkv);
-        let v = heads(self.v_proj.forward(x), nkv);
+        let (q, k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
         let (q, k, v, mask, causal) = match pos {
             Positions::Causal(rope) => (rope.apply(q), rope.apply(k), v, None, true),
             Positions::Layout(l) => {
@@ -351,6 +357,43 @@ impl DecoderLayer {
     /// Runs the block and shows `tap` the input of every linear group (for calibration).
     pub fn forward_tapped(&self, x: Tensor<3>, rope: &Rope, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
         self.forward_at(x, Positions::Causal(rope), tap)
+    }
+
+    /// Runs the block over several windows `[1, len_i, hidden]` at once: the linear layers
+    /// see all their tokens as one matrix (short windows alone keep the cores idle), the
+    /// attention stays per window, causal or with window `i`'s layout.
+    pub fn forward_windows(&self, xs: Vec<Tensor<3>>, layouts: Option<&[WindowLayout]>, rope: &Rope) -> Vec<Tensor<3>> {
+        let pos = |i: usize| match layouts {
+            Some(ls) => Positions::Layout(&ls[i]),
+            None => Positions::Causal(rope),
+        };
+        if xs.len() == 1 {
+            let x = xs.into_iter().next().expect("one window");
+            return vec![self.forward_at(x, pos(0), &mut |_, _| {})];
+        }
+        let lens: Vec<usize> = xs.iter().map(|x| x.dims()[1]).collect();
+        let x = Tensor::cat(xs, 1);
+        let n = self.input_layernorm.forward(x.clone());
+        let a = &self.self_attn;
+        let (q, k, v) = (a.q_proj.forward(n.clone()), a.k_proj.forward(n.clone()), a.v_proj.forward(n));
+        let mut ctx = Vec::with_capacity(lens.len());
+        let mut off = 0;
+        for (i, &len) in lens.iter().enumerate() {
+            let part = |t: &Tensor<3>| t.clone().narrow(1, off, len);
+            ctx.push(a.attend(part(&q), part(&k), part(&v), pos(i)));
+            off += len;
+        }
+        let h = x + a.o_proj.forward(Tensor::cat(ctx, 1));
+        let n = self.post_attention_layernorm.forward(h.clone());
+        let out = h + self.mlp.forward(n, &mut |_, _| {});
+        let mut off = 0;
+        lens.iter()
+            .map(|&len| {
+                let w = out.clone().narrow(1, off, len);
+                off += len;
+                w
+            })
+            .collect()
     }
 
     /// Runs the block with explicit positions (packed windows, or a KV cache).
