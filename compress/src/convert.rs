@@ -98,6 +98,12 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
     pb.finish_and_clear();
     commit(&tmp, &a.out)?;
     guard.0 = None;
+    print_export(&report, &plan, &a.out);
+    Ok(())
+}
+
+/// Prints an export's warnings, its fallbacks grouped by tensor kind, and a summary line.
+pub fn print_export(report: &quant::gguf_export::ExportReport, plan: &quant::gguf_export::TypePlan, out: &std::path::Path) {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
@@ -121,7 +127,7 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
     let types: Vec<String> = report.type_counts().iter().map(|(t, c)| format!("{t} {c}")).collect();
     println!(
         "wrote {} ({}, {} tensors: {}; {} bytes, {:.3} bpw, {:.2} s)",
-        a.out.display(),
+        out.display(),
         plan.name,
         report.tensors.len(),
         types.join(", "),
@@ -129,5 +135,4 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
         report.bpw(),
         report.seconds
     );
-    Ok(())
 }

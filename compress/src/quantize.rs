@@ -2,6 +2,8 @@
 //! quantization of every linear layer in the decoder blocks, calibrated on the layer-by-layer
 //! engine, written as a dense bf16 HF folder (and other formats), with `quant_report.json`.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, bail};
 use comfy_table::Table;
 use model::Checkpoint;
@@ -70,9 +72,16 @@ pub struct Args {
     out: crate::Path,
     /// Output formats, comma-separated: `dense` (dequantized bf16 HF folder) and/or `packed`
     /// (compressed-tensors `pack-quantized`, int32-packed codes that vLLM loads; bits 2, 4 or
-    /// 8). With both, OUT holds the dense model and OUT/packed the packed one.
+    /// 8). With both, OUT holds the dense model and OUT/packed the packed one. Or alone
+    /// `gguf:TYPE` (q4_0, q4_k_m, q8_0, ...: see `convert --type`): OUT/model.gguf for
+    /// llama.cpp, each block rounded with the importance of its calibration inputs when
+    /// `--calib` is given (after AWQ scaling with `--method awq`); --bits, --group and --sym
+    /// do not apply, the type decides.
     #[arg(long, default_value = "dense")]
     format: String,
+    /// gguf:TYPE only: override tensor types, PATTERN=TYPE (as `convert --tensor-type`).
+    #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
+    tensor_type: Vec<String>,
     /// Replace OUT if it exists.
     #[arg(long)]
     force: bool,
@@ -83,6 +92,15 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     crate::set_threads(a.threads);
+    if let Some(ty) = a.format.trim().strip_prefix("gguf:") {
+        return run_gguf(&a, ty.trim());
+    }
+    if a.format.contains("gguf:") {
+        bail!("--format gguf:TYPE cannot be combined with other formats");
+    }
+    if !a.tensor_type.is_empty() {
+        bail!("--tensor-type applies to --format gguf:TYPE only");
+    }
     let scheme = QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
     if a.group == 0 {
         bail!("--group must be positive");
@@ -113,15 +131,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             scheme.group_len(&name, shape[1])?;
         }
     }
-    let calib = match &a.calib {
-        Some(path) => {
-            let text = quant::calib::read_text(path)?;
-            let tokens = tok.encode(&text)?;
-            quant::calib::sample_windows(&tokens, &tok, a.calib_samples, a.calib_len, a.seed, path)?
-        }
-        None if method.needs_calibration() => bail!("--method {} needs --calib FILE", a.method),
-        None => Vec::new(),
-    };
+    if a.calib.is_none() && method.needs_calibration() {
+        bail!("--method {} needs --calib FILE", a.method);
+    }
+    let calib = calibration(&a, &tok)?;
 
     let tmp = temp_sibling(&a.out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
@@ -200,5 +213,80 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("note: activation-order groups are stored with weight_g_idx (actorder \"group\"), which compressed-tensors 0.19+ no longer reads; load with compressed-tensors <= 0.18");
         }
     }
+    Ok(())
+}
+
+/// Reads `--calib` into windows (none without it).
+fn calibration(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
+    let Some(path) = &a.calib else { return Ok(Vec::new()) };
+    let text = quant::calib::read_text(path)?;
+    let tokens = tok.encode(&text)?;
+    Ok(quant::calib::sample_windows(&tokens, tok, a.calib_samples, a.calib_len, a.seed, path)?)
+}
+
+/// `--format gguf:TYPE`: OUT/model.gguf, calibration-aware when `--calib` is given.
+fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
+    use quant::gguf_export::{PRESETS, TypePlan};
+    let ty = ty.to_ascii_lowercase();
+    if !PRESETS.contains(&ty.as_str()) {
+        bail!("--format gguf:{ty}: unknown type (valid: {})", PRESETS.join(", "));
+    }
+    let awq = match a.method.as_str() {
+        "rtn" => None,
+        "awq" => Some(quant::method::awq::Awq::default()),
+        other => bail!("--format gguf:{ty} supports --method rtn or awq, not `{other}`"),
+    };
+    if awq.is_some() && a.calib.is_none() {
+        bail!("--method awq needs --calib FILE");
+    }
+    let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    check_output(&a.model, &a.out, a.force)?;
+    let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
+    let cfg = ckpt.config();
+    let mut plan = TypePlan::preset(&ty, cfg.num_hidden_layers, cfg.tie_word_embeddings)?;
+    for r in a.tensor_type.iter().rev() {
+        plan = plan.with_rule(r)?;
+    }
+    let windows = calibration(a, &tok)?;
+    let awq = awq.filter(|_| !a.no_awq_scale);
+
+    let tmp = temp_sibling(&a.out);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    let file = tmp.join("model.gguf");
+    let n = ckpt.expected_tensors().len() as u64;
+    let pb = crate::progress_bar(&a.method, n);
+    let mut progress = |p: &quant::gguf_export::Progress| pb.set_position(p.index as u64);
+    let report = if windows.is_empty() {
+        quant::gguf_export::export(&ckpt, &file, &plan, None, &mut progress)
+    } else {
+        let calib = quant::gguf_calib::GgufCalibration { windows: &windows, awq: awq.clone(), sample_rows: a.sample_rows };
+        quant::gguf_calib::export_calibrated(&ckpt, &file, &plan, &calib, model::default_device(), &mut progress)
+    }
+    .with_context(|| format!("cannot write {}", a.out.join("model.gguf").display()))?;
+    pb.finish_and_clear();
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    for t in &report.tensors {
+        types.insert(t.name.clone(), t.ty.name().to_string());
+    }
+    let full = json!({
+        "teacher": a.model, "format": format!("gguf:{ty}"), "method": a.method,
+        "importance": !windows.is_empty(), "awq_scales": awq.is_some(),
+        "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": windows.len(), "len": a.calib_len, "seed": a.seed})),
+        "file_bytes": report.file_bytes, "tensor_bytes": report.tensor_bytes(), "params": report.params(),
+        "bits_per_weight": report.bpw(), "seconds": report.seconds,
+        "fallbacks": report.fallbacks().map(|t| json!({"tensor": t.name, "planned": t.planned.name(), "written": t.ty.name()})).collect::<Vec<_>>(),
+        "tensor_types": types,
+    });
+    std::fs::write(tmp.join("quant_report.json"), serde_json::to_string_pretty(&full)?)?;
+    commit(&tmp, &a.out)?;
+    guard.0 = None;
+    let how = match (&awq, windows.is_empty()) {
+        (_, true) => "plain rounding".to_string(),
+        (None, false) => format!("importance from {} calibration windows", windows.len()),
+        (Some(_), false) => format!("AWQ scales and importance from {} calibration windows", windows.len()),
+    };
+    println!("{how}");
+    crate::convert::print_export(&report, &plan, &a.out.join("model.gguf"));
     Ok(())
 }

@@ -123,3 +123,79 @@ fn corrupt_inputs_and_refused_outputs_exit_2_with_one_line() {
     fails(root, &[p("convert"), &good, &good.join("out")], "good/out", &["into the input model"]);
     fails(root, &[p("convert"), &good, &good], "good", &["into the input model"]);
 }
+
+/// A word-level tokenizer over the 16 ids of [`config`] (`<unk>`, `<s>`, 14 words).
+fn add_tokenizer(dir: &Path) {
+    let words = ["the", "a", "cell", "heart", "dose", "blood", "is", "of", "and", "to", "in", "we", "it", "on"];
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<unk>".into(), json!(0));
+    vocab.insert("<s>".into(), json!(1));
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert((*w).into(), json!(i + 2));
+    }
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "add_bos_token": true}"#).unwrap();
+}
+
+/// Overwrites the first value of tensor `name` in `dir/model.safetensors` with `value`.
+fn poke(dir: &Path, name: &str, value: f32) {
+    let path = dir.join("model.safetensors");
+    let mut b = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let off = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    b[off..off + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&path, b).unwrap();
+}
+
+#[test]
+fn quant_refuses_bad_options_inputs_and_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let good = hf_folder(&root.join("good"), &config(), None);
+    add_tokenizer(&good);
+    let nan = hf_folder(&root.join("nan"), &config(), None);
+    add_tokenizer(&nan);
+    poke(&nan, "model.layers.0.mlp.down_proj.weight", f32::NAN);
+    let short = root.join("short.txt");
+    std::fs::write(&short, "the heart is a dose of blood\n").unwrap();
+    let existing = root.join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("keep.txt"), "do not touch").unwrap();
+    let fresh = root.join("fresh");
+    let p = Path::new;
+    let q = |extra: &[&'static str]| -> Vec<&'static Path> { extra.iter().map(|s| Path::new(*s)).collect() };
+
+    // Bits outside 2..=8, a group that does not divide the input width.
+    let mut a = vec![p("quant"), &good, p("--out"), &fresh];
+    a.extend(q(&["--bits", "9"]));
+    fails(root, &a, "--bits 9", &["2 to 8"]);
+    let mut a = vec![p("quant"), &good, p("--out"), &fresh];
+    a.extend(q(&["--bits", "4", "--group", "3"]));
+    fails(root, &a, "self_attn.q_proj.weight", &["3"]);
+    // Calibration text shorter than one sequence.
+    let mut a = vec![p("quant"), &good, p("--out"), &fresh, p("--method"), p("awq"), p("--calib"), &short];
+    a.extend(q(&["--calib-len", "64", "--group", "8"]));
+    fails(root, &a, "short.txt", &["64"]);
+    // NaN in a weight: the tensor is named, nothing is left behind.
+    let mut a = vec![p("quant"), &nan, p("--out"), &fresh];
+    a.extend(q(&["--group", "8"]));
+    fails(root, &a, "model.layers.0.mlp.down_proj.weight", &["NaN"]);
+    // Existing output without --force; output inside the teacher.
+    fails(root, &[p("quant"), &good, p("--out"), &existing, p("--group"), p("8")], "existing", &["already exists", "--force"]);
+    fails(root, &[p("quant"), &good, p("--out"), &good.join("q"), p("--group"), p("8")], "good/q", &["into the input model"]);
+    // GGUF output: unknown type lists the valid ones; inside the teacher; GPTQ refused.
+    fails(root, &[p("quant"), &good, p("--out"), &fresh, p("--format"), p("gguf:q3_xs")], "gguf:q3_xs", &["q4_0", "q4_k_m", "q8_0"]);
+    fails(root, &[p("quant"), &good, p("--out"), &good.join("g"), p("--format"), p("gguf:q8_0")], "good/g", &["into the input model"]);
+    fails(root, &[p("quant"), &good, p("--out"), &fresh, p("--format"), p("gguf:q4_0"), p("--method"), p("gptq")], "gguf:q4_0", &["rtn or awq"]);
+    fails(root, &[p("quant"), &good, p("--out"), &fresh, p("--format"), p("dense,gguf:q4_0")], "gguf:TYPE", &["combined"]);
+}

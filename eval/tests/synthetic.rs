@@ -120,3 +120,17 @@ fn perplexity_equals_reference_exp_mean_nll() {
         assert!(ppl > 5.0 && ppl < 500.0 && (ppl - 50.0).abs() > 1e-3, "{ppl}");
     }
 }
+
+#[test]
+fn kld_refuses_teacher_and_student_with_different_vocabularies() {
+    let tok = tokenizer();
+    let cfg = config();
+    let mut bigger = cfg.clone();
+    bigger["vocab_size"] = serde_json::json!(60);
+    let (dt, ds) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_hf(dt.path(), &synthesize(cfg, 1, StoreDtype::F32), StoreDtype::F32, 1);
+    write_hf(ds.path(), &synthesize(bigger, 2, StoreDtype::F32), StoreDtype::F32, 1);
+    let (t, s) = (Checkpoint::open(dt.path()).unwrap(), Checkpoint::open(ds.path()).unwrap());
+    let e = eval::kld::check_same_vocab(&t, &s, &tok, &tok).unwrap_err().to_string();
+    assert!(e.contains("vocabulary of 50") && e.contains("has 60") && e.contains("same vocabulary"), "{e}");
+}

@@ -3,8 +3,11 @@
 //! model's outputs mean nothing.
 //!
 //! ```sh
-//! cargo run --release -p model --example synth -- --shape 0.5b|1.5b|3b|7b [--dtype bf16] [--seed N] OUT_DIR
+//! cargo run --release -p model --example synth -- --shape 0.5b|1.5b|3b|7b [--dtype bf16] [--seed N] [--layers N] OUT_DIR
 //! ```
+//!
+//! `--layers N` keeps the shape's widths with fewer blocks: per-block memory is the shape's,
+//! time and disk scale with N (for benchmarks whose peak memory is one block's).
 //!
 //! OUT_DIR gets `config.json`, `model.safetensors` (written one tensor at a time through
 //! `StreamingWriter`; only one tensor is ever in memory) and a byte-level `tokenizer.json`
@@ -102,7 +105,7 @@ const EOS: u32 = 257;
 
 fn usage() -> ! {
     let names: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
-    eprintln!("usage: synth --shape {} [--dtype f32|f16|bf16] [--seed N] OUT_DIR", names.join("|"));
+    eprintln!("usage: synth --shape {} [--dtype f32|f16|bf16] [--seed N] [--layers N] OUT_DIR", names.join("|"));
     std::process::exit(2)
 }
 
@@ -112,7 +115,7 @@ fn fail(msg: String) -> ! {
 }
 
 struct Args {
-    shape: &'static Shape,
+    shape: Shape,
     dtype: StoreDtype,
     seed: u64,
     out: PathBuf,
@@ -122,6 +125,7 @@ fn parse_args() -> Args {
     let mut shape = None;
     let mut dtype = StoreDtype::BF16;
     let mut seed = 0x5EED_u64;
+    let mut layers = None;
     let mut out = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -144,6 +148,10 @@ fn parse_args() -> Args {
                 let v = value("--seed");
                 seed = v.parse().unwrap_or_else(|_| fail(format!("--seed `{v}` is not an integer")));
             }
+            "--layers" => {
+                let v = value("--layers");
+                layers = Some(v.parse().ok().filter(|&n: &usize| n > 0).unwrap_or_else(|| fail(format!("--layers `{v}` is not a positive integer"))));
+            }
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => fail(format!("unknown option `{s}`")),
             s => {
@@ -154,7 +162,11 @@ fn parse_args() -> Args {
         }
     }
     match (shape, out) {
-        (Some(shape), Some(out)) => Args { shape, dtype, seed, out },
+        (Some(shape), Some(out)) => {
+            let mut shape = Shape { ..*shape };
+            shape.layers = layers.unwrap_or(shape.layers);
+            Args { shape, dtype, seed, out }
+        }
         _ => usage(),
     }
 }
@@ -272,7 +284,7 @@ fn config_of(s: &Shape, dtype: StoreDtype) -> Config {
 }
 
 fn write(a: &Args) -> model::Result<()> {
-    let s = a.shape;
+    let s = &a.shape;
     let cfg = config_of(s, a.dtype);
     cfg.validate(Path::new("config.json"))?;
     let out = &a.out;

@@ -72,7 +72,7 @@ impl BlockWeights {
 #[derive(Debug, Clone)]
 pub struct TapStats {
     /// Sum of x xᵀ over tokens, `[in, in]` (only when asked).
-    pub xtx: Option<Vec<f64>>,
+    pub xtx: Option<Vec<f32>>,
     /// Mean |x| per input channel.
     pub abs_mean: Vec<f64>,
     /// Mean x² per input channel.
@@ -89,6 +89,18 @@ impl TapStats {
     /// Rows in the sample.
     pub fn sample_rows(&self) -> usize {
         self.sample.len() / self.width.max(1)
+    }
+
+    /// A copy without the `[in, in]` sum (kept for reports once the Hessian is used).
+    pub fn without_xtx(&self) -> Self {
+        Self {
+            xtx: None,
+            abs_mean: self.abs_mean.clone(),
+            sq_mean: self.sq_mean.clone(),
+            tokens: self.tokens,
+            sample: self.sample.clone(),
+            width: self.width,
+        }
     }
 }
 
@@ -149,7 +161,7 @@ impl Acc {
         let n = self.tokens.max(1) as f64;
         let to_vec = |t: Tensor<1>| -> Vec<f64> { t.into_data().try_into_vec::<f32>().expect("f32").into_iter().map(f64::from).collect() };
         TapStats {
-            xtx: self.xtx.map(|t| t.into_data().try_into_vec::<f32>().expect("f32").into_iter().map(f64::from).collect()),
+            xtx: self.xtx.map(|t| t.into_data().try_into_vec::<f32>().expect("f32")),
             abs_mean: self.abs.map(to_vec).unwrap_or_default().into_iter().map(|v| v / n).collect(),
             sq_mean: self.sq.map(to_vec).unwrap_or_default().into_iter().map(|v| v / n).collect(),
             tokens: self.tokens,

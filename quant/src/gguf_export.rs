@@ -373,6 +373,40 @@ pub fn export(
     importance: Option<&HashMap<String, Vec<f32>>>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ExportReport> {
+    let tied = ckpt.config().tie_word_embeddings && !ckpt.has("lm_head.weight");
+    let lookup = |hf: &str, g: &str| -> Option<Vec<f32>> {
+        let m = importance?;
+        m.get(hf)
+            .or_else(|| m.get(g))
+            .or_else(|| (tied && g == "token_embd.weight").then(|| m.get("lm_head.weight").or_else(|| m.get("output.weight")))?)
+            .cloned()
+    };
+    let mut source = |hf: &str, g: &str, shape: &[usize]| -> Result<Source> {
+        Ok(Source { data: ckpt.read(hf, shape)?, importance: lookup(hf, g) })
+    };
+    export_from(ckpt, out, plan, &mut source, progress)
+}
+
+/// One tensor as a [`export_from`] source hands it over: values in HF layout and, for
+/// matrices, the importance of each input column (`None` for plain rounding).
+pub struct Source {
+    /// Values, HF layout, f32.
+    pub data: Vec<f32>,
+    /// One weight per input column.
+    pub importance: Option<Vec<f32>>,
+}
+
+/// As [`export`], with every tensor's values and importance from `source(hf name, gguf
+/// name, shape)`, asked once per tensor in file order (embedding, blocks in order, final
+/// norm, lm_head), so a source may compute block `l` when its first tensor is asked for.
+/// The architecture, shapes and metadata come from `ckpt`.
+pub fn export_from(
+    ckpt: &Checkpoint,
+    out: &Path,
+    plan: &TypePlan,
+    source: &mut dyn FnMut(&str, &str, &[usize]) -> Result<Source>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<ExportReport> {
     let start = Instant::now();
     let cfg = ckpt.config();
     let arch = match cfg.model_type.as_str() {
@@ -402,17 +436,13 @@ pub fn export(
         plan_rows.iter().map(|(_, g, s, _, ty)| TensorDecl { name: g.clone(), shape: s.clone(), ty: *ty }).collect();
     let mut w = GgufWriter::create(out, &meta, decls)?;
 
-    let tied = !plan_rows.iter().any(|r| r.1 == "output.weight");
-    let lookup = |hf: &str, g: &str| -> Option<&Vec<f32>> {
-        let m = importance?;
-        m.get(hf).or_else(|| m.get(g)).or_else(|| {
-            (tied && g == "token_embd.weight").then(|| m.get("lm_head.weight").or_else(|| m.get("output.weight")))?
-        })
-    };
     let total = plan_rows.len();
     let mut tensors = Vec::with_capacity(total);
     for (i, (hf, g, shape, planned, ty)) in plan_rows.into_iter().enumerate() {
-        let mut data = ckpt.read(&hf, &shape)?;
+        let Source { mut data, importance } = source(&hf, &g, &shape)?;
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(ExportError::Input(format!("tensor `{hf}`: {} values for shape {shape:?}", data.len())));
+        }
         if arch == "llama" {
             let heads = if hf.contains("self_attn.q_proj") {
                 Some(cfg.num_attention_heads)
@@ -430,7 +460,7 @@ pub fn export(
             }
         }
         let row_len = *shape.last().unwrap_or(&1);
-        let imp = if shape.len() >= 2 { lookup(&hf, &g).map(|v| v.as_slice()) } else { None };
+        let imp = if shape.len() >= 2 { importance.as_deref() } else { None };
         let bytes = quantize(ty, &data, row_len, imp).map_err(|source| ExportError::Block { tensor: g.clone(), source })?;
         drop(data);
         w.write_tensor(&g, &bytes)?;

@@ -31,8 +31,8 @@ ppl() { # model -> "value stderr"
 read -r T_PPL T_SE < <(ppl "$MODEL")
 echo "Teacher $MODEL: perplexity $T_PPL ± $T_SE (wikitext-2 test, ctx 512, $CHUNKS chunks); calibration $CALIB_SAMPLES x $CALIB_LEN tokens of wiki.valid.tokens, seed 0; $(nproc) threads, $(date -u +%F)"
 echo
-echo "| method | bits | group | sym | linear bpw | bytes (dense bf16) | perplexity | ratio to teacher | quant wall s |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| method | bits | group | sym | linear bpw | bytes (dense bf16) | perplexity | ratio to teacher | quant wall s | quant peak RSS MiB |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for spec in "8 per-channel asym" "4 128 asym" "4 128 sym" "3 128 asym"; do
     read -r BITS GROUP SYM <<<"$spec"
     for M in $METHODS; do
@@ -42,14 +42,14 @@ for spec in "8 per-channel asym" "4 128 asym" "4 128 sym" "3 128 asym"; do
         if [ "$M" != rtn ]; then ARGS+=(--calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN"); fi
         DIR="$OUT/$M-w$BITS-$GROUP-$SYM"
         START=$(date +%s.%N)
-        "$BIN" quant "$MODEL" "${ARGS[@]}" --out "$DIR" --force >/dev/null
+        /usr/bin/time -f "%M" -o "$OUT/rss" "$BIN" quant "$MODEL" "${ARGS[@]}" --out "$DIR" --force >/dev/null
         END=$(date +%s.%N)
         read -r P SE < <(ppl "$DIR")
-        python3 - "$DIR" "$M" "$BITS" "$GROUP" "$SYM" "$P" "$SE" "$T_PPL" "$START" "$END" <<'PY'
+        python3 - "$DIR" "$M" "$BITS" "$GROUP" "$SYM" "$P" "$SE" "$T_PPL" "$START" "$END" "$(tail -1 "$OUT/rss")" <<'PY'
 import json, sys
-d, m, bits, group, sym, p, se, t, s, e = sys.argv[1:]
+d, m, bits, group, sym, p, se, t, s, e, rss = sys.argv[1:]
 r = json.load(open(d + "/quant_report.json"))
-print(f"| {m} | {bits} | {group} | {sym} | {r['report']['linear_bits_per_weight']:.3f} | {r['dense_bytes']} | {float(p):.4f} ± {float(se):.4f} | {float(p)/float(t):.4f} | {float(e)-float(s):.1f} |")
+print(f"| {m} | {bits} | {group} | {sym} | {r['report']['linear_bits_per_weight']:.3f} | {r['dense_bytes']} | {float(p):.4f} ± {float(se):.4f} | {float(p)/float(t):.4f} | {float(e)-float(s):.1f} | {int(rss)/1024:.0f} |")
 PY
     done
 done

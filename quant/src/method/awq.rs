@@ -9,14 +9,14 @@
 //! linear layers (llm-awq inspects the whole attention for q/k/v and the whole MLP for
 //! gate/up), evaluated on a strided subsample of the calibration tokens (`sample_rows`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use model::transformer::Tap;
 use model::{Device, Tensor};
 
 use super::{BlockJob, BlockResult, Outputs, QuantMethod};
 use crate::QuantError;
-use crate::block::{CaptureSpec, LINEARS, TapStats, capture};
+use crate::block::{BlockWeights, CaptureSpec, LINEARS, TapStats, capture};
 use crate::scheme::{QuantScheme, quantize_rtn};
 
 /// AWQ's options.
@@ -40,6 +40,12 @@ impl Default for Awq {
     }
 }
 
+/// Rounds one linear's weight as it will be stored and returns the values used:
+/// `(weight key, values [rows, cols], rows, cols, E[x²] per input column)`. The scale search
+/// of AWQ measures candidate scales through it, so it serves both this crate's integer
+/// schemes and GGUF block types.
+pub type FakeQuant<'f> = dyn Fn(&str, &[f32], usize, usize, &[f32]) -> Result<Vec<f32>, QuantError> + 'f;
+
 /// The weight as it will be used: quantized then divided by the scales (`w` already scaled).
 fn fake_rows(scheme: &QuantScheme, name: &str, w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, QuantError> {
     Ok(quantize_rtn(scheme, name, w, rows, cols)?.dequantize())
@@ -61,25 +67,27 @@ impl Awq {
     /// Returns the scales applied, so inputs seen later can be divided by them.
     fn scale_group(
         &self,
-        job: &mut BlockJob<'_>,
+        weights: &mut BlockWeights,
+        device: &Device,
         stats: &TapStats,
         linears: &[&str],
         prev: &str,
+        fake: &FakeQuant<'_>,
     ) -> Result<Vec<f32>, QuantError> {
         let cols = stats.width;
         let n = stats.sample_rows();
-        let device = job.device.clone();
         // The group's weights stacked: [sum of rows, cols].
         let mut w = Vec::new();
-        let mut rows = 0;
+        let mut parts = Vec::new();
         for l in linears {
-            let t = job.weights.get(&format!("{l}.weight"));
+            let key = format!("{l}.weight");
+            let t = weights.get(&key);
             w.extend_from_slice(&t.data);
-            rows += t.shape[0];
+            parts.push((key, t.shape[0]));
         }
-        let x = to_dev(stats.sample.clone(), n, cols, &device);
-        let reference = x.clone().matmul(to_dev(model::transformer::transpose(&w, rows, cols), cols, rows, &device));
-        let name = format!("{}.weight", linears[0]);
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        let x = to_dev(stats.sample.clone(), n, cols, device);
+        let reference = x.clone().matmul(to_dev(model::transformer::transpose(&w, rows, cols), cols, rows, device));
         let mut best = (f64::INFINITY, vec![1f32; cols]);
         for k in 0..self.grid {
             let alpha = k as f64 / self.grid as f64;
@@ -88,22 +96,29 @@ impl Awq {
             let norm = (mx * mn).sqrt();
             s.iter_mut().for_each(|v| *v /= norm);
             let scaled: Vec<f32> = w.iter().enumerate().map(|(i, &v)| v * s[i % cols] as f32).collect();
-            let q = fake_rows(&job.scheme, &name, &scaled, rows, cols)?;
+            // E[x²] of the scaled inputs x / s, for importance-weighted rounding.
+            let imp: Vec<f32> = stats.sq_mean.iter().zip(&s).map(|(m, s)| (m / (s * s)) as f32).collect();
+            let mut q = Vec::with_capacity(scaled.len());
+            let mut off = 0;
+            for (key, r) in &parts {
+                q.extend(fake(key, &scaled[off * cols..(off + r) * cols], *r, cols, &imp)?);
+                off += r;
+            }
             let unscaled: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v / s[i % cols] as f32).collect();
-            let err = mse(&x, &reference, unscaled, rows, cols, &device);
+            let err = mse(&x, &reference, unscaled, rows, cols, device);
             if err < best.0 {
                 best = (err, s.iter().map(|&v| v as f32).collect());
             }
         }
         let s = best.1;
         for l in linears {
-            let t = job.weights.get_mut(&format!("{l}.weight"));
+            let t = weights.get_mut(&format!("{l}.weight"));
             let c = t.shape[1];
             t.data.iter_mut().enumerate().for_each(|(i, v)| *v *= s[i % c]);
         }
         // Fold 1/s into the op that produces the inputs: a norm's gamma, or a linear's rows.
         let key = format!("{prev}.weight");
-        let p = job.weights.get_mut(&key);
+        let p = weights.get_mut(&key);
         if p.shape.len() == 1 {
             p.data.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
         } else {
@@ -111,7 +126,7 @@ impl Awq {
             for (r, sr) in s.iter().enumerate() {
                 p.data[r * pc..(r + 1) * pc].iter_mut().for_each(|v| *v /= sr);
             }
-            if let Some(b) = job.weights.tensors.get_mut(&format!("{prev}.bias")) {
+            if let Some(b) = weights.tensors.get_mut(&format!("{prev}.bias")) {
                 b.data.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
             }
         }
@@ -189,6 +204,45 @@ impl Awq {
     }
 }
 
+impl Awq {
+    /// The scale search of one block: for each linear group (q/k/v, o, gate/up, down) finds
+    /// and applies the scales whose rounding by `fake` best preserves the group's outputs on
+    /// the captured inputs `st`, folding 1/s into the preceding norm or linear, and rewrites
+    /// `st` to describe the scaled inputs x / s. Weights stay unrounded.
+    pub fn search_scales(
+        &self,
+        cfg: &model::Config,
+        weights: &mut BlockWeights,
+        device: &Device,
+        st: &mut HashMap<Tap, TapStats>,
+        fake: &FakeQuant<'_>,
+    ) -> Result<(), QuantError> {
+        let o_foldable = cfg.num_kv_heads() == cfg.num_attention_heads;
+        let groups: Vec<(Tap, Vec<&str>, &str)> = vec![
+            (Tap::QkvInput, vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+            (Tap::OInput, vec!["self_attn.o_proj"], "self_attn.v_proj"),
+            (Tap::GateUpInput, vec!["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
+            (Tap::DownInput, vec!["mlp.down_proj"], "mlp.up_proj"),
+        ];
+        for (tap, linears, prev) in groups {
+            // o_proj's inputs come from v through the attention; with grouped KV heads the
+            // channels do not map one to one onto v's rows, so llm-awq skips it too.
+            if tap == Tap::OInput && !o_foldable {
+                continue;
+            }
+            let stats = st[&tap].clone();
+            let s = self.scale_group(weights, device, &stats, &linears, prev, fake)?;
+            // The inputs of the scaled group are now x / s.
+            let e = st.get_mut(&tap).expect("captured");
+            let w = e.width;
+            e.sample.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % w]);
+            e.abs_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= *s as f64);
+            e.sq_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= (*s as f64).powi(2));
+        }
+        Ok(())
+    }
+}
+
 impl QuantMethod for Awq {
     fn name(&self) -> &'static str {
         "awq"
@@ -208,28 +262,9 @@ impl QuantMethod for Awq {
         let (mut st, outputs) = capture(&block, job.rope, job.inputs, &taps, CaptureSpec { xtx: false, sample_rows: job.sample_rows });
         drop(block);
         if self.scale_search {
-            let o_foldable = job.cfg.num_kv_heads() == job.cfg.num_attention_heads;
-            let groups: Vec<(Tap, Vec<&str>, &str)> = vec![
-                (Tap::QkvInput, vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
-                (Tap::OInput, vec!["self_attn.o_proj"], "self_attn.v_proj"),
-                (Tap::GateUpInput, vec!["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
-                (Tap::DownInput, vec!["mlp.down_proj"], "mlp.up_proj"),
-            ];
-            for (tap, linears, prev) in groups {
-                // o_proj's inputs come from v through the attention; with grouped KV heads the
-                // channels do not map one to one onto v's rows, so llm-awq skips it too.
-                if tap == Tap::OInput && !o_foldable {
-                    continue;
-                }
-                let stats = st[&tap].clone();
-                let s = self.scale_group(job, &stats, &linears, prev)?;
-                // The inputs of the scaled group are now x / s.
-                let e = st.get_mut(&tap).expect("captured");
-                let w = e.width;
-                e.sample.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % w]);
-                e.abs_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= *s as f64);
-                e.sq_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= (*s as f64).powi(2));
-            }
+            let scheme = job.scheme;
+            let fake = |key: &str, w: &[f32], rows: usize, cols: usize, _: &[f32]| fake_rows(&scheme, key, w, rows, cols);
+            self.search_scales(job.cfg, job.weights, job.device, &mut st, &fake)?;
         }
         let reference: BTreeMap<String, Vec<f32>> =
             LINEARS.iter().map(|(n, _)| (n.to_string(), job.weights.get(&format!("{n}.weight")).data.clone())).collect();

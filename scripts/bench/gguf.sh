@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GGUF export quality on SmolLM2-135M-Instruct: for q4_0 and q4_k_m, plain reference rounding
+# (`compress convert --type`), importance-weighted rounding from calibration (`compress quant
+# --method rtn --calib`, llama.cpp's imatrix idea) and AWQ scales plus importance (`--method
+# awq`); each file's bytes, bits per weight, perplexity on wikitext-2 test (ctx 512, CHUNKS
+# chunks) and ratio to the teacher, export wall time and peak RSS. Prints a markdown table.
+#   CALIB_SAMPLES (default 128) x CALIB_LEN (512) tokens of wiki.valid.tokens, seed 0;
+#   TYPES (default "q4_0 q4_k_m"), CHUNKS (default 32), OUT (default /tmp/gguf-bench).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+SHARED="${SHARED:-$ROOT/../shared}"
+CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
+CALIB_LEN="${CALIB_LEN:-512}"
+CHUNKS="${CHUNKS:-32}"
+TYPES="${TYPES:-q4_0 q4_k_m}"
+OUT="${OUT:-/tmp/gguf-bench}"
+TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
+CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
+MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+bash scripts/get-smollm2.sh >/dev/null
+cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
+BIN="$ROOT/target/release/compress"
+mkdir -p "$OUT"
+
+ppl() { # model -> "value stderr bytes bpw"
+    "$BIN" eval "$1" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --json "$OUT/eval.json" >/dev/null
+    python3 -c "import json;d=json.load(open('$OUT/eval.json'));print('%.4f %.4f %d %.3f'%(d['perplexity']['value'],d['perplexity']['stderr'],d['size']['bytes'],d['size']['bits_per_weight']))"
+}
+
+read -r T_PPL T_SE _ _ < <(ppl "$MODEL")
+echo "Teacher $MODEL: perplexity $T_PPL ± $T_SE (wikitext-2 test, ctx 512, $CHUNKS chunks); calibration $CALIB_SAMPLES x $CALIB_LEN tokens of wiki.valid.tokens, seed 0; $(nproc) threads, $(date -u +%F)"
+echo
+echo "| type | rounding | file bytes | bpw (all tensors) | perplexity | ratio to teacher | export wall s | export peak RSS MiB |"
+echo "|---|---|---|---|---|---|---|---|"
+for TY in $TYPES; do
+    for HOW in plain imatrix awq; do
+        F="$OUT/$TY-$HOW"
+        case "$HOW" in
+            plain) CMD=("$BIN" convert "$MODEL" "$F.gguf" --type "$TY" --force) ;;
+            imatrix) CMD=("$BIN" quant "$MODEL" --method rtn --format "gguf:$TY" --out "$F" --force
+                          --calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN") ;;
+            awq) CMD=("$BIN" quant "$MODEL" --method awq --format "gguf:$TY" --out "$F" --force
+                      --calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN") ;;
+        esac
+        START=$(date +%s.%N)
+        /usr/bin/time -f "%M" -o "$OUT/rss" "${CMD[@]}" >/dev/null
+        END=$(date +%s.%N)
+        FILE="$F.gguf"; [ "$HOW" = plain ] || FILE="$F/model.gguf"
+        read -r P SE BYTES BPW < <(ppl "$FILE")
+        python3 -c "
+p, t, s, e = $P, $T_PPL, $START, $END
+print(f'| $TY | $HOW | $BYTES | $BPW | {p:.4f} ± $SE | {p/t:.4f} | {e-s:.1f} | {$(tail -1 "$OUT/rss")/1024:.0f} |')"
+    done
+done
