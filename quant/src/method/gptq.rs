@@ -159,8 +159,12 @@ impl QuantMethod for Gptq {
         ];
         let mut staged = StagedRun::new(job.inputs.clone());
         for (tap, names) in stages {
-            let block = job.weights.build(job.cfg, job.device);
-            let st = staged.advance(&block, job.rope, tap, true, job.sample_rows);
+            // The burn copy of the block lives only while the stage's inputs are computed, so
+            // at most one copy of the weights sits beside the Hessian's factors.
+            let st = {
+                let block = job.weights.build(job.cfg, job.device);
+                staged.advance(&block, job.rope, tap, true, job.sample_rows)
+            };
             let h = st.xtx.as_ref().expect("xtx captured");
             for name in names {
                 let t = job.weights.get(&format!("{name}.weight"));
