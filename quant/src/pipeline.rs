@@ -142,7 +142,9 @@ pub fn quantize(
             check_finite(s, &format!("calibration activations entering block {l} (window {i})"))?;
         }
         let mut weights = BlockWeights::read(ckpt, l)?;
-        let teacher = (!propagate && !states.is_empty()).then(|| weights.clone());
+        // A copy of the teacher block (a whole block of f32 weights) only when the method
+        // does not hand back the teacher's outputs itself.
+        let teacher = (!propagate && !states.is_empty() && !method.returns_teacher_outputs()).then(|| weights.clone());
         let mut job = BlockJob {
             cfg: &cfg,
             weights: &mut weights,

@@ -8,13 +8,16 @@
 #     depth (the table gives the per-block time too).
 # Prints a markdown table: wall s, CPU s, peak RSS MiB. Random weights: no quality figures.
 #   TMPDIR (default /tmp) holds the checkpoints (about 13.5 + 2.2 GB), removed on exit;
-#   LAYERS (default 4), SAMPLE_ROWS for AWQ's search (default 512).
+#   LAYERS (default 4), SAMPLE_ROWS for AWQ's search (default 512), RUNS (default
+#   "gptq awq imatrix awqgguf convert": which rows to run).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 SHARED="${SHARED:-$ROOT/../shared}"
 LAYERS="${LAYERS:-4}"
 SAMPLE_ROWS="${SAMPLE_ROWS:-512}"
+RUNS=" ${RUNS:-gptq awq imatrix awqgguf convert} "
+want() { [[ "$RUNS" == *" $1 "* ]]; }
 CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
 cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
 cargo build --release -p model --example synth >/dev/null 2>&1 || cargo build --release -p model --example synth
@@ -36,14 +39,15 @@ echo
 echo "| run | blocks | wall s | wall s per block | CPU s | peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
 C=(--calib "$CALIB" --calib-samples 8 --calib-len 512)
-row "gptq W4 g128 (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method gptq --bits 4 --group 128 "${C[@]}" --out "$W/gptq"
+want gptq && row "gptq W4 g128 (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method gptq --bits 4 --group 128 "${C[@]}" --out "$W/gptq"
 rm -rf "$W/gptq"
-row "awq W4 g128, $SAMPLE_ROWS search rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method awq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awq"
+want awq && row "awq W4 g128, $SAMPLE_ROWS search rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method awq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awq"
 rm -rf "$W/awq"
-row "gguf:q4_0 with importance (rtn --calib)" "$LAYERS" "$BIN" quant "$W/cut" --method rtn --format gguf:q4_0 "${C[@]}" --out "$W/imat"
+want imatrix && row "gguf:q4_0 with importance (rtn --calib)" "$LAYERS" "$BIN" quant "$W/cut" --method rtn --format gguf:q4_0 "${C[@]}" --out "$W/imat"
 rm -rf "$W/imat"
-row "gguf:q4_0 with AWQ scales + importance, $SAMPLE_ROWS search rows" "$LAYERS" "$BIN" quant "$W/cut" --method awq --format gguf:q4_0 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awqg"
+want awqgguf && row "gguf:q4_0 with AWQ scales + importance, $SAMPLE_ROWS search rows" "$LAYERS" "$BIN" quant "$W/cut" --method awq --format gguf:q4_0 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awqg"
 rm -rf "$W/awqg" "$W/cut"
+want convert || exit 0
 "$SYNTH" --shape 7b --dtype bf16 "$W/full" 2>/dev/null
 row "convert --type q4_0 (plain, whole model)" 32 "$BIN" convert "$W/full" "$W/full.q4_0.gguf" --type q4_0
 ls -l "$W/full.q4_0.gguf" | awk '{print "q4_0 file bytes: " $5}'

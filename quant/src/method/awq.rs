@@ -57,7 +57,7 @@ fn to_dev(data: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2
 
 /// Mean squared error between `x wᵀ` and `x qᵀ` (`x` `[n, in]` on the device).
 fn mse(x: &Tensor<2>, reference: &Tensor<2>, q: Vec<f32>, rows: usize, cols: usize, device: &Device) -> f64 {
-    let qt = to_dev(model::transformer::transpose(&q, rows, cols), cols, rows, device);
+    let qt = to_dev(q, rows, cols, device).transpose();
     let d = x.clone().matmul(qt) - reference.clone();
     d.powi_scalar(2).mean().into_data().try_into_vec::<f32>().expect("f32")[0] as f64
 }
@@ -95,17 +95,19 @@ impl Awq {
             let (mx, mn) = s.iter().fold((0f64, f64::INFINITY), |(a, b), &v| (a.max(v), b.min(v)));
             let norm = (mx * mn).sqrt();
             s.iter_mut().for_each(|v| *v /= norm);
-            let scaled: Vec<f32> = w.iter().enumerate().map(|(i, &v)| v * s[i % cols] as f32).collect();
             // E[x²] of the scaled inputs x / s, for importance-weighted rounding.
             let imp: Vec<f32> = stats.sq_mean.iter().zip(&s).map(|(m, s)| (m / (s * s)) as f32).collect();
-            let mut q = Vec::with_capacity(scaled.len());
+            // One linear at a time, so only one linear's scaled copy exists beside q.
+            let mut q = Vec::with_capacity(w.len());
             let mut off = 0;
             for (key, r) in &parts {
-                q.extend(fake(key, &scaled[off * cols..(off + r) * cols], *r, cols, &imp)?);
+                let part = &w[off * cols..(off + r) * cols];
+                let scaled: Vec<f32> = part.iter().enumerate().map(|(i, &v)| v * s[i % cols] as f32).collect();
+                q.extend(fake(key, &scaled, *r, cols, &imp)?);
                 off += r;
             }
-            let unscaled: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v / s[i % cols] as f32).collect();
-            let err = mse(&x, &reference, unscaled, rows, cols, device);
+            q.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % cols] as f32);
+            let err = mse(&x, &reference, q, rows, cols, device);
             if err < best.0 {
                 best = (err, s.iter().map(|&v| v as f32).collect());
             }
@@ -154,13 +156,11 @@ impl Awq {
             }
             out
         };
-        // [groups, n, g] inputs and per-candidate [groups, rows, g] weights.
+        // [groups, n, g] inputs; candidates are scored on chunks of output rows so the
+        // [groups, n, rows] partial outputs stay near 16M floats (at 7B widths a whole
+        // down_proj would take 720 MB per copy).
         let xg = model::transformer::tensor_from(pad(x, n), [n, groups, g], &device).swap_dims(0, 1);
-        let partial = |w: &[f32]| -> Tensor<3> {
-            let wg = model::transformer::tensor_from(pad(w, rows), [rows, groups, g], &device).swap_dims(0, 1);
-            xg.clone().matmul(wg.swap_dims(1, 2)) // [groups, n, rows]
-        };
-        let reference = partial(&t.data);
+        let chunk = (16 * 1024 * 1024 / (groups * n).max(1)).clamp(1, rows);
         let amax: Vec<f32> = (0..rows * groups)
             .map(|i| {
                 let (r, k) = (i / groups, i % groups);
@@ -168,29 +168,37 @@ impl Awq {
             })
             .collect();
         let steps = (self.max_shrink * self.grid as f64) as usize;
-        let mut best_err = vec![f32::INFINITY; rows * groups];
         let mut best_max = amax.clone();
-        for i in 0..steps.max(1) {
-            let ratio = 1.0 - i as f32 / self.grid as f32;
-            let clipped: Vec<f32> = t
-                .data
-                .iter()
-                .enumerate()
-                .map(|(j, &v)| {
-                    let m = amax[(j / cols) * groups + (j % cols) / g] * ratio;
-                    v.clamp(-m, m)
-                })
-                .collect();
-            let q = fake_rows(&job.scheme, &key, &clipped, rows, cols)?;
-            let d = partial(&q) - reference.clone();
-            // Squared error summed over tokens: [groups, 1, rows] -> per (row, group).
-            let e = d.powi_scalar(2).sum_dim(1).into_data().try_into_vec::<f32>().expect("f32");
-            for k in 0..groups {
-                for r in 0..rows {
-                    let v = e[k * rows + r];
-                    if v < best_err[r * groups + k] {
-                        best_err[r * groups + k] = v;
-                        best_max[r * groups + k] = amax[r * groups + k] * ratio;
+        for r0 in (0..rows).step_by(chunk) {
+            let cr = chunk.min(rows - r0);
+            let wpart = &t.data[r0 * cols..(r0 + cr) * cols];
+            let partial = |w: &[f32]| -> Tensor<3> {
+                let wg = model::transformer::tensor_from(pad(w, cr), [cr, groups, g], &device).swap_dims(0, 1);
+                xg.clone().matmul(wg.swap_dims(1, 2)) // [groups, n, cr]
+            };
+            let reference = partial(wpart);
+            let mut best_err = vec![f32::INFINITY; cr * groups];
+            for i in 0..steps.max(1) {
+                let ratio = 1.0 - i as f32 / self.grid as f32;
+                let clipped: Vec<f32> = wpart
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| {
+                        let m = amax[(r0 + j / cols) * groups + (j % cols) / g] * ratio;
+                        v.clamp(-m, m)
+                    })
+                    .collect();
+                let q = fake_rows(&job.scheme, &key, &clipped, cr, cols)?;
+                let d = partial(&q) - reference.clone();
+                // Squared error summed over tokens: [groups, 1, cr] -> per (row, group).
+                let e = d.powi_scalar(2).sum_dim(1).into_data().try_into_vec::<f32>().expect("f32");
+                for k in 0..groups {
+                    for r in 0..cr {
+                        let v = e[k * cr + r];
+                        if v < best_err[r * groups + k] {
+                            best_err[r * groups + k] = v;
+                            best_max[(r0 + r) * groups + k] = amax[(r0 + r) * groups + k] * ratio;
+                        }
                     }
                 }
             }
@@ -254,6 +262,10 @@ impl QuantMethod for Awq {
 
     fn propagate_quantized(&self) -> bool {
         false
+    }
+
+    fn returns_teacher_outputs(&self) -> bool {
+        true
     }
 
     fn quantize_block(&self, job: &mut BlockJob<'_>) -> Result<BlockResult, QuantError> {

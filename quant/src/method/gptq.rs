@@ -35,6 +35,68 @@ impl Default for Gptq {
     }
 }
 
+/// What GPTQ needs of one Hessian, shared by every linear that reads the same inputs.
+pub struct Prepared {
+    /// Visiting order of the columns.
+    pub perm: Vec<usize>,
+    /// Columns (in visiting order) whose inputs were never active.
+    pub dead: Vec<bool>,
+    /// Upper Cholesky factor of the dampened H⁻¹ (in visiting order), held transposed as the
+    /// lower factor `L` with U = Lᵀ.
+    pub l: Mat<f32>,
+}
+
+/// Factors `h` = Σ x xᵀ `[cols, cols]` (consumed, so its memory is free for the factors):
+/// columns in visiting order, dead inputs (never active) given H_ii = 1, dampening added,
+/// then the upper Cholesky factor of H⁻¹ (more dampening if H is not positive definite). The
+/// Hessian and its factors are f32 as in the reference implementation: at 7B widths (11008
+/// inputs) each copy is 485 MB, and at most two are held at a time.
+pub fn prepare(h: Vec<f32>, cols: usize, name: &str, opts: &Gptq) -> Result<Prepared, QuantError> {
+    let perm: Vec<usize> = if opts.act_order {
+        let mut p: Vec<usize> = (0..cols).collect();
+        p.sort_by(|&a, &b| h[b * cols + b].partial_cmp(&h[a * cols + a]).unwrap_or(std::cmp::Ordering::Equal));
+        p
+    } else {
+        (0..cols).collect()
+    };
+    let dead: Vec<bool> = (0..cols).map(|i| h[perm[i] * cols + perm[i]] == 0.0).collect();
+    let diag = |i: usize| if dead[i] { 1.0 } else { 2.0 * h[perm[i] * cols + perm[i]] as f64 };
+    let mean_diag = (0..cols).map(diag).sum::<f64>() / cols as f64;
+    let diags: Vec<f64> = (0..cols).map(diag).collect();
+    let mut h = Some(h);
+    let mut damp = opts.damp;
+    let l = loop {
+        let add = (damp * mean_diag) as f32;
+        let hv = h.as_ref().expect("kept until factored");
+        let hd = Mat::<f32>::from_fn(cols, cols, |i, j| {
+            if i == j {
+                diags[i] as f32 + add
+            } else if dead[i] || dead[j] {
+                0.0
+            } else {
+                2.0 * hv[perm[i] * cols + perm[j]]
+            }
+        });
+        let llt = hd.llt(Side::Lower).ok();
+        drop(hd);
+        if llt.is_some() {
+            h = None;
+        }
+        let inv = llt.map(|l| {
+            use faer::linalg::solvers::DenseSolveCore;
+            l.inverse()
+        });
+        if let Some(l) = inv.and_then(|inv| inv.llt(Side::Lower).ok()).map(|l| l.L().to_owned()) {
+            break l;
+        }
+        damp *= 10.0;
+        if damp > 10.0 || h.is_none() {
+            return Err(QuantError::Numerical(format!("`{name}`: the Hessian is not positive definite even with dampening")));
+        }
+    };
+    Ok(Prepared { perm, dead, l })
+}
+
 /// Quantizes `w` `[rows, cols]` given `h` = Σ x xᵀ `[cols, cols]`; returns the integer form.
 pub fn gptq_linear(
     scheme: &QuantScheme,
@@ -45,49 +107,25 @@ pub fn gptq_linear(
     h: &[f32],
     opts: &Gptq,
 ) -> Result<QuantizedLinear, QuantError> {
+    let prep = prepare(h.to_vec(), cols, name, opts)?;
+    gptq_prepared(scheme, name, w, rows, cols, &prep, opts)
+}
+
+/// As [`gptq_linear`], with the Hessian already factored by [`prepare`].
+pub fn gptq_prepared(
+    scheme: &QuantScheme,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    prep: &Prepared,
+    opts: &Gptq,
+) -> Result<QuantizedLinear, QuantError> {
     let g = scheme.group_len(name, cols)?;
     let groups = cols.div_ceil(g);
-    let perm: Vec<usize> = if opts.act_order {
-        let mut p: Vec<usize> = (0..cols).collect();
-        p.sort_by(|&a, &b| h[b * cols + b].partial_cmp(&h[a * cols + a]).unwrap_or(std::cmp::Ordering::Equal));
-        p
-    } else {
-        (0..cols).collect()
-    };
-    // Columns in visiting order; dead inputs (never active) are zeroed with H_ii = 1. The
-    // Hessian and its factors are f32 as in the reference implementation: at 7B widths
-    // (11008 inputs) each copy is 485 MB, and the steps below hold at most two at a time.
-    let dead: Vec<bool> = (0..cols).map(|i| h[perm[i] * cols + perm[i]] == 0.0).collect();
+    let (perm, dead) = (&prep.perm, &prep.dead);
+    let u = prep.l.transpose();
     let mut wm = Mat::<f32>::from_fn(rows, cols, |r, c| if dead[c] { 0.0 } else { w[r * cols + perm[c]] });
-    let diag = |i: usize| if dead[i] { 1.0 } else { 2.0 * h[perm[i] * cols + perm[i]] as f64 };
-    let mean_diag = (0..cols).map(diag).sum::<f64>() / cols as f64;
-    // Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U); more dampening if H is not positive definite.
-    let mut damp = opts.damp;
-    let u = loop {
-        let add = (damp * mean_diag) as f32;
-        let hd = Mat::<f32>::from_fn(cols, cols, |i, j| {
-            if i == j {
-                diag(i) as f32 + add
-            } else if dead[i] || dead[j] {
-                0.0
-            } else {
-                2.0 * h[perm[i] * cols + perm[j]]
-            }
-        });
-        let llt = hd.llt(Side::Lower).ok();
-        drop(hd);
-        let inv = llt.map(|l| {
-            use faer::linalg::solvers::DenseSolveCore;
-            l.inverse()
-        });
-        if let Some(u) = inv.and_then(|inv| inv.llt(Side::Lower).ok()).map(|l| l.L().transpose().to_owned()) {
-            break u;
-        }
-        damp *= 10.0;
-        if damp > 10.0 {
-            return Err(QuantError::Numerical(format!("`{name}`: the Hessian is not positive definite even with dampening")));
-        }
-    };
 
     let mut codes = vec![0u8; rows * cols];
     let mut params = vec![GroupParams { scale: 1.0, zero: 0 }; rows * groups];
@@ -129,7 +167,7 @@ pub fn gptq_linear(
                 wm.as_mut().submatrix_mut(0, i2, rows, cols - i2),
                 Accum::Add,
                 err.as_ref(),
-                u.as_ref().submatrix(i1, i2, count, cols - i2),
+                u.submatrix(i1, i2, count, cols - i2),
                 -1.0,
                 par,
             );
@@ -165,12 +203,15 @@ impl QuantMethod for Gptq {
                 let block = job.weights.build(job.cfg, job.device);
                 staged.advance(&block, job.rope, tap, true, job.sample_rows)
             };
-            let h = st.xtx.as_ref().expect("xtx captured");
+            let mut st = st;
+            let h = st.xtx.take().expect("xtx captured");
+            // One factorization serves every linear of the stage (same inputs, same H).
+            let prep = prepare(h, st.width, &format!("{}.weight", names[0]), self)?;
             for name in names {
                 let t = job.weights.get(&format!("{name}.weight"));
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 reference.insert(name.to_string(), t.data.clone());
-                let q = gptq_linear(&job.scheme, &format!("{name}.weight"), &t.data, rows, cols, h, self)?;
+                let q = gptq_prepared(&job.scheme, &format!("{name}.weight"), &t.data, rows, cols, &prep, self)?;
                 job.weights.get_mut(&format!("{name}.weight")).data = q.dequantize();
                 linears.insert(name.to_string(), q);
                 stats.insert(name.to_string(), st.without_xtx());

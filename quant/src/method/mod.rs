@@ -69,6 +69,11 @@ pub trait QuantMethod: Send + Sync {
     fn propagate_quantized(&self) -> bool {
         true
     }
+    /// Whether [`QuantMethod::quantize_block`] always returns the teacher block's outputs
+    /// ([`Outputs::Teacher`]), so the pipeline need not keep a copy of the teacher block.
+    fn returns_teacher_outputs(&self) -> bool {
+        false
+    }
     /// Quantizes one block.
     fn quantize_block(&self, job: &mut BlockJob<'_>) -> Result<BlockResult, QuantError>;
 }
