@@ -41,9 +41,9 @@ pub struct Prepared {
     pub perm: Vec<usize>,
     /// Columns (in visiting order) whose inputs were never active.
     pub dead: Vec<bool>,
-    /// Upper Cholesky factor of the dampened H⁻¹ (in visiting order), held transposed as the
-    /// lower factor `L` with U = Lᵀ.
-    pub l: Mat<f32>,
+    /// Cholesky factorization of the dampened H⁻¹ (in visiting order); its lower factor `L`
+    /// is Uᵀ, read in place rather than copied.
+    pub l: faer::linalg::solvers::Llt<f32>,
 }
 
 /// Factors `h` = Σ x xᵀ `[cols, cols]` (consumed, so its memory is free for the factors):
@@ -62,38 +62,41 @@ pub fn prepare(h: Vec<f32>, cols: usize, name: &str, opts: &Gptq) -> Result<Prep
     let dead: Vec<bool> = (0..cols).map(|i| h[perm[i] * cols + perm[i]] == 0.0).collect();
     let diag = |i: usize| if dead[i] { 1.0 } else { 2.0 * h[perm[i] * cols + perm[i]] as f64 };
     let mean_diag = (0..cols).map(diag).sum::<f64>() / cols as f64;
-    let diags: Vec<f64> = (0..cols).map(diag).collect();
-    let mut h = Some(h);
     let mut damp = opts.damp;
-    let l = loop {
-        let add = (damp * mean_diag) as f32;
-        let hv = h.as_ref().expect("kept until factored");
-        let hd = Mat::<f32>::from_fn(cols, cols, |i, j| {
-            if i == j {
-                diags[i] as f32 + add
-            } else if dead[i] || dead[j] {
-                0.0
-            } else {
-                2.0 * hv[perm[i] * cols + perm[j]]
-            }
-        });
-        let llt = hd.llt(Side::Lower).ok();
-        drop(hd);
-        if llt.is_some() {
-            h = None;
+    let mut hd = Mat::<f32>::from_fn(cols, cols, |i, j| {
+        if i == j {
+            (diag(i) + damp * mean_diag) as f32
+        } else if dead[i] || dead[j] {
+            0.0
+        } else {
+            2.0 * h[perm[i] * cols + perm[j]]
         }
-        let inv = llt.map(|l| {
-            use faer::linalg::solvers::DenseSolveCore;
-            l.inverse()
-        });
-        if let Some(l) = inv.and_then(|inv| inv.llt(Side::Lower).ok()).map(|l| l.L().to_owned()) {
+    });
+    drop(h);
+    let llt = loop {
+        if let Ok(l) = hd.llt(Side::Lower) {
             break l;
         }
+        // Not positive definite: ten times the dampening.
+        let extra = (9.0 * damp * mean_diag) as f32;
         damp *= 10.0;
-        if damp > 10.0 || h.is_none() {
+        if damp > 10.0 {
             return Err(QuantError::Numerical(format!("`{name}`: the Hessian is not positive definite even with dampening")));
         }
+        for i in 0..cols {
+            hd[(i, i)] += extra;
+        }
     };
+    drop(hd);
+    let inv = {
+        use faer::linalg::solvers::DenseSolveCore;
+        llt.inverse()
+    };
+    drop(llt);
+    let l = inv
+        .llt(Side::Lower)
+        .map_err(|_| QuantError::Numerical(format!("`{name}`: the inverse Hessian could not be factored")))?;
+    drop(inv);
     Ok(Prepared { perm, dead, l })
 }
 
@@ -124,7 +127,7 @@ pub fn gptq_prepared(
     let g = scheme.group_len(name, cols)?;
     let groups = cols.div_ceil(g);
     let (perm, dead) = (&prep.perm, &prep.dead);
-    let u = prep.l.transpose();
+    let u = prep.l.L().transpose();
     let mut wm = Mat::<f32>::from_fn(rows, cols, |r, c| if dead[c] { 0.0 } else { w[r * cols + perm[c]] });
 
     let mut codes = vec![0u8; rows * cols];
