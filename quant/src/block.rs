@@ -113,8 +113,14 @@ pub struct CaptureSpec {
     pub sample_rows: usize,
 }
 
+/// Rows gathered before one `XᵀX` product: one large product per 4096 rows, rather than a
+/// product and an accumulator copy per window (at 7B widths each `[in, in]` copy is 485 MB).
+const XTX_ROWS: usize = 4096;
+
 struct Acc {
     xtx: Option<Tensor<2>>,
+    pending: Vec<Tensor<2>>,
+    pending_rows: usize,
     abs: Option<Tensor<1>>,
     sq: Option<Tensor<1>>,
     tokens: usize,
@@ -131,14 +137,27 @@ fn add<const D: usize>(a: Option<Tensor<D>>, b: Tensor<D>) -> Option<Tensor<D>> 
 
 impl Acc {
     fn new(width: usize) -> Self {
-        Self { xtx: None, abs: None, sq: None, tokens: 0, sample: Vec::new(), width }
+        Self { xtx: None, pending: Vec::new(), pending_rows: 0, abs: None, sq: None, tokens: 0, sample: Vec::new(), width }
+    }
+
+    fn flush_xtx(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let x = Tensor::cat(std::mem::take(&mut self.pending), 0);
+        self.pending_rows = 0;
+        self.xtx = add(self.xtx.take(), x.clone().transpose().matmul(x));
     }
 
     fn add(&mut self, t: &Tensor<3>, xtx: bool, per_window: usize) {
         let [_, s, w] = t.dims();
         let m = t.clone().reshape([s, w]);
         if xtx {
-            self.xtx = add(self.xtx.take(), m.clone().transpose().matmul(m.clone()));
+            self.pending.push(m.clone());
+            self.pending_rows += s;
+            if self.pending_rows >= XTX_ROWS {
+                self.flush_xtx();
+            }
         }
         self.abs = add(self.abs.take(), m.clone().abs().sum_dim(0).reshape([w]));
         self.sq = add(self.sq.take(), (m.clone() * m.clone()).sum_dim(0).reshape([w]));
@@ -157,7 +176,8 @@ impl Acc {
         }
     }
 
-    fn finish(self) -> TapStats {
+    fn finish(mut self) -> TapStats {
+        self.flush_xtx();
         let n = self.tokens.max(1) as f64;
         let to_vec = |t: Tensor<1>| -> Vec<f64> { t.into_data().try_into_vec::<f32>().expect("f32").into_iter().map(f64::from).collect() };
         TapStats {
