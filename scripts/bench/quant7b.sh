@@ -8,7 +8,8 @@
 #     depth (the table gives the per-block time too).
 # Prints a markdown table: wall s, CPU s, peak RSS MiB. Random weights: no quality figures.
 #   TMPDIR (default /tmp) holds the checkpoints (about 13.5 + 2.2 GB), removed on exit;
-#   LAYERS (default 4), SAMPLE_ROWS for AWQ's search (default 512), RUNS (default
+#   LAYERS (default 4), SAMPLE_ROWS (default 512): calibration rows kept per linear for AWQ's
+#   search and the error report (2048 by default in `compress quant`), RUNS (default
 #   "gptq awq imatrix awqgguf convert": which rows to run).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -39,7 +40,7 @@ echo
 echo "| run | blocks | wall s | wall s per block | CPU s | peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
 C=(--calib "$CALIB" --calib-samples 8 --calib-len 512)
-want gptq && row "gptq W4 g128 (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method gptq --bits 4 --group 128 "${C[@]}" --out "$W/gptq"
+want gptq && row "gptq W4 g128, $SAMPLE_ROWS report rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method gptq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/gptq"
 rm -rf "$W/gptq"
 want awq && row "awq W4 g128, $SAMPLE_ROWS search rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method awq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awq"
 rm -rf "$W/awq"
