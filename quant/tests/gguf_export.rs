@@ -238,3 +238,43 @@ fn importance_and_tied_embeddings() {
     let e = export(&ck, &dir.path().join("bad.gguf"), &plan, Some(&imp), &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("blk.0.ffn_up.weight"), "{e}");
 }
+
+#[test]
+fn calibrated_export_uses_importance_and_folds_awq_scales() {
+    use quant::gguf_calib::{GgufCalibration, export_calibrated};
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let orig = write_tiny_hf(&hf, false);
+    let ckpt = Checkpoint::open(&hf).unwrap();
+    let plan = TypePlan::preset("q4_0", 3, false).unwrap();
+    let mut rng = Rng(7);
+    let windows: Vec<Vec<u32>> =
+        (0..4).map(|_| (0..32).map(|_| (rng.next().abs() * (VOCAB as f32 - 1.0)) as u32).collect()).collect();
+    let plain = dir.path().join("plain.gguf");
+    run_export(&hf, &plain, &plan, None);
+    let mut out = Vec::new();
+    for awq in [None, Some(quant::method::awq::Awq::default())] {
+        let path = dir.path().join(if awq.is_some() { "awq.gguf" } else { "imatrix.gguf" });
+        let calib = GgufCalibration { windows: &windows, awq, sample_rows: 64 };
+        let r = export_calibrated(&ckpt, &path, &plan, &calib, model::default_device(), &mut |_| {}).unwrap();
+        assert_eq!(r.tensors.len(), ckpt.expected_tensors().len());
+        out.push(Checkpoint::open(&path).unwrap());
+    }
+    let cp = Checkpoint::open(&plain).unwrap();
+    let (imat, awq) = (&out[0], &out[1]);
+    let norm = "model.layers.1.input_layernorm.weight";
+    let q = "model.layers.1.self_attn.q_proj.weight";
+    // Importance only: norms untouched, linears rounded differently from plain rounding, and
+    // still close to the teacher.
+    assert_eq!(imat.read(norm, &[64]).unwrap(), orig[norm]);
+    assert_ne!(imat.read(q, &[64, 64]).unwrap(), cp.read(q, &[64, 64]).unwrap());
+    assert!(rel_err(&orig[q], &imat.read(q, &[64, 64]).unwrap()) < 0.2);
+    // AWQ: the scales live in the norm now (gamma / s), and q_proj holds W * s.
+    let g = awq.read(norm, &[64]).unwrap();
+    assert_ne!(g, orig[norm]);
+    assert!(g.iter().all(|v| v.is_finite()));
+    let (w0, wa) = (&orig[q], awq.read(q, &[64, 64]).unwrap());
+    // Undo the scaling per column: (W s)_rc * (gamma / s)_c / gamma_c ~ W_rc.
+    let undone: Vec<f32> = wa.iter().enumerate().map(|(i, v)| v * g[i % 64] / orig[norm][i % 64]).collect();
+    assert!(rel_err(w0, &undone) < 0.2, "{}", rel_err(w0, &undone));
+}
