@@ -53,8 +53,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let cfg = crate::hf_folder::write_config(&ckpt, dtype, &tmp, None)?;
 
-    let plan: Vec<(String, Vec<usize>, StoreDtype)> =
-        ckpt.expected_tensors().into_iter().map(|(n, s)| (n, s, dtype)).collect();
+    let plan: Vec<(String, Vec<usize>, StoreDtype)> = ckpt
+        .expected_tensors()
+        .into_iter()
+        .map(|(n, s)| (n, s, dtype))
+        .collect();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let st_path = tmp.join("model.safetensors");
@@ -71,8 +74,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &tmp)?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
-    let bytes = std::fs::metadata(a.out.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
-    println!("wrote {} ({} tensors, {} bytes of {} weights)", a.out.display(), plan.len(), bytes, a.dtype);
+    let bytes = std::fs::metadata(a.out.join("model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "wrote {} ({} tensors, {} bytes of {} weights)",
+        a.out.display(),
+        plan.len(),
+        bytes,
+        a.dtype
+    );
     Ok(())
 }
 
@@ -80,7 +91,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 fn run_gguf(a: Args) -> anyhow::Result<()> {
     use quant::gguf_export::{PRESETS, TypePlan, export};
     if !PRESETS.contains(&a.gguf_type.to_ascii_lowercase().as_str()) {
-        bail!("--type `{}` is not one of {}", a.gguf_type, PRESETS.join(", "));
+        bail!(
+            "--type `{}` is not one of {}",
+            a.gguf_type,
+            PRESETS.join(", ")
+        );
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
@@ -93,8 +108,10 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
     let mut guard = TempGuard(Some(tmp.clone()));
     let n = ckpt.expected_tensors().len() as u64;
     let pb = crate::progress_bar("convert", n);
-    let report = export(&ckpt, &tmp, &plan, None, &mut |p| pb.set_position(p.index as u64))
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    let report = export(&ckpt, &tmp, &plan, None, &mut |p| {
+        pb.set_position(p.index as u64)
+    })
+    .with_context(|| format!("cannot write {}", a.out.display()))?;
     pb.finish_and_clear();
     commit(&tmp, &a.out)?;
     guard.0 = None;
@@ -103,7 +120,11 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
 }
 
 /// Prints an export's warnings, its fallbacks grouped by tensor kind, and a summary line.
-pub fn print_export(report: &quant::gguf_export::ExportReport, plan: &quant::gguf_export::TypePlan, out: &std::path::Path) {
+pub fn print_export(
+    report: &quant::gguf_export::ExportReport,
+    plan: &quant::gguf_export::TypePlan,
+    out: &std::path::Path,
+) {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
@@ -114,17 +135,26 @@ pub fn print_export(report: &quant::gguf_export::ExportReport, plan: &quant::ggu
             Some((_, rest)) => format!("blk.*.{rest}"),
             None => t.name.clone(),
         };
-        *groups.entry((format!("{}->{}", t.planned.name(), t.ty.name()), kind)).or_default() += 1;
+        *groups
+            .entry((format!("{}->{}", t.planned.name(), t.ty.name()), kind))
+            .or_default() += 1;
     }
     if !groups.is_empty() {
-        let list: Vec<String> = groups.iter().map(|((change, kind), n)| format!("{kind} x{n} {change}")).collect();
+        let list: Vec<String> = groups
+            .iter()
+            .map(|((change, kind), n)| format!("{kind} x{n} {change}"))
+            .collect();
         eprintln!(
             "note: {} tensors have rows that are not a multiple of their planned type's block and fell back: {}",
             report.fallbacks().count(),
             list.join(", ")
         );
     }
-    let types: Vec<String> = report.type_counts().iter().map(|(t, c)| format!("{t} {c}")).collect();
+    let types: Vec<String> = report
+        .type_counts()
+        .iter()
+        .map(|(t, c)| format!("{t} {c}"))
+        .collect();
     println!(
         "wrote {} ({}, {} tensors: {}; {} bytes, {:.3} bpw, {:.2} s)",
         out.display(),

@@ -80,7 +80,8 @@ who presents with two days of progressive shortness of breath and bilateral leg 
 
 fn read_text(path: &crate::Path) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))
+    String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -89,7 +90,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("nothing to evaluate: give --ppl TEXT_FILE, --tasks LIST and/or --speed");
     }
     if (a.teacher.is_some() || a.teacher_logits.is_some()) && a.ppl.is_none() {
-        bail!("--teacher needs --ppl TEXT_FILE (divergence is measured over the perplexity chunks)");
+        bail!(
+            "--teacher needs --ppl TEXT_FILE (divergence is measured over the perplexity chunks)"
+        );
     }
     if a.chunks == Some(0) {
         bail!("--chunks must be at least 1");
@@ -106,7 +109,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut tokens_processed = 0u64;
     let mut rows: Vec<(String, String)> = vec![
         ("model".into(), a.model.display().to_string()),
-        ("bytes / params / bpw".into(), format!("{} / {} / {:.3}", size.bytes, size.params, size.bits_per_weight)),
+        (
+            "bytes / params / bpw".into(),
+            format!(
+                "{} / {} / {:.3}",
+                size.bytes, size.params, size.bits_per_weight
+            ),
+        ),
     ];
 
     if let Some(ppl_path) = &a.ppl {
@@ -115,36 +124,79 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let opts = PplOptions {
             ctx: a.ctx,
             chunks: a.chunks,
-            protocol: if a.protocol == "hf" { Protocol::Hf } else { Protocol::Llama },
+            protocol: if a.protocol == "hf" {
+                Protocol::Hf
+            } else {
+                Protocol::Llama
+            },
         };
-        let pb = crate::progress_bar(if a.teacher.is_some() { "kld" } else { "perplexity" }, 1);
+        let pb = crate::progress_bar(
+            if a.teacher.is_some() {
+                "kld"
+            } else {
+                "perplexity"
+            },
+            1,
+        );
         let progress = |done: u64, total: u64| {
             pb.set_length(total);
             pb.set_position(done);
         };
         let ctx_err = |e: eval::EvalError| anyhow::anyhow!("{}: {e}", ppl_path.display());
-        let kld_rows = |t: &eval::PplResult, k: &eval::KldResult, rows: &mut Vec<(String, String)>| {
-            rows.push(("teacher ppl".into(), format!("{:.4} ± {:.4}", t.value, t.stderr)));
-            rows.push(("KLD mean ± se".into(), format!("{:.6} ± {:.6}", k.mean, k.stderr)));
-            rows.push(("KLD median / p90 / p99".into(), format!("{:.6} / {:.6} / {:.6}", k.median, k.p90, k.p99)));
-            rows.push(("same top token".into(), format!("{:.2} ± {:.2} %", k.top1_agreement, k.top1_agreement_stderr)));
-            rows.push(("RMS Δp".into(), format!("{:.3} %", k.rms_delta_p)));
-        };
+        let kld_rows =
+            |t: &eval::PplResult, k: &eval::KldResult, rows: &mut Vec<(String, String)>| {
+                rows.push((
+                    "teacher ppl".into(),
+                    format!("{:.4} ± {:.4}", t.value, t.stderr),
+                ));
+                rows.push((
+                    "KLD mean ± se".into(),
+                    format!("{:.6} ± {:.6}", k.mean, k.stderr),
+                ));
+                rows.push((
+                    "KLD median / p90 / p99".into(),
+                    format!("{:.6} / {:.6} / {:.6}", k.median, k.p90, k.p99),
+                ));
+                rows.push((
+                    "same top token".into(),
+                    format!("{:.2} ± {:.2} %", k.top1_agreement, k.top1_agreement_stderr),
+                ));
+                rows.push(("RMS Δp".into(), format!("{:.3} %", k.rms_delta_p)));
+            };
         let res = if let Some(tpath) = &a.teacher {
             let teacher = Checkpoint::open(tpath).context("cannot open teacher")?;
-            let ttok = model::load_tokenizer(&teacher).context("cannot build the teacher's tokenizer")?;
+            let ttok =
+                model::load_tokenizer(&teacher).context("cannot build the teacher's tokenizer")?;
             eval::kld::check_same_vocab(&teacher, &ckpt, &ttok, &tok)?;
             if let Some(save) = &a.save_teacher_logits {
                 if a.top_k == 0 {
                     bail!("--top-k must be at least 1");
                 }
-                let saved = eval::kld::teacher_logits(&teacher, &tok, &tokens, &opts, a.top_k, device.clone(), |_, _| {})
-                    .map_err(ctx_err)?;
-                saved.save(save).with_context(|| format!("{}", save.display()))?;
+                let saved = eval::kld::teacher_logits(
+                    &teacher,
+                    &tok,
+                    &tokens,
+                    &opts,
+                    a.top_k,
+                    device.clone(),
+                    |_, _| {},
+                )
+                .map_err(ctx_err)?;
+                saved
+                    .save(save)
+                    .with_context(|| format!("{}", save.display()))?;
                 tokens_processed += saved.header["chunks"].as_u64().unwrap_or(0) * a.ctx as u64;
             }
-            let (s, t, k) = eval::kl_divergence(&teacher, &ckpt, &tok, &tokens, &opts, device.clone(), progress)
-                .map_err(ctx_err)?;
+            let (s, t, k) = eval::kl_divergence(
+                &teacher,
+                &ckpt,
+                &tok,
+                &tokens,
+                &opts,
+                device.clone(),
+                progress,
+            )
+            .map_err(ctx_err)?;
             kld_rows(&t, &k, &mut rows);
             report["teacher"] = json!({"model": tpath, "perplexity": t});
             report["kld"] = serde_json::to_value(&k)?;
@@ -152,16 +204,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             s
         } else if let Some(lpath) = &a.teacher_logits {
             let saved = eval::kld::TeacherLogits::load(lpath)?;
-            let (s, t, k) = eval::kld::kl_from_saved(&saved, &ckpt, &tok, &tokens, &opts, device.clone(), progress)
-                .map_err(ctx_err)?;
+            let (s, t, k) = eval::kld::kl_from_saved(
+                &saved,
+                &ckpt,
+                &tok,
+                &tokens,
+                &opts,
+                device.clone(),
+                progress,
+            )
+            .map_err(ctx_err)?;
             kld_rows(&t, &k, &mut rows);
             report["teacher"] = json!({"logits": lpath, "model": saved.header["model"], "top_k": saved.header["k"], "perplexity": t});
             report["kld"] = serde_json::to_value(&k)?;
-            report["kld"]["approximation"] = json!("top-k of the teacher plus one bucket for the rest (lower bound)");
+            report["kld"]["approximation"] =
+                json!("top-k of the teacher plus one bucket for the rest (lower bound)");
             tokens_processed += s.tokens_processed as u64;
             s
         } else {
-            let r = eval::perplexity(&ckpt, &tok, &tokens, &opts, device.clone(), progress).map_err(ctx_err)?;
+            let r = eval::perplexity(&ckpt, &tok, &tokens, &opts, device.clone(), progress)
+                .map_err(ctx_err)?;
             tokens_processed += r.tokens_processed as u64;
             r
         };
@@ -171,31 +233,61 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             wall_seconds: res.wall_seconds,
             threads,
         };
-        rows.insert(1, ("perplexity".into(), format!("{:.4} ± {:.4} ({} x {}, {})", res.value, res.stderr, res.chunks, res.ctx, a.protocol)));
-        rows.push(("eval tok/s".into(), format!("{:.1} ({threads} threads)", speed.tokens_per_second)));
+        rows.insert(
+            1,
+            (
+                "perplexity".into(),
+                format!(
+                    "{:.4} ± {:.4} ({} x {}, {})",
+                    res.value, res.stderr, res.chunks, res.ctx, a.protocol
+                ),
+            ),
+        );
+        rows.push((
+            "eval tok/s".into(),
+            format!("{:.1} ({threads} threads)", speed.tokens_per_second),
+        ));
         report["text"] = json!(ppl_path);
         report["perplexity"] = serde_json::to_value(&res)?;
         report["speed"] = serde_json::to_value(&speed)?;
     }
 
     if let Some(list) = &a.tasks {
-        let names: Vec<String> = list.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        let names: Vec<String> = list
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
         let dir = a
             .data_dir
             .clone()
             .or_else(|| std::env::var_os("COMPRESS_DATA").map(Into::into))
             .unwrap_or_else(|| "../shared/data".into());
         let pb = crate::progress_bar("tasks", 1);
-        let results = eval::run_tasks(&ckpt, &tok, &names, &dir, a.limit, device.clone(), |name, done, total| {
-            pb.set_message(name.to_string());
-            pb.set_length(total);
-            pb.set_position(done);
-        })?;
+        let results = eval::run_tasks(
+            &ckpt,
+            &tok,
+            &names,
+            &dir,
+            a.limit,
+            device.clone(),
+            |name, done, total| {
+                pb.set_message(name.to_string());
+                pb.set_length(total);
+                pb.set_position(done);
+            },
+        )?;
         pb.finish_and_clear();
         for (name, r) in &results {
             rows.push((
                 format!("{name} (n={})", r.n),
-                format!("acc {:.2} ± {:.2} %, acc_norm {:.2} ± {:.2} %", 100.0 * r.acc, 100.0 * r.acc_stderr, 100.0 * r.acc_norm, 100.0 * r.acc_norm_stderr),
+                format!(
+                    "acc {:.2} ± {:.2} %, acc_norm {:.2} ± {:.2} %",
+                    100.0 * r.acc,
+                    100.0 * r.acc_stderr,
+                    100.0 * r.acc_norm,
+                    100.0 * r.acc_norm_stderr
+                ),
             ));
         }
         report["tasks"] = serde_json::to_value(&results)?;
@@ -208,14 +300,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         let mut prompt = tok.encode(&text)?;
         if prompt.len() < a.pp {
-            bail!("the speed prompt has only {} tokens, fewer than --pp {}", prompt.len(), a.pp);
+            bail!(
+                "the speed prompt has only {} tokens, fewer than --pp {}",
+                prompt.len(),
+                a.pp
+            );
         }
         prompt.truncate(a.pp.max(1));
         let g = eval::speed::measure(&ckpt, &prompt, a.tg, device.clone())?;
-        rows.push(("prompt tok/s".into(), format!("{:.1} ({} tokens)", g.pp_tokens_per_second, g.prompt_tokens)));
-        rows.push(("generation tok/s".into(), format!("{:.2} ({} tokens, greedy, KV cache)", g.tg_tokens_per_second, g.generated_tokens)));
+        rows.push((
+            "prompt tok/s".into(),
+            format!("{:.1} ({} tokens)", g.pp_tokens_per_second, g.prompt_tokens),
+        ));
+        rows.push((
+            "generation tok/s".into(),
+            format!(
+                "{:.2} ({} tokens, greedy, KV cache)",
+                g.tg_tokens_per_second, g.generated_tokens
+            ),
+        ));
         tokens_processed += (g.prompt_tokens + g.generated_tokens) as u64;
-        let speed = report.get_mut("speed").and_then(Value::as_object_mut).map(|m| m.clone()).unwrap_or_default();
+        let speed = report
+            .get_mut("speed")
+            .and_then(Value::as_object_mut)
+            .map(|m| m.clone())
+            .unwrap_or_default();
         let mut speed = Value::Object(speed);
         for (k, v) in serde_json::to_value(&g)?.as_object().expect("object") {
             speed[k] = v.clone();
@@ -227,16 +336,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let peak = eval::speed::peak_rss_bytes();
     report["speed"]["peak_rss_bytes"] = json!(peak);
     let energy = meter.finish(tokens_processed, a.watts_per_core, a.grid_intensity);
-    rows.push(("peak RSS".into(), peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "n/a".into())));
+    rows.push((
+        "peak RSS".into(),
+        peak.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "n/a".into()),
+    ));
     rows.push((
         format!("energy ({})", energy.source),
         if energy.tokens > 0 {
             format!(
                 "{:.1} J/1k tokens, {:.3} g CO2e/1k tokens at {} g/kWh",
-                energy.joules_per_1k_tokens, energy.g_co2e_per_1k_tokens, energy.grid_g_co2e_per_kwh
+                energy.joules_per_1k_tokens,
+                energy.g_co2e_per_1k_tokens,
+                energy.grid_g_co2e_per_kwh
             )
         } else {
-            format!("{:.1} J, {:.3} g CO2e in all at {} g/kWh", energy.joules, energy.g_co2e, energy.grid_g_co2e_per_kwh)
+            format!(
+                "{:.1} J, {:.3} g CO2e in all at {} g/kWh",
+                energy.joules, energy.g_co2e, energy.grid_g_co2e_per_kwh
+            )
         },
     ));
     report["energy"] = serde_json::to_value(&energy)?;

@@ -10,12 +10,24 @@ use serde_json::{Value, json};
 
 /// Writes `config.json` for weights stored as `dtype`, with `extra` keys merged in (e.g. a
 /// `quantization_config`); returns the config written.
-pub fn write_config(ckpt: &Checkpoint, dtype: StoreDtype, dir: &Path, extra: Option<Value>) -> anyhow::Result<Config> {
+pub fn write_config(
+    ckpt: &Checkpoint,
+    dtype: StoreDtype,
+    dir: &Path,
+    extra: Option<Value>,
+) -> anyhow::Result<Config> {
     let mut cfg = ckpt.config().clone();
     cfg.torch_dtype = Some(dtype.torch_name().into());
     cfg.num_key_value_heads = Some(cfg.num_kv_heads());
     if cfg.architectures.is_empty() {
-        cfg.architectures = vec![if cfg.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }.into()];
+        cfg.architectures = vec![
+            if cfg.model_type == "qwen2" {
+                "Qwen2ForCausalLM"
+            } else {
+                "LlamaForCausalLM"
+            }
+            .into(),
+        ];
     }
     let mut v = serde_json::to_value(&cfg)?;
     if let (Some(Value::Object(extra)), Value::Object(m)) = (extra, &mut v) {
@@ -27,7 +39,12 @@ pub fn write_config(ckpt: &Checkpoint, dtype: StoreDtype, dir: &Path, extra: Opt
 
 /// Writes the tokenizer files and `generation_config.json`: copies of an HF source's files
 /// when present, else built from the tokenizer (and the GGUF's chat template).
-pub fn write_aux(ckpt: &Checkpoint, tok: &Tokenizer, cfg: &Config, dir: &Path) -> anyhow::Result<()> {
+pub fn write_aux(
+    ckpt: &Checkpoint,
+    tok: &Tokenizer,
+    cfg: &Config,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let src_dir = ckpt.path().is_dir().then_some(ckpt.path());
     std::fs::write(dir.join("tokenizer.json"), tok.to_json())?;
     let bos = cfg.bos_token_id.as_ref().and_then(|b| b.first());
@@ -37,7 +54,8 @@ pub fn write_aux(ckpt: &Checkpoint, tok: &Tokenizer, cfg: &Config, dir: &Path) -
         if let Some(d) = src_dir
             && d.join(f).exists()
         {
-            std::fs::copy(d.join(f), dir.join(f)).with_context(|| format!("{}", d.join(f).display()))?;
+            std::fs::copy(d.join(f), dir.join(f))
+                .with_context(|| format!("{}", d.join(f).display()))?;
             return Ok(true);
         }
         Ok(false)
@@ -55,14 +73,23 @@ pub fn write_aux(ckpt: &Checkpoint, tok: &Tokenizer, cfg: &Config, dir: &Path) -
         if let Some(e) = name(eos) {
             tc["eos_token"] = json!(e);
         }
-        if let Some(t) = ckpt.gguf().and_then(|g| g.get_str("tokenizer.chat_template")) {
+        if let Some(t) = ckpt
+            .gguf()
+            .and_then(|g| g.get_str("tokenizer.chat_template"))
+        {
             tc["chat_template"] = json!(t);
         }
-        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)?;
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tc)?,
+        )?;
     }
     if !copied("generation_config.json")? {
         let gc = json!({"_from_model_config": true, "bos_token_id": bos, "eos_token_id": eos});
-        std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&gc)?)?;
+        std::fs::write(
+            dir.join("generation_config.json"),
+            serde_json::to_string_pretty(&gc)?,
+        )?;
     }
     Ok(())
 }

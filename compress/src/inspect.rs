@@ -44,11 +44,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let rows: Vec<(&str, String)> = vec![
         ("path", a.model.display().to_string()),
         ("format", ckpt.format().into()),
-        ("architecture", c.architectures.first().cloned().unwrap_or_else(|| c.model_type.clone())),
+        (
+            "architecture",
+            c.architectures
+                .first()
+                .cloned()
+                .unwrap_or_else(|| c.model_type.clone()),
+        ),
         ("model_type", c.model_type.clone()),
         ("layers", c.num_hidden_layers.to_string()),
-        ("hidden / intermediate", format!("{} / {}", c.hidden_size, c.intermediate_size)),
-        ("heads / kv heads / head_dim", format!("{} / {} / {}", c.num_attention_heads, c.num_kv_heads(), c.head_dim())),
+        (
+            "hidden / intermediate",
+            format!("{} / {}", c.hidden_size, c.intermediate_size),
+        ),
+        (
+            "heads / kv heads / head_dim",
+            format!(
+                "{} / {} / {}",
+                c.num_attention_heads,
+                c.num_kv_heads(),
+                c.head_dim()
+            ),
+        ),
         ("vocab", c.vocab_size.to_string()),
         ("rope_theta", c.rope_theta.to_string()),
         ("rms_norm_eps", c.rms_norm_eps.to_string()),
@@ -59,7 +76,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ("parameters", size.params.to_string()),
         ("bytes on disk", size.bytes.to_string()),
         ("bits per weight", format!("{:.3}", size.bits_per_weight)),
-        ("tokenizer", tok.map(|t| format!("vocab {}, add_bos {}", t.vocab_size(), t.add_bos)).unwrap_or_else(|| "none".into())),
+        (
+            "tokenizer",
+            tok.map(|t| format!("vocab {}, add_bos {}", t.vocab_size(), t.add_bos))
+                .unwrap_or_else(|| "none".into()),
+        ),
     ];
     for (k, v) in rows {
         t.add_row(vec![k.to_string(), v]);

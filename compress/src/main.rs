@@ -36,7 +36,9 @@ enum Command {
 pub(crate) fn set_threads(n: Option<usize>) -> usize {
     if let Some(n) = n {
         // Only the first call can set the global pool; later calls keep it.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global();
     }
     rayon::current_num_threads()
 }
@@ -45,9 +47,11 @@ pub(crate) fn set_threads(n: Option<usize>) -> usize {
 pub(crate) fn progress_bar(msg: &str, total: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb

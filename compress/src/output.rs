@@ -7,26 +7,44 @@ use anyhow::{Context, bail};
 
 /// Refuses outputs that would touch the input model or overwrite without `force`.
 pub fn check_output(input: &Path, out: &Path, force: bool) -> anyhow::Result<()> {
-    let canon_in = input.canonicalize().with_context(|| format!("{}", input.display()))?;
-    let out_parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let canon_in = input
+        .canonicalize()
+        .with_context(|| format!("{}", input.display()))?;
+    let out_parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if let Ok(p) = out_parent.canonicalize() {
         let target = p.join(out.file_name().unwrap_or_default());
         if target == canon_in || (canon_in.is_dir() && target.starts_with(&canon_in)) {
-            bail!("{}: output would be written into the input model {}; choose another path", out.display(), input.display());
+            bail!(
+                "{}: output would be written into the input model {}; choose another path",
+                out.display(),
+                input.display()
+            );
         }
         if canon_in.is_file() && canon_in.starts_with(&target) {
-            bail!("{}: output folder contains the input model; choose another path", out.display());
+            bail!(
+                "{}: output folder contains the input model; choose another path",
+                out.display()
+            );
         }
     }
     if out.exists() && !force {
-        bail!("{}: already exists (use --force to replace it)", out.display());
+        bail!(
+            "{}: already exists (use --force to replace it)",
+            out.display()
+        );
     }
     Ok(())
 }
 
 /// A temporary sibling path for `out`.
 pub fn temp_sibling(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
     out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -35,18 +53,23 @@ pub fn commit(tmp: &Path, out: &Path) -> anyhow::Result<()> {
     if out.exists() {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
-            out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            out.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
             std::process::id()
         ));
-        std::fs::rename(out, &old).with_context(|| format!("{}: cannot move aside", out.display()))?;
-        std::fs::rename(tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
+        std::fs::rename(out, &old)
+            .with_context(|| format!("{}: cannot move aside", out.display()))?;
+        std::fs::rename(tmp, out)
+            .with_context(|| format!("{}: cannot rename into place", out.display()))?;
         if old.is_dir() {
             std::fs::remove_dir_all(&old).ok();
         } else {
             std::fs::remove_file(&old).ok();
         }
     } else {
-        std::fs::rename(tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
+        std::fs::rename(tmp, out)
+            .with_context(|| format!("{}: cannot rename into place", out.display()))?;
     }
     Ok(())
 }

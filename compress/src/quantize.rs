@@ -105,7 +105,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.group == 0 {
         bail!("--group must be positive");
     }
-    let formats: Vec<&str> = a.format.split(',').map(str::trim).filter(|f| !f.is_empty()).collect();
+    let formats: Vec<&str> = a
+        .format
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect();
     for f in &formats {
         if !["dense", "packed"].contains(f) {
             bail!("--format `{f}` is not supported (supported: dense, packed)");
@@ -120,14 +125,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if packed {
         quant::pack::check_scheme(&scheme)?;
     }
-    let opts = MethodOptions { act_order: a.act_order, damp: a.damp, no_awq_scale: a.no_awq_scale, no_awq_clip: a.no_awq_clip };
+    let opts = MethodOptions {
+        act_order: a.act_order,
+        damp: a.damp,
+        no_awq_scale: a.no_awq_scale,
+        no_awq_clip: a.no_awq_clip,
+    };
     let method = quant::method::by_name(&a.method, &opts)?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
     // Every input width must take the group size before any work starts.
     for (name, shape) in model::checkpoint::block_tensors(ckpt.config(), 0) {
-        if shape.len() == 2 && quant::block::LINEARS.iter().any(|(n, _)| name.ends_with(&format!("{n}.weight"))) {
+        if shape.len() == 2
+            && quant::block::LINEARS
+                .iter()
+                .any(|(n, _)| name.ends_with(&format!("{n}.weight")))
+        {
             scheme.group_len(&name, shape[1])?;
         }
     }
@@ -140,22 +154,35 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
     // The packed model: OUT/packed next to the dense one, or OUT itself.
-    let packed_dir = if dense { tmp.join("packed") } else { tmp.clone() };
+    let packed_dir = if dense {
+        tmp.join("packed")
+    } else {
+        tmp.clone()
+    };
     let mut sinks: Vec<Box<dyn OutputSink>> = Vec::new();
     let mut cfg = None;
     if dense {
         let c = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &tmp, None)?;
         crate::hf_folder::write_aux(&ckpt, &tok, &c, &tmp)?;
-        sinks.push(Box::new(DenseSink::create(&tmp.join("model.safetensors"), &c)?));
+        sinks.push(Box::new(DenseSink::create(
+            &tmp.join("model.safetensors"),
+            &c,
+        )?));
         cfg = Some(c);
     }
     if packed {
-        std::fs::create_dir_all(&packed_dir).with_context(|| format!("{}", packed_dir.display()))?;
+        std::fs::create_dir_all(&packed_dir)
+            .with_context(|| format!("{}", packed_dir.display()))?;
         let qc = quant::pack::quantization_config(ckpt.config(), &scheme, act_order)?;
         let extra = json!({ "quantization_config": qc });
         let c = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &packed_dir, Some(extra))?;
         crate::hf_folder::write_aux(&ckpt, &tok, &c, &packed_dir)?;
-        sinks.push(Box::new(PackedSink::create(&packed_dir.join("model.safetensors"), &c, scheme, act_order)?));
+        sinks.push(Box::new(PackedSink::create(
+            &packed_dir.join("model.safetensors"),
+            &c,
+            scheme,
+            act_order,
+        )?));
         cfg = Some(c);
     }
     let cfg = cfg.expect("a format");
@@ -167,31 +194,59 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         propagate_quantized: a.propagate.as_deref().map(|p| p == "quantized"),
         sample_rows: a.sample_rows,
     };
-    let report = quant::pipeline::quantize(&ckpt, method.as_ref(), &popts, model::default_device(), &mut sinks, |d, _| {
-        pb.set_position(d as u64)
-    })?;
+    let report = quant::pipeline::quantize(
+        &ckpt,
+        method.as_ref(),
+        &popts,
+        model::default_device(),
+        &mut sinks,
+        |d, _| pb.set_position(d as u64),
+    )?;
     for s in sinks {
         s.finish()?;
     }
     pb.finish_and_clear();
     let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let out_ckpt_bytes = if dense { size(tmp.join("model.safetensors")) } else { 0 };
-    let packed_bytes = if packed { size(packed_dir.join("model.safetensors")) } else { 0 };
+    let out_ckpt_bytes = if dense {
+        size(tmp.join("model.safetensors"))
+    } else {
+        0
+    };
+    let packed_bytes = if packed {
+        size(packed_dir.join("model.safetensors"))
+    } else {
+        0
+    };
     let full = json!({
         "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": formats,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
         "dense_bytes": dense.then_some(out_ckpt_bytes), "packed_bytes": packed.then_some(packed_bytes), "report": report,
     });
-    std::fs::write(tmp.join("quant_report.json"), serde_json::to_string_pretty(&full)?)?;
+    std::fs::write(
+        tmp.join("quant_report.json"),
+        serde_json::to_string_pretty(&full)?,
+    )?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
 
     let mean = |f: &dyn Fn(&quant::pipeline::LinearReport) -> Option<f64>| {
         let v: Vec<f64> = report.linears.iter().filter_map(f).collect();
-        if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
     };
     let mut t = Table::new();
-    t.set_header(vec!["method", "scheme", "linear bpw", "quantized params", "mean weight err", "mean output err", "seconds"]);
+    t.set_header(vec![
+        "method",
+        "scheme",
+        "linear bpw",
+        "quantized params",
+        "mean weight err",
+        "mean output err",
+        "seconds",
+    ]);
     t.add_row(vec![
         report.method.clone(),
         scheme.label(),
@@ -203,14 +258,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     ]);
     println!("{t}");
     if dense {
-        println!("wrote {} (dense bf16, {} bytes) and quant_report.json", a.out.display(), out_ckpt_bytes);
+        println!(
+            "wrote {} (dense bf16, {} bytes) and quant_report.json",
+            a.out.display(),
+            out_ckpt_bytes
+        );
     }
     if packed {
-        let dir = if dense { a.out.join("packed") } else { a.out.clone() };
+        let dir = if dense {
+            a.out.join("packed")
+        } else {
+            a.out.clone()
+        };
         let report_note = if dense { "" } else { " and quant_report.json" };
-        println!("wrote {} (compressed-tensors pack-quantized, {packed_bytes} bytes){report_note}", dir.display());
+        println!(
+            "wrote {} (compressed-tensors pack-quantized, {packed_bytes} bytes){report_note}",
+            dir.display()
+        );
         if act_order && scheme.group.is_some() {
-            println!("note: activation-order groups are stored with weight_g_idx (actorder \"group\"), which compressed-tensors 0.19+ no longer reads; load with compressed-tensors <= 0.18");
+            println!(
+                "note: activation-order groups are stored with weight_g_idx (actorder \"group\"), which compressed-tensors 0.19+ no longer reads; load with compressed-tensors <= 0.18"
+            );
         }
     }
     Ok(())
@@ -218,10 +286,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Reads `--calib` into windows (none without it).
 fn calibration(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
-    let Some(path) = &a.calib else { return Ok(Vec::new()) };
+    let Some(path) = &a.calib else {
+        return Ok(Vec::new());
+    };
     let text = quant::calib::read_text(path)?;
     let tokens = tok.encode(&text)?;
-    Ok(quant::calib::sample_windows(&tokens, tok, a.calib_samples, a.calib_len, a.seed, path)?)
+    Ok(quant::calib::sample_windows(
+        &tokens,
+        tok,
+        a.calib_samples,
+        a.calib_len,
+        a.seed,
+        path,
+    )?)
 }
 
 /// `--format gguf:TYPE`: OUT/model.gguf, calibration-aware when `--calib` is given.
@@ -229,7 +306,10 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
     use quant::gguf_export::{PRESETS, TypePlan};
     let ty = ty.to_ascii_lowercase();
     if !PRESETS.contains(&ty.as_str()) {
-        bail!("--format gguf:{ty}: unknown type (valid: {})", PRESETS.join(", "));
+        bail!(
+            "--format gguf:{ty}: unknown type (valid: {})",
+            PRESETS.join(", ")
+        );
     }
     let awq = match a.method.as_str() {
         "rtn" => None,
@@ -260,8 +340,19 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
     let report = if windows.is_empty() {
         quant::gguf_export::export(&ckpt, &file, &plan, None, &mut progress)
     } else {
-        let calib = quant::gguf_calib::GgufCalibration { windows: &windows, awq: awq.clone(), sample_rows: a.sample_rows };
-        quant::gguf_calib::export_calibrated(&ckpt, &file, &plan, &calib, model::default_device(), &mut progress)
+        let calib = quant::gguf_calib::GgufCalibration {
+            windows: &windows,
+            awq: awq.clone(),
+            sample_rows: a.sample_rows,
+        };
+        quant::gguf_calib::export_calibrated(
+            &ckpt,
+            &file,
+            &plan,
+            &calib,
+            model::default_device(),
+            &mut progress,
+        )
     }
     .with_context(|| format!("cannot write {}", a.out.join("model.gguf").display()))?;
     pb.finish_and_clear();
@@ -278,13 +369,19 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
         "fallbacks": report.fallbacks().map(|t| json!({"tensor": t.name, "planned": t.planned.name(), "written": t.ty.name()})).collect::<Vec<_>>(),
         "tensor_types": types,
     });
-    std::fs::write(tmp.join("quant_report.json"), serde_json::to_string_pretty(&full)?)?;
+    std::fs::write(
+        tmp.join("quant_report.json"),
+        serde_json::to_string_pretty(&full)?,
+    )?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
     let how = match (&awq, windows.is_empty()) {
         (_, true) => "plain rounding".to_string(),
         (None, false) => format!("importance from {} calibration windows", windows.len()),
-        (Some(_), false) => format!("AWQ scales and importance from {} calibration windows", windows.len()),
+        (Some(_), false) => format!(
+            "AWQ scales and importance from {} calibration windows",
+            windows.len()
+        ),
     };
     println!("{how}");
     crate::convert::print_export(&report, &plan, &a.out.join("model.gguf"));

@@ -30,16 +30,40 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
 /// contains `names` (a file name) and every `needle`, and no change under `root`.
 fn fails(root: &Path, args: &[&Path], names: &str, needles: &[&str]) {
     let before = snapshot(root);
-    let out = Command::new(env!("CARGO_BIN_EXE_compress")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_compress"))
+        .args(args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    let cmd = format!("compress {}", args.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(" "));
-    assert_eq!(out.status.code(), Some(2), "{cmd}: exit status {:?}, stderr {err}", out.status);
-    assert!(err.starts_with("error: ") && err.ends_with('\n') && err.lines().count() == 1, "{cmd}: stderr not one error line: {err:?}");
-    assert!(err.contains(names), "{cmd}: stderr does not name `{names}`: {err}");
+    let cmd = format!(
+        "compress {}",
+        args.iter()
+            .map(|a| a.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{cmd}: exit status {:?}, stderr {err}",
+        out.status
+    );
+    assert!(
+        err.starts_with("error: ") && err.ends_with('\n') && err.lines().count() == 1,
+        "{cmd}: stderr not one error line: {err:?}"
+    );
+    assert!(
+        err.contains(names),
+        "{cmd}: stderr does not name `{names}`: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "{cmd}: stderr lacks `{n}`: {err}");
     }
-    assert!(snapshot(root) == before, "{cmd}: files under {} changed", root.display());
+    assert!(
+        snapshot(root) == before,
+        "{cmd}: files under {} changed",
+        root.display()
+    );
 }
 
 /// A valid tiny Llama HF folder (config.json + model.safetensors, F32 zeros), with the
@@ -64,15 +88,25 @@ fn hf_folder(dir: &Path, config: &serde_json::Value, header_len: Option<u64>) ->
     let mut off = 0;
     for (name, shape) in &tensors {
         let n = shape.iter().product::<usize>() * 4;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}));
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}),
+        );
         off += n;
     }
     let text = serde_json::to_string(&header).unwrap();
-    let mut bytes = header_len.unwrap_or(text.len() as u64).to_le_bytes().to_vec();
+    let mut bytes = header_len
+        .unwrap_or(text.len() as u64)
+        .to_le_bytes()
+        .to_vec();
     bytes.extend_from_slice(text.as_bytes());
     bytes.resize(bytes.len() + off, 0);
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string(config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(config).unwrap(),
+    )
+    .unwrap();
     std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
     dir.to_path_buf()
 }
@@ -112,21 +146,69 @@ fn corrupt_inputs_and_refused_outputs_exit_2_with_one_line() {
     let p = Path::new;
 
     fails(root, &[p("inspect"), &gguf], "bad.gguf", &["1099511627776"]);
-    fails(root, &[p("inspect"), &past_eof], "past_eof/model.safetensors", &["runs past the end"]);
-    fails(root, &[p("inspect"), &no_hidden], "no_hidden/config.json", &["hidden_size"]);
-    fails(root, &[p("eval"), &gguf, p("--ppl"), &text], "bad.gguf", &["1099511627776"]);
-    fails(root, &[p("eval"), &no_hidden, p("--ppl"), &text], "no_hidden/config.json", &["hidden_size"]);
-    fails(root, &[p("convert"), &gguf, &root.join("fresh")], "bad.gguf", &["1099511627776"]);
-    fails(root, &[p("convert"), &past_eof, &root.join("fresh")], "past_eof/model.safetensors", &["runs past the end"]);
-    fails(root, &[p("convert"), &good, &existing], "existing", &["already exists", "--force"]);
+    fails(
+        root,
+        &[p("inspect"), &past_eof],
+        "past_eof/model.safetensors",
+        &["runs past the end"],
+    );
+    fails(
+        root,
+        &[p("inspect"), &no_hidden],
+        "no_hidden/config.json",
+        &["hidden_size"],
+    );
+    fails(
+        root,
+        &[p("eval"), &gguf, p("--ppl"), &text],
+        "bad.gguf",
+        &["1099511627776"],
+    );
+    fails(
+        root,
+        &[p("eval"), &no_hidden, p("--ppl"), &text],
+        "no_hidden/config.json",
+        &["hidden_size"],
+    );
+    fails(
+        root,
+        &[p("convert"), &gguf, &root.join("fresh")],
+        "bad.gguf",
+        &["1099511627776"],
+    );
+    fails(
+        root,
+        &[p("convert"), &past_eof, &root.join("fresh")],
+        "past_eof/model.safetensors",
+        &["runs past the end"],
+    );
+    fails(
+        root,
+        &[p("convert"), &good, &existing],
+        "existing",
+        &["already exists", "--force"],
+    );
     fails(root, &[p("convert"), &gguf, &existing], "bad.gguf", &[]);
-    fails(root, &[p("convert"), &good, &good.join("out")], "good/out", &["into the input model"]);
-    fails(root, &[p("convert"), &good, &good], "good", &["into the input model"]);
+    fails(
+        root,
+        &[p("convert"), &good, &good.join("out")],
+        "good/out",
+        &["into the input model"],
+    );
+    fails(
+        root,
+        &[p("convert"), &good, &good],
+        "good",
+        &["into the input model"],
+    );
 }
 
 /// A word-level tokenizer over the 16 ids of [`config`] (`<unk>`, `<s>`, 14 words).
 fn add_tokenizer(dir: &Path) {
-    let words = ["the", "a", "cell", "heart", "dose", "blood", "is", "of", "and", "to", "in", "we", "it", "on"];
+    let words = [
+        "the", "a", "cell", "heart", "dose", "blood", "is", "of", "and", "to", "in", "we", "it",
+        "on",
+    ];
     let mut vocab = serde_json::Map::new();
     vocab.insert("<unk>".into(), json!(0));
     vocab.insert("<s>".into(), json!(1));
@@ -142,8 +224,16 @@ fn add_tokenizer(dir: &Path) {
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
     });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "add_bos_token": true}"#).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tok).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "add_bos_token": true}"#,
+    )
+    .unwrap();
 }
 
 /// Overwrites the first value of tensor `name` in `dir/model.safetensors` with `value`.
@@ -173,7 +263,9 @@ fn quant_refuses_bad_options_inputs_and_outputs() {
     std::fs::write(existing.join("keep.txt"), "do not touch").unwrap();
     let fresh = root.join("fresh");
     let p = Path::new;
-    let q = |extra: &[&'static str]| -> Vec<&'static Path> { extra.iter().map(|s| Path::new(*s)).collect() };
+    let q = |extra: &[&'static str]| -> Vec<&'static Path> {
+        extra.iter().map(|s| Path::new(*s)).collect()
+    };
 
     // Bits outside 2..=8 (a group that does not divide a width is not an error: the last
     // group of each row is shorter, as the README documents).
@@ -183,7 +275,16 @@ fn quant_refuses_bad_options_inputs_and_outputs() {
         fails(root, &a, &format!("--bits {bits}"), &["2 to 8"]);
     }
     // Calibration text shorter than one sequence.
-    let mut a = vec![p("quant"), &good, p("--out"), &fresh, p("--method"), p("awq"), p("--calib"), &short];
+    let mut a = vec![
+        p("quant"),
+        &good,
+        p("--out"),
+        &fresh,
+        p("--method"),
+        p("awq"),
+        p("--calib"),
+        &short,
+    ];
     a.extend(q(&["--calib-len", "64", "--group", "8"]));
     fails(root, &a, "short.txt", &["64"]);
     // NaN in a weight: the tensor is named, nothing is left behind.
@@ -191,11 +292,85 @@ fn quant_refuses_bad_options_inputs_and_outputs() {
     a.extend(q(&["--group", "8"]));
     fails(root, &a, "model.layers.0.mlp.down_proj.weight", &["NaN"]);
     // Existing output without --force; output inside the teacher.
-    fails(root, &[p("quant"), &good, p("--out"), &existing, p("--group"), p("8")], "existing", &["already exists", "--force"]);
-    fails(root, &[p("quant"), &good, p("--out"), &good.join("q"), p("--group"), p("8")], "good/q", &["into the input model"]);
+    fails(
+        root,
+        &[
+            p("quant"),
+            &good,
+            p("--out"),
+            &existing,
+            p("--group"),
+            p("8"),
+        ],
+        "existing",
+        &["already exists", "--force"],
+    );
+    fails(
+        root,
+        &[
+            p("quant"),
+            &good,
+            p("--out"),
+            &good.join("q"),
+            p("--group"),
+            p("8"),
+        ],
+        "good/q",
+        &["into the input model"],
+    );
     // GGUF output: unknown type lists the valid ones; inside the teacher; GPTQ refused.
-    fails(root, &[p("quant"), &good, p("--out"), &fresh, p("--format"), p("gguf:q3_xs")], "gguf:q3_xs", &["q4_0", "q4_k_m", "q8_0"]);
-    fails(root, &[p("quant"), &good, p("--out"), &good.join("g"), p("--format"), p("gguf:q8_0")], "good/g", &["into the input model"]);
-    fails(root, &[p("quant"), &good, p("--out"), &fresh, p("--format"), p("gguf:q4_0"), p("--method"), p("gptq")], "gguf:q4_0", &["rtn or awq"]);
-    fails(root, &[p("quant"), &good, p("--out"), &fresh, p("--format"), p("dense,gguf:q4_0")], "gguf:TYPE", &["combined"]);
+    fails(
+        root,
+        &[
+            p("quant"),
+            &good,
+            p("--out"),
+            &fresh,
+            p("--format"),
+            p("gguf:q3_xs"),
+        ],
+        "gguf:q3_xs",
+        &["q4_0", "q4_k_m", "q8_0"],
+    );
+    fails(
+        root,
+        &[
+            p("quant"),
+            &good,
+            p("--out"),
+            &good.join("g"),
+            p("--format"),
+            p("gguf:q8_0"),
+        ],
+        "good/g",
+        &["into the input model"],
+    );
+    fails(
+        root,
+        &[
+            p("quant"),
+            &good,
+            p("--out"),
+            &fresh,
+            p("--format"),
+            p("gguf:q4_0"),
+            p("--method"),
+            p("gptq"),
+        ],
+        "gguf:q4_0",
+        &["rtn or awq"],
+    );
+    fails(
+        root,
+        &[
+            p("quant"),
+            &good,
+            p("--out"),
+            &fresh,
+            p("--format"),
+            p("dense,gguf:q4_0"),
+        ],
+        "gguf:TYPE",
+        &["combined"],
+    );
 }

@@ -26,13 +26,25 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(model_path) = args.first() else {
-        return Err(format!("usage: tasks MODEL [TASK,TASK,...] [LIMIT]  (tasks: {})", KNOWN_TASKS.join(", ")).into());
+        return Err(format!(
+            "usage: tasks MODEL [TASK,TASK,...] [LIMIT]  (tasks: {})",
+            KNOWN_TASKS.join(", ")
+        )
+        .into());
     };
     let names: Vec<String> = match args.get(1) {
-        Some(list) => list.split(',').filter(|s| !s.is_empty()).map(String::from).collect(),
+        Some(list) => list
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
         None => KNOWN_TASKS.iter().map(|s| s.to_string()).collect(),
     };
-    let limit = args.get(2).map(|s| s.parse::<usize>()).transpose().map_err(|e| format!("LIMIT: {e}"))?;
+    let limit = args
+        .get(2)
+        .map(|s| s.parse::<usize>())
+        .transpose()
+        .map_err(|e| format!("LIMIT: {e}"))?;
     let data_dir = match std::env::var_os("SHARED") {
         Some(s) => PathBuf::from(s).join("data"),
         None => default_data_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
@@ -41,13 +53,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let ckpt = Checkpoint::open(Path::new(model_path))?;
     let tok = model::load_tokenizer(&ckpt)?;
     let mut last = (String::new(), 0u64);
-    let results = run_tasks(&ckpt, &tok, &names, &data_dir, limit, model::default_device(), |task, done, total| {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        if task != last.0 || pct >= last.1 + 10 || done == total {
-            eprintln!("[{:7.1}s] {task}: {done}/{total} ({pct}%)", start.elapsed().as_secs_f64());
-            last = (task.to_string(), pct);
-        }
-    })?;
+    let results = run_tasks(
+        &ckpt,
+        &tok,
+        &names,
+        &data_dir,
+        limit,
+        model::default_device(),
+        |task, done, total| {
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
+            if task != last.0 || pct >= last.1 + 10 || done == total {
+                eprintln!(
+                    "[{:7.1}s] {task}: {done}/{total} ({pct}%)",
+                    start.elapsed().as_secs_f64()
+                );
+                last = (task.to_string(), pct);
+            }
+        },
+    )?;
     println!(
         "model: {model_path}  limit: {}  threads: {}",
         limit.map_or("none".into(), |l| l.to_string()),

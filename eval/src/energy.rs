@@ -54,8 +54,15 @@ fn rapl_read() -> Option<Vec<(String, u64, u64)>> {
         // Package domains only (intel-rapl:0, intel-rapl:1); sub-domains are inside them.
         if name.starts_with("intel-rapl:") && name.matches(':').count() == 1 {
             let p = e.path();
-            let uj = std::fs::read_to_string(p.join("energy_uj")).ok()?.trim().parse().ok()?;
-            let max = std::fs::read_to_string(p.join("max_energy_range_uj")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(u64::MAX);
+            let uj = std::fs::read_to_string(p.join("energy_uj"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            let max = std::fs::read_to_string(p.join("max_energy_range_uj"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(u64::MAX);
             out.push((name, uj, max));
         }
     }
@@ -65,9 +72,13 @@ fn rapl_read() -> Option<Vec<(String, u64, u64)>> {
 /// This process's user + system CPU seconds, from `/proc/self/stat` (clock ticks of 1/100 s,
 /// Linux's USER_HZ on every mainstream architecture).
 pub fn cpu_seconds() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
@@ -76,7 +87,11 @@ pub fn cpu_seconds() -> f64 {
 impl EnergyMeter {
     /// Starts measuring.
     pub fn start() -> Self {
-        Self { rapl_uj: rapl_read(), cpu_seconds: cpu_seconds(), wall: std::time::Instant::now() }
+        Self {
+            rapl_uj: rapl_read(),
+            cpu_seconds: cpu_seconds(),
+            wall: std::time::Instant::now(),
+        }
     }
 
     /// Energy since `start`, divided over `tokens`.
@@ -98,7 +113,13 @@ impl EnergyMeter {
             None => ("estimate", cpu * watts_per_core, Some(watts_per_core)),
         };
         let g = joules / 3.6e6 * grid_g_per_kwh;
-        let per_k = |x: f64| if tokens > 0 { x * 1000.0 / tokens as f64 } else { 0.0 };
+        let per_k = |x: f64| {
+            if tokens > 0 {
+                x * 1000.0 / tokens as f64
+            } else {
+                0.0
+            }
+        };
         EnergyReport {
             source,
             joules,

@@ -54,7 +54,12 @@ fn log_softmax(row: &[f32]) -> (Vec<f64>, usize) {
             arg = i;
         }
     }
-    let lse = (max as f64) + row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
+    let lse = (max as f64)
+        + row
+            .iter()
+            .map(|&v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
     (row.iter().map(|&v| v as f64 - lse).collect(), arg)
 }
 
@@ -81,7 +86,12 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Checks teacher and student can be compared token for token.
-pub fn check_same_vocab(teacher: &Checkpoint, student: &Checkpoint, tt: &Tokenizer, ts: &Tokenizer) -> Result<(), EvalError> {
+pub fn check_same_vocab(
+    teacher: &Checkpoint,
+    student: &Checkpoint,
+    tt: &Tokenizer,
+    ts: &Tokenizer,
+) -> Result<(), EvalError> {
     let (vt, vs) = (teacher.config().vocab_size, student.config().vocab_size);
     if vt != vs {
         return Err(EvalError::Input(format!(
@@ -113,16 +123,23 @@ pub fn kl_divergence(
 ) -> Result<(PplResult, PplResult, KldResult), EvalError> {
     let (windows, first) = make_windows(tokens, tok, opts)?;
     let start = std::time::Instant::now();
-    let per_model = (student.config().num_hidden_layers + teacher.config().num_hidden_layers) as u64;
+    let per_model =
+        (student.config().num_hidden_layers + teacher.config().num_hidden_layers) as u64;
     let total = (per_model + 1) * windows.len() as u64;
     let mut done = 0u64;
-    let mut run = |ck: &Checkpoint, done: &mut u64| -> Result<(Vec<model::Tensor<3>>, model::engine::Head), EvalError> {
+    let mut run = |ck: &Checkpoint,
+                   done: &mut u64|
+     -> Result<(Vec<model::Tensor<3>>, model::engine::Head), EvalError> {
         let engine = LayerEngine::new(ck, device.clone(), opts.ctx);
         let mut states = engine.embed(&windows)?;
-        engine.run_blocks(&mut states, |_, _, _| Ok(()), || {
-            *done += 1;
-            progress(*done, total);
-        })?;
+        engine.run_blocks(
+            &mut states,
+            |_, _, _| Ok(()),
+            || {
+                *done += 1;
+                progress(*done, total);
+            },
+        )?;
         Ok((states, engine.load_head()?))
     };
     let (t_states, t_head) = run(teacher, &mut done)?;
@@ -137,14 +154,27 @@ pub fn kl_divergence(
         let targets = &w[first + 1..];
         let chunk: Vec<TokenStats> = (0..n)
             .into_par_iter()
-            .map(|j| compare(&lt[j * v..(j + 1) * v], &ls[j * v..(j + 1) * v], targets[j] as usize))
+            .map(|j| {
+                compare(
+                    &lt[j * v..(j + 1) * v],
+                    &ls[j * v..(j + 1) * v],
+                    targets[j] as usize,
+                )
+            })
             .collect();
         stats.extend(chunk);
         done += 1;
         progress(done, total);
     }
     let wall = start.elapsed().as_secs_f64();
-    Ok(summarize_stats(stats, &windows, tokens.len(), opts, t_secs, wall - t_secs))
+    Ok(summarize_stats(
+        stats,
+        &windows,
+        tokens.len(),
+        opts,
+        t_secs,
+        wall - t_secs,
+    ))
 }
 
 fn summarize_stats(
@@ -248,10 +278,20 @@ impl TopK {
         let (lp, _) = log_softmax(row);
         let mut idx: Vec<u32> = (0..row.len() as u32).collect();
         let k = k.min(row.len()).max(1);
-        idx.select_nth_unstable_by(k - 1, |&a, &b| lp[b as usize].partial_cmp(&lp[a as usize]).unwrap_or(std::cmp::Ordering::Equal));
-        let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, lp[i as usize] as f32)).collect();
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            lp[b as usize]
+                .partial_cmp(&lp[a as usize])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let mut top: Vec<(u32, f32)> = idx[..k]
+            .iter()
+            .map(|&i| (i, lp[i as usize] as f32))
+            .collect();
         top.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
-        Self { top, target_logp: lp[target] as f32 }
+        Self {
+            top,
+            target_logp: lp[target] as f32,
+        }
     }
 
     /// Compares with a student logit row.
@@ -328,24 +368,48 @@ impl TeacherLogits {
     pub fn load(path: &std::path::Path) -> Result<Self, EvalError> {
         let bad = |m: String| EvalError::Input(format!("{}: {m}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let nl = bytes.iter().position(|&b| b == b'\n').ok_or_else(|| bad("no header line".into()))?;
-        let header: serde_json::Value = serde_json::from_slice(&bytes[..nl]).map_err(|e| bad(format!("bad header: {e}")))?;
-        let k = header["k"].as_u64().ok_or_else(|| bad("header lacks k".into()))? as usize;
-        let n = header["positions"].as_u64().ok_or_else(|| bad("header lacks positions".into()))? as usize;
-        let rec = k.checked_mul(8).and_then(|v| v.checked_add(4)).ok_or_else(|| bad("k too large".into()))?;
+        let nl = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| bad("no header line".into()))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&bytes[..nl]).map_err(|e| bad(format!("bad header: {e}")))?;
+        let k = header["k"]
+            .as_u64()
+            .ok_or_else(|| bad("header lacks k".into()))? as usize;
+        let n = header["positions"]
+            .as_u64()
+            .ok_or_else(|| bad("header lacks positions".into()))? as usize;
+        let rec = k
+            .checked_mul(8)
+            .and_then(|v| v.checked_add(4))
+            .ok_or_else(|| bad("k too large".into()))?;
         let body = &bytes[nl + 1..];
         if k == 0 || n.checked_mul(rec) != Some(body.len()) {
-            return Err(bad(format!("expected {n} records of {rec} bytes, found {} bytes", body.len())));
+            return Err(bad(format!(
+                "expected {n} records of {rec} bytes, found {} bytes",
+                body.len()
+            )));
         }
         let f32_at = |o: usize| f32::from_le_bytes(body[o..o + 4].try_into().expect("4 bytes"));
         let rows = (0..n)
             .map(|i| {
                 let base = i * rec;
                 let top = (0..k)
-                    .map(|j| (u32::from_le_bytes(body[base + 8 * j..base + 8 * j + 4].try_into().expect("4")), f32_at(base + 8 * j + 4)))
+                    .map(|j| {
+                        (
+                            u32::from_le_bytes(
+                                body[base + 8 * j..base + 8 * j + 4].try_into().expect("4"),
+                            ),
+                            f32_at(base + 8 * j + 4),
+                        )
+                    })
                     .filter(|(_, lp)| lp.is_finite())
                     .collect();
-                TopK { top, target_logp: f32_at(base + 8 * k) }
+                TopK {
+                    top,
+                    target_logp: f32_at(base + 8 * k),
+                }
             })
             .collect();
         Ok(Self { header, rows })
@@ -367,17 +431,24 @@ pub fn teacher_logits(
     let total = (teacher.config().num_hidden_layers as u64 + 1) * windows.len() as u64;
     let mut done = 0u64;
     let mut states = engine.embed(&windows)?;
-    engine.run_blocks(&mut states, |_, _, _| Ok(()), || {
-        done += 1;
-        progress(done, total);
-    })?;
+    engine.run_blocks(
+        &mut states,
+        |_, _, _| Ok(()),
+        || {
+            done += 1;
+            progress(done, total);
+        },
+    )?;
     let head = engine.load_head()?;
     let (n, v) = (opts.ctx - 1 - first, head.vocab());
     let mut rows = Vec::with_capacity(n * windows.len());
     for (w, st) in windows.iter().zip(&states) {
         let lt = head.logits(st, first);
         let targets = &w[first + 1..];
-        let chunk: Vec<TopK> = (0..n).into_par_iter().map(|j| TopK::from_logits(&lt[j * v..(j + 1) * v], k, targets[j] as usize)).collect();
+        let chunk: Vec<TopK> = (0..n)
+            .into_par_iter()
+            .map(|j| TopK::from_logits(&lt[j * v..(j + 1) * v], k, targets[j] as usize))
+            .collect();
         rows.extend(chunk);
         done += 1;
         progress(done, total);
@@ -409,7 +480,10 @@ pub fn kl_from_saved(
     {
         return Err(EvalError::Input(format!(
             "saved teacher logits were made for other text, ctx or chunks (file: ctx {}, chunks {}; now: ctx {}, chunks {})",
-            h["ctx"], h["chunks"], opts.ctx, windows.len()
+            h["ctx"],
+            h["chunks"],
+            opts.ctx,
+            windows.len()
         )));
     }
     if h["vocab"].as_u64() != Some(student.config().vocab_size as u64) {
@@ -424,10 +498,14 @@ pub fn kl_from_saved(
     let total = (student.config().num_hidden_layers as u64 + 1) * windows.len() as u64;
     let mut done = 0u64;
     let mut states = engine.embed(&windows)?;
-    engine.run_blocks(&mut states, |_, _, _| Ok(()), || {
-        done += 1;
-        progress(done, total);
-    })?;
+    engine.run_blocks(
+        &mut states,
+        |_, _, _| Ok(()),
+        || {
+            done += 1;
+            progress(done, total);
+        },
+    )?;
     let head = engine.load_head()?;
     let (n, v) = (opts.ctx - 1 - first, head.vocab());
     let mut stats = Vec::new();
@@ -442,5 +520,12 @@ pub fn kl_from_saved(
         done += 1;
         progress(done, total);
     }
-    Ok(summarize_stats(stats, &windows, tokens.len(), opts, 0.0, start.elapsed().as_secs_f64()))
+    Ok(summarize_stats(
+        stats,
+        &windows,
+        tokens.len(),
+        opts,
+        0.0,
+        start.elapsed().as_secs_f64(),
+    ))
 }

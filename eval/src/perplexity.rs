@@ -69,10 +69,16 @@ pub enum EvalError {
 }
 
 /// Cuts `tokens` into chunks and returns them with the index of the first scored position.
-pub fn make_windows(tokens: &[u32], tok: &Tokenizer, opts: &PplOptions) -> Result<(Vec<Vec<u32>>, usize), EvalError> {
+pub fn make_windows(
+    tokens: &[u32],
+    tok: &Tokenizer,
+    opts: &PplOptions,
+) -> Result<(Vec<Vec<u32>>, usize), EvalError> {
     let ctx = opts.ctx;
     if ctx < 8 {
-        return Err(EvalError::Input(format!("--ctx {ctx} is too small (at least 8)")));
+        return Err(EvalError::Input(format!(
+            "--ctx {ctx} is too small (at least 8)"
+        )));
     }
     let mut toks: Vec<u32> = Vec::with_capacity(tokens.len() + 1);
     if opts.protocol == Protocol::Hf && tok.add_bos {
@@ -125,7 +131,11 @@ pub fn summarize(nll: &[f64]) -> (f64, f64, f64) {
     let mean2 = nll.iter().map(|v| v * v).sum::<f64>() / n;
     let ppl = mean.exp();
     let var = mean2 - mean * mean;
-    let stderr = if var > 0.0 && n > 1.0 { (var / (n - 1.0)).sqrt() * ppl } else { 0.0 };
+    let stderr = if var > 0.0 && n > 1.0 {
+        (var / (n - 1.0)).sqrt() * ppl
+    } else {
+        0.0
+    };
     (ppl, stderr, mean)
 }
 
@@ -147,17 +157,25 @@ pub fn perplexity(
     let mut done = 0u64;
     progress(done, total);
     let mut states = engine.embed(&windows)?;
-    engine.run_blocks(&mut states, |_, _, _| Ok(()), || {
-        done += 1;
-        progress(done, total);
-    })?;
+    engine.run_blocks(
+        &mut states,
+        |_, _, _| Ok(()),
+        || {
+            done += 1;
+            progress(done, total);
+        },
+    )?;
     let head = engine.load_head()?;
     let mut nll = Vec::new();
     for (w, s) in windows.iter().zip(states.iter()) {
         // Position j predicts token j+1; the last position predicts nothing in this chunk.
         let logits = head.logits(s, first);
         let n = opts.ctx - 1 - first;
-        nll.extend(nll_rows(&logits[..n * head.vocab()], head.vocab(), &w[first + 1..]));
+        nll.extend(nll_rows(
+            &logits[..n * head.vocab()],
+            head.vocab(),
+            &w[first + 1..],
+        ));
         done += 1;
         progress(done, total);
     }

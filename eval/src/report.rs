@@ -20,7 +20,15 @@ impl SizeReport {
         let t = ckpt.tensors();
         let params: u64 = t.iter().map(|m| m.numel()).sum();
         let data: u64 = t.iter().map(|m| m.bytes).sum();
-        Self { bytes: ckpt.bytes_on_disk(), params, bits_per_weight: if params > 0 { 8.0 * data as f64 / params as f64 } else { 0.0 } }
+        Self {
+            bytes: ckpt.bytes_on_disk(),
+            params,
+            bits_per_weight: if params > 0 {
+                8.0 * data as f64 / params as f64
+            } else {
+                0.0
+            },
+        }
     }
 }
 

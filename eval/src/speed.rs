@@ -31,7 +31,12 @@ pub struct GenSpeed {
 }
 
 /// Measures prompt processing of `prompt` and greedy generation of `n_gen` tokens.
-pub fn measure(ckpt: &Checkpoint, prompt: &[u32], n_gen: usize, device: Device) -> Result<GenSpeed, EvalError> {
+pub fn measure(
+    ckpt: &Checkpoint,
+    prompt: &[u32],
+    n_gen: usize,
+    device: Device,
+) -> Result<GenSpeed, EvalError> {
     if prompt.is_empty() {
         return Err(EvalError::Input("the speed prompt is empty".into()));
     }

@@ -13,10 +13,10 @@ use model::safetensors_io::StoreDtype;
 use serde_json::{Value, json};
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "a", "is", "was", "for", "on", "as", "with", "by", "he", "it", "at", "from", "his",
-    "an", "were", "are", "which", "this", "be", "or", "has", "had", "first", "one", "their", "its", "new", "after",
-    "but", "who", "not", "they", "have", "her", "she", "two", "been", "other", "when", "there", "all", "during",
-    "into",
+    "the", "of", "and", "to", "in", "a", "is", "was", "for", "on", "as", "with", "by", "he", "it",
+    "at", "from", "his", "an", "were", "are", "which", "this", "be", "or", "has", "had", "first",
+    "one", "their", "its", "new", "after", "but", "who", "not", "they", "have", "her", "she",
+    "two", "been", "other", "when", "there", "all", "during", "into",
 ];
 
 /// A word-level tokenizer: `<unk>` = 0, `<s>` = 1 (added first by the post-processor, so
@@ -68,10 +68,19 @@ fn perplexity_equals_reference_exp_mean_nll() {
     assert_eq!(tok.bos_id, Some(1));
 
     let mut rng = Rng::new(99);
-    let words: Vec<&str> = (0..120).map(|_| WORDS[rng.below(WORDS.len() as u32) as usize]).collect();
-    let text = words.chunks(10).map(|l| l.join(" ")).collect::<Vec<_>>().join("\n");
+    let words: Vec<&str> = (0..120)
+        .map(|_| WORDS[rng.below(WORDS.len() as u32) as usize])
+        .collect();
+    let text = words
+        .chunks(10)
+        .map(|l| l.join(" "))
+        .collect::<Vec<_>>()
+        .join("\n");
     let tokens = tok.encode(&text).unwrap();
-    let expected_ids: Vec<u32> = words.iter().map(|w| WORDS.iter().position(|x| x == w).unwrap() as u32 + 2).collect();
+    let expected_ids: Vec<u32> = words
+        .iter()
+        .map(|w| WORDS.iter().position(|x| x == w).unwrap() as u32 + 2)
+        .collect();
     assert_eq!(tokens, expected_ids, "word-level tokenizer");
 
     let cfg = config();
@@ -85,8 +94,20 @@ fn perplexity_equals_reference_exp_mean_nll() {
 
     let (ctx, chunks) = (16, 3);
     for protocol in [Protocol::Hf, Protocol::Llama] {
-        let opts = PplOptions { ctx, chunks: Some(chunks), protocol };
-        let res = perplexity(&ckpt, &tok, &tokens, &opts, model::default_device(), |_, _| {}).unwrap();
+        let opts = PplOptions {
+            ctx,
+            chunks: Some(chunks),
+            protocol,
+        };
+        let res = perplexity(
+            &ckpt,
+            &tok,
+            &tokens,
+            &opts,
+            model::default_device(),
+            |_, _| {},
+        )
+        .unwrap();
         // The windows and scored positions each protocol defines, built here independently.
         let mut nlls = Vec::new();
         for c in 0..chunks {
@@ -114,10 +135,21 @@ fn perplexity_equals_reference_exp_mean_nll() {
         assert_eq!(res.chunks, chunks);
         assert_eq!(res.tokens_processed, chunks * ctx);
         assert_eq!(res.tokens_total, tokens.len());
-        assert!((res.mean_nll - mean).abs() < 1e-5, "{protocol:?}: mean NLL {} vs reference {mean}", res.mean_nll);
-        assert!(((res.value - ppl) / ppl).abs() < 1e-5, "{protocol:?}: perplexity {} vs reference {ppl}", res.value);
+        assert!(
+            (res.mean_nll - mean).abs() < 1e-5,
+            "{protocol:?}: mean NLL {} vs reference {mean}",
+            res.mean_nll
+        );
+        assert!(
+            ((res.value - ppl) / ppl).abs() < 1e-5,
+            "{protocol:?}: perplexity {} vs reference {ppl}",
+            res.value
+        );
         // Random weights: near-uniform predictions over 50 tokens, but not exactly.
-        assert!(ppl > 5.0 && ppl < 500.0 && (ppl - 50.0).abs() > 1e-3, "{ppl}");
+        assert!(
+            ppl > 5.0 && ppl < 500.0 && (ppl - 50.0).abs() > 1e-3,
+            "{ppl}"
+        );
     }
 }
 
@@ -128,9 +160,27 @@ fn kld_refuses_teacher_and_student_with_different_vocabularies() {
     let mut bigger = cfg.clone();
     bigger["vocab_size"] = serde_json::json!(60);
     let (dt, ds) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    write_hf(dt.path(), &synthesize(cfg, 1, StoreDtype::F32), StoreDtype::F32, 1);
-    write_hf(ds.path(), &synthesize(bigger, 2, StoreDtype::F32), StoreDtype::F32, 1);
-    let (t, s) = (Checkpoint::open(dt.path()).unwrap(), Checkpoint::open(ds.path()).unwrap());
-    let e = eval::kld::check_same_vocab(&t, &s, &tok, &tok).unwrap_err().to_string();
-    assert!(e.contains("vocabulary of 50") && e.contains("has 60") && e.contains("same vocabulary"), "{e}");
+    write_hf(
+        dt.path(),
+        &synthesize(cfg, 1, StoreDtype::F32),
+        StoreDtype::F32,
+        1,
+    );
+    write_hf(
+        ds.path(),
+        &synthesize(bigger, 2, StoreDtype::F32),
+        StoreDtype::F32,
+        1,
+    );
+    let (t, s) = (
+        Checkpoint::open(dt.path()).unwrap(),
+        Checkpoint::open(ds.path()).unwrap(),
+    );
+    let e = eval::kld::check_same_vocab(&t, &s, &tok, &tok)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("vocabulary of 50") && e.contains("has 60") && e.contains("same vocabulary"),
+        "{e}"
+    );
 }

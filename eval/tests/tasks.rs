@@ -47,16 +47,27 @@ fn piqa_missing_field_names_file_and_line() {
     );
     s.write("piqa/valid-labels.lst", "0\n1\n");
     let e = err_of(load_piqa(&s.0, ""));
-    assert!(e.contains("piqa/valid.jsonl:2") && e.contains("`sol2`"), "{e}");
+    assert!(
+        e.contains("piqa/valid.jsonl:2") && e.contains("`sol2`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn piqa_label_out_of_range_names_labels_file_and_line() {
     let s = Scratch::new("piqa-label");
-    s.write("piqa/valid.jsonl", "{\"goal\": \"g\", \"sol1\": \"a\", \"sol2\": \"b\"}\n".repeat(3).as_str());
+    s.write(
+        "piqa/valid.jsonl",
+        "{\"goal\": \"g\", \"sol1\": \"a\", \"sol2\": \"b\"}\n"
+            .repeat(3)
+            .as_str(),
+    );
     s.write("piqa/valid-labels.lst", "0\n1\n2\n");
     let e = err_of(load_piqa(&s.0, ""));
-    assert!(e.contains("valid-labels.lst:3") && e.contains("out of range"), "{e}");
+    assert!(
+        e.contains("valid-labels.lst:3") && e.contains("out of range"),
+        "{e}"
+    );
     // Fewer labels than documents is an error too.
     s.write("piqa/valid-labels.lst", "0\n1\n");
     assert!(err_of(load_piqa(&s.0, "")).contains("2 labels for 3 documents"));
@@ -69,7 +80,10 @@ fn arc_answer_key_out_of_range_and_missing_stem() {
     let bad_key = r#"{"question": {"stem": "Q", "choices": [{"text": "x", "label": "A"}, {"text": "y", "label": "B"}]}, "answerKey": "E"}"#;
     s.write("arc/arc_easy_test.jsonl", &format!("{good}\n\n{bad_key}\n"));
     let e = err_of(load_arc(&s.0, ""));
-    assert!(e.contains("arc_easy_test.jsonl:3") && e.contains("answerKey `E` is out of range"), "{e}");
+    assert!(
+        e.contains("arc_easy_test.jsonl:3") && e.contains("answerKey `E` is out of range"),
+        "{e}"
+    );
     let no_stem = r#"{"question": {"choices": []}, "answerKey": "A"}"#;
     s.write("arc/arc_easy_test.jsonl", &format!("{good}\n{no_stem}\n"));
     let e = err_of(load_arc(&s.0, ""));
@@ -88,16 +102,34 @@ fn medqa_and_mmlu_bad_answers() {
          {\"question\": \"q\", \"options\": {\"A\": \"a\", \"B\": \"b\"}, \"answer_idx\": \"F\"}\n",
     );
     let e = err_of(load_medqa(&s.0, ""));
-    assert!(e.contains("medqa/test.jsonl:2") && e.contains("answer_idx `F`"), "{e}");
-    s.write("mmlu-medical/anatomy_test.csv", "\"multi\nline, question\",a,b,c,d,B\nq2,a,b,c,d,E\n");
+    assert!(
+        e.contains("medqa/test.jsonl:2") && e.contains("answer_idx `F`"),
+        "{e}"
+    );
+    s.write(
+        "mmlu-medical/anatomy_test.csv",
+        "\"multi\nline, question\",a,b,c,d,B\nq2,a,b,c,d,E\n",
+    );
     let e = err_of(load_mmlu(&s.0, "anatomy"));
-    assert!(e.contains("anatomy_test.csv:3") && e.contains("answer `E`"), "{e}");
+    assert!(
+        e.contains("anatomy_test.csv:3") && e.contains("answer `E`"),
+        "{e}"
+    );
     s.write("mmlu-medical/anatomy_test.csv", "q,a,b,c,A\n");
     let e = err_of(load_mmlu(&s.0, "anatomy"));
-    assert!(e.contains("anatomy_test.csv:1") && e.contains("5 columns"), "{e}");
-    s.write("mmlu-medical/anatomy_test.csv", "\"multi\nline, question\",a,b,c,d,B\n");
+    assert!(
+        e.contains("anatomy_test.csv:1") && e.contains("5 columns"),
+        "{e}"
+    );
+    s.write(
+        "mmlu-medical/anatomy_test.csv",
+        "\"multi\nline, question\",a,b,c,d,B\n",
+    );
     let r = load_mmlu(&s.0, "anatomy").unwrap();
-    assert_eq!((r[0].question.as_str(), r[0].gold), ("multi\nline, question", 1));
+    assert_eq!(
+        (r[0].question.as_str(), r[0].gold),
+        ("multi\nline, question", 1)
+    );
 }
 
 #[test]
@@ -107,20 +139,38 @@ fn pubmedqa_bad_label_and_missing_pmid() {
         "pubmedqa/ori_pqal.json",
         "{\n  \"1\": {\"QUESTION\": \"q\", \"CONTEXTS\": [\"a\", \"b\"]},\n  \"2\": {\"CONTEXTS\": []}\n}",
     );
-    s.write("pubmedqa/test_ground_truth.json", "{\n  \"1\": \"yes\",\n  \"2\": \"perhaps\"\n}");
+    s.write(
+        "pubmedqa/test_ground_truth.json",
+        "{\n  \"1\": \"yes\",\n  \"2\": \"perhaps\"\n}",
+    );
     let e = err_of(load_pubmedqa(&s.0, ""));
-    assert!(e.contains("test_ground_truth.json:3") && e.contains("`perhaps`"), "{e}");
-    s.write("pubmedqa/test_ground_truth.json", "{\n  \"1\": \"yes\",\n  \"2\": \"no\"\n}");
+    assert!(
+        e.contains("test_ground_truth.json:3") && e.contains("`perhaps`"),
+        "{e}"
+    );
+    s.write(
+        "pubmedqa/test_ground_truth.json",
+        "{\n  \"1\": \"yes\",\n  \"2\": \"no\"\n}",
+    );
     let e = err_of(load_pubmedqa(&s.0, ""));
-    assert!(e.contains("ori_pqal.json:3") && e.contains("`QUESTION`"), "{e}");
-    s.write("pubmedqa/test_ground_truth.json", "{\"3\": \"no\", \"1\": \"maybe\"}");
+    assert!(
+        e.contains("ori_pqal.json:3") && e.contains("`QUESTION`"),
+        "{e}"
+    );
+    s.write(
+        "pubmedqa/test_ground_truth.json",
+        "{\"3\": \"no\", \"1\": \"maybe\"}",
+    );
     assert!(err_of(load_pubmedqa(&s.0, "")).contains("PMID 3"));
     // Documents come in the order of ori_pqal.json, not of the (answer-sorted) ground truth.
     s.write(
         "pubmedqa/ori_pqal.json",
         "{\"5\": {\"QUESTION\": \"q5\", \"CONTEXTS\": []}, \"1\": {\"QUESTION\": \"q\", \"CONTEXTS\": [\"a\", \"b\"]}, \"7\": {}}",
     );
-    s.write("pubmedqa/test_ground_truth.json", "{\"1\": \"maybe\", \"5\": \"no\"}");
+    s.write(
+        "pubmedqa/test_ground_truth.json",
+        "{\"1\": \"maybe\", \"5\": \"no\"}",
+    );
     let r = load_pubmedqa(&s.0, "").unwrap();
     assert_eq!(r.len(), 2);
     assert_eq!((r[0].question.as_str(), r[0].gold), ("q5", 1));
@@ -130,7 +180,10 @@ fn pubmedqa_bad_label_and_missing_pmid() {
 fn smollm2() -> Option<(Checkpoint, Tokenizer)> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !p.exists() {
-        eprintln!("note: {} is missing; skipping (scripts/get-smollm2.sh fetches it)", p.display());
+        eprintln!(
+            "note: {} is missing; skipping (scripts/get-smollm2.sh fetches it)",
+            p.display()
+        );
         return None;
     }
     let ckpt = Checkpoint::open(&p).expect("open SmolLM2");
@@ -144,9 +197,16 @@ fn packed_scoring_equals_one_window_per_continuation() {
     let docs: Vec<(&str, Vec<&str>)> = vec![
         (
             "Question: How do you boil an egg?\nAnswer:",
-            vec![" Put it in boiling water for ten minutes.", " Freeze it overnight.", " Paint it."],
+            vec![
+                " Put it in boiling water for ten minutes.",
+                " Freeze it overnight.",
+                " Paint it.",
+            ],
         ),
-        ("Question: Which gas do plants take in?\nAnswer:", vec![" carbon dioxide", " oxygen gas from the soil"]),
+        (
+            "Question: Which gas do plants take in?\nAnswer:",
+            vec![" carbon dioxide", " oxygen gas from the soil"],
+        ),
         // All single tokens: the one-window path.
         ("Is the sun hot? Answer:", vec![" yes", " no"]),
     ];
@@ -154,7 +214,13 @@ fn packed_scoring_equals_one_window_per_continuation() {
     let reqs: Vec<Request> = docs
         .iter()
         .map(|(c, conts)| {
-            encode_request(&tok, c, &conts.iter().map(|s| s.to_string()).collect::<Vec<_>>(), max_len).unwrap()
+            encode_request(
+                &tok,
+                c,
+                &conts.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                max_len,
+            )
+            .unwrap()
         })
         .collect();
     assert!(!reqs[0].single_token() && reqs[2].single_token());
@@ -165,7 +231,10 @@ fn packed_scoring_equals_one_window_per_continuation() {
             r.continuations.iter().map(|c| {
                 let mut context = r.context.clone();
                 context.extend_from_slice(&c[..c.len() - 1]);
-                Request { context, continuations: vec![c.clone()] }
+                Request {
+                    context,
+                    continuations: vec![c.clone()],
+                }
             })
         })
         .collect();
@@ -175,7 +244,9 @@ fn packed_scoring_equals_one_window_per_continuation() {
     // Scored by hand from causal windows: sum the log-probabilities of the continuation tokens.
     let windows: Vec<Vec<u32>> = plain.iter().map(|r| r.context.clone()).collect();
     let mut states = engine.embed(&windows).unwrap();
-    engine.run_blocks(&mut states, |_, _, _| Ok(()), || {}).unwrap();
+    engine
+        .run_blocks(&mut states, |_, _, _| Ok(()), || {})
+        .unwrap();
     let v = head.vocab();
     let mut unpacked = Vec::new();
     for (r, s) in plain.iter().zip(&states) {
@@ -186,17 +257,32 @@ fn packed_scoring_equals_one_window_per_continuation() {
         for (j, &t) in c.iter().enumerate() {
             let row = &logits[j * v..(j + 1) * v];
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             ll += row[t as usize] as f64 - lse;
         }
         unpacked.push(ll);
     }
     let packed: Vec<f64> = packed.into_iter().flatten().collect();
     assert_eq!(packed.len(), unpacked.len());
-    let worst = packed.iter().zip(&unpacked).map(|(p, u)| (p - u).abs()).fold(0.0, f64::max);
-    eprintln!("packed vs unpacked: {} continuations, largest difference {worst:.2e}", packed.len());
+    let worst = packed
+        .iter()
+        .zip(&unpacked)
+        .map(|(p, u)| (p - u).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "packed vs unpacked: {} continuations, largest difference {worst:.2e}",
+        packed.len()
+    );
     for (p, u) in packed.iter().zip(&unpacked) {
-        assert!((p - u).abs() < 1e-3, "packed {p} vs unpacked {u} (all: {packed:?} vs {unpacked:?})");
+        assert!(
+            (p - u).abs() < 1e-3,
+            "packed {p} vs unpacked {u} (all: {packed:?} vs {unpacked:?})"
+        );
     }
 }
 
@@ -207,7 +293,9 @@ fn obvious_task_scores_acc_one_end_to_end() {
     let doc = |q: &str, choices: &[(&str, &str)], key: &str| {
         let ch: Vec<String> = choices
             .iter()
-            .map(|(l, t)| format!("{{\"text\": \"{t}\", \"label\": \"{l}\", \"para\": \"ignored\"}}"))
+            .map(|(l, t)| {
+                format!("{{\"text\": \"{t}\", \"label\": \"{l}\", \"para\": \"ignored\"}}")
+            })
             .collect();
         format!(
             "{{\"id\": \"x\", \"question\": {{\"stem\": \"{q}\", \"choices\": [{}]}}, \"answerKey\": \"{key}\"}}\n",
@@ -215,20 +303,54 @@ fn obvious_task_scores_acc_one_end_to_end() {
         )
     };
     let text = [
-        doc("What color is the sky on a clear day?", &[("A", "potato"), ("B", "blue")], "B"),
-        doc("What is the capital of France?", &[("1", "Paris"), ("2", "a sandwich"), ("3", "the number seven")], "1"),
-        doc("Which animal says meow?", &[("A", "a spoon"), ("B", "a table"), ("C", "a cat")], "C"),
+        doc(
+            "What color is the sky on a clear day?",
+            &[("A", "potato"), ("B", "blue")],
+            "B",
+        ),
+        doc(
+            "What is the capital of France?",
+            &[
+                ("1", "Paris"),
+                ("2", "a sandwich"),
+                ("3", "the number seven"),
+            ],
+            "1",
+        ),
+        doc(
+            "Which animal says meow?",
+            &[("A", "a spoon"), ("B", "a table"), ("C", "a cat")],
+            "C",
+        ),
     ]
     .concat();
     s.write("arc/arc_easy_test.jsonl", &text);
     let names = vec!["arc_easy".to_string()];
-    let res = run_tasks(&ckpt, &tok, &names, &s.0, None, model::default_device(), |_, _, _| {}).unwrap();
+    let res = run_tasks(
+        &ckpt,
+        &tok,
+        &names,
+        &s.0,
+        None,
+        model::default_device(),
+        |_, _, _| {},
+    )
+    .unwrap();
     let r = &res["arc_easy"];
     assert_eq!(r.n, 3);
     assert_eq!(r.acc, 1.0, "{r:?}");
     assert_eq!(r.acc_stderr, 0.0);
     // --limit keeps the first documents.
-    let res = run_tasks(&ckpt, &tok, &names, &s.0, Some(2), model::default_device(), |_, _, _| {}).unwrap();
+    let res = run_tasks(
+        &ckpt,
+        &tok,
+        &names,
+        &s.0,
+        Some(2),
+        model::default_device(),
+        |_, _, _| {},
+    )
+    .unwrap();
     assert_eq!(res["arc_easy"].n, 2);
 }
 
@@ -246,5 +368,8 @@ fn unknown_task_is_an_error_before_loading_anything() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("unknown task `nope`") && e.contains("arc_easy") && e.contains("mmlu_medical"), "{e}");
+    assert!(
+        e.contains("unknown task `nope`") && e.contains("arc_easy") && e.contains("mmlu_medical"),
+        "{e}"
+    );
 }

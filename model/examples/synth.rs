@@ -105,7 +105,10 @@ const EOS: u32 = 257;
 
 fn usage() -> ! {
     let names: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
-    eprintln!("usage: synth --shape {} [--dtype f32|f16|bf16] [--seed N] [--layers N] OUT_DIR", names.join("|"));
+    eprintln!(
+        "usage: synth --shape {} [--dtype f32|f16|bf16] [--seed N] [--layers N] OUT_DIR",
+        names.join("|")
+    );
     std::process::exit(2)
 }
 
@@ -129,7 +132,10 @@ fn parse_args() -> Args {
     let mut out = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut value = |flag: &str| it.next().unwrap_or_else(|| fail(format!("{flag} needs a value")));
+        let mut value = |flag: &str| {
+            it.next()
+                .unwrap_or_else(|| fail(format!("{flag} needs a value")))
+        };
         match a.as_str() {
             "--shape" => {
                 let v = value("--shape");
@@ -142,15 +148,25 @@ fn parse_args() -> Args {
             }
             "--dtype" => {
                 let v = value("--dtype");
-                dtype = StoreDtype::parse(&v).unwrap_or_else(|| fail(format!("--dtype `{v}` is not f32, f16 or bf16")));
+                dtype = StoreDtype::parse(&v)
+                    .unwrap_or_else(|| fail(format!("--dtype `{v}` is not f32, f16 or bf16")));
             }
             "--seed" => {
                 let v = value("--seed");
-                seed = v.parse().unwrap_or_else(|_| fail(format!("--seed `{v}` is not an integer")));
+                seed = v
+                    .parse()
+                    .unwrap_or_else(|_| fail(format!("--seed `{v}` is not an integer")));
             }
             "--layers" => {
                 let v = value("--layers");
-                layers = Some(v.parse().ok().filter(|&n: &usize| n > 0).unwrap_or_else(|| fail(format!("--layers `{v}` is not a positive integer"))));
+                layers = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &usize| n > 0)
+                        .unwrap_or_else(|| {
+                            fail(format!("--layers `{v}` is not a positive integer"))
+                        }),
+                );
             }
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => fail(format!("unknown option `{s}`")),
@@ -165,7 +181,12 @@ fn parse_args() -> Args {
         (Some(shape), Some(out)) => {
             let mut shape = Shape { ..*shape };
             shape.layers = layers.unwrap_or(shape.layers);
-            Args { shape, dtype, seed, out }
+            Args {
+                shape,
+                dtype,
+                seed,
+                out,
+            }
         }
         _ => usage(),
     }
@@ -174,7 +195,8 @@ fn parse_args() -> Args {
 /// GPT-2's byte-to-character map (printable bytes stand for themselves, the rest are
 /// shifted past U+0100), so every byte is one token of the byte-level BPE.
 fn byte_chars() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut n = 0;
     (0..256u32)
         .map(|b| {
@@ -234,27 +256,29 @@ fn fill_random(out: &mut [f32], std: f32, seed: u64) {
         let sum = (s & 0xFFFF) + ((s >> 16) & 0xFFFF) + ((s >> 32) & 0xFFFF) + (s >> 48);
         (sum as i32 - 2 * 65536) as f32 * scale
     };
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-        let mut state = [0u64; LANES];
-        for (l, s) in state.iter_mut().enumerate() {
-            *s = splitmix(seed ^ splitmix((c * LANES + l) as u64)) | 1;
-        }
-        let mut groups = chunk.chunks_exact_mut(LANES);
-        for group in &mut groups {
-            for (s, v) in state.iter_mut().zip(group.iter_mut()) {
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut state = [0u64; LANES];
+            for (l, s) in state.iter_mut().enumerate() {
+                *s = splitmix(seed ^ splitmix((c * LANES + l) as u64)) | 1;
+            }
+            let mut groups = chunk.chunks_exact_mut(LANES);
+            for group in &mut groups {
+                for (s, v) in state.iter_mut().zip(group.iter_mut()) {
+                    *s ^= *s << 13;
+                    *s ^= *s >> 7;
+                    *s ^= *s << 17;
+                    *v = value(*s);
+                }
+            }
+            for (s, v) in state.iter_mut().zip(groups.into_remainder()) {
                 *s ^= *s << 13;
                 *s ^= *s >> 7;
                 *s ^= *s << 17;
                 *v = value(*s);
             }
-        }
-        for (s, v) in state.iter_mut().zip(groups.into_remainder()) {
-            *s ^= *s << 13;
-            *s ^= *s >> 7;
-            *s ^= *s << 17;
-            *v = value(*s);
-        }
-    });
+        });
 }
 
 fn config_of(s: &Shape, dtype: StoreDtype) -> Config {
@@ -293,25 +317,40 @@ fn write(a: &Args) -> model::Result<()> {
     // The tokenizer must parse, round-trip text and fit the vocabulary before anything else.
     let tok_json = tokenizer_json();
     let tok = Tokenizer::from_json(tok_json.clone(), &out.join("tokenizer.json"))?;
-    let sample = "Synthetic checkpoints tokenize any text: ünïcödé, digits 0123, tabs\tand\nnewlines.";
+    let sample =
+        "Synthetic checkpoints tokenize any text: ünïcödé, digits 0123, tabs\tand\nnewlines.";
     let ids = tok.encode(sample)?;
     assert_eq!(ids.len(), sample.len(), "one token per byte");
     assert_eq!(tok.decode(&ids)?, sample, "tokenizer round trip");
-    assert!(tok.vocab_size() <= cfg.vocab_size, "tokenizer vocab exceeds the model's");
+    assert!(
+        tok.vocab_size() <= cfg.vocab_size,
+        "tokenizer vocab exceeds the model's"
+    );
 
     let write_file = |name: &str, text: &str| {
         let p = out.join(name);
         std::fs::write(&p, text).map_err(|e| model::ModelError::io(&p, e))
     };
-    write_file("config.json", &serde_json::to_string_pretty(&cfg).expect("serializable"))?;
+    write_file(
+        "config.json",
+        &serde_json::to_string_pretty(&cfg).expect("serializable"),
+    )?;
     write_file("tokenizer.json", &tok_json)?;
     let tc = json!({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "add_bos_token": false, "model_max_length": cfg.max_position_embeddings});
-    write_file("tokenizer_config.json", &serde_json::to_string_pretty(&tc).expect("serializable"))?;
+    write_file(
+        "tokenizer_config.json",
+        &serde_json::to_string_pretty(&tc).expect("serializable"),
+    )?;
 
-    let plan: Vec<(String, Vec<usize>, StoreDtype)> =
-        model::checkpoint::expected_tensors(&cfg).into_iter().map(|(n, sh)| (n, sh, a.dtype)).collect();
-    let params: usize = plan.iter().map(|(_, sh, _)| sh.iter().product::<usize>()).sum();
+    let plan: Vec<(String, Vec<usize>, StoreDtype)> = model::checkpoint::expected_tensors(&cfg)
+        .into_iter()
+        .map(|(n, sh)| (n, sh, a.dtype))
+        .collect();
+    let params: usize = plan
+        .iter()
+        .map(|(_, sh, _)| sh.iter().product::<usize>())
+        .sum();
     eprintln!(
         "synth: {} ({}-shaped Llama), {} tensors, {:.3} B parameters, {} -> {}",
         s.name,
@@ -328,7 +367,11 @@ fn write(a: &Args) -> model::Result<()> {
     let mut w = StreamingWriter::create(&st, plan.clone(), &meta)?;
     // One reusable buffer, sized for the largest tensor: no per-tensor or per-element
     // allocation beyond the writer's encoded bytes.
-    let largest = plan.iter().map(|(_, sh, _)| sh.iter().product::<usize>()).max().unwrap_or(0);
+    let largest = plan
+        .iter()
+        .map(|(_, sh, _)| sh.iter().product::<usize>())
+        .max()
+        .unwrap_or(0);
     let mut buf = vec![0f32; largest];
     let (mut gen_s, mut write_s) = (0f64, 0f64);
     for (i, (name, shape, _)) in plan.iter().enumerate() {

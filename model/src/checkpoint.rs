@@ -31,7 +31,11 @@ impl TensorMeta {
 
 enum Source {
     Hf(SafetensorsSet),
-    Gguf { file: GgufFile, hf_to_gguf: BTreeMap<String, usize>, permute: bool },
+    Gguf {
+        file: GgufFile,
+        hf_to_gguf: BTreeMap<String, usize>,
+        permute: bool,
+    },
 }
 
 /// An opened teacher or student checkpoint.
@@ -43,7 +47,10 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("path", &self.path).field("format", &self.format()).finish()
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("format", &self.format())
+            .finish()
     }
 }
 
@@ -54,7 +61,11 @@ impl Checkpoint {
         if meta.is_dir() {
             let config = Config::from_file(&path.join("config.json"))?;
             let set = SafetensorsSet::open(path)?;
-            Ok(Self { path: path.into(), config, source: Source::Hf(set) })
+            Ok(Self {
+                path: path.into(),
+                config,
+                source: Source::Hf(set),
+            })
         } else {
             let file = GgufFile::open(path)?;
             let config = file.config()?;
@@ -64,7 +75,15 @@ impl Checkpoint {
                 hf_to_gguf.insert(name, i);
             }
             let permute = file.arch()? != "qwen2";
-            Ok(Self { path: path.into(), config, source: Source::Gguf { file, hf_to_gguf, permute } })
+            Ok(Self {
+                path: path.into(),
+                config,
+                source: Source::Gguf {
+                    file,
+                    hf_to_gguf,
+                    permute,
+                },
+            })
         }
     }
 
@@ -107,11 +126,18 @@ impl Checkpoint {
                     bytes: e.shape.iter().product::<usize>() as u64 * e.dtype.bitsize() as u64 / 8,
                 })
                 .collect(),
-            Source::Gguf { file, hf_to_gguf, .. } => hf_to_gguf
+            Source::Gguf {
+                file, hf_to_gguf, ..
+            } => hf_to_gguf
                 .iter()
                 .map(|(name, &i)| {
                     let t = &file.tensors()[i];
-                    TensorMeta { name: name.clone(), shape: t.shape.clone(), dtype: t.ty.name().into(), bytes: t.nbytes as u64 }
+                    TensorMeta {
+                        name: name.clone(),
+                        shape: t.shape.clone(),
+                        dtype: t.ty.name().into(),
+                        bytes: t.nbytes as u64,
+                    }
                 })
                 .collect(),
         }
@@ -138,11 +164,21 @@ impl Checkpoint {
         let (data, shape) = match &self.source {
             Source::Hf(set) => set
                 .read_f32(name)?
-                .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.into() })?,
-            Source::Gguf { file, hf_to_gguf, permute } => {
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: self.path.clone(),
+                    tensor: name.into(),
+                })?,
+            Source::Gguf {
+                file,
+                hf_to_gguf,
+                permute,
+            } => {
                 let &i = hf_to_gguf
                     .get(name)
-                    .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        path: self.path.clone(),
+                        tensor: name.into(),
+                    })?;
                 let t = &file.tensors()[i];
                 let mut data = file.read_f32(t);
                 // llama.cpp stores q/k rows interleaved per rotary pair for the `llama` arch.
@@ -177,7 +213,11 @@ impl Checkpoint {
         }
         let bad = data.iter().filter(|v| !v.is_finite()).count();
         if bad > 0 {
-            return Err(ModelError::NonFinite { path: self.path.clone(), tensor: name.into(), count: bad });
+            return Err(ModelError::NonFinite {
+                path: self.path.clone(),
+                tensor: name.into(),
+                count: bad,
+            });
         }
         Ok(data)
     }

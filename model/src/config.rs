@@ -57,7 +57,10 @@ pub struct RopeScaling {
 impl RopeScaling {
     /// The scaling kind, whichever key named it.
     pub fn kind(&self) -> &str {
-        self.rope_type.as_deref().or(self.kind.as_deref()).unwrap_or("default")
+        self.rope_type
+            .as_deref()
+            .or(self.kind.as_deref())
+            .unwrap_or("default")
     }
 }
 
@@ -147,13 +150,16 @@ impl Config {
             Some(t) if !KNOWN_MODEL_TYPES.contains(&t) => {
                 return Err(ModelError::config(
                     path,
-                    format!("unknown model_type `{t}` (known: {})", KNOWN_MODEL_TYPES.join(", ")),
+                    format!(
+                        "unknown model_type `{t}` (known: {})",
+                        KNOWN_MODEL_TYPES.join(", ")
+                    ),
                 ));
             }
             _ => {}
         }
-        let cfg: Config = serde_json::from_value(raw)
-            .map_err(|e| ModelError::config(path, e.to_string()))?;
+        let cfg: Config =
+            serde_json::from_value(raw).map_err(|e| ModelError::config(path, e.to_string()))?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -195,7 +201,9 @@ impl Config {
         }
         let hd = self.head_dim();
         if hd == 0 || hd % 2 != 0 || hd > 1024 {
-            return err(format!("head_dim {hd} must be even, non-zero and at most 1024"));
+            return err(format!(
+                "head_dim {hd} must be even, non-zero and at most 1024"
+            ));
         }
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             return err(format!(
@@ -204,10 +212,16 @@ impl Config {
             ));
         }
         if self.hidden_act != "silu" {
-            return err(format!("hidden_act `{}` is not supported (only silu)", self.hidden_act));
+            return err(format!(
+                "hidden_act `{}` is not supported (only silu)",
+                self.hidden_act
+            ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
-            return err(format!("rms_norm_eps {} is out of range", self.rms_norm_eps));
+            return err(format!(
+                "rms_norm_eps {} is out of range",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return err(format!("rope_theta {} is out of range", self.rope_theta));
@@ -237,7 +251,8 @@ impl Config {
 
     /// Per-head width.
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Whether q/k/v projections carry a bias.
@@ -252,7 +267,11 @@ impl Config {
 
     /// Parameters implied by the config (weights and biases, lm_head counted once if tied).
     pub fn num_params(&self) -> u64 {
-        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let (h, i, v) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.vocab_size as u64,
+        );
         let (q, kv) = (
             (self.num_attention_heads * self.head_dim()) as u64,
             (self.num_kv_heads() * self.head_dim()) as u64,
@@ -337,12 +356,16 @@ mod tests {
     fn unknown_model_type_is_named() {
         let e = Config::from_json_str(r#"{"model_type":"gpt_neox"}"#, p()).unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("config.json") && m.contains("gpt_neox") && m.contains("llama"), "{m}");
+        assert!(
+            m.contains("config.json") && m.contains("gpt_neox") && m.contains("llama"),
+            "{m}"
+        );
     }
 
     #[test]
     fn missing_key_is_named() {
-        let e = Config::from_json_str(r#"{"model_type":"llama","vocab_size":10}"#, p()).unwrap_err();
+        let e =
+            Config::from_json_str(r#"{"model_type":"llama","vocab_size":10}"#, p()).unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
     }
 

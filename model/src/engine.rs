@@ -7,7 +7,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
-use crate::transformer::{DecoderLayer, KvCache, Positions, Rope, WindowLayout, rms_norm_from, tensor_from};
+use crate::transformer::{
+    DecoderLayer, KvCache, Positions, Rope, WindowLayout, rms_norm_from, tensor_from,
+};
 
 /// Tokens of the windows that [`LayerEngine::run_blocks_with`] runs through a block together:
 /// enough rows for the matrix products to use every core, few enough to keep the
@@ -30,7 +32,10 @@ impl Head {
     /// Logits `[n, vocab]` (row-major, f32) for positions `from..seq` of one window state.
     pub fn logits(&self, state: &Tensor<3>, from: usize) -> Vec<f32> {
         let [_, seq, hidden] = state.dims();
-        let x = state.clone().slice([0..1, from..seq, 0..hidden]).reshape([seq - from, hidden]);
+        let x = state
+            .clone()
+            .slice([0..1, from..seq, 0..hidden])
+            .reshape([seq - from, hidden]);
         let x = self.norm.forward(x);
         let out = x.matmul(self.lm_head.clone());
         out.into_data().try_into_vec::<f32>().expect("f32 logits")
@@ -40,7 +45,10 @@ impl Head {
     /// state, in the order given (multiple-choice scoring needs a few scattered positions).
     pub fn logits_at(&self, state: &Tensor<3>, rows: &[usize]) -> Vec<f32> {
         let [_, seq, hidden] = state.dims();
-        assert!(rows.iter().all(|&r| r < seq), "logits_at: a row is outside the window of {seq}");
+        assert!(
+            rows.iter().all(|&r| r < seq),
+            "logits_at: a row is outside the window of {seq}"
+        );
         if rows.is_empty() {
             return Vec::new();
         }
@@ -150,7 +158,10 @@ impl<'a> LayerEngine<'a> {
                 }
                 let xs: Vec<Tensor<3>> = states[start..end].to_vec();
                 let ls = layouts.map(|ls| &ls[start..end]);
-                for (s, y) in states[start..end].iter_mut().zip(block.forward_windows(xs, ls, &self.rope)) {
+                for (s, y) in states[start..end]
+                    .iter_mut()
+                    .zip(block.forward_windows(xs, ls, &self.rope))
+                {
                     *s = y;
                     progress();
                 }
@@ -164,7 +175,11 @@ impl<'a> LayerEngine<'a> {
     pub fn load_head(&self) -> Result<Head> {
         let c = self.ckpt.config();
         let (v, h) = (c.vocab_size, c.hidden_size);
-        let norm = rms_norm_from(self.ckpt.read("model.norm.weight", &[h])?, c.rms_norm_eps, &self.device);
+        let norm = rms_norm_from(
+            self.ckpt.read("model.norm.weight", &[h])?,
+            c.rms_norm_eps,
+            &self.device,
+        );
         let name = if c.tie_word_embeddings && !self.ckpt.has("lm_head.weight") {
             "model.embed_tokens.weight"
         } else {
@@ -172,7 +187,11 @@ impl<'a> LayerEngine<'a> {
         };
         let w = self.ckpt.read(name, &[v, h])?;
         let w = crate::transformer::transpose(&w, v, h);
-        Ok(Head { norm, lm_head: tensor_from(w, [h, v], &self.device), vocab: v })
+        Ok(Head {
+            norm,
+            lm_head: tensor_from(w, [h, v], &self.device),
+            vocab: v,
+        })
     }
 }
 
@@ -192,8 +211,12 @@ impl Generator {
     /// Loads every block of the engine's checkpoint, for sequences up to `max_len`.
     pub fn load(engine: &LayerEngine<'_>, max_len: usize) -> Result<Self> {
         let c = engine.ckpt.config();
-        let layers = (0..c.num_hidden_layers).map(|l| engine.load_block(l)).collect::<Result<Vec<_>>>()?;
-        let embed = engine.ckpt.read("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|l| engine.load_block(l))
+            .collect::<Result<Vec<_>>>()?;
+        let embed = engine
+            .ckpt
+            .read("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         Ok(Self {
             caches: vec![KvCache::default(); layers.len()],
             layers,

@@ -83,15 +83,24 @@ pub enum ModelError {
 impl ModelError {
     /// A format error for `path`.
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Self::Format { path: path.into(), msg: msg.into() }
+        Self::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     /// A config error for `path`.
     pub fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Self::Config { path: path.into(), msg: msg.into() }
+        Self::Config {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     /// An I/O error for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -42,7 +42,9 @@ pub(crate) fn release_pages(mmap: &memmap2::Mmap, offset: usize, len: usize) {
         if end > start {
             // SAFETY: the map is private and read-only; dropped pages are re-read from the
             // file on the next access, so no Rust reference observes changed bytes.
-            let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
         }
     }
 }

@@ -39,7 +39,10 @@ pub struct SafetensorsSet {
 
 impl std::fmt::Debug for SafetensorsSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SafetensorsSet").field("shards", &self.shards.len()).field("tensors", &self.index.len()).finish()
+        f.debug_struct("SafetensorsSet")
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.index.len())
+            .finish()
     }
 }
 
@@ -52,7 +55,10 @@ fn open_shard(path: &Path) -> Result<Shard> {
         if n > mmap.len() as u64 - 8 {
             return Err(ModelError::format(
                 path,
-                format!("safetensors header length {n} runs past the end of the {}-byte file", mmap.len()),
+                format!(
+                    "safetensors header length {n} runs past the end of the {}-byte file",
+                    mmap.len()
+                ),
             ));
         }
     }
@@ -69,7 +75,11 @@ fn open_shard(path: &Path) -> Result<Shard> {
         let (s, e) = info.data_offsets;
         tensors.insert(name, (info.dtype, info.shape.clone(), base + s, base + e));
     }
-    Ok(Shard { path: path.into(), mmap, tensors })
+    Ok(Shard {
+        path: path.into(),
+        mmap,
+        tensors,
+    })
 }
 
 /// Says how the header's data offsets disagree with the file size (the safetensors crate
@@ -88,9 +98,14 @@ fn data_extent_problem(buf: &[u8]) -> String {
         .saturating_add(8 + n as u64);
     let len = buf.len() as u64;
     if end > len {
-        format!("tensor data runs past the end of the file: the header places data up to byte {end}, the file has {len} bytes")
+        format!(
+            "tensor data runs past the end of the file: the header places data up to byte {end}, the file has {len} bytes"
+        )
     } else {
-        format!("{} bytes after the last tensor's data (byte {end}) are not described by the header", len - end)
+        format!(
+            "{} bytes after the last tensor's data (byte {end}) are not described by the header",
+            len - end
+        )
     }
 }
 
@@ -100,7 +115,8 @@ impl SafetensorsSet {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::format(&index_path, format!("invalid JSON: {e}")))?;
             let map = v
@@ -109,9 +125,14 @@ impl SafetensorsSet {
                 .ok_or_else(|| ModelError::format(&index_path, "missing `weight_map`"))?;
             let mut files: Vec<String> = Vec::new();
             for f in map.values() {
-                let f = f.as_str().ok_or_else(|| ModelError::format(&index_path, "non-string shard name"))?;
+                let f = f
+                    .as_str()
+                    .ok_or_else(|| ModelError::format(&index_path, "non-string shard name"))?;
                 if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-                    return Err(ModelError::format(&index_path, format!("shard name `{f}` must be a plain file name")));
+                    return Err(ModelError::format(
+                        &index_path,
+                        format!("shard name `{f}` must be a plain file name"),
+                    ));
                 }
                 if !files.iter().any(|x| x == f) {
                     files.push(f.to_string());
@@ -122,16 +143,28 @@ impl SafetensorsSet {
         } else if single.exists() {
             vec![single]
         } else {
-            return Err(ModelError::format(dir, "no model.safetensors or model.safetensors.index.json"));
+            return Err(ModelError::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
         };
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for (si, f) in files.iter().enumerate() {
             let shard = open_shard(f)?;
             for (name, (dtype, shape, s, e)) in &shard.tensors {
-                let entry = StEntry { dtype: *dtype, shape: shape.clone(), shard: si, start: *s, end: *e };
+                let entry = StEntry {
+                    dtype: *dtype,
+                    shape: shape.clone(),
+                    shard: si,
+                    start: *s,
+                    end: *e,
+                };
                 if index.insert(name.clone(), entry).is_some() {
-                    return Err(ModelError::format(f, format!("tensor `{name}` appears in two shards")));
+                    return Err(ModelError::format(
+                        f,
+                        format!("tensor `{name}` appears in two shards"),
+                    ));
                 }
             }
             shards.push(shard);
@@ -157,7 +190,9 @@ impl SafetensorsSet {
     /// Reads a tensor as f32 and lets the kernel drop its pages.
     pub fn read_f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
         use rayon::prelude::*;
-        let Some(e) = self.index.get(name) else { return Ok(None) };
+        let Some(e) = self.index.get(name) else {
+            return Ok(None);
+        };
         let shard = &self.shards[e.shard];
         let bytes = &shard.mmap[e.start..e.end];
         let numel: usize = e.shape.iter().product();
@@ -189,7 +224,9 @@ impl SafetensorsSet {
 
     /// The path of the shard holding `name`.
     pub fn shard_path(&self, name: &str) -> Option<&Path> {
-        self.index.get(name).map(|e| self.shards[e.shard].path.as_path())
+        self.index
+            .get(name)
+            .map(|e| self.shards[e.shard].path.as_path())
     }
 }
 
@@ -240,7 +277,10 @@ impl StoreDtype {
         use rayon::prelude::*;
         let mut out = vec![0u8; data.len() * self.size()];
         match self {
-            Self::F32 => out.par_chunks_exact_mut(4).zip(data).for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
+            Self::F32 => out
+                .par_chunks_exact_mut(4)
+                .zip(data)
+                .for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
             Self::F16 => out
                 .par_chunks_exact_mut(2)
                 .zip(data)
@@ -302,15 +342,30 @@ pub struct StreamingWriter {
 
 impl StreamingWriter {
     /// Creates `path` and writes the header for `plan` (name, shape, dtype) in that order.
-    pub fn create(path: &Path, plan: Vec<(String, Vec<usize>, StoreDtype)>, meta: &BTreeMap<String, String>) -> Result<Self> {
-        Self::create_with(path, plan.into_iter().map(|(n, s, d)| (n, s, d.into())).collect(), meta)
+    pub fn create(
+        path: &Path,
+        plan: Vec<(String, Vec<usize>, StoreDtype)>,
+        meta: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        Self::create_with(
+            path,
+            plan.into_iter().map(|(n, s, d)| (n, s, d.into())).collect(),
+            meta,
+        )
     }
 
     /// Like [`Self::create`], with integer tensors in the plan too.
-    pub fn create_with(path: &Path, plan: Vec<(String, Vec<usize>, PlanDtype)>, meta: &BTreeMap<String, String>) -> Result<Self> {
+    pub fn create_with(
+        path: &Path,
+        plan: Vec<(String, Vec<usize>, PlanDtype)>,
+        meta: &BTreeMap<String, String>,
+    ) -> Result<Self> {
         let mut header = serde_json::Map::new();
         if !meta.is_empty() {
-            header.insert("__metadata__".into(), serde_json::to_value(meta).expect("strings"));
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(meta).expect("strings"),
+            );
         }
         let mut off = 0usize;
         for (name, shape, dt) in &plan {
@@ -328,24 +383,42 @@ impl StreamingWriter {
         }
         let file = std::fs::File::create(path).map_err(|e| ModelError::io(path, e))?;
         let mut file = std::io::BufWriter::with_capacity(1 << 20, file);
-        file.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| ModelError::io(path, e))?;
-        file.write_all(text.as_bytes()).map_err(|e| ModelError::io(path, e))?;
-        Ok(Self { file, path: path.into(), plan, next: 0 })
+        file.write_all(&(text.len() as u64).to_le_bytes())
+            .map_err(|e| ModelError::io(path, e))?;
+        file.write_all(text.as_bytes())
+            .map_err(|e| ModelError::io(path, e))?;
+        Ok(Self {
+            file,
+            path: path.into(),
+            plan,
+            next: 0,
+        })
     }
 
     /// Writes the next tensor of the plan; `name` and the element count must match it.
     pub fn write_next(&mut self, name: &str, data: &[f32]) -> Result<()> {
         let Some((pname, shape, dt)) = self.plan.get(self.next) else {
-            return Err(ModelError::format(&self.path, format!("tensor `{name}` is not in the plan")));
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor `{name}` is not in the plan"),
+            ));
         };
         if pname != name || shape.iter().product::<usize>() != data.len() {
-            return Err(ModelError::format(&self.path, format!("tensor `{name}` written out of order or with wrong size")));
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor `{name}` written out of order or with wrong size"),
+            ));
         }
         let PlanDtype::Float(dt) = *dt else {
-            return Err(ModelError::format(&self.path, format!("tensor `{name}` is {}, not a float", dt.name())));
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor `{name}` is {}, not a float", dt.name()),
+            ));
         };
         let bytes = dt.encode(data);
-        self.file.write_all(&bytes).map_err(|e| ModelError::io(&self.path, e))?;
+        self.file
+            .write_all(&bytes)
+            .map_err(|e| ModelError::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }
@@ -353,12 +426,20 @@ impl StreamingWriter {
     /// Writes the next tensor of the plan from its little-endian bytes in the planned dtype.
     pub fn write_next_raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some((pname, shape, dt)) = self.plan.get(self.next) else {
-            return Err(ModelError::format(&self.path, format!("tensor `{name}` is not in the plan")));
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor `{name}` is not in the plan"),
+            ));
         };
         if pname != name || shape.iter().product::<usize>() * dt.size() != bytes.len() {
-            return Err(ModelError::format(&self.path, format!("tensor `{name}` written out of order or with wrong size")));
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor `{name}` written out of order or with wrong size"),
+            ));
         }
-        self.file.write_all(bytes).map_err(|e| ModelError::io(&self.path, e))?;
+        self.file
+            .write_all(bytes)
+            .map_err(|e| ModelError::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }
@@ -366,10 +447,18 @@ impl StreamingWriter {
     /// Flushes and closes; errors if tensors of the plan were not written.
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.plan.len() {
-            return Err(ModelError::format(&self.path, format!("only {} of {} tensors written", self.next, self.plan.len())));
+            return Err(ModelError::format(
+                &self.path,
+                format!("only {} of {} tensors written", self.next, self.plan.len()),
+            ));
         }
-        self.file.flush().map_err(|e| ModelError::io(&self.path, e))?;
-        self.file.get_ref().sync_all().map_err(|e| ModelError::io(&self.path, e))?;
+        self.file
+            .flush()
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(|e| ModelError::io(&self.path, e))?;
         Ok(())
     }
 }

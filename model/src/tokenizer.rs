@@ -11,7 +11,16 @@ use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 
 /// Pre-tokenizers known by llama.cpp's `tokenizer.ggml.pre` name.
-pub const KNOWN_PRE: &[&str] = &["default", "gpt-2", "gpt2", "smollm", "llama3", "llama-bpe", "llama-v3", "qwen2"];
+pub const KNOWN_PRE: &[&str] = &[
+    "default",
+    "gpt-2",
+    "gpt2",
+    "smollm",
+    "llama3",
+    "llama-bpe",
+    "llama-v3",
+    "qwen2",
+];
 
 /// A loaded tokenizer plus whether it puts BOS first.
 pub struct Tokenizer {
@@ -27,12 +36,18 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("source", &self.source).field("add_bos", &self.add_bos).finish()
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("add_bos", &self.add_bos)
+            .finish()
     }
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Tokenizer { path: path.into(), msg: e.to_string() }
+    ModelError::Tokenizer {
+        path: path.into(),
+        msg: e.to_string(),
+    }
 }
 
 impl Tokenizer {
@@ -40,12 +55,23 @@ impl Tokenizer {
     pub fn from_json(json: String, source: &Path) -> Result<Self> {
         let inner: tokenizers::Tokenizer = json.parse().map_err(|e| tok_err(source, e))?;
         // Probe whether the post-processor adds a leading token, as HF does when add_bos.
-        let with = inner.encode_fast("a", true).map_err(|e| tok_err(source, e))?;
-        let without = inner.encode_fast("a", false).map_err(|e| tok_err(source, e))?;
+        let with = inner
+            .encode_fast("a", true)
+            .map_err(|e| tok_err(source, e))?;
+        let without = inner
+            .encode_fast("a", false)
+            .map_err(|e| tok_err(source, e))?;
         let (w, wo) = (with.get_ids(), without.get_ids());
-        let add_bos = w.len() > wo.len() && w.ends_with(wo) || (w.len() > wo.len() && w[1..].starts_with(wo));
+        let add_bos =
+            w.len() > wo.len() && w.ends_with(wo) || (w.len() > wo.len() && w[1..].starts_with(wo));
         let bos_id = if add_bos { Some(w[0]) } else { None };
-        Ok(Self { inner, json, bos_id, add_bos, source: source.into() })
+        Ok(Self {
+            inner,
+            json,
+            bos_id,
+            add_bos,
+            source: source.into(),
+        })
     }
 
     /// Loads an HF `tokenizer.json`.
@@ -57,18 +83,26 @@ impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let json = gguf_tokenizer_json(file)?;
-        Self::from_json(serde_json::to_string(&json).expect("serializable"), file.path())
+        Self::from_json(
+            serde_json::to_string(&json).expect("serializable"),
+            file.path(),
+        )
     }
 
     /// Token ids of `text`, without special tokens (BOS handling is the caller's protocol).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| tok_err(&self.source, e))?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| tok_err(&self.source, e))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| tok_err(&self.source, e))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| tok_err(&self.source, e))
     }
 
     /// Vocabulary size including added tokens.
@@ -93,13 +127,16 @@ impl Tokenizer {
 }
 
 fn str_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
-    let arr = file
-        .get_array(key)
-        .ok_or_else(|| ModelError::Tokenizer { path: file.path().into(), msg: format!("missing `{key}`") })?;
+    let arr = file.get_array(key).ok_or_else(|| ModelError::Tokenizer {
+        path: file.path().into(),
+        msg: format!("missing `{key}`"),
+    })?;
     arr.iter()
         .map(|v| {
-            v.as_str()
-                .ok_or_else(|| ModelError::Tokenizer { path: file.path().into(), msg: format!("`{key}` holds a non-string") })
+            v.as_str().ok_or_else(|| ModelError::Tokenizer {
+                path: file.path().into(),
+                msg: format!("`{key}` holds a non-string"),
+            })
         })
         .collect()
 }
@@ -130,7 +167,10 @@ fn pre_tokenizer(pre: &str, path: &Path) -> Result<Value> {
         other => {
             return Err(ModelError::Tokenizer {
                 path: path.into(),
-                msg: format!("unknown tokenizer.ggml.pre `{other}` (known: {})", KNOWN_PRE.join(", ")),
+                msg: format!(
+                    "unknown tokenizer.ggml.pre `{other}` (known: {})",
+                    KNOWN_PRE.join(", ")
+                ),
             });
         }
     })
@@ -149,8 +189,12 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
         .get_array("tokenizer.ggml.token_type")
         .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
         .unwrap_or_else(|| vec![1; tokens.len()]);
-    let bos = file.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as usize);
-    let unk = file.get_u64("tokenizer.ggml.unknown_token_id").map(|v| v as usize);
+    let bos = file
+        .get_u64("tokenizer.ggml.bos_token_id")
+        .map(|v| v as usize);
+    let unk = file
+        .get_u64("tokenizer.ggml.unknown_token_id")
+        .map(|v| v as usize);
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     for (i, t) in tokens.iter().enumerate() {
         vocab.insert((*t).to_string(), json!(i));
@@ -173,16 +217,19 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
                 })
                 .collect();
             let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
-            (false, json!({
-                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-                "normalizer": null,
-                "pre_tokenizer": pre_tokenizer(pre, path)?,
-                "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges}
-            }))
+            (
+                false,
+                json!({
+                    "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                    "normalizer": null,
+                    "pre_tokenizer": pre_tokenizer(pre, path)?,
+                    "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+                    "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                        "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                        "vocab": vocab, "merges": merges}
+                }),
+            )
         }
         "llama" => {
             let scores: Vec<f64> = file
@@ -190,25 +237,31 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
                 .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
                 .unwrap_or_else(|| vec![0.0; tokens.len()]);
             let merges = spm_merges(&tokens, &types, &scores);
-            let add_space = file.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-            let mut norm = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+            let add_space = file
+                .get_bool("tokenizer.ggml.add_space_prefix")
+                .unwrap_or(true);
+            let mut norm =
+                vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
             if add_space {
                 norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
             }
             let unk_tok = unk.and_then(|u| tokens.get(u)).map(|s| s.to_string());
-            (true, json!({
-                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-                "normalizer": {"type": "Sequence", "normalizers": norm},
-                "pre_tokenizer": null,
-                "post_processor": null,
-                "decoder": {"type": "Sequence", "decoders": [
-                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                    {"type": "ByteFallback"}, {"type": "Fuse"},
-                    {"type": "Strip", "content": " ", "start": if add_space {1} else {0}, "stop": 0}]},
-                "model": {"type": "BPE", "dropout": null, "unk_token": unk_tok, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges}
-            }))
+            (
+                true,
+                json!({
+                    "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                    "normalizer": {"type": "Sequence", "normalizers": norm},
+                    "pre_tokenizer": null,
+                    "post_processor": null,
+                    "decoder": {"type": "Sequence", "decoders": [
+                        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                        {"type": "ByteFallback"}, {"type": "Fuse"},
+                        {"type": "Strip", "content": " ", "start": if add_space {1} else {0}, "stop": 0}]},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": unk_tok, "continuing_subword_prefix": null,
+                        "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                        "vocab": vocab, "merges": merges}
+                }),
+            )
         }
         other => {
             return Err(ModelError::Tokenizer {
@@ -217,7 +270,9 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
             });
         }
     };
-    let add_bos = file.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(default_bos);
+    let add_bos = file
+        .get_bool("tokenizer.ggml.add_bos_token")
+        .unwrap_or(default_bos);
     if add_bos && let Some(b) = bos.and_then(|b| tokens.get(b).map(|t| (b, *t))) {
         out["post_processor"] = json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b.1, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -232,7 +287,8 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
 /// two tokens of the vocabulary is a merge, ranked by the merged token's score (highest
 /// first), which is the order in which llama.cpp's SPM tokenizer applies them.
 fn spm_merges(tokens: &[&str], types: &[i64], scores: &[f64]) -> Vec<Value> {
-    let index: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
     let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
         if types.get(id).copied().unwrap_or(1) != 1 || t.chars().count() < 2 {
@@ -245,6 +301,14 @@ fn spm_merges(tokens: &[&str], types: &[i64], scores: &[f64]) -> Vec<Value> {
             }
         }
     }
-    merges.sort_by(|x, y| y.0.partial_cmp(&x.0).unwrap_or(std::cmp::Ordering::Equal).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    merges.into_iter().map(|(_, _, a, b)| json!([tokens[a], tokens[b]])).collect()
+    merges.sort_by(|x, y| {
+        y.0.partial_cmp(&x.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(x.1.cmp(&y.1))
+            .then(x.2.cmp(&y.2))
+    });
+    merges
+        .into_iter()
+        .map(|(_, _, a, b)| json!([tokens[a], tokens[b]]))
+        .collect()
 }

@@ -27,12 +27,22 @@ pub enum Tap {
 }
 
 /// Builds a tensor of `shape` from f32 values.
-pub fn tensor_from<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+pub fn tensor_from<const D: usize>(
+    data: Vec<f32>,
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D> {
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
 /// A burn `Linear` from an HF weight `[out, in]` (burn stores `[in, out]`).
-pub fn linear_from_hf(weight: Vec<f32>, out: usize, inp: usize, bias: Option<Vec<f32>>, device: &Device) -> Linear {
+pub fn linear_from_hf(
+    weight: Vec<f32>,
+    out: usize,
+    inp: usize,
+    bias: Option<Vec<f32>>,
+    device: &Device,
+) -> Linear {
     // Transposed once here into contiguous memory: a strided view would be copied by the
     // backend on every matmul, which dominates single-token decoding.
     let w = tensor_from(transpose(&weight, out, inp), [inp, out], device);
@@ -48,24 +58,29 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 32;
     let mut out = vec![0f32; data.len()];
     // Each task fills a band of T output rows (= T input columns).
-    out.par_chunks_mut(T * rows).enumerate().for_each(|(band, chunk)| {
-        let c0 = band * T;
-        let cw = chunk.len() / rows;
-        for r0 in (0..rows).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in 0..cw {
-                    chunk[c * rows + r] = data[r * cols + c0 + c];
+    out.par_chunks_mut(T * rows)
+        .enumerate()
+        .for_each(|(band, chunk)| {
+            let c0 = band * T;
+            let cw = chunk.len() / rows;
+            for r0 in (0..rows).step_by(T) {
+                for r in r0..(r0 + T).min(rows) {
+                    for c in 0..cw {
+                        chunk[c * rows + r] = data[r * cols + c0 + c];
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 
 /// An RMSNorm from its HF weight.
 pub fn rms_norm_from(gamma: Vec<f32>, eps: f64, device: &Device) -> RmsNorm {
     let n = gamma.len();
-    RmsNorm { gamma: Param::from_tensor(tensor_from(gamma, [n], device)), epsilon: eps }
+    RmsNorm {
+        gamma: Param::from_tensor(tensor_from(gamma, [n], device)),
+        epsilon: eps,
+    }
 }
 
 /// Rotary position embedding tables (HF `rotate_half` convention).
@@ -92,7 +107,10 @@ impl Rope {
     pub fn new(cfg: &Config, max_len: usize, device: &Device) -> Self {
         let inv = cfg.rope_inv_freq();
         let hd = cfg.head_dim();
-        let (mut cos, mut sin) = (Vec::with_capacity(max_len * hd), Vec::with_capacity(max_len * hd));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(max_len * hd),
+            Vec::with_capacity(max_len * hd),
+        );
         for p in 0..max_len {
             // HF repeats the frequencies for both halves: cat(freqs, freqs).
             for _ in 0..2 {
@@ -115,7 +133,10 @@ impl Rope {
 
     fn tables(&self, positions: &[usize]) -> (Tensor<2>, Tensor<2>) {
         let hd = self.inv_freq.len() * 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * hd), Vec::with_capacity(positions.len() * hd));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * hd),
+            Vec::with_capacity(positions.len() * hd),
+        );
         for &p in positions {
             for _ in 0..2 {
                 for f in &self.inv_freq {
@@ -126,13 +147,21 @@ impl Rope {
             }
         }
         let n = positions.len();
-        (tensor_from(cos, [n, hd], &self.device), tensor_from(sin, [n, hd], &self.device))
+        (
+            tensor_from(cos, [n, hd], &self.device),
+            tensor_from(sin, [n, hd], &self.device),
+        )
     }
 
     /// A layout for tokens at `positions`. With `segments`, token i sees token j <= i only
     /// when j is in segment 0 (the shared context) or in i's own segment; without, it is
     /// plain causal attention.
-    pub fn layout(&self, positions: &[usize], segments: Option<&[u32]>, n_heads: usize) -> WindowLayout {
+    pub fn layout(
+        &self,
+        positions: &[usize],
+        segments: Option<&[u32]>,
+        n_heads: usize,
+    ) -> WindowLayout {
         let (cos, sin) = self.tables(positions);
         let mask = segments.map(|seg| {
             let n = seg.len();
@@ -142,7 +171,8 @@ impl Rope {
                     m[i * n + j] = !(seg[j] == 0 || seg[j] == seg[i]);
                 }
             }
-            Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, n, n]), &self.device).repeat_dim(1, n_heads)
+            Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, n, n]), &self.device)
+                .repeat_dim(1, n_heads)
         });
         WindowLayout { cos, sin, mask }
     }
@@ -150,7 +180,11 @@ impl Rope {
     /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `0..seq`.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let seq = x.dims()[2];
-        rotate(x, self.cos.clone().slice([0..seq]), self.sin.clone().slice([0..seq]))
+        rotate(
+            x,
+            self.cos.clone().slice([0..seq]),
+            self.sin.clone().slice([0..seq]),
+        )
     }
 }
 
@@ -212,7 +246,12 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, pos: Positions<'_>, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        pos: Positions<'_>,
+        tap: &mut dyn FnMut(Tap, &Tensor<3>),
+    ) -> Tensor<3> {
         let ctx = self.context(x, pos);
         tap(Tap::OInput, &ctx);
         self.o_proj.forward(ctx)
@@ -235,13 +274,19 @@ impl Attention {
         let (q, k, v, mask, causal) = match pos {
             Positions::Causal(rope) => (rope.apply(q), rope.apply(k), v, None, true),
             Positions::Layout(l) => {
-                let (q, k) = (rotate(q, l.cos.clone(), l.sin.clone()), rotate(k, l.cos.clone(), l.sin.clone()));
+                let (q, k) = (
+                    rotate(q, l.cos.clone(), l.sin.clone()),
+                    rotate(k, l.cos.clone(), l.sin.clone()),
+                );
                 (q, k, v, l.mask.clone(), l.mask.is_none())
             }
             Positions::Cached(rope, cache) => {
                 let past = cache.len();
                 let (cos, sin) = if past + s <= rope.cos.dims()[0] {
-                    (rope.cos.clone().slice([past..past + s]), rope.sin.clone().slice([past..past + s]))
+                    (
+                        rope.cos.clone().slice([past..past + s]),
+                        rope.sin.clone().slice([past..past + s]),
+                    )
                 } else {
                     rope.tables(&(past..past + s).collect::<Vec<_>>())
                 };
@@ -257,8 +302,11 @@ impl Attention {
                 // Query i (absolute past+i) sees keys 0..=past+i.
                 let mask = (past > 0 && s > 1).then(|| {
                     let t = past + s;
-                    let m: Vec<bool> = (0..s).flat_map(|i| (0..t).map(move |j| j > past + i)).collect();
-                    Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, s, t]), &rope.device).repeat_dim(1, nh)
+                    let m: Vec<bool> = (0..s)
+                        .flat_map(|i| (0..t).map(move |j| j > past + i))
+                        .collect();
+                    Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, s, t]), &rope.device)
+                        .repeat_dim(1, nh)
                 });
                 (q, k, v, mask, past == 0 && s > 1)
             }
@@ -266,13 +314,23 @@ impl Attention {
         let t = k.dims()[2];
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
-            let expand = |x: Tensor<4>| x.reshape([b, nkv, 1, t, hd]).repeat_dim(2, rep).reshape([b, nh, t, hd]);
+            let expand = |x: Tensor<4>| {
+                x.reshape([b, nkv, 1, t, hd])
+                    .repeat_dim(2, rep)
+                    .reshape([b, nh, t, hd])
+            };
             (expand(k), expand(v))
         } else {
             (k, v)
         };
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
-        attention(q, k, v, mask, None, opts).swap_dims(1, 2).reshape([b, s, nh * hd])
+        let opts = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: causal,
+        };
+        attention(q, k, v, mask, None, opts)
+            .swap_dims(1, 2)
+            .reshape([b, s, nh * hd])
     }
 }
 
@@ -312,18 +370,30 @@ impl DecoderLayer {
     /// Reads block `l` from a checkpoint (one block's weights, converted to f32).
     pub fn load(ckpt: &Checkpoint, l: usize, device: &Device) -> Result<Self> {
         let p = format!("model.layers.{l}");
-        Self::from_fn(ckpt.config(), |name, shape| ckpt.read(&format!("{p}.{name}"), shape), device)
+        Self::from_fn(
+            ckpt.config(),
+            |name, shape| ckpt.read(&format!("{p}.{name}"), shape),
+            device,
+        )
     }
 
     /// Builds a block from HF-named weights (`self_attn.q_proj.weight`, ...) that `get`
     /// returns in HF layout for the shape asked.
-    pub fn from_fn(c: &Config, mut get: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>, device: &Device) -> Result<Self> {
+    pub fn from_fn(
+        c: &Config,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+        device: &Device,
+    ) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let q = c.num_attention_heads * c.head_dim();
         let kv = c.num_kv_heads() * c.head_dim();
         let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = get(&format!("{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
+            let b = if bias {
+                Some(get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
             Ok(linear_from_hf(w, out, inp, b, device))
         };
         let eps = c.rms_norm_eps;
@@ -344,7 +414,11 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: rms_norm_from(get("input_layernorm.weight", &[h])?, eps, device),
             self_attn,
-            post_attention_layernorm: rms_norm_from(get("post_attention_layernorm.weight", &[h])?, eps, device),
+            post_attention_layernorm: rms_norm_from(
+                get("post_attention_layernorm.weight", &[h])?,
+                eps,
+                device,
+            ),
             mlp,
         })
     }
@@ -355,14 +429,24 @@ impl DecoderLayer {
     }
 
     /// Runs the block and shows `tap` the input of every linear group (for calibration).
-    pub fn forward_tapped(&self, x: Tensor<3>, rope: &Rope, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+    pub fn forward_tapped(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        tap: &mut dyn FnMut(Tap, &Tensor<3>),
+    ) -> Tensor<3> {
         self.forward_at(x, Positions::Causal(rope), tap)
     }
 
     /// Runs the block over several windows `[1, len_i, hidden]` at once: the linear layers
     /// see all their tokens as one matrix (short windows alone keep the cores idle), the
     /// attention stays per window, causal or with window `i`'s layout.
-    pub fn forward_windows(&self, xs: Vec<Tensor<3>>, layouts: Option<&[WindowLayout]>, rope: &Rope) -> Vec<Tensor<3>> {
+    pub fn forward_windows(
+        &self,
+        xs: Vec<Tensor<3>>,
+        layouts: Option<&[WindowLayout]>,
+        rope: &Rope,
+    ) -> Vec<Tensor<3>> {
         let pos = |i: usize| match layouts {
             Some(ls) => Positions::Layout(&ls[i]),
             None => Positions::Causal(rope),
@@ -375,7 +459,11 @@ impl DecoderLayer {
         let x = Tensor::cat(xs, 1);
         let n = self.input_layernorm.forward(x.clone());
         let a = &self.self_attn;
-        let (q, k, v) = (a.q_proj.forward(n.clone()), a.k_proj.forward(n.clone()), a.v_proj.forward(n));
+        let (q, k, v) = (
+            a.q_proj.forward(n.clone()),
+            a.k_proj.forward(n.clone()),
+            a.v_proj.forward(n),
+        );
         let mut ctx = Vec::with_capacity(lens.len());
         let mut off = 0;
         for (i, &len) in lens.iter().enumerate() {
@@ -397,7 +485,12 @@ impl DecoderLayer {
     }
 
     /// Runs the block with explicit positions (packed windows, or a KV cache).
-    pub fn forward_at(&self, x: Tensor<3>, pos: Positions<'_>, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
+    pub fn forward_at(
+        &self,
+        x: Tensor<3>,
+        pos: Positions<'_>,
+        tap: &mut dyn FnMut(Tap, &Tensor<3>),
+    ) -> Tensor<3> {
         let n = self.input_layernorm.forward(x.clone());
         tap(Tap::QkvInput, &n);
         let h = x + self.self_attn.forward(n, pos, tap);

@@ -74,7 +74,9 @@ const SLACK: usize = 8 << 10;
 // Checks.
 
 fn file_len(p: &Path) -> usize {
-    std::fs::metadata(p).map(|m| if m.is_file() { m.len() as usize } else { 0 }).unwrap_or(0)
+    std::fs::metadata(p)
+        .map(|m| if m.is_file() { m.len() as usize } else { 0 })
+        .unwrap_or(0)
 }
 
 /// Collects the failures of every case, so one run reports them all.
@@ -89,10 +91,14 @@ impl Cases {
     fn check_message(&mut self, case: &str, e: &ModelError, file: &Path, needles: &[&str]) {
         let msg = e.to_string();
         if msg.contains('\n') {
-            self.fails.push(format!("{case}: error is not one line: {msg:?}"));
+            self.fails
+                .push(format!("{case}: error is not one line: {msg:?}"));
         }
         if !msg.contains(&file.display().to_string()) {
-            self.fails.push(format!("{case}: error does not name {}: {msg}", file.display()));
+            self.fails.push(format!(
+                "{case}: error does not name {}: {msg}",
+                file.display()
+            ));
         }
         for n in needles {
             if !msg.contains(n) {
@@ -104,7 +110,10 @@ impl Cases {
     fn check_alloc(&mut self, case: &str, largest: usize, file: &Path) {
         let bound = file_len(file).max(SLACK);
         if largest > bound {
-            self.fails.push(format!("{case}: largest allocation {largest} bytes > {bound} (file {} bytes)", file_len(file)));
+            self.fails.push(format!(
+                "{case}: largest allocation {largest} bytes > {bound} (file {} bytes)",
+                file_len(file)
+            ));
         }
     }
 
@@ -112,10 +121,15 @@ impl Cases {
     /// `file` and the problem, and allocate no more than max(size of `file`, SLACK) at once.
     fn open_fails(&mut self, case: &str, path: &Path, file: &Path, needles: &[&str]) {
         self.run += 1;
-        let (r, largest) = largest_alloc(|| catch_unwind(AssertUnwindSafe(|| Checkpoint::open(path).map(|_| ()))));
+        let (r, largest) =
+            largest_alloc(|| catch_unwind(AssertUnwindSafe(|| Checkpoint::open(path).map(|_| ()))));
         match r {
-            Err(_) => self.fails.push(format!("{case}: Checkpoint::open panicked")),
-            Ok(Ok(())) => self.fails.push(format!("{case}: Checkpoint::open succeeded")),
+            Err(_) => self
+                .fails
+                .push(format!("{case}: Checkpoint::open panicked")),
+            Ok(Ok(())) => self
+                .fails
+                .push(format!("{case}: Checkpoint::open succeeded")),
             Ok(Err(e)) => self.check_message(case, &e, file, needles),
         }
         self.check_alloc(case, largest, file);
@@ -145,7 +159,13 @@ impl Cases {
     }
 
     fn finish(self) {
-        assert!(self.fails.is_empty(), "{} of {} cases failed:\n{}", self.fails.len(), self.run, self.fails.join("\n"));
+        assert!(
+            self.fails.is_empty(),
+            "{} of {} cases failed:\n{}",
+            self.fails.len(),
+            self.run,
+            self.fails.join("\n")
+        );
         eprintln!("{} cases passed", self.run);
     }
 }
@@ -156,7 +176,9 @@ fn load_block0(c: &Checkpoint) -> Result<(), ModelError> {
 }
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i * 7 + seed * 13) % 17) as f32 * 0.01 - 0.08).collect()
+    (0..n)
+        .map(|i| ((i * 7 + seed * 13) % 17) as f32 * 0.01 - 0.08)
+        .collect()
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -230,7 +252,10 @@ impl St {
                 t
             })
             .collect();
-        Self { tensors, header_len: None }
+        Self {
+            tensors,
+            header_len: None,
+        }
     }
     /// Recomputes contiguous offsets from the data (after removing a tensor).
     fn relayout(&mut self) {
@@ -241,7 +266,10 @@ impl St {
         }
     }
     fn get(&mut self, name: &str) -> &mut StTensor {
-        self.tensors.iter_mut().find(|t| t.name == name).expect("tensor of the tiny model")
+        self.tensors
+            .iter_mut()
+            .find(|t| t.name == name)
+            .expect("tensor of the tiny model")
     }
     fn bytes(&self) -> Vec<u8> {
         let mut h = serde_json::Map::new();
@@ -252,7 +280,11 @@ impl St {
         while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
-        let mut out = self.header_len.unwrap_or(text.len() as u64).to_le_bytes().to_vec();
+        let mut out = self
+            .header_len
+            .unwrap_or(text.len() as u64)
+            .to_le_bytes()
+            .to_vec();
         out.extend_from_slice(text.as_bytes());
         for t in &self.tensors {
             out.extend_from_slice(&t.data);
@@ -262,7 +294,12 @@ impl St {
 }
 
 /// Writes an HF folder `dir/name` and returns (folder, its model.safetensors, its config.json).
-fn hf_folder(dir: &Path, name: &str, config: &serde_json::Value, weights: Option<&[u8]>) -> (PathBuf, PathBuf, PathBuf) {
+fn hf_folder(
+    dir: &Path,
+    name: &str,
+    config: &serde_json::Value,
+    weights: Option<&[u8]>,
+) -> (PathBuf, PathBuf, PathBuf) {
     let d = dir.join(name);
     std::fs::create_dir_all(&d).unwrap();
     let (st, cfg) = (d.join("model.safetensors"), d.join("config.json"));
@@ -335,7 +372,10 @@ impl Gguf {
             u("feed_forward_length", I as u32),
             u("attention.head_count", 2),
             u("attention.head_count_kv", 1),
-            ("llama.attention.layer_norm_rms_epsilon".into(), Kv::F32(1e-5)),
+            (
+                "llama.attention.layer_norm_rms_epsilon".into(),
+                Kv::F32(1e-5),
+            ),
         ];
         // Weights are random-ish, so llama.cpp's q/k row permutation does not matter here.
         let tensors = tiny_tensors()
@@ -349,13 +389,24 @@ impl Gguf {
                 offset: None,
             })
             .collect();
-        Self { kvs, tensors, n_kv: None }
+        Self {
+            kvs,
+            tensors,
+            n_kv: None,
+        }
     }
     fn get(&mut self, name: &str) -> &mut GTensor {
-        self.tensors.iter_mut().find(|t| t.name == name).expect("tensor of the tiny model")
+        self.tensors
+            .iter_mut()
+            .find(|t| t.name == name)
+            .expect("tensor of the tiny model")
     }
     fn set_kv(&mut self, key: &str, v: Kv) {
-        self.kvs.iter_mut().find(|(k, _)| k == key).expect("key of the tiny model").1 = v;
+        self.kvs
+            .iter_mut()
+            .find(|(k, _)| k == key)
+            .expect("key of the tiny model")
+            .1 = v;
     }
     fn bytes(&self) -> Vec<u8> {
         fn string(out: &mut Vec<u8>, s: &str) {
@@ -447,15 +498,30 @@ fn corrupt_safetensors_folders_fail_cleanly() {
     c.open_fails("st empty file", &d, &st, &["header too small"]);
 
     let (d, st, _) = hf_folder(dir, "truncated_header", &cfg, Some(&good[..5]));
-    c.open_fails("st truncated header (5 bytes)", &d, &st, &["header too small"]);
+    c.open_fails(
+        "st truncated header (5 bytes)",
+        &d,
+        &st,
+        &["header too small"],
+    );
 
     let (d, st, _) = hf_folder(dir, "truncated_json", &cfg, Some(&good[..40]));
-    c.open_fails("st truncated inside the JSON header", &d, &st, &["header length", "runs past the end"]);
+    c.open_fails(
+        "st truncated inside the JSON header",
+        &d,
+        &st,
+        &["header length", "runs past the end"],
+    );
 
     let mut s = St::tiny();
     s.header_len = Some(1 << 40);
     let (d, st, _) = hf_folder(dir, "header_len_past_eof", &cfg, Some(&s.bytes()));
-    c.open_fails("st header length past EOF", &d, &st, &["header length 1099511627776 runs past the end"]);
+    c.open_fails(
+        "st header length past EOF",
+        &d,
+        &st,
+        &["header length 1099511627776 runs past the end"],
+    );
 
     let mut s = St::tiny();
     s.header_len = Some(u64::MAX);
@@ -466,14 +532,24 @@ fn corrupt_safetensors_folders_fail_cleanly() {
     let o = s.get(emb).offsets;
     s.get(q).offsets = (o.0 + 4, o.0 + 4 + 256);
     let (d, st, _) = hf_folder(dir, "overlap", &cfg, Some(&s.bytes()));
-    c.open_fails("st offsets overlapping", &d, &st, &["invalid offset for tensor", "model.layers.0"]);
+    c.open_fails(
+        "st offsets overlapping",
+        &d,
+        &st,
+        &["invalid offset for tensor", "model.layers.0"],
+    );
 
     let mut s = St::tiny();
     let t = s.get("model.norm.weight");
     t.shape = vec![1000];
     t.offsets.1 = t.offsets.0 + 4000;
     let (d, st, _) = hf_folder(dir, "past_end", &cfg, Some(&s.bytes()));
-    c.open_fails("st offsets past the end", &d, &st, &["past the end of the file"]);
+    c.open_fails(
+        "st offsets past the end",
+        &d,
+        &st,
+        &["past the end of the file"],
+    );
 
     let (d, st, _) = hf_folder(dir, "truncated_data", &cfg, Some(&good[..good.len() - 4]));
     c.open_fails("st data truncated", &d, &st, &["past the end of the file"]);
@@ -481,12 +557,22 @@ fn corrupt_safetensors_folders_fail_cleanly() {
     let mut long = good.clone();
     long.extend_from_slice(&[0; 12]);
     let (d, st, _) = hf_folder(dir, "trailing", &cfg, Some(&long));
-    c.open_fails("st trailing bytes", &d, &st, &["12 bytes after the last tensor's data"]);
+    c.open_fails(
+        "st trailing bytes",
+        &d,
+        &st,
+        &["12 bytes after the last tensor's data"],
+    );
 
     let mut s = St::tiny();
     s.get("model.norm.weight").shape = vec![9];
     let (d, st, _) = hf_folder(dir, "shape_bytes", &cfg, Some(&s.bytes()));
-    c.open_fails("st shape/byte-count mismatch", &d, &st, &["invalid shape, data type, or offset"]);
+    c.open_fails(
+        "st shape/byte-count mismatch",
+        &d,
+        &st,
+        &["invalid shape, data type, or offset"],
+    );
 
     let mut s = St::tiny();
     s.get(q).dtype = "X9".into();
@@ -503,50 +589,99 @@ fn corrupt_safetensors_folders_fail_cleanly() {
     t.shape = vec![100_000, 250_000];
     t.offsets.1 = t.offsets.0 + 100_000_000_000;
     let (d, st, _) = hf_folder(dir, "huge", &cfg, Some(&s.bytes()));
-    c.open_fails("st 100 GB tensor", &d, &st, &["past the end of the file", "up to byte 1000000"]);
+    c.open_fails(
+        "st 100 GB tensor",
+        &d,
+        &st,
+        &["past the end of the file", "up to byte 1000000"],
+    );
 
     let mut cj = cfg.clone();
     cj.as_object_mut().unwrap().remove("hidden_size");
     let (d, _, cf) = hf_folder(dir, "no_hidden", &cj, Some(&good));
-    c.open_fails("st config without hidden_size", &d, &cf, &["missing field `hidden_size`"]);
+    c.open_fails(
+        "st config without hidden_size",
+        &d,
+        &cf,
+        &["missing field `hidden_size`"],
+    );
 
     let mut cj = cfg.clone();
     cj["model_type"] = json!("gpt_neox");
     let (d, _, cf) = hf_folder(dir, "gpt_neox", &cj, Some(&good));
-    c.open_fails("st unknown model_type", &d, &cf, &["unknown model_type `gpt_neox`"]);
+    c.open_fails(
+        "st unknown model_type",
+        &d,
+        &cf,
+        &["unknown model_type `gpt_neox`"],
+    );
 
     let (d, _, cf) = hf_folder(dir, "bad_json", &cfg, Some(&good));
     std::fs::write(&cf, "{\"model_type\": \"llama\",\n").unwrap();
     c.open_fails("st config not JSON", &d, &cf, &["invalid JSON"]);
 
     let (d, _, _) = hf_folder(dir, "no_weights", &cfg, None);
-    c.open_fails("st directory without weights", &d, &d, &["no model.safetensors"]);
+    c.open_fails(
+        "st directory without weights",
+        &d,
+        &d,
+        &["no model.safetensors"],
+    );
 
     let d = dir.join("empty_dir");
     std::fs::create_dir(&d).unwrap();
-    c.open_fails("st empty directory", &d, &d.join("config.json"), &["No such file"]);
+    c.open_fails(
+        "st empty directory",
+        &d,
+        &d.join("config.json"),
+        &["No such file"],
+    );
 
     let mut s = St::tiny();
     s.tensors.retain(|t| t.name != down);
     s.relayout();
     let (d, _, _) = hf_folder(dir, "missing_tensor", &cfg, Some(&s.bytes()));
-    c.later_fails("st missing tensor", &d, &d, &["missing tensor", down], load_block0);
+    c.later_fails(
+        "st missing tensor",
+        &d,
+        &d,
+        &["missing tensor", down],
+        load_block0,
+    );
 
     let mut s = St::tiny();
     s.get(down).data[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
     let (d, _, _) = hf_folder(dir, "nan", &cfg, Some(&s.bytes()));
-    c.later_fails("st NaN in a weight", &d, &d, &["non-finite", down], load_block0);
+    c.later_fails(
+        "st NaN in a weight",
+        &d,
+        &d,
+        &["non-finite", down],
+        load_block0,
+    );
 
     let mut s = St::tiny();
     s.get(q).shape = vec![4, 16];
     let (d, _, _) = hf_folder(dir, "wrong_shape", &cfg, Some(&s.bytes()));
-    c.later_fails("st shape differs from config", &d, &d, &["has shape [4, 16], expected [8, 8]", q], load_block0);
+    c.later_fails(
+        "st shape differs from config",
+        &d,
+        &d,
+        &["has shape [4, 16], expected [8, 8]", q],
+        load_block0,
+    );
 
     let mut s = St::tiny();
     let t = s.get(q);
     t.dtype = "I32".into();
     let (d, st, _) = hf_folder(dir, "i32", &cfg, Some(&s.bytes()));
-    c.later_fails("st unsupported dtype", &d, &st, &["unsupported type I32", q], load_block0);
+    c.later_fails(
+        "st unsupported dtype",
+        &d,
+        &st,
+        &["unsupported type I32", q],
+        load_block0,
+    );
     c.finish();
 }
 
@@ -574,29 +709,59 @@ fn corrupt_gguf_files_fail_cleanly() {
     c.open_fails("gguf bad version", &p, &p, &["unsupported GGUF version 7"]);
 
     let p = write(dir, "trunc_counts.gguf", &good[..20]);
-    c.open_fails("gguf truncated in the counts", &p, &p, &["truncated or corrupt GGUF header", "metadata count"]);
+    c.open_fails(
+        "gguf truncated in the counts",
+        &p,
+        &p,
+        &["truncated or corrupt GGUF header", "metadata count"],
+    );
 
     let p = write(dir, "trunc_kv.gguf", &good[..60]);
-    c.open_fails("gguf truncated in the metadata", &p, &p, &["truncated or corrupt GGUF header"]);
+    c.open_fails(
+        "gguf truncated in the metadata",
+        &p,
+        &p,
+        &["truncated or corrupt GGUF header"],
+    );
 
     let p = write(dir, "trunc_infos.gguf", &good[..400]);
-    c.open_fails("gguf truncated in the tensor infos", &p, &p, &["truncated or corrupt GGUF header"]);
+    c.open_fails(
+        "gguf truncated in the tensor infos",
+        &p,
+        &p,
+        &["truncated or corrupt GGUF header"],
+    );
 
     // The first metadata key's length is the u64 at byte 24.
     let mut bad = good.clone();
     bad[24..32].copy_from_slice(&(good.len() as u64).to_le_bytes());
     let p = write(dir, "key_past_eof.gguf", &bad);
-    c.open_fails("gguf key length past EOF", &p, &p, &["metadata key 0 needs", "remain"]);
+    c.open_fails(
+        "gguf key length past EOF",
+        &p,
+        &p,
+        &["metadata key 0 needs", "remain"],
+    );
 
     let mut bad = good.clone();
     bad[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let p = write(dir, "string_2_40.gguf", &bad);
-    c.open_fails("gguf string length 2^40", &p, &p, &["needs 1099511627776 bytes"]);
+    c.open_fails(
+        "gguf string length 2^40",
+        &p,
+        &p,
+        &["needs 1099511627776 bytes"],
+    );
 
     let mut g = Gguf::tiny();
     g.n_kv = Some(u64::MAX);
     let p = write(dir, "n_kv_max.gguf", &g.bytes());
-    c.open_fails("gguf n_kv = u64::MAX", &p, &p, &["truncated or corrupt GGUF header"]);
+    c.open_fails(
+        "gguf n_kv = u64::MAX",
+        &p,
+        &p,
+        &["truncated or corrupt GGUF header"],
+    );
 
     let mut g = Gguf::tiny();
     let o = g.tensors[0].data.len().next_multiple_of(ALIGN) as u64;
@@ -607,17 +772,35 @@ fn corrupt_gguf_files_fail_cleanly() {
     let mut g = Gguf::tiny();
     g.get(q).offset = Some(1 << 20);
     let p = write(dir, "past_end.gguf", &g.bytes());
-    c.open_fails("gguf offset past the end", &p, &p, &["claims 256 bytes at data offset 1048576", "the file has only"]);
+    c.open_fails(
+        "gguf offset past the end",
+        &p,
+        &p,
+        &[
+            "claims 256 bytes at data offset 1048576",
+            "the file has only",
+        ],
+    );
 
     let mut g = Gguf::tiny();
     g.get("output_norm.weight").ne = vec![8000];
     let p = write(dir, "shape_bytes.gguf", &g.bytes());
-    c.open_fails("gguf shape claims more bytes than stored", &p, &p, &["claims 32000 bytes", "output_norm.weight"]);
+    c.open_fails(
+        "gguf shape claims more bytes than stored",
+        &p,
+        &p,
+        &["claims 32000 bytes", "output_norm.weight"],
+    );
 
     let mut g = Gguf::tiny();
     g.get(q).ty = 8; // Q8_0 with rows of 8 values: not whole blocks of 32
     let p = write(dir, "row_blocks.gguf", &g.bytes());
-    c.open_fails("gguf row not a whole number of blocks", &p, &p, &["not a multiple of the Q8_0 block size 32"]);
+    c.open_fails(
+        "gguf row not a whole number of blocks",
+        &p,
+        &p,
+        &["not a multiple of the Q8_0 block size 32"],
+    );
 
     let mut g = Gguf::tiny();
     g.get(q).ty = 99;
@@ -627,18 +810,33 @@ fn corrupt_gguf_files_fail_cleanly() {
     let mut g = Gguf::tiny();
     g.get(q).ty = 40; // GGML_TYPE_COUNT: gguf-rs reached `unreachable!` on it (found reading gguf-rs)
     let p = write(dir, "type40.gguf", &g.bytes());
-    c.open_fails("gguf type id 40 (GGML_TYPE_COUNT)", &p, &p, &["unknown type id 40"]);
+    c.open_fails(
+        "gguf type id 40 (GGML_TYPE_COUNT)",
+        &p,
+        &p,
+        &["unknown type id 40"],
+    );
 
     let mut g = Gguf::tiny();
     g.get(q).ty = 10; // Q2_K: a real type this crate cannot dequantize
     g.get(q).ne = vec![256, 1];
     let p = write(dir, "q2k.gguf", &g.bytes());
-    c.open_fails("gguf unsupported type Q2_K", &p, &p, &["unsupported type Q2_K", q]);
+    c.open_fails(
+        "gguf unsupported type Q2_K",
+        &p,
+        &p,
+        &["unsupported type Q2_K", q],
+    );
 
     let mut g = Gguf::tiny();
     g.get(q).ne = vec![1 << 32, 1 << 32, 1 << 32];
     let p = write(dir, "overflow.gguf", &g.bytes());
-    c.open_fails("gguf dimensions overflow", &p, &p, &["product of its dimensions overflows"]);
+    c.open_fails(
+        "gguf dimensions overflow",
+        &p,
+        &p,
+        &["product of its dimensions overflows"],
+    );
 
     let mut g = Gguf::tiny();
     g.get(q).ne = vec![1, 2, 3, 4, 5];
@@ -648,55 +846,109 @@ fn corrupt_gguf_files_fail_cleanly() {
     let mut g = Gguf::tiny();
     g.get(q).ne = vec![250_000, 100_000];
     let p = write(dir, "huge.gguf", &g.bytes());
-    c.open_fails("gguf 100 GB tensor", &p, &p, &["claims 100000000000 bytes", q]);
+    c.open_fails(
+        "gguf 100 GB tensor",
+        &p,
+        &p,
+        &["claims 100000000000 bytes", q],
+    );
 
     let mut g = Gguf::tiny();
     g.kvs.retain(|(k, _)| k != "llama.embedding_length");
     let p = write(dir, "no_embedding_length.gguf", &g.bytes());
-    c.open_fails("gguf without llama.embedding_length", &p, &p, &["missing metadata key `llama.embedding_length`"]);
+    c.open_fails(
+        "gguf without llama.embedding_length",
+        &p,
+        &p,
+        &["missing metadata key `llama.embedding_length`"],
+    );
 
     let mut g = Gguf::tiny();
     g.kvs.retain(|(k, _)| k != "general.architecture");
     let p = write(dir, "no_arch.gguf", &g.bytes());
-    c.open_fails("gguf without general.architecture", &p, &p, &["missing metadata key `general.architecture`"]);
+    c.open_fails(
+        "gguf without general.architecture",
+        &p,
+        &p,
+        &["missing metadata key `general.architecture`"],
+    );
 
     let mut g = Gguf::tiny();
     g.set_kv("general.architecture", Kv::Str("gpt2".into()));
     let p = write(dir, "gpt2.gguf", &g.bytes());
-    c.open_fails("gguf unknown architecture", &p, &p, &["unknown general.architecture `gpt2`"]);
+    c.open_fails(
+        "gguf unknown architecture",
+        &p,
+        &p,
+        &["unknown general.architecture `gpt2`"],
+    );
 
     let mut g = Gguf::tiny();
     g.set_kv("llama.attention.head_count_kv", Kv::U32(3));
     let p = write(dir, "heads.gguf", &g.bytes());
-    c.open_fails("gguf inconsistent config", &p, &p, &["not a multiple of num_key_value_heads"]);
+    c.open_fails(
+        "gguf inconsistent config",
+        &p,
+        &p,
+        &["not a multiple of num_key_value_heads"],
+    );
 
     // A 0-dimensional token_embd: the vocabulary size fell back to `shape[0]` and panicked.
     let mut g = Gguf::tiny();
     g.get("token_embd.weight").ne = vec![];
     let p = write(dir, "embd_0d.gguf", &g.bytes());
-    c.open_fails("gguf 0-dimensional token_embd", &p, &p, &["vocabulary size"]);
+    c.open_fails(
+        "gguf 0-dimensional token_embd",
+        &p,
+        &p,
+        &["vocabulary size"],
+    );
 
     let mut g = Gguf::tiny();
     g.tensors.retain(|t| t.name != down);
     let p = write(dir, "missing_tensor.gguf", &g.bytes());
-    c.later_fails("gguf missing tensor", &p, &p, &["missing tensor", down_hf], load_block0);
+    c.later_fails(
+        "gguf missing tensor",
+        &p,
+        &p,
+        &["missing tensor", down_hf],
+        load_block0,
+    );
 
     let mut g = Gguf::tiny();
     g.get(down).data[8..12].copy_from_slice(&f32::INFINITY.to_le_bytes());
     g.get(down).data[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
     let p = write(dir, "nan.gguf", &g.bytes());
-    c.later_fails("gguf NaN in a weight", &p, &p, &["2 non-finite", down_hf], load_block0);
+    c.later_fails(
+        "gguf NaN in a weight",
+        &p,
+        &p,
+        &["2 non-finite", down_hf],
+        load_block0,
+    );
 
     let mut g = Gguf::tiny();
     g.get(q).ne = vec![16, 4];
     let p = write(dir, "wrong_shape.gguf", &g.bytes());
-    c.later_fails("gguf shape differs from config", &p, &p, &["has shape [4, 16], expected [8, 8]"], load_block0);
+    c.later_fails(
+        "gguf shape differs from config",
+        &p,
+        &p,
+        &["has shape [4, 16], expected [8, 8]"],
+        load_block0,
+    );
 
     // A 0-dimensional attn_q: the q/k un-permutation read `shape[0]` and panicked.
     let mut g = Gguf::tiny();
     g.get(q).ne = vec![];
     let p = write(dir, "q_0d.gguf", &g.bytes());
-    c.later_fails("gguf 0-dimensional attn_q", &p, &p, &["has shape [], expected [8, 8]"], load_block0);
+    c.later_fails(
+        "gguf 0-dimensional attn_q",
+        &p,
+        &p,
+        &["has shape [], expected [8, 8]"],
+        load_block0,
+    );
     c.finish();
 }
 
@@ -705,20 +957,43 @@ fn corrupt_gguf_files_fail_cleanly() {
 #[test]
 #[ignore = "writes the cargo-fuzz seed corpus when FUZZ_SEEDS is set"]
 fn write_fuzz_seeds() {
-    let Ok(root) = std::env::var("FUZZ_SEEDS") else { return };
-    let (g, st) = (Path::new(&root).join("gguf_open"), Path::new(&root).join("safetensors_open"));
+    let Ok(root) = std::env::var("FUZZ_SEEDS") else {
+        return;
+    };
+    let (g, st) = (
+        Path::new(&root).join("gguf_open"),
+        Path::new(&root).join("safetensors_open"),
+    );
     std::fs::create_dir_all(&g).unwrap();
     std::fs::create_dir_all(&st).unwrap();
     write(&g, "tiny", &Gguf::tiny().bytes());
     // One small tensor of every type the reader dequantizes, and a string array.
     let mut q = Gguf::tiny();
-    for (ty, n, bytes) in
-        [(1u32, 1u64, 2usize), (30, 1, 2), (2, 32, 18), (3, 32, 20), (6, 32, 22), (7, 32, 24), (8, 32, 34), (12, 256, 144), (13, 256, 176), (14, 256, 210)]
-    {
+    for (ty, n, bytes) in [
+        (1u32, 1u64, 2usize),
+        (30, 1, 2),
+        (2, 32, 18),
+        (3, 32, 20),
+        (6, 32, 22),
+        (7, 32, 24),
+        (8, 32, 34),
+        (12, 256, 144),
+        (13, 256, 176),
+        (14, 256, 210),
+    ] {
         let data = (0..bytes).map(|i| (i * 37 + ty as usize) as u8).collect();
-        q.tensors.push(GTensor { name: format!("extra.{ty}"), ne: vec![n], ty, data, offset: None });
+        q.tensors.push(GTensor {
+            name: format!("extra.{ty}"),
+            ne: vec![n],
+            ty,
+            data,
+            offset: None,
+        });
     }
-    q.kvs.push(("tokenizer.ggml.tokens".into(), Kv::Strs(vec!["a".into(), "b".into(), "<s>".into()])));
+    q.kvs.push((
+        "tokenizer.ggml.tokens".into(),
+        Kv::Strs(vec!["a".into(), "b".into(), "<s>".into()]),
+    ));
     write(&g, "all_types", &q.bytes());
     write(&st, "tiny", &St::tiny().bytes());
     for dt in ["F16", "BF16"] {

@@ -38,7 +38,11 @@ fn check_family(config: Value, dtype: StoreDtype, shards: usize, seed: u64) -> f
     }
     let ckpt = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(ckpt.config(), &cfg);
-    assert_eq!(ckpt.tensors().len(), synth.tensors.len(), "library and test disagree on the tensor list");
+    assert_eq!(
+        ckpt.tensors().len(),
+        synth.tensors.len(),
+        "library and test disagree on the tensor list"
+    );
     let ws = windows(cfg.vocab_size as u32, seed ^ 0xABCD);
     let got = engine_logits(&ckpt, &ws);
     let tensors = synth.map();
@@ -49,19 +53,32 @@ fn check_family(config: Value, dtype: StoreDtype, shards: usize, seed: u64) -> f
         let (diff, mag) = max_diff(g, &reference);
         assert!(mag > 0.1, "degenerate logits (max |logit| {mag})");
         let rel = diff / mag.max(1.0);
-        assert!(rel < TOL, "{}: engine differs from reference by {diff} (max |logit| {mag})", config["model_type"]);
+        assert!(
+            rel < TOL,
+            "{}: engine differs from reference by {diff} (max |logit| {mag})",
+            config["model_type"]
+        );
         worst = worst.max(rel);
     }
     // The logits of a suffix are the suffix of the logits.
     let engine = model::engine::LayerEngine::new(&ckpt, model::default_device(), WINDOW);
     let mut states = engine.embed(&ws[..1]).unwrap();
-    engine.run_blocks(&mut states, |_, _, _| Ok(()), || {}).unwrap();
+    engine
+        .run_blocks(&mut states, |_, _, _| Ok(()), || {})
+        .unwrap();
     let head = engine.load_head().unwrap();
     let tail = head.logits(&states[0], 5);
     let v = cfg.vocab_size;
     assert_eq!(tail.len(), (WINDOW - 5) * v);
-    let d = tail.iter().zip(&got[0][5 * v..]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(d < 1e-5, "logits(state, 5) differs from rows 5.. of logits(state, 0) by {d}");
+    let d = tail
+        .iter()
+        .zip(&got[0][5 * v..])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        d < 1e-5,
+        "logits(state, 5) differs from rows 5.. of logits(state, 0) by {d}"
+    );
     worst
 }
 
@@ -147,7 +164,10 @@ fn llama3_gqa_rope_scaling() {
     let got = engine_logits(&ckpt, &ws);
     let wrong = reference_logits(&config, &synth.map(), &unscaled, RopeStyle::Half, &ws[0]);
     let (diff, mag) = max_diff(&got[0], &wrong);
-    assert!(diff / mag.max(1.0) > 100.0 * TOL, "unscaled RoPE is indistinguishable ({diff})");
+    assert!(
+        diff / mag.max(1.0) > 100.0 * TOL,
+        "unscaled RoPE is indistinguishable ({diff})"
+    );
 }
 
 #[test]
@@ -219,15 +239,27 @@ fn reference_is_sensitive_to_weights() {
     let got = engine_logits(&ckpt, &ws);
     let mut t = synth.map();
     t.get_mut("model.layers.1.self_attn.k_proj.weight").unwrap()[3] += 0.5;
-    let reference = reference_logits(&config, &t, &reference_inv_freq(&config), RopeStyle::Half, &ws[0]);
+    let reference = reference_logits(
+        &config,
+        &t,
+        &reference_inv_freq(&config),
+        RopeStyle::Half,
+        &ws[0],
+    );
     let (diff, mag) = max_diff(&got[0], &reference);
-    assert!(diff / mag.max(1.0) > 10.0 * TOL, "perturbation undetected ({diff})");
+    assert!(
+        diff / mag.max(1.0) > 10.0 * TOL,
+        "perturbation undetected ({diff})"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
 // The shared tiny Llama-2 GGUF (F16, 1 block, hidden 8, 32,000-token SentencePiece vocab).
 
-const TINY_GGUF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/models/llama-2-tiny-random.gguf");
+const TINY_GGUF: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/models/llama-2-tiny-random.gguf"
+);
 
 fn tiny_gguf() -> Option<Checkpoint> {
     let p = Path::new(TINY_GGUF);
@@ -261,7 +293,10 @@ fn tiny_gguf_opens_with_a_sane_config() {
         assert!(ckpt.has(&name), "{name} missing");
         let data = ckpt.read(&name, &shape).unwrap();
         assert_eq!(data.len(), shape.iter().product::<usize>());
-        assert!(data.iter().all(|v| v.is_finite()), "{name} has non-finite values");
+        assert!(
+            data.iter().all(|v| v.is_finite()),
+            "{name} has non-finite values"
+        );
         assert!(data.iter().any(|&v| v != 0.0), "{name} is all zeros");
     }
 }
@@ -279,7 +314,11 @@ fn tiny_gguf_sentencepiece_tokenizer() {
     assert_eq!(json["model"]["type"], "BPE");
     assert_eq!(json["model"]["byte_fallback"], true);
     assert!(tok.to_json().contains('\u{2581}'));
-    for text in ["The quick brown fox jumps over the lazy dog.", "Hello, world! 12 + 30 = 42", "naïve café — ✓"] {
+    for text in [
+        "The quick brown fox jumps over the lazy dog.",
+        "Hello, world! 12 + 30 = 42",
+        "naïve café — ✓",
+    ] {
         let ids = tok.encode(text).unwrap();
         assert!(!ids.is_empty() && ids.iter().all(|&i| i < 32000));
         assert_ne!(ids[0], 1, "encode() adds no BOS itself");
@@ -317,18 +356,26 @@ fn tiny_gguf_forward_matches_llama_cpp_rope_on_raw_rows() {
         }
     }
     let config = tiny_config_json(&ckpt);
-    let windows =
-        vec![vec![1u32, 450, 4996, 17354, 1701, 29916, 432, 17204], vec![1u32, 15043, 29892, 3186, 29991, 31999, 0, 2]];
+    let windows = vec![
+        vec![1u32, 450, 4996, 17354, 1701, 29916, 432, 17204],
+        vec![1u32, 15043, 29892, 3186, 29991, 31999, 0, 2],
+    ];
     let got = engine_logits(&ckpt, &windows);
     let inv = reference_inv_freq(&config);
-    let hf: BTreeMap<_, _> = hf_tensors(&ckpt).into_iter().map(|(n, _, d)| (n, d)).collect();
+    let hf: BTreeMap<_, _> = hf_tensors(&ckpt)
+        .into_iter()
+        .map(|(n, _, d)| (n, d))
+        .collect();
     for (w, g) in windows.iter().zip(&got) {
         assert!(g.iter().all(|v| v.is_finite()));
         // llama.cpp rotates adjacent pairs of the permuted rows; the engine rotates halves of
         // the un-permuted rows. Equal logits mean the un-permutation is right.
         let reference = reference_logits(&config, &raw, &inv, RopeStyle::Interleaved, w);
         let (diff, mag) = max_diff(g, &reference);
-        assert!(diff / mag.max(1e-3) < TOL, "engine vs llama.cpp-style reference: {diff} (max |logit| {mag})");
+        assert!(
+            diff / mag.max(1e-3) < TOL,
+            "engine vs llama.cpp-style reference: {diff} (max |logit| {mag})"
+        );
         // And the rows as the library un-permutes them agree with HF-style RoPE.
         let reference = reference_logits(&config, &hf, &inv, RopeStyle::Half, w);
         let (diff2, _) = max_diff(g, &reference);
@@ -342,19 +389,39 @@ fn tiny_gguf_forward_matches_llama_cpp_rope_on_raw_rows() {
     let emb = &hf["model.embed_tokens.weight"];
     let xs: Vec<Vec<f64>> = windows[0]
         .iter()
-        .map(|&t| emb[t as usize * c.hidden_size..(t as usize + 1) * c.hidden_size].iter().map(|&v| v as f64).collect())
+        .map(|&t| {
+            emb[t as usize * c.hidden_size..(t as usize + 1) * c.hidden_size]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
         .collect();
-    let scores = |t: &BTreeMap<String, Vec<f32>>, style| qk_scores(t, nh, nkv, hd, &inv, style, &xs);
+    let scores =
+        |t: &BTreeMap<String, Vec<f32>>, style| qk_scores(t, nh, nkv, hd, &inv, style, &xs);
     let good = scores(&hf, RopeStyle::Half);
     let file = scores(&raw, RopeStyle::Interleaved);
     let mag = good.iter().map(|v| v.abs()).fold(0.0, f64::max);
     assert!(mag > 0.0);
-    let d = good.iter().zip(&file).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    assert!(d <= 1e-9 * mag, "un-permuted q/k disagree with llama.cpp's convention: {d} of {mag}");
+    let d = good
+        .iter()
+        .zip(&file)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        d <= 1e-9 * mag,
+        "un-permuted q/k disagree with llama.cpp's convention: {d} of {mag}"
+    );
     // Negative control: the file's rows with HF RoPE (no un-permutation) give other scores.
     let wrong = scores(&raw, RopeStyle::Half);
-    let d = good.iter().zip(&wrong).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    assert!(d > 1e-3 * mag, "permutation has no effect on this file ({d} of {mag})");
+    let d = good
+        .iter()
+        .zip(&wrong)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        d > 1e-3 * mag,
+        "permutation has no effect on this file ({d} of {mag})"
+    );
 }
 
 /// Rotated attention scores q_i . k_j (all heads, all i, j) of block 0 for inputs `xs`.
@@ -368,14 +435,27 @@ fn qk_scores(
     xs: &[Vec<f64>],
 ) -> Vec<f64> {
     let proj = |name: &str, heads: usize, x: &[f64], pos: usize| {
-        let mut v = matvec(&t[&format!("model.layers.0.self_attn.{name}.weight")], None, x, heads * hd);
+        let mut v = matvec(
+            &t[&format!("model.layers.0.self_attn.{name}.weight")],
+            None,
+            x,
+            heads * hd,
+        );
         for h in v.chunks_exact_mut(hd) {
             rope(h, pos, inv, style);
         }
         v
     };
-    let qs: Vec<_> = xs.iter().enumerate().map(|(p, x)| proj("q_proj", nh, x, p)).collect();
-    let ks: Vec<_> = xs.iter().enumerate().map(|(p, x)| proj("k_proj", nkv, x, p)).collect();
+    let qs: Vec<_> = xs
+        .iter()
+        .enumerate()
+        .map(|(p, x)| proj("q_proj", nh, x, p))
+        .collect();
+    let ks: Vec<_> = xs
+        .iter()
+        .enumerate()
+        .map(|(p, x)| proj("k_proj", nkv, x, p))
+        .collect();
     let mut out = Vec::new();
     for q in &qs {
         for k in &ks {
@@ -392,11 +472,17 @@ fn qk_scores(
 fn tiny_gguf_and_its_hf_conversion_give_identical_logits() {
     let Some(ckpt) = tiny_gguf() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let synth = Synthetic { config: tiny_config_json(&ckpt), tensors: hf_tensors(&ckpt) };
+    let synth = Synthetic {
+        config: tiny_config_json(&ckpt),
+        tensors: hf_tensors(&ckpt),
+    };
     write_hf(dir.path(), &synth, StoreDtype::F32, 1);
     let hf = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(hf.config(), ckpt.config());
-    let windows = vec![vec![1u32, 450, 4996, 17354, 1701], vec![1u32, 31999, 29871, 13, 3]];
+    let windows = vec![
+        vec![1u32, 450, 4996, 17354, 1701],
+        vec![1u32, 31999, 29871, 13, 3],
+    ];
     let a = engine_logits(&ckpt, &windows);
     let b = engine_logits(&hf, &windows);
     for (x, y) in a.iter().zip(&b) {

@@ -11,9 +11,14 @@ use std::process::exit;
 fn read_f32(path: &str) -> Vec<f32> {
     let b = std::fs::read(path).unwrap_or_else(|e| fail(&format!("{path}: {e}")));
     if !b.len().is_multiple_of(4) {
-        fail(&format!("{path}: length {} is not a multiple of 4", b.len()));
+        fail(&format!(
+            "{path}: length {} is not a multiple of 4",
+            b.len()
+        ));
     }
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn fail(msg: &str) -> ! {
@@ -24,14 +29,19 @@ fn fail(msg: &str) -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
-        fail("usage: quantize_blocks TYPE IN.f32 OUT.bin [--row N] [--importance W.f32] [--dequant OUT.f32]");
+        fail(
+            "usage: quantize_blocks TYPE IN.f32 OUT.bin [--row N] [--importance W.f32] [--dequant OUT.f32]",
+        );
     }
-    let ty = quant::blocks::parse_type(&args[0]).unwrap_or_else(|| fail(&format!("unknown type `{}`", args[0])));
+    let ty = quant::blocks::parse_type(&args[0])
+        .unwrap_or_else(|| fail(&format!("unknown type `{}`", args[0])));
     let x = read_f32(&args[1]);
     let (mut row, mut imp, mut deq) = (x.len(), None, None);
     let mut i = 3;
     while i < args.len() {
-        let val = args.get(i + 1).unwrap_or_else(|| fail(&format!("{} needs a value", args[i])));
+        let val = args
+            .get(i + 1)
+            .unwrap_or_else(|| fail(&format!("{} needs a value", args[i])));
         match args[i].as_str() {
             "--row" => row = val.parse().unwrap_or_else(|_| fail("--row needs a number")),
             "--importance" => imp = Some(read_f32(val)),
@@ -40,7 +50,8 @@ fn main() {
         }
         i += 2;
     }
-    let bytes = quant::blocks::quantize(ty, &x, row, imp.as_deref()).unwrap_or_else(|e| fail(&e.to_string()));
+    let bytes = quant::blocks::quantize(ty, &x, row, imp.as_deref())
+        .unwrap_or_else(|e| fail(&e.to_string()));
     std::fs::write(&args[2], &bytes).unwrap_or_else(|e| fail(&format!("{}: {e}", args[2])));
     if let Some(p) = deq {
         let y = quant::blocks::dequantize(ty, &bytes, x.len());

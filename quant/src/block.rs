@@ -64,7 +64,8 @@ impl BlockWeights {
 
     /// A burn block from the current values.
     pub fn build(&self, cfg: &Config, device: &Device) -> DecoderLayer {
-        DecoderLayer::from_fn(cfg, |name, _| Ok(self.tensors[name].data.clone()), device).expect("all tensors present")
+        DecoderLayer::from_fn(cfg, |name, _| Ok(self.tensors[name].data.clone()), device)
+            .expect("all tensors present")
     }
 }
 
@@ -137,7 +138,16 @@ fn add<const D: usize>(a: Option<Tensor<D>>, b: Tensor<D>) -> Option<Tensor<D>> 
 
 impl Acc {
     fn new(width: usize) -> Self {
-        Self { xtx: None, pending: Vec::new(), pending_rows: 0, abs: None, sq: None, tokens: 0, sample: Vec::new(), width }
+        Self {
+            xtx: None,
+            pending: Vec::new(),
+            pending_rows: 0,
+            abs: None,
+            sq: None,
+            tokens: 0,
+            sample: Vec::new(),
+            width,
+        }
     }
 
     fn flush_xtx(&mut self) {
@@ -160,7 +170,10 @@ impl Acc {
             }
         }
         self.abs = add(self.abs.take(), m.clone().abs().sum_dim(0).reshape([w]));
-        self.sq = add(self.sq.take(), (m.clone() * m.clone()).sum_dim(0).reshape([w]));
+        self.sq = add(
+            self.sq.take(),
+            (m.clone() * m.clone()).sum_dim(0).reshape([w]),
+        );
         self.tokens += s;
         if per_window > 0 {
             // Strided rows, skipping position 0 whose activations are atypical (attention sink).
@@ -179,11 +192,32 @@ impl Acc {
     fn finish(mut self) -> TapStats {
         self.flush_xtx();
         let n = self.tokens.max(1) as f64;
-        let to_vec = |t: Tensor<1>| -> Vec<f64> { t.into_data().try_into_vec::<f32>().expect("f32").into_iter().map(f64::from).collect() };
+        let to_vec = |t: Tensor<1>| -> Vec<f64> {
+            t.into_data()
+                .try_into_vec::<f32>()
+                .expect("f32")
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        };
         TapStats {
-            xtx: self.xtx.map(|t| t.into_data().try_into_vec::<f32>().expect("f32")),
-            abs_mean: self.abs.map(to_vec).unwrap_or_default().into_iter().map(|v| v / n).collect(),
-            sq_mean: self.sq.map(to_vec).unwrap_or_default().into_iter().map(|v| v / n).collect(),
+            xtx: self
+                .xtx
+                .map(|t| t.into_data().try_into_vec::<f32>().expect("f32")),
+            abs_mean: self
+                .abs
+                .map(to_vec)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v / n)
+                .collect(),
+            sq_mean: self
+                .sq
+                .map(to_vec)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v / n)
+                .collect(),
             tokens: self.tokens,
             sample: self.sample,
             width: self.width,
@@ -193,19 +227,30 @@ impl Acc {
 
 /// Runs `block` over every window of `inputs`, capturing statistics at `taps`, and returns
 /// them with the block outputs.
-pub fn capture(block: &DecoderLayer, rope: &Rope, inputs: &States, taps: &[Tap], spec: CaptureSpec) -> (HashMap<Tap, TapStats>, States) {
+pub fn capture(
+    block: &DecoderLayer,
+    rope: &Rope,
+    inputs: &States,
+    taps: &[Tap],
+    spec: CaptureSpec,
+) -> (HashMap<Tap, TapStats>, States) {
     let mut acc: HashMap<Tap, Acc> = HashMap::new();
     let per_window = spec.sample_rows.div_ceil(inputs.len().max(1));
     let mut outputs = Vec::with_capacity(inputs.len());
     for x in inputs {
         let out = block.forward_tapped(x.clone(), rope, &mut |tap, t| {
             if taps.contains(&tap) {
-                acc.entry(tap).or_insert_with(|| Acc::new(t.dims()[2])).add(t, spec.xtx, per_window);
+                acc.entry(tap)
+                    .or_insert_with(|| Acc::new(t.dims()[2]))
+                    .add(t, spec.xtx, per_window);
             }
         });
         outputs.push(out);
     }
-    (acc.into_iter().map(|(tap, a)| (tap, a.finish())).collect(), outputs)
+    (
+        acc.into_iter().map(|(tap, a)| (tap, a.finish())).collect(),
+        outputs,
+    )
 }
 
 /// Statistics of a list of per-window inputs (one stage of a staged run).
@@ -220,9 +265,20 @@ pub fn capture_stage(inputs: &[Tensor<3>], xtx: bool, sample_rows: usize) -> Tap
 }
 
 /// `x wᵀ` for a sample `x` `[n, in]` and a weight `w` `[out, in]`, on the device.
-pub fn sample_matmul(x: &[f32], n: usize, w: &[f32], out: usize, inp: usize, device: &Device) -> Tensor<2> {
+pub fn sample_matmul(
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    device: &Device,
+) -> Tensor<2> {
     let xt = model::transformer::tensor_from(x.to_vec(), [n, inp], device);
-    let wt = model::transformer::tensor_from(model::transformer::transpose(w, out, inp), [inp, out], device);
+    let wt = model::transformer::tensor_from(
+        model::transformer::transpose(w, out, inp),
+        [inp, out],
+        device,
+    );
     xt.matmul(wt)
 }
 

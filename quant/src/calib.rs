@@ -10,9 +10,13 @@ use crate::QuantError;
 
 /// Reads a calibration file: JSONL (every line an object with a `text` string) or plain text.
 pub fn read_text(path: &Path) -> Result<String, QuantError> {
-    let bytes = std::fs::read(path).map_err(|e| QuantError::Input(format!("{}: {e}", path.display())))?;
-    let text = String::from_utf8(bytes).map_err(|e| QuantError::Input(format!("{}: not UTF-8 text ({e})", path.display())))?;
-    let is_jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
+    let bytes =
+        std::fs::read(path).map_err(|e| QuantError::Input(format!("{}: {e}", path.display())))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| QuantError::Input(format!("{}: not UTF-8 text ({e})", path.display())))?;
+    let is_jsonl = path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json");
     if !is_jsonl {
         return Ok(text);
     }
@@ -21,12 +25,16 @@ pub fn read_text(path: &Path) -> Result<String, QuantError> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| QuantError::Input(format!("{}:{}: invalid JSON ({e})", path.display(), i + 1)))?;
-        let t = v
-            .get("text")
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| QuantError::Input(format!("{}:{}: no string field `text`", path.display(), i + 1)))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            QuantError::Input(format!("{}:{}: invalid JSON ({e})", path.display(), i + 1))
+        })?;
+        let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+            QuantError::Input(format!(
+                "{}:{}: no string field `text`",
+                path.display(),
+                i + 1
+            ))
+        })?;
         out.push_str(t);
         out.push_str("\n\n");
     }
@@ -52,9 +60,18 @@ impl SplitMix {
 }
 
 /// Draws `samples` windows of `len` tokens (BOS first when the tokenizer adds it).
-pub fn sample_windows(tokens: &[u32], tok: &Tokenizer, samples: usize, len: usize, seed: u64, source: &Path) -> Result<Vec<Vec<u32>>, QuantError> {
+pub fn sample_windows(
+    tokens: &[u32],
+    tok: &Tokenizer,
+    samples: usize,
+    len: usize,
+    seed: u64,
+    source: &Path,
+) -> Result<Vec<Vec<u32>>, QuantError> {
     if len < 2 || samples == 0 {
-        return Err(QuantError::Input("--calib-samples and --calib-len must be positive (len at least 2)".into()));
+        return Err(QuantError::Input(
+            "--calib-samples and --calib-len must be positive (len at least 2)".into(),
+        ));
     }
     if tokens.len() < len {
         return Err(QuantError::Input(format!(

@@ -20,7 +20,9 @@ use model::{Checkpoint, Device};
 use crate::QuantError;
 use crate::block::{BlockWeights, CaptureSpec, LINEARS, capture};
 use crate::blocks::{dequantize, quantize};
-use crate::gguf_export::{ExportError, ExportReport, Progress, Source, TypePlan, export_from, hf_to_gguf_name};
+use crate::gguf_export::{
+    ExportError, ExportReport, Progress, Source, TypePlan, export_from, hf_to_gguf_name,
+};
 use crate::method::awq::Awq;
 
 /// Calibration for [`export_calibrated`].
@@ -53,7 +55,9 @@ pub fn export_calibrated(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ExportReport, ExportError> {
     if calib.windows.is_empty() {
-        return Err(ExportError::Input("calibration-aware export needs at least one calibration window".into()));
+        return Err(ExportError::Input(
+            "calibration-aware export needs at least one calibration window".into(),
+        ));
     }
     let cfg = ckpt.config().clone();
     let max_len = calib.windows.iter().map(Vec::len).max().unwrap_or(1);
@@ -63,14 +67,25 @@ pub fn export_calibrated(
     // The block being written: its index, its (possibly rescaled) weights, importances.
     let mut cur: Option<(usize, BlockWeights, HashMap<String, Vec<f32>>)> = None;
     let mut source = |hf: &str, _g: &str, shape: &[usize]| -> Result<Source, ExportError> {
-        let Some((l, suffix)) = hf.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) else {
-            return Ok(Source { data: ckpt.read(hf, shape)?, importance: None });
+        let Some((l, suffix)) = hf
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+        else {
+            return Ok(Source {
+                data: ckpt.read(hf, shape)?,
+                importance: None,
+            });
         };
-        let l: usize = l.parse().map_err(|_| ExportError::Input(format!("bad block tensor name `{hf}`")))?;
+        let l: usize = l
+            .parse()
+            .map_err(|_| ExportError::Input(format!("bad block tensor name `{hf}`")))?;
         if cur.as_ref().map(|c| c.0) != Some(l) {
             let mut weights = BlockWeights::read(ckpt, l).map_err(quant_err)?;
             let block = weights.build(&cfg, &device);
-            let spec = CaptureSpec { xtx: false, sample_rows: calib.sample_rows };
+            let spec = CaptureSpec {
+                xtx: false,
+                sample_rows: calib.sample_rows,
+            };
             let (mut st, outputs) = capture(&block, engine.rope(), &states, &taps, spec);
             drop(block);
             states = outputs;
@@ -82,23 +97,39 @@ pub fn export_calibrated(
                 }
             }
             if let Some(awq) = &calib.awq {
-                let fake = |key: &str, w: &[f32], rows: usize, cols: usize, imp: &[f32]| -> Result<Vec<f32>, QuantError> {
+                let fake = |key: &str,
+                            w: &[f32],
+                            rows: usize,
+                            cols: usize,
+                            imp: &[f32]|
+                 -> Result<Vec<f32>, QuantError> {
                     let full = format!("model.layers.{l}.{key}");
-                    let g = hf_to_gguf_name(&full).ok_or_else(|| QuantError::Input(format!("no GGUF name for `{full}`")))?;
+                    let g = hf_to_gguf_name(&full)
+                        .ok_or_else(|| QuantError::Input(format!("no GGUF name for `{full}`")))?;
                     let ty = plan.type_for(&g, &[rows, cols]);
-                    let bytes = quantize(ty, w, cols, Some(imp)).map_err(|e| QuantError::Input(format!("{g}: {e}")))?;
+                    let bytes = quantize(ty, w, cols, Some(imp))
+                        .map_err(|e| QuantError::Input(format!("{g}: {e}")))?;
                     Ok(dequantize(ty, &bytes, rows * cols))
                 };
-                awq.search_scales(&cfg, &mut weights, &device, &mut st, &fake).map_err(quant_err)?;
+                awq.search_scales(&cfg, &mut weights, &device, &mut st, &fake)
+                    .map_err(quant_err)?;
             }
             let imp = LINEARS
                 .iter()
-                .map(|(n, tap)| (format!("{n}.weight"), st[tap].sq_mean.iter().map(|&v| v as f32).collect()))
+                .map(|(n, tap)| {
+                    (
+                        format!("{n}.weight"),
+                        st[tap].sq_mean.iter().map(|&v| v as f32).collect(),
+                    )
+                })
                 .collect();
             cur = Some((l, weights, imp));
         }
         let (_, w, imp) = cur.as_ref().expect("block prepared");
-        Ok(Source { data: w.get(suffix).data.clone(), importance: imp.get(suffix).cloned() })
+        Ok(Source {
+            data: w.get(suffix).data.clone(),
+            importance: imp.get(suffix).cloned(),
+        })
     };
     export_from(ckpt, out, plan, &mut source, progress)
 }

@@ -100,8 +100,10 @@ pub struct TypePlan {
 }
 
 /// The preset names [`TypePlan::preset`] accepts.
-pub const PRESETS: &[&str] =
-    &["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m"];
+pub const PRESETS: &[&str] = &[
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m",
+    "q5_k_m",
+];
 
 /// llama.cpp's `use_more_bits(i, n)`.
 pub fn use_more_bits(i: usize, n: usize) -> bool {
@@ -170,14 +172,24 @@ pub fn fallback_type(ty: GgmlType, row_len: usize) -> GgmlType {
 impl TypePlan {
     /// Every tensor in `ty` (1-D tensors still F32).
     pub fn uniform(ty: GgmlType) -> Self {
-        Self { name: ty.name().to_lowercase(), default: ty, rules: Vec::new(), file_type: file_type_of(ty) }
+        Self {
+            name: ty.name().to_lowercase(),
+            default: ty,
+            rules: Vec::new(),
+            file_type: file_type_of(ty),
+        }
     }
 
     /// A named preset (see the table above) for a model with `n_layers` blocks; `tied` when
     /// there is no separate `output.weight`.
     pub fn preset(name: &str, n_layers: usize, tied: bool) -> Result<Self> {
         let lname = name.to_ascii_lowercase();
-        let unknown = || ExportError::Input(format!("unknown type `{name}` (valid: {})", PRESETS.join(", ")));
+        let unknown = || {
+            ExportError::Input(format!(
+                "unknown type `{name}` (valid: {})",
+                PRESETS.join(", ")
+            ))
+        };
         if !PRESETS.contains(&lname.as_str()) {
             return Err(unknown());
         }
@@ -188,18 +200,33 @@ impl TypePlan {
         let ty = parse_type(base).ok_or_else(unknown)?;
         let mut plan = Self::uniform(ty);
         plan.name = lname.clone();
-        let output = if tied { "token_embd.weight" } else { "output.weight" };
+        let output = if tied {
+            "token_embd.weight"
+        } else {
+            "output.weight"
+        };
         let low_bit = matches!(
             ty,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
+                | GgmlType::Q4_K
+                | GgmlType::Q5_K
         );
         if low_bit {
-            plan.rules.push(TypeRule { pattern: output.into(), ty: GgmlType::Q6_K });
+            plan.rules.push(TypeRule {
+                pattern: output.into(),
+                ty: GgmlType::Q6_K,
+            });
         }
         if mixed {
             for i in (0..n_layers).filter(|&i| use_more_bits(i, n_layers)) {
                 for t in ["attn_v", "ffn_down"] {
-                    plan.rules.push(TypeRule { pattern: format!("blk.{i}.{t}.weight"), ty: GgmlType::Q6_K });
+                    plan.rules.push(TypeRule {
+                        pattern: format!("blk.{i}.{t}.weight"),
+                        ty: GgmlType::Q6_K,
+                    });
                 }
             }
             plan.file_type = if ty == GgmlType::Q4_K { 15 } else { 17 };
@@ -214,11 +241,16 @@ impl TypePlan {
             .split_once('=')
             .ok_or_else(|| ExportError::Input(format!("rule `{spec}` is not PATTERN=TYPE")))?;
         let ty = parse_type(ty.trim()).ok_or_else(|| {
-            ExportError::Input(format!("rule `{spec}`: unknown type `{ty}` (valid: {})", type_names().join(", ")))
+            ExportError::Input(format!(
+                "rule `{spec}`: unknown type `{ty}` (valid: {})",
+                type_names().join(", ")
+            ))
         })?;
         let pattern = pat.trim().to_string();
         if pattern.is_empty() {
-            return Err(ExportError::Input(format!("rule `{spec}` has an empty pattern")));
+            return Err(ExportError::Input(format!(
+                "rule `{spec}` has an empty pattern"
+            )));
         }
         self.rules.insert(0, TypeRule { pattern, ty });
         self.name = format!("{}+rules", self.name.trim_end_matches("+rules"));
@@ -230,19 +262,29 @@ impl TypePlan {
         if shape.len() < 2 {
             return GgmlType::F32;
         }
-        self.rules.iter().find(|r| pattern_matches(&r.pattern, gguf_name)).map(|r| r.ty).unwrap_or(self.default)
+        self.rules
+            .iter()
+            .find(|r| pattern_matches(&r.pattern, gguf_name))
+            .map(|r| r.ty)
+            .unwrap_or(self.default)
     }
 
     /// The type actually written: the planned type, or its fallback when its block does not
     /// divide the row length.
     pub fn type_for(&self, gguf_name: &str, shape: &[usize]) -> GgmlType {
-        fallback_type(self.planned_type(gguf_name, shape), *shape.last().unwrap_or(&1))
+        fallback_type(
+            self.planned_type(gguf_name, shape),
+            *shape.last().unwrap_or(&1),
+        )
     }
 }
 
 /// Lower-case names of the block types (`q4_k`, ...).
 pub fn type_names() -> Vec<String> {
-    crate::blocks::QUANTIZABLE.iter().map(|t| t.name().to_lowercase()).collect()
+    crate::blocks::QUANTIZABLE
+        .iter()
+        .map(|t| t.name().to_lowercase())
+        .collect()
 }
 
 /// llama.cpp's `llama_ftype` for a file mostly of `ty`.
@@ -334,7 +376,10 @@ pub struct ExportReport {
 impl ExportReport {
     /// Number of weights.
     pub fn params(&self) -> u64 {
-        self.tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum()
+        self.tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum()
     }
     /// Bytes of tensor data.
     pub fn tensor_bytes(&self) -> u64 {
@@ -378,11 +423,17 @@ pub fn export(
         let m = importance?;
         m.get(hf)
             .or_else(|| m.get(g))
-            .or_else(|| (tied && g == "token_embd.weight").then(|| m.get("lm_head.weight").or_else(|| m.get("output.weight")))?)
+            .or_else(|| {
+                (tied && g == "token_embd.weight")
+                    .then(|| m.get("lm_head.weight").or_else(|| m.get("output.weight")))?
+            })
             .cloned()
     };
     let mut source = |hf: &str, g: &str, shape: &[usize]| -> Result<Source> {
-        Ok(Source { data: ckpt.read(hf, shape)?, importance: lookup(hf, g) })
+        Ok(Source {
+            data: ckpt.read(hf, shape)?,
+            importance: lookup(hf, g),
+        })
     };
     export_from(ckpt, out, plan, &mut source, progress)
 }
@@ -412,18 +463,26 @@ pub fn export_from(
     let arch = match cfg.model_type.as_str() {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
-        other => return Err(ExportError::Input(format!("cannot export model_type `{other}` to GGUF"))),
+        other => {
+            return Err(ExportError::Input(format!(
+                "cannot export model_type `{other}` to GGUF"
+            )));
+        }
     };
     if let Some(rs) = &cfg.rope_scaling
         && rs.kind() != "default"
     {
-        return Err(ExportError::Input(format!("rope_scaling `{}` cannot be exported to GGUF here", rs.kind())));
+        return Err(ExportError::Input(format!(
+            "rope_scaling `{}` cannot be exported to GGUF here",
+            rs.kind()
+        )));
     }
 
     // Tensors and their types.
     let mut plan_rows = Vec::new();
     for (hf, shape) in ckpt.expected_tensors() {
-        let g = hf_to_gguf_name(&hf).ok_or_else(|| ExportError::Input(format!("no GGUF name for tensor `{hf}`")))?;
+        let g = hf_to_gguf_name(&hf)
+            .ok_or_else(|| ExportError::Input(format!("no GGUF name for tensor `{hf}`")))?;
         debug_assert_eq!(gguf_to_hf_name(&g).as_deref(), Some(hf.as_str()));
         let planned = plan.planned_type(&g, &shape);
         let ty = plan.type_for(&g, &shape);
@@ -432,16 +491,28 @@ pub fn export_from(
 
     let mut warnings = Vec::new();
     let meta = metadata(ckpt, arch, plan, &mut warnings)?;
-    let decls: Vec<TensorDecl> =
-        plan_rows.iter().map(|(_, g, s, _, ty)| TensorDecl { name: g.clone(), shape: s.clone(), ty: *ty }).collect();
+    let decls: Vec<TensorDecl> = plan_rows
+        .iter()
+        .map(|(_, g, s, _, ty)| TensorDecl {
+            name: g.clone(),
+            shape: s.clone(),
+            ty: *ty,
+        })
+        .collect();
     let mut w = GgufWriter::create(out, &meta, decls)?;
 
     let total = plan_rows.len();
     let mut tensors = Vec::with_capacity(total);
     for (i, (hf, g, shape, planned, ty)) in plan_rows.into_iter().enumerate() {
-        let Source { mut data, importance } = source(&hf, &g, &shape)?;
+        let Source {
+            mut data,
+            importance,
+        } = source(&hf, &g, &shape)?;
         if data.len() != shape.iter().product::<usize>() {
-            return Err(ExportError::Input(format!("tensor `{hf}`: {} values for shape {shape:?}", data.len())));
+            return Err(ExportError::Input(format!(
+                "tensor `{hf}`: {} values for shape {shape:?}",
+                data.len()
+            )));
         }
         if arch == "llama" {
             let heads = if hf.contains("self_attn.q_proj") {
@@ -460,15 +531,38 @@ pub fn export_from(
             }
         }
         let row_len = *shape.last().unwrap_or(&1);
-        let imp = if shape.len() >= 2 { importance.as_deref() } else { None };
-        let bytes = quantize(ty, &data, row_len, imp).map_err(|source| ExportError::Block { tensor: g.clone(), source })?;
+        let imp = if shape.len() >= 2 {
+            importance.as_deref()
+        } else {
+            None
+        };
+        let bytes = quantize(ty, &data, row_len, imp).map_err(|source| ExportError::Block {
+            tensor: g.clone(),
+            source,
+        })?;
         drop(data);
         w.write_tensor(&g, &bytes)?;
-        progress(&Progress { index: i + 1, total, name: &g, ty });
-        tensors.push(ExportedTensor { name: g, shape, planned, ty, bytes: bytes.len() });
+        progress(&Progress {
+            index: i + 1,
+            total,
+            name: &g,
+            ty,
+        });
+        tensors.push(ExportedTensor {
+            name: g,
+            shape,
+            planned,
+            ty,
+            bytes: bytes.len(),
+        });
     }
     let file_bytes = w.finish()?;
-    Ok(ExportReport { tensors, file_bytes, warnings, seconds: start.elapsed().as_secs_f64() })
+    Ok(ExportReport {
+        tensors,
+        file_bytes,
+        warnings,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 fn kv(k: &str, v: MetaValue) -> (String, MetaValue) {
@@ -476,15 +570,28 @@ fn kv(k: &str, v: MetaValue) -> (String, MetaValue) {
 }
 
 /// All metadata in llama.cpp's converter order.
-fn metadata(ckpt: &Checkpoint, arch: &str, plan: &TypePlan, warnings: &mut Vec<String>) -> Result<Vec<(String, MetaValue)>> {
+fn metadata(
+    ckpt: &Checkpoint,
+    arch: &str,
+    plan: &TypePlan,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(String, MetaValue)>> {
     let cfg = ckpt.config();
     let teacher = match ckpt.gguf() {
         Some(g) => model::gguf::writer::read_metadata(g.path())?,
         None => Vec::new(),
     };
-    let teacher_str = |k: &str| teacher.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.as_str().map(str::to_string));
+    let teacher_str = |k: &str| {
+        teacher
+            .iter()
+            .find(|(n, _)| n == k)
+            .and_then(|(_, v)| v.as_str().map(str::to_string))
+    };
     let name = teacher_str("general.name").unwrap_or_else(|| {
-        ckpt.path().file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into())
+        ckpt.path()
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into())
     });
     let u32v = |v: usize| MetaValue::U32(v as u32);
     let mut m = vec![
@@ -514,7 +621,10 @@ fn metadata(ckpt: &Checkpoint, arch: &str, plan: &TypePlan, warnings: &mut Vec<S
     m.push((a("attention.head_count"), u32v(cfg.num_attention_heads)));
     m.push((a("attention.head_count_kv"), u32v(cfg.num_kv_heads())));
     m.push((a("rope.freq_base"), MetaValue::F32(cfg.rope_theta as f32)));
-    m.push((a("attention.layer_norm_rms_epsilon"), MetaValue::F32(cfg.rms_norm_eps as f32)));
+    m.push((
+        a("attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(cfg.rms_norm_eps as f32),
+    ));
     if cfg.hidden_size != cfg.num_attention_heads * cfg.head_dim() {
         m.push((a("attention.key_length"), u32v(cfg.head_dim())));
         m.push((a("attention.value_length"), u32v(cfg.head_dim())));
@@ -525,9 +635,17 @@ fn metadata(ckpt: &Checkpoint, arch: &str, plan: &TypePlan, warnings: &mut Vec<S
     m.push(kv("general.alignment", MetaValue::U32(32)));
     if ckpt.gguf().is_some() {
         let before = m.len();
-        m.extend(teacher.iter().filter(|(k, _)| k.starts_with("tokenizer.")).cloned());
+        m.extend(
+            teacher
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .cloned(),
+        );
         if m.len() == before {
-            return Err(ExportError::Input(format!("{}: no tokenizer.* metadata to copy", ckpt.path().display())));
+            return Err(ExportError::Input(format!(
+                "{}: no tokenizer.* metadata to copy",
+                ckpt.path().display()
+            )));
         }
     } else {
         m.extend(hf_tokenizer_metadata(ckpt, warnings)?);
@@ -542,14 +660,17 @@ const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 const TOKEN_UNUSED: i32 = 5;
 
-const LLAMA3_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// `tokenizer.ggml.pre` for an HF `pre_tokenizer` (see the module docs), `None` if unknown.
 pub fn detect_pre(pre: &Value) -> Option<&'static str> {
-    let ty = |v: &Value| v.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+    let ty = |v: &Value| {
+        v.get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let parts: Vec<&Value> = match ty(pre).as_str() {
         "Sequence" => pre.get("pretokenizers")?.as_array()?.iter().collect(),
         "" => return None,
@@ -559,7 +680,11 @@ pub fn detect_pre(pre: &Value) -> Option<&'static str> {
     let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
     match kinds.as_slice() {
         ["ByteLevel"] => Some("gpt-2"),
-        ["Digits", "ByteLevel"] if parts[0].get("individual_digits") == Some(&Value::Bool(true)) => Some("smollm"),
+        ["Digits", "ByteLevel"]
+            if parts[0].get("individual_digits") == Some(&Value::Bool(true)) =>
+        {
+            Some("smollm")
+        }
         ["Split", "ByteLevel"] => {
             let re = parts[0].get("pattern")?.get("Regex")?.as_str()?;
             if re == LLAMA3_SPLIT {
@@ -574,7 +699,10 @@ pub fn detect_pre(pre: &Value) -> Option<&'static str> {
     }
 }
 
-fn hf_tokenizer_metadata(ckpt: &Checkpoint, warnings: &mut Vec<String>) -> Result<Vec<(String, MetaValue)>> {
+fn hf_tokenizer_metadata(
+    ckpt: &Checkpoint,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(String, MetaValue)>> {
     let dir = ckpt.path();
     let tpath = dir.join("tokenizer.json");
     let read_json = |p: &Path| -> Result<Value> {
@@ -590,29 +718,55 @@ fn hf_tokenizer_metadata(ckpt: &Checkpoint, warnings: &mut Vec<String>) -> Resul
     if mdl.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
         return Err(bad("SentencePiece-style BPE (byte_fallback) cannot be exported from an HF folder yet (export from a GGUF source instead)".into()));
     }
-    let vocab = mdl.get("vocab").and_then(Value::as_object).ok_or_else(|| bad("no model.vocab".into()))?;
+    let vocab = mdl
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no model.vocab".into()))?;
     let cfg = ckpt.config();
     let mut tokens: Vec<Option<String>> = vec![None; cfg.vocab_size];
     let mut types = vec![TOKEN_NORMAL; cfg.vocab_size];
     let mut put = |id: u64, tok: &str, ty: i32| -> Result<()> {
         let i = id as usize;
         if i >= tokens.len() {
-            return Err(bad(format!("token id {id} is not below vocab_size {}", cfg.vocab_size)));
+            return Err(bad(format!(
+                "token id {id} is not below vocab_size {}",
+                cfg.vocab_size
+            )));
         }
         tokens[i] = Some(tok.to_string());
         types[i] = ty;
         Ok(())
     };
     for (tok, id) in vocab {
-        put(id.as_u64().ok_or_else(|| bad(format!("bad id for `{tok}`")))?, tok, TOKEN_NORMAL)?;
+        put(
+            id.as_u64()
+                .ok_or_else(|| bad(format!("bad id for `{tok}`")))?,
+            tok,
+            TOKEN_NORMAL,
+        )?;
     }
-    for a in tj.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
-        let (Some(id), Some(content)) = (a.get("id").and_then(Value::as_u64), a.get("content").and_then(Value::as_str))
-        else {
+    for a in tj
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(content)) = (
+            a.get("id").and_then(Value::as_u64),
+            a.get("content").and_then(Value::as_str),
+        ) else {
             continue;
         };
         let special = a.get("special").and_then(Value::as_bool).unwrap_or(false);
-        put(id, content, if special { TOKEN_CONTROL } else { TOKEN_USER_DEFINED })?;
+        put(
+            id,
+            content,
+            if special {
+                TOKEN_CONTROL
+            } else {
+                TOKEN_USER_DEFINED
+            },
+        )?;
     }
     let mut token_strs = Vec::with_capacity(tokens.len());
     for (i, t) in tokens.into_iter().enumerate() {
@@ -631,9 +785,11 @@ fn hf_tokenizer_metadata(ckpt: &Checkpoint, warnings: &mut Vec<String>) -> Resul
         .flatten()
         .map(|m| match m {
             Value::String(s) => Ok(s.clone()),
-            Value::Array(p) if p.len() == 2 => {
-                Ok(format!("{} {}", p[0].as_str().unwrap_or_default(), p[1].as_str().unwrap_or_default()))
-            }
+            Value::Array(p) if p.len() == 2 => Ok(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or_default(),
+                p[1].as_str().unwrap_or_default()
+            )),
             other => Err(bad(format!("unreadable merge {other}"))),
         })
         .collect::<Result<_>>()?;
@@ -649,7 +805,11 @@ fn hf_tokenizer_metadata(ckpt: &Checkpoint, warnings: &mut Vec<String>) -> Resul
         }
     };
     let tc = dir.join("tokenizer_config.json");
-    let tcj = if tc.exists() { read_json(&tc)? } else { Value::Null };
+    let tcj = if tc.exists() {
+        read_json(&tc)?
+    } else {
+        Value::Null
+    };
     let add_bos = match tcj.get("add_bos_token").and_then(Value::as_bool) {
         Some(b) => b,
         None => model::load_tokenizer(ckpt)?.add_bos,
@@ -657,9 +817,18 @@ fn hf_tokenizer_metadata(ckpt: &Checkpoint, warnings: &mut Vec<String>) -> Resul
     let mut m = vec![
         kv("tokenizer.ggml.model", MetaValue::str("gpt2")),
         kv("tokenizer.ggml.pre", MetaValue::str(pre)),
-        kv("tokenizer.ggml.tokens", MetaValue::Array(MetaArray::Str(token_strs))),
-        kv("tokenizer.ggml.token_type", MetaValue::Array(MetaArray::I32(types))),
-        kv("tokenizer.ggml.merges", MetaValue::Array(MetaArray::Str(merges))),
+        kv(
+            "tokenizer.ggml.tokens",
+            MetaValue::Array(MetaArray::Str(token_strs)),
+        ),
+        kv(
+            "tokenizer.ggml.token_type",
+            MetaValue::Array(MetaArray::I32(types)),
+        ),
+        kv(
+            "tokenizer.ggml.merges",
+            MetaValue::Array(MetaArray::Str(merges)),
+        ),
     ];
     if let Some(b) = cfg.bos_token_id.as_ref().and_then(|b| b.first()) {
         m.push(kv("tokenizer.ggml.bos_token_id", MetaValue::U32(b)));
@@ -670,15 +839,19 @@ fn hf_tokenizer_metadata(ckpt: &Checkpoint, warnings: &mut Vec<String>) -> Resul
     // unk/pad: the model's unk_token, else tokenizer_config.json's `unk_token`/`pad_token`
     // (a string or {"content": ...}), looked up in the vocabulary and the added tokens.
     let id_of = |tok: &str| -> Option<u32> {
-        vocab.get(tok).and_then(Value::as_u64).map(|v| v as u32).or_else(|| {
-            tj.get("added_tokens")?
-                .as_array()?
-                .iter()
-                .find(|a| a.get("content").and_then(Value::as_str) == Some(tok))?
-                .get("id")?
-                .as_u64()
-                .map(|v| v as u32)
-        })
+        vocab
+            .get(tok)
+            .and_then(Value::as_u64)
+            .map(|v| v as u32)
+            .or_else(|| {
+                tj.get("added_tokens")?
+                    .as_array()?
+                    .iter()
+                    .find(|a| a.get("content").and_then(Value::as_str) == Some(tok))?
+                    .get("id")?
+                    .as_u64()
+                    .map(|v| v as u32)
+            })
     };
     let config_tok = |key: &str| -> Option<String> {
         match tcj.get(key)? {
@@ -687,7 +860,11 @@ fn hf_tokenizer_metadata(ckpt: &Checkpoint, warnings: &mut Vec<String>) -> Resul
             _ => None,
         }
     };
-    let unk = mdl.get("unk_token").and_then(Value::as_str).map(str::to_string).or_else(|| config_tok("unk_token"));
+    let unk = mdl
+        .get("unk_token")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| config_tok("unk_token"));
     if let Some(u) = unk.as_deref().and_then(id_of) {
         m.push(kv("tokenizer.ggml.unknown_token_id", MetaValue::U32(u)));
     }
@@ -721,9 +898,18 @@ mod tests {
         assert!(pattern_matches("blk.1", "blk.1.attn_q.weight"));
         assert!(!pattern_matches("blk.1", "blk.10.attn_q.weight"));
         assert!(pattern_matches("output.weight", "output.weight"));
-        assert!(!pattern_matches("output.weight", "blk.0.attn_output.weight"));
-        assert!(pattern_matches("blk.*.attn_?.weight", "blk.12.attn_v.weight"));
-        assert!(!pattern_matches("blk.*.attn_?.weight", "blk.12.attn_output.weight"));
+        assert!(!pattern_matches(
+            "output.weight",
+            "blk.0.attn_output.weight"
+        ));
+        assert!(pattern_matches(
+            "blk.*.attn_?.weight",
+            "blk.12.attn_v.weight"
+        ));
+        assert!(!pattern_matches(
+            "blk.*.attn_?.weight",
+            "blk.12.attn_output.weight"
+        ));
         assert!(pattern_matches("*", "token_embd.weight"));
         assert!(!pattern_matches("", "x"));
     }
@@ -732,26 +918,56 @@ mod tests {
     fn more_bits_matches_llama_cpp() {
         // 32 layers: 0..4, 28..32, and every third from 4 (6, 9, ...).
         let got: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
-        assert_eq!(got, vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+        assert_eq!(
+            got,
+            vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
     }
 
     #[test]
     fn presets_and_fallbacks() {
         let p = TypePlan::preset("q4_k_m", 30, true).unwrap();
         assert_eq!(p.file_type, 15);
-        assert_eq!(p.type_for("token_embd.weight", &[49152, 576]), GgmlType::Q8_0);
-        assert_eq!(p.planned_type("token_embd.weight", &[49152, 576]), GgmlType::Q6_K);
-        assert_eq!(p.type_for("blk.0.ffn_down.weight", &[576, 1536]), GgmlType::Q6_K);
-        assert_eq!(p.type_for("blk.4.ffn_down.weight", &[576, 1536]), GgmlType::Q4_K);
-        assert_eq!(p.type_for("blk.4.attn_q.weight", &[576, 576]), GgmlType::Q5_0);
-        assert_eq!(p.type_for("blk.0.attn_v.weight", &[192, 576]), GgmlType::Q8_0);
+        assert_eq!(
+            p.type_for("token_embd.weight", &[49152, 576]),
+            GgmlType::Q8_0
+        );
+        assert_eq!(
+            p.planned_type("token_embd.weight", &[49152, 576]),
+            GgmlType::Q6_K
+        );
+        assert_eq!(
+            p.type_for("blk.0.ffn_down.weight", &[576, 1536]),
+            GgmlType::Q6_K
+        );
+        assert_eq!(
+            p.type_for("blk.4.ffn_down.weight", &[576, 1536]),
+            GgmlType::Q4_K
+        );
+        assert_eq!(
+            p.type_for("blk.4.attn_q.weight", &[576, 576]),
+            GgmlType::Q5_0
+        );
+        assert_eq!(
+            p.type_for("blk.0.attn_v.weight", &[192, 576]),
+            GgmlType::Q8_0
+        );
         assert_eq!(p.type_for("blk.0.attn_norm.weight", &[576]), GgmlType::F32);
         let q = TypePlan::preset("Q4_0", 30, false).unwrap();
         assert_eq!(q.type_for("output.weight", &[32000, 4096]), GgmlType::Q6_K);
-        assert_eq!(q.type_for("token_embd.weight", &[32000, 4096]), GgmlType::Q4_0);
-        assert_eq!(q.type_for("blk.0.attn_output.weight", &[4096, 4096]), GgmlType::Q4_0);
+        assert_eq!(
+            q.type_for("token_embd.weight", &[32000, 4096]),
+            GgmlType::Q4_0
+        );
+        assert_eq!(
+            q.type_for("blk.0.attn_output.weight", &[4096, 4096]),
+            GgmlType::Q4_0
+        );
         let r = q.with_rule("ffn_down=q8_0").unwrap();
-        assert_eq!(r.type_for("blk.2.ffn_down.weight", &[4096, 11008]), GgmlType::Q8_0);
+        assert_eq!(
+            r.type_for("blk.2.ffn_down.weight", &[4096, 11008]),
+            GgmlType::Q8_0
+        );
         assert!(TypePlan::preset("q3_k", 30, false).is_err());
         assert!(TypePlan::uniform(GgmlType::F16).with_rule("x=q9").is_err());
         assert_eq!(fallback_type(GgmlType::Q4_0, 48), GgmlType::F16);
@@ -777,7 +993,11 @@ mod tests {
                 assert_eq!(gguf_to_hf_name(&hf_to_gguf_name(&hf).unwrap()).unwrap(), hf);
             }
         }
-        for hf in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
+        for hf in [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ] {
             assert_eq!(gguf_to_hf_name(&hf_to_gguf_name(hf).unwrap()).unwrap(), hf);
         }
         assert!(hf_to_gguf_name("model.rotary.inv_freq").is_none());
@@ -788,7 +1008,10 @@ mod tests {
         let smol = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, {"type": "ByteLevel"}]});
         assert_eq!(detect_pre(&smol), Some("smollm"));
-        assert_eq!(detect_pre(&serde_json::json!({"type": "ByteLevel"})), Some("gpt-2"));
+        assert_eq!(
+            detect_pre(&serde_json::json!({"type": "ByteLevel"})),
+            Some("gpt-2")
+        );
         let l3 = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}}, {"type": "ByteLevel"}]});
         assert_eq!(detect_pre(&l3), Some("llama-bpe"));

@@ -114,11 +114,24 @@ fn gcd(a: usize, b: usize) -> usize {
 impl LinearLayout {
     /// The layout of weight `name` (`[rows, cols]`); `act_order` when its groups may be in
     /// any column order.
-    pub fn new(scheme: &QuantScheme, name: &str, rows: usize, cols: usize, act_order: bool) -> Result<Self, QuantError> {
+    pub fn new(
+        scheme: &QuantScheme,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        act_order: bool,
+    ) -> Result<Self, QuantError> {
         let group_len = scheme.group_len(name, cols)?;
         let channel = scheme.group.is_none();
         let group = if channel { cols } else { gcd(group_len, cols) };
-        Ok(Self { rows, cols, group_len, group, channel, g_idx: act_order && !channel })
+        Ok(Self {
+            rows,
+            cols,
+            group_len,
+            group,
+            channel,
+            g_idx: act_order && !channel,
+        })
     }
 
     /// Stored scales per row.
@@ -129,15 +142,31 @@ impl LinearLayout {
     /// The safetensors plan entries of module `module`.
     fn plan(&self, module: &str, scheme: &QuantScheme) -> Vec<(String, Vec<usize>, PlanDtype)> {
         let mut p = vec![
-            (format!("{module}.weight_packed"), vec![self.rows, packed_words(self.cols, scheme.bits)], PlanDtype::I32),
-            (format!("{module}.weight_scale"), vec![self.rows, self.groups()], PlanDtype::Float(StoreDtype::F32)),
+            (
+                format!("{module}.weight_packed"),
+                vec![self.rows, packed_words(self.cols, scheme.bits)],
+                PlanDtype::I32,
+            ),
+            (
+                format!("{module}.weight_scale"),
+                vec![self.rows, self.groups()],
+                PlanDtype::Float(StoreDtype::F32),
+            ),
         ];
         if !scheme.sym {
-            p.push((format!("{module}.weight_zero_point"), vec![packed_words(self.rows, scheme.bits), self.groups()], PlanDtype::I32));
+            p.push((
+                format!("{module}.weight_zero_point"),
+                vec![packed_words(self.rows, scheme.bits), self.groups()],
+                PlanDtype::I32,
+            ));
         }
         p.push((format!("{module}.weight_shape"), vec![2], PlanDtype::I64));
         if self.g_idx {
-            p.push((format!("{module}.weight_g_idx"), vec![self.cols], PlanDtype::I32));
+            p.push((
+                format!("{module}.weight_g_idx"),
+                vec![self.cols],
+                PlanDtype::I32,
+            ));
         }
         p
     }
@@ -173,15 +202,28 @@ pub struct PackedLinear {
 }
 
 /// Packs `q` in layout `lay`.
-pub fn pack_linear(scheme: &QuantScheme, lay: &LinearLayout, name: &str, q: &QuantizedLinear) -> Result<PackedLinear, QuantError> {
-    let bad = |what: String| QuantError::Input(format!("`{name}`: cannot write the packed format: {what}"));
+pub fn pack_linear(
+    scheme: &QuantScheme,
+    lay: &LinearLayout,
+    name: &str,
+    q: &QuantizedLinear,
+) -> Result<PackedLinear, QuantError> {
+    let bad = |what: String| {
+        QuantError::Input(format!("`{name}`: cannot write the packed format: {what}"))
+    };
     let (rows, cols) = (lay.rows, lay.cols);
     if q.rows != rows || q.cols != cols || q.codes.len() != rows * cols || q.g_idx.len() != cols {
-        return Err(bad(format!("shape [{}, {}] differs from the expected [{rows}, {cols}]", q.rows, q.cols)));
+        return Err(bad(format!(
+            "shape [{}, {}] differs from the expected [{rows}, {cols}]",
+            q.rows, q.cols
+        )));
     }
     let (gl, s) = (lay.group_len, lay.group);
     if q.groups != cols.div_ceil(gl) || q.params.len() != rows * q.groups {
-        return Err(bad(format!("{} groups for {cols} columns of group length {gl}", q.groups)));
+        return Err(bad(format!(
+            "{} groups for {cols} columns of group length {gl}",
+            q.groups
+        )));
     }
     // Our group k -> stored groups k*m .. (the last one may be short: fewer stored groups).
     // Within a group, columns take stored groups in increasing column order, s at a time.
@@ -197,20 +239,29 @@ pub fn pack_linear(scheme: &QuantScheme, lay: &LinearLayout, name: &str, q: &Qua
         seen[g] += 1;
     }
     for (k, &n) in seen.iter().enumerate() {
-        let want = if k + 1 < q.groups { gl } else { cols - (q.groups - 1) * gl };
+        let want = if k + 1 < q.groups {
+            gl
+        } else {
+            cols - (q.groups - 1) * gl
+        };
         if n != want {
             return Err(bad(format!("group {k} holds {n} columns, not {want}")));
         }
     }
     if !lay.g_idx && sub.iter().enumerate().any(|(c, &j)| j as usize != c / s) {
-        return Err(bad("its groups are not contiguous column ranges (activation order needs `weight_g_idx`)".into()));
+        return Err(bad(
+            "its groups are not contiguous column ranges (activation order needs `weight_g_idx`)"
+                .into(),
+        ));
     }
     let groups = lay.groups();
     let param = |r: usize, j: usize| q.params[r * q.groups + j / m];
     if scheme.sym {
         let z = 1i32 << (scheme.bits - 1);
         if q.params.iter().any(|p| p.zero != z) {
-            return Err(bad(format!("a symmetric scheme with a zero point other than {z}")));
+            return Err(bad(format!(
+                "a symmetric scheme with a zero point other than {z}"
+            )));
         }
     }
     let qmax = scheme.qmax();
@@ -221,24 +272,39 @@ pub fn pack_linear(scheme: &QuantScheme, lay: &LinearLayout, name: &str, q: &Qua
     let mut packed = vec![0i32; rows * pw];
     {
         use rayon::prelude::*;
-        packed.par_chunks_mut(pw).zip(q.codes.par_chunks(cols)).for_each(|(out, codes)| {
-            pack_codes(codes.iter().copied(), scheme.bits, out);
-        });
+        packed
+            .par_chunks_mut(pw)
+            .zip(q.codes.par_chunks(cols))
+            .for_each(|(out, codes)| {
+                pack_codes(codes.iter().copied(), scheme.bits, out);
+            });
     }
-    let scale = (0..rows).flat_map(|r| (0..groups).map(move |j| (r, j))).map(|(r, j)| param(r, j).scale).collect();
+    let scale = (0..rows)
+        .flat_map(|r| (0..groups).map(move |j| (r, j)))
+        .map(|(r, j)| param(r, j).scale)
+        .collect();
     let zero_point = (!scheme.sym).then(|| {
         let zw = packed_words(rows, scheme.bits);
         let mut out = vec![0i32; zw * groups];
         let mut col = vec![0i32; zw];
         for j in 0..groups {
-            pack_codes((0..rows).map(|r| param(r, j).zero as u8), scheme.bits, &mut col);
+            pack_codes(
+                (0..rows).map(|r| param(r, j).zero as u8),
+                scheme.bits,
+                &mut col,
+            );
             for (w, &v) in col.iter().enumerate() {
                 out[w * groups + j] = v;
             }
         }
         out
     });
-    Ok(PackedLinear { packed, scale, zero_point, g_idx: lay.g_idx.then_some(sub) })
+    Ok(PackedLinear {
+        packed,
+        scale,
+        zero_point,
+        g_idx: lay.g_idx.then_some(sub),
+    })
 }
 
 /// `model.layers.N.<linear>` for the weight of a quantized linear.
@@ -250,12 +316,19 @@ fn linear_module(name: &str) -> Option<&str> {
 }
 
 /// Layouts of every quantized linear of a model, by weight name.
-fn layouts(cfg: &model::Config, scheme: &QuantScheme, act_order: bool) -> Result<BTreeMap<String, LinearLayout>, QuantError> {
+fn layouts(
+    cfg: &model::Config,
+    scheme: &QuantScheme,
+    act_order: bool,
+) -> Result<BTreeMap<String, LinearLayout>, QuantError> {
     let mut out = BTreeMap::new();
     for l in 0..cfg.num_hidden_layers {
         for (name, shape) in model::checkpoint::block_tensors(cfg, l) {
             if linear_module(&name).is_some() && shape.len() == 2 {
-                out.insert(name.clone(), LinearLayout::new(scheme, &name, shape[0], shape[1], act_order)?);
+                out.insert(
+                    name.clone(),
+                    LinearLayout::new(scheme, &name, shape[0], shape[1], act_order)?,
+                );
             }
         }
     }
@@ -265,7 +338,11 @@ fn layouts(cfg: &model::Config, scheme: &QuantScheme, act_order: bool) -> Result
 /// The `quantization_config` block of `config.json` for a model written by [`PackedSink`].
 /// One config group per distinct layout: targets `["Linear"]` when there is one, else
 /// anchored regexes on the linears' names (`re:.*\.self_attn\.q_proj$`).
-pub fn quantization_config(cfg: &model::Config, scheme: &QuantScheme, act_order: bool) -> Result<Value, QuantError> {
+pub fn quantization_config(
+    cfg: &model::Config,
+    scheme: &QuantScheme,
+    act_order: bool,
+) -> Result<Value, QuantError> {
     check_scheme(scheme)?;
     let lays = layouts(cfg, scheme, act_order)?;
     let key = |l: &LinearLayout| (l.channel, if l.channel { 0 } else { l.group }, l.g_idx);
@@ -275,7 +352,10 @@ pub fn quantization_config(cfg: &model::Config, scheme: &QuantScheme, act_order:
     for (name, l) in &lays {
         let module = linear_module(name).expect("a linear");
         let suffix = module.splitn(4, '.').nth(3).expect("model.layers.N.suffix");
-        suffix_keys.entry(LINEARS.iter().find(|(n, _)| *n == suffix).expect("known").0).or_default().push(key(l));
+        suffix_keys
+            .entry(LINEARS.iter().find(|(n, _)| *n == suffix).expect("known").0)
+            .or_default()
+            .push(key(l));
         by_key.entry(key(l)).or_insert((*l, Vec::new()));
     }
     let single = by_key.len() == 1;
@@ -283,7 +363,11 @@ pub fn quantization_config(cfg: &model::Config, scheme: &QuantScheme, act_order:
         let module = linear_module(name).expect("a linear");
         let suffix = module.splitn(4, '.').nth(3).expect("suffix");
         let ks = &suffix_keys[suffix];
-        let target = if ks.iter().all(|k| *k == ks[0]) { format!("re:.*\\.{}$", suffix.replace('.', "\\.")) } else { module.to_string() };
+        let target = if ks.iter().all(|k| *k == ks[0]) {
+            format!("re:.*\\.{}$", suffix.replace('.', "\\."))
+        } else {
+            module.to_string()
+        };
         let targets = &mut by_key.get_mut(&key(l)).expect("inserted").1;
         if !targets.contains(&target) {
             targets.push(target);
@@ -291,7 +375,11 @@ pub fn quantization_config(cfg: &model::Config, scheme: &QuantScheme, act_order:
     }
     let mut groups = serde_json::Map::new();
     for (i, (lay, targets)) in by_key.values().enumerate() {
-        let targets = if single { vec!["Linear".to_string()] } else { targets.clone() };
+        let targets = if single {
+            vec!["Linear".to_string()]
+        } else {
+            targets.clone()
+        };
         groups.insert(
             format!("group_{i}"),
             json!({
@@ -324,7 +412,12 @@ pub struct PackedSink {
 impl PackedSink {
     /// A sink writing `path` for a model of this config; `act_order` when the method may
     /// order groups by activation (GPTQ `--act-order`), which stores `weight_g_idx`.
-    pub fn create(path: &Path, cfg: &model::Config, scheme: QuantScheme, act_order: bool) -> Result<Self, QuantError> {
+    pub fn create(
+        path: &Path,
+        cfg: &model::Config,
+        scheme: QuantScheme,
+        act_order: bool,
+    ) -> Result<Self, QuantError> {
         check_scheme(&scheme)?;
         let layouts = layouts(cfg, &scheme, act_order)?;
         let mut plan = Vec::new();
@@ -336,7 +429,11 @@ impl PackedSink {
         }
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
-        Ok(Self { writer: StreamingWriter::create_with(path, plan, &meta)?, scheme, layouts })
+        Ok(Self {
+            writer: StreamingWriter::create_with(path, plan, &meta)?,
+            scheme,
+            layouts,
+        })
     }
 }
 
@@ -350,23 +447,41 @@ impl OutputSink for PackedSink {
     }
 
     fn linear(&mut self, name: &str, q: &QuantizedLinear, deq: &[f32]) -> Result<(), QuantError> {
-        let lay =
-            *self.layouts.get(name).ok_or_else(|| QuantError::Input(format!("`{name}` is not a quantized linear of the packed format")))?;
+        let lay = *self.layouts.get(name).ok_or_else(|| {
+            QuantError::Input(format!(
+                "`{name}` is not a quantized linear of the packed format"
+            ))
+        })?;
         // The packed codes must stand for exactly what the dense output holds.
-        if deq.len() != q.rows * q.cols || q.dequantize().iter().zip(deq).any(|(a, b)| a.to_bits() != b.to_bits()) {
-            return Err(QuantError::Numerical(format!("`{name}`: the integer form does not reproduce the dequantized weights")));
+        if deq.len() != q.rows * q.cols
+            || q.dequantize()
+                .iter()
+                .zip(deq)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(QuantError::Numerical(format!(
+                "`{name}`: the integer form does not reproduce the dequantized weights"
+            )));
         }
         let p = pack_linear(&self.scheme, &lay, name, q)?;
         let module = name.strip_suffix(".weight").expect("a weight");
-        self.writer.write_next_raw(&format!("{module}.weight_packed"), &i32_bytes(&p.packed))?;
-        self.writer.write_next(&format!("{module}.weight_scale"), &p.scale)?;
+        self.writer
+            .write_next_raw(&format!("{module}.weight_packed"), &i32_bytes(&p.packed))?;
+        self.writer
+            .write_next(&format!("{module}.weight_scale"), &p.scale)?;
         if let Some(z) = &p.zero_point {
-            self.writer.write_next_raw(&format!("{module}.weight_zero_point"), &i32_bytes(z))?;
+            self.writer
+                .write_next_raw(&format!("{module}.weight_zero_point"), &i32_bytes(z))?;
         }
-        let shape: Vec<u8> = [lay.rows as i64, lay.cols as i64].iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.writer.write_next_raw(&format!("{module}.weight_shape"), &shape)?;
+        let shape: Vec<u8> = [lay.rows as i64, lay.cols as i64]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        self.writer
+            .write_next_raw(&format!("{module}.weight_shape"), &shape)?;
         if let Some(g) = &p.g_idx {
-            self.writer.write_next_raw(&format!("{module}.weight_g_idx"), &i32_bytes(g))?;
+            self.writer
+                .write_next_raw(&format!("{module}.weight_g_idx"), &i32_bytes(g))?;
         }
         Ok(())
     }
@@ -421,7 +536,11 @@ mod tests {
         let zw = packed_words(rows, scheme.bits);
         let zeros: Vec<Vec<u8>> = (0..g)
             .map(|j| match &p.zero_point {
-                Some(z) => unpack_codes(&(0..zw).map(|w| z[w * g + j]).collect::<Vec<_>>(), scheme.bits, rows),
+                Some(z) => unpack_codes(
+                    &(0..zw).map(|w| z[w * g + j]).collect::<Vec<_>>(),
+                    scheme.bits,
+                    rows,
+                ),
                 None => vec![1 << (scheme.bits - 1); rows],
             })
             .collect();
@@ -430,14 +549,17 @@ mod tests {
             let codes = unpack_codes(&p.packed[r * pw..(r + 1) * pw], scheme.bits, cols);
             for c in 0..cols {
                 let j = p.g_idx.as_ref().map_or(c / lay.group, |gi| gi[c] as usize);
-                out[r * cols + c] = (codes[c] as i32 - zeros[j][r] as i32) as f32 * p.scale[r * g + j];
+                out[r * cols + c] =
+                    (codes[c] as i32 - zeros[j][r] as i32) as f32 * p.scale[r * g + j];
             }
         }
         out
     }
 
     fn weights(rows: usize, cols: usize) -> Vec<f32> {
-        (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0 + (i % 3) as f32 * 0.1).collect()
+        (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0 + (i % 3) as f32 * 0.1)
+            .collect()
     }
 
     #[test]
@@ -464,9 +586,21 @@ mod tests {
         for (i, &c) in perm.iter().enumerate() {
             g_idx[c] = (i / 4) as u32;
         }
-        let params: Vec<GroupParams> = (0..rows * 2).map(|i| GroupParams { scale: 0.01 * (i + 1) as f32, zero: 100 + i as i32 }).collect();
+        let params: Vec<GroupParams> = (0..rows * 2)
+            .map(|i| GroupParams {
+                scale: 0.01 * (i + 1) as f32,
+                zero: 100 + i as i32,
+            })
+            .collect();
         let codes: Vec<u8> = (0..rows * cols).map(|i| (i * 53 % 256) as u8).collect();
-        let q = QuantizedLinear { rows, cols, codes, params, groups: 2, g_idx };
+        let q = QuantizedLinear {
+            rows,
+            cols,
+            codes,
+            params,
+            groups: 2,
+            g_idx,
+        };
         let lay = LinearLayout::new(&s, "w", rows, cols, true).unwrap();
         let p = pack_linear(&s, &lay, "w", &q).unwrap();
         assert_eq!(p.g_idx.as_deref(), Some(&[0, 0, 2, 2, 1, 1][..]));
@@ -478,7 +612,12 @@ mod tests {
 
     #[test]
     fn unsupported_bits_are_refused() {
-        assert!(check_scheme(&QuantScheme::new(3, Some(128), true).unwrap()).unwrap_err().to_string().contains("--bits 2, 4 or 8"));
+        assert!(
+            check_scheme(&QuantScheme::new(3, Some(128), true).unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("--bits 2, 4 or 8")
+        );
         assert!(check_scheme(&QuantScheme::new(4, None, false).unwrap()).is_ok());
     }
 }

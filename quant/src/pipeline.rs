@@ -21,7 +21,12 @@ pub trait OutputSink {
     /// A tensor kept as is (embeddings, norms, biases, lm_head).
     fn plain(&mut self, name: &str, data: &[f32], shape: &[usize]) -> Result<(), QuantError>;
     /// A quantized linear weight with its dequantized values.
-    fn linear(&mut self, name: &str, q: &QuantizedLinear, dequantized: &[f32]) -> Result<(), QuantError>;
+    fn linear(
+        &mut self,
+        name: &str,
+        q: &QuantizedLinear,
+        dequantized: &[f32],
+    ) -> Result<(), QuantError>;
     /// Completes the output.
     fn finish(self: Box<Self>) -> Result<(), QuantError>;
 }
@@ -32,7 +37,10 @@ pub struct DenseSink(StreamingWriter);
 impl DenseSink {
     /// A sink writing `path` for a model of this config.
     pub fn create(path: &Path, cfg: &model::Config) -> Result<Self, QuantError> {
-        let plan = model::checkpoint::expected_tensors(cfg).into_iter().map(|(n, s)| (n, s, StoreDtype::BF16)).collect();
+        let plan = model::checkpoint::expected_tensors(cfg)
+            .into_iter()
+            .map(|(n, s)| (n, s, StoreDtype::BF16))
+            .collect();
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         Ok(Self(StreamingWriter::create(path, plan, &meta)?))
@@ -100,7 +108,13 @@ pub struct PtqReport {
 }
 
 fn check_finite(t: &Tensor<3>, what: &str) -> Result<(), QuantError> {
-    let m = t.clone().abs().max().into_data().try_into_vec::<f32>().expect("f32")[0];
+    let m = t
+        .clone()
+        .abs()
+        .max()
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32")[0];
     if !m.is_finite() {
         return Err(QuantError::Numerical(format!("{what} contain NaN or Inf")));
     }
@@ -119,12 +133,21 @@ pub fn quantize(
     let start = Instant::now();
     let cfg = ckpt.config().clone();
     if method.needs_calibration() && opts.calib.is_empty() {
-        return Err(QuantError::Input(format!("method `{}` needs calibration data (--calib FILE)", method.name())));
+        return Err(QuantError::Input(format!(
+            "method `{}` needs calibration data (--calib FILE)",
+            method.name()
+        )));
     }
-    let propagate = opts.propagate_quantized.unwrap_or_else(|| method.propagate_quantized());
+    let propagate = opts
+        .propagate_quantized
+        .unwrap_or_else(|| method.propagate_quantized());
     let max_len = opts.calib.iter().map(|w| w.len()).max().unwrap_or(1);
     let engine = LayerEngine::new(ckpt, device.clone(), max_len);
-    let mut states = if opts.calib.is_empty() { Vec::new() } else { engine.embed(&opts.calib)? };
+    let mut states = if opts.calib.is_empty() {
+        Vec::new()
+    } else {
+        engine.embed(&opts.calib)?
+    };
 
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let embed = ckpt.read("model.embed_tokens.weight", &[v, h])?;
@@ -139,12 +162,16 @@ pub fn quantize(
     progress(0, layers);
     for l in 0..layers {
         for (i, s) in states.iter().enumerate() {
-            check_finite(s, &format!("calibration activations entering block {l} (window {i})"))?;
+            check_finite(
+                s,
+                &format!("calibration activations entering block {l} (window {i})"),
+            )?;
         }
         let mut weights = BlockWeights::read(ckpt, l)?;
         // A copy of the teacher block (a whole block of f32 weights) only when the method
         // does not hand back the teacher's outputs itself.
-        let teacher = (!propagate && !states.is_empty() && !method.returns_teacher_outputs()).then(|| weights.clone());
+        let teacher = (!propagate && !states.is_empty() && !method.returns_teacher_outputs())
+            .then(|| weights.clone());
         let mut job = BlockJob {
             cfg: &cfg,
             weights: &mut weights,
@@ -158,10 +185,14 @@ pub fn quantize(
         // Write the block in checkpoint order.
         for (name, shape) in model::checkpoint::block_tensors(&cfg, l) {
             let suffix = &name[format!("model.layers.{l}.").len()..];
-            let lin = suffix.strip_suffix(".weight").filter(|b| LINEARS.iter().any(|(n, _)| n == b));
+            let lin = suffix
+                .strip_suffix(".weight")
+                .filter(|b| LINEARS.iter().any(|(n, _)| n == b));
             let data = &weights.get(suffix).data;
             if data.iter().any(|x| !x.is_finite()) {
-                return Err(QuantError::Numerical(format!("`{name}` became non-finite during quantization")));
+                return Err(QuantError::Numerical(format!(
+                    "`{name}` became non-finite during quantization"
+                )));
             }
             for s in sinks.iter_mut() {
                 match lin {
@@ -172,7 +203,10 @@ pub fn quantize(
             if let Some(base) = lin {
                 let q = &res.linears[base];
                 let reference = &res.reference[base];
-                let out_err = res.stats.get(base).map(|st| output_error(st, reference, data, q.rows, &device));
+                let out_err = res
+                    .stats
+                    .get(base)
+                    .map(|st| output_error(st, reference, data, q.rows, &device));
                 reports.push(LinearReport {
                     name: name.clone(),
                     weight_rel_error: weight_error(reference, data),
@@ -188,11 +222,17 @@ pub fn quantize(
                 (true, Outputs::Quantized(o)) | (false, Outputs::Teacher(o)) => o,
                 (true, _) => {
                     let b = weights.build(&cfg, &device);
-                    states.iter().map(|s| b.forward(s.clone(), engine.rope())).collect()
+                    states
+                        .iter()
+                        .map(|s| b.forward(s.clone(), engine.rope()))
+                        .collect()
                 }
                 (false, _) => {
                     let b = teacher.as_ref().expect("teacher kept").build(&cfg, &device);
-                    states.iter().map(|s| b.forward(s.clone(), engine.rope())).collect()
+                    states
+                        .iter()
+                        .map(|s| b.forward(s.clone(), engine.rope()))
+                        .collect()
                 }
             };
         }
@@ -216,7 +256,11 @@ pub fn quantize(
         calib_len: max_len,
         linears: reports,
         quantized_params: qparams,
-        linear_bits_per_weight: if qparams > 0 { qbits / qparams as f64 } else { 0.0 },
+        linear_bits_per_weight: if qparams > 0 {
+            qbits / qparams as f64
+        } else {
+            0.0
+        },
         wall_seconds: start.elapsed().as_secs_f64(),
     })
 }

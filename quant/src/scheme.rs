@@ -64,7 +64,11 @@ impl QuantScheme {
         match self.group {
             None => Ok(cols),
             Some(g) if g > 0 => Ok(g.min(cols)),
-            Some(g) => Err(SchemeError::Group { tensor: tensor.into(), group: g, cols }),
+            Some(g) => Err(SchemeError::Group {
+                tensor: tensor.into(),
+                group: g,
+                cols,
+            }),
         }
     }
 
@@ -78,12 +82,23 @@ impl QuantScheme {
         let qmax = self.qmax();
         if self.sym {
             let amax = w.fold(0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { 2.0 * amax / qmax as f32 } else { 1.0 };
-            GroupParams { scale, zero: (qmax + 1) / 2 }
+            let scale = if amax > 0.0 {
+                2.0 * amax / qmax as f32
+            } else {
+                1.0
+            };
+            GroupParams {
+                scale,
+                zero: (qmax + 1) / 2,
+            }
         } else {
             let (lo, hi) = w.fold((0f32, 0f32), |(lo, hi), v| (lo.min(v), hi.max(v)));
             let range = hi - lo;
-            let scale = if range > 0.0 { range / qmax as f32 } else { 1.0 };
+            let scale = if range > 0.0 {
+                range / qmax as f32
+            } else {
+                1.0
+            };
             let zero = ((-lo / scale).round() as i32).clamp(0, qmax);
             GroupParams { scale, zero }
         }
@@ -116,8 +131,14 @@ impl QuantScheme {
 
     /// A short label, e.g. `W4 g128 asym`.
     pub fn label(&self) -> String {
-        let g = self.group.map_or("per-channel".to_string(), |g| format!("g{g}"));
-        format!("W{} {g} {}", self.bits, if self.sym { "sym" } else { "asym" })
+        let g = self
+            .group
+            .map_or("per-channel".to_string(), |g| format!("g{g}"));
+        format!(
+            "W{} {g} {}",
+            self.bits,
+            if self.sym { "sym" } else { "asym" }
+        )
     }
 }
 
@@ -155,12 +176,24 @@ impl QuantizedLinear {
 }
 
 /// Round-to-nearest of a whole weight `[rows, cols]` with contiguous groups.
-pub fn quantize_rtn(scheme: &QuantScheme, name: &str, w: &[f32], rows: usize, cols: usize) -> Result<QuantizedLinear, SchemeError> {
+pub fn quantize_rtn(
+    scheme: &QuantScheme,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<QuantizedLinear, SchemeError> {
     use rayon::prelude::*;
     let g = scheme.group_len(name, cols)?;
     let groups = cols.div_ceil(g);
     let mut codes = vec![0u8; rows * cols];
-    let mut params = vec![GroupParams { scale: 1.0, zero: 0 }; rows * groups];
+    let mut params = vec![
+        GroupParams {
+            scale: 1.0,
+            zero: 0
+        };
+        rows * groups
+    ];
     codes
         .par_chunks_mut(cols)
         .zip(params.par_chunks_mut(groups))
@@ -177,7 +210,14 @@ pub fn quantize_rtn(scheme: &QuantScheme, name: &str, w: &[f32], rows: usize, co
                 }
             }
         });
-    Ok(QuantizedLinear { rows, cols, codes, params, groups, g_idx: (0..cols).map(|c| (c / g) as u32).collect() })
+    Ok(QuantizedLinear {
+        rows,
+        cols,
+        codes,
+        params,
+        groups,
+        g_idx: (0..cols).map(|c| (c / g) as u32).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -206,7 +246,9 @@ mod tests {
     #[test]
     fn rtn_error_is_bounded_by_half_a_step() {
         let s = QuantScheme::new(3, Some(4), false).unwrap();
-        let w: Vec<f32> = (0..32).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+        let w: Vec<f32> = (0..32)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
+            .collect();
         let q = quantize_rtn(&s, "w", &w, 4, 8).unwrap();
         let d = q.dequantize();
         for r in 0..4 {
@@ -222,7 +264,9 @@ mod tests {
         assert!(QuantScheme::new(9, None, true).is_err());
         assert!(QuantScheme::new(1, None, true).is_err());
         let s = QuantScheme::new(4, Some(0), true).unwrap();
-        let e = s.group_len("model.layers.0.mlp.down_proj.weight", 1536).unwrap_err();
+        let e = s
+            .group_len("model.layers.0.mlp.down_proj.weight", 1536)
+            .unwrap_err();
         assert!(e.to_string().contains("down_proj") && e.to_string().contains("1536"));
     }
 
@@ -230,7 +274,15 @@ mod tests {
     fn a_partial_last_group_gets_its_own_scale() {
         let s = QuantScheme::new(4, Some(128), false).unwrap();
         assert_eq!(s.groups(576), 5);
-        let w: Vec<f32> = (0..576).map(|i| if i >= 512 { 100.0 + i as f32 } else { (i % 7) as f32 * 0.01 }).collect();
+        let w: Vec<f32> = (0..576)
+            .map(|i| {
+                if i >= 512 {
+                    100.0 + i as f32
+                } else {
+                    (i % 7) as f32 * 0.01
+                }
+            })
+            .collect();
         let q = quantize_rtn(&s, "w", &w, 1, 576).unwrap();
         assert_eq!(q.groups, 5);
         assert_eq!(q.g_idx[575], 4);

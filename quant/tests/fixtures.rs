@@ -9,16 +9,28 @@ use model::gguf::GgmlType;
 use quant::blocks::{dequantize, parse_type, quantize};
 
 fn fixture(name: &str) -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/dequant").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures/dequant")
+        .join(name);
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -31,7 +43,11 @@ fn plain_rounding_is_byte_identical_to_gguf_py() {
         let got = quantize(ty, &input, input.len(), None).unwrap();
         assert_eq!(got, want, "{name}: bytes differ from gguf.quants.quantize");
         // Row by row gives the same bytes as one long row.
-        assert_eq!(quantize(ty, &input, 32, None).unwrap(), want, "{name} rows of 32");
+        assert_eq!(
+            quantize(ty, &input, 32, None).unwrap(),
+            want,
+            "{name} rows of 32"
+        );
     }
 }
 
@@ -62,10 +78,22 @@ fn k_quants_dequantize_like_gguf_py_and_requantize_closely() {
         let bytes = hex(f["data_hex"].as_str().unwrap());
         let expected = floats(&f["expected"]);
         assert_eq!(dequantize(ty, &bytes, expected.len()), expected, "{name}");
-        let y = dequantize(ty, &quantize(ty, &expected, 256, None).unwrap(), expected.len());
-        let err: f64 = expected.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let y = dequantize(
+            ty,
+            &quantize(ty, &expected, 256, None).unwrap(),
+            expected.len(),
+        );
+        let err: f64 = expected
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let sig: f64 = expected.iter().map(|a| (*a as f64).powi(2)).sum();
-        assert!((err / sig).sqrt() < 0.1, "{name}: relative error {}", (err / sig).sqrt());
+        assert!(
+            (err / sig).sqrt() < 0.1,
+            "{name}: relative error {}",
+            (err / sig).sqrt()
+        );
     }
     assert_eq!(parse_type("q4_k"), Some(GgmlType::Q4_K));
 }

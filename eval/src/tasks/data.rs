@@ -43,15 +43,45 @@ pub struct TaskDef {
 }
 
 const fn mmlu(name: &'static str, subject: &'static str) -> TaskDef {
-    TaskDef { name, arg: subject, load: load_mmlu, text: mmlu_text, choices: label_choices }
+    TaskDef {
+        name,
+        arg: subject,
+        load: load_mmlu,
+        text: mmlu_text,
+        choices: label_choices,
+    }
 }
 
 /// Every task. Adding one is a loader (or an existing one) plus a line here.
 pub const TASKS: &[TaskDef] = &[
-    TaskDef { name: "piqa", arg: "", load: load_piqa, text: question_answer, choices: option_choices },
-    TaskDef { name: "arc_easy", arg: "", load: load_arc, text: question_answer, choices: option_choices },
-    TaskDef { name: "medqa", arg: "", load: load_medqa, text: medqa_text, choices: label_choices },
-    TaskDef { name: "pubmedqa", arg: "", load: load_pubmedqa, text: pubmedqa_text, choices: option_choices },
+    TaskDef {
+        name: "piqa",
+        arg: "",
+        load: load_piqa,
+        text: question_answer,
+        choices: option_choices,
+    },
+    TaskDef {
+        name: "arc_easy",
+        arg: "",
+        load: load_arc,
+        text: question_answer,
+        choices: option_choices,
+    },
+    TaskDef {
+        name: "medqa",
+        arg: "",
+        load: load_medqa,
+        text: medqa_text,
+        choices: label_choices,
+    },
+    TaskDef {
+        name: "pubmedqa",
+        arg: "",
+        load: load_pubmedqa,
+        text: pubmedqa_text,
+        choices: option_choices,
+    },
     mmlu("mmlu_anatomy", "anatomy"),
     mmlu("mmlu_clinical_knowledge", "clinical_knowledge"),
     mmlu("mmlu_college_biology", "college_biology"),
@@ -92,7 +122,11 @@ pub fn label_choices(r: &Record) -> Vec<String> {
 }
 
 fn lettered(r: &Record) -> String {
-    r.labels.iter().zip(&r.options).map(|(l, o)| format!("{l}. {o}\n")).collect()
+    r.labels
+        .iter()
+        .zip(&r.options)
+        .map(|(l, o)| format!("{l}. {o}\n"))
+        .collect()
 }
 
 /// lm-eval `medqa_4options`: `Question: {q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:`.
@@ -145,7 +179,9 @@ fn jsonl(path: &Path) -> Result<Vec<(usize, Value)>, EvalError> {
 fn field<'a>(v: &'a Value, path: &str, loc: &str) -> Result<&'a Value, EvalError> {
     let mut cur = v;
     for key in path.split('.') {
-        cur = cur.get(key).ok_or_else(|| input(format!("{loc}: missing field `{path}`")))?;
+        cur = cur
+            .get(key)
+            .ok_or_else(|| input(format!("{loc}: missing field `{path}`")))?;
     }
     Ok(cur)
 }
@@ -154,7 +190,9 @@ fn string(v: &Value, path: &str, loc: &str) -> Result<String, EvalError> {
     match field(v, path, loc)? {
         Value::String(s) => Ok(s.clone()),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(input(format!("{loc}: field `{path}` should be a string, found {other}"))),
+        other => Err(input(format!(
+            "{loc}: field `{path}` should be a string, found {other}"
+        ))),
     }
 }
 
@@ -165,10 +203,12 @@ fn at(path: &Path, line: usize) -> String {
 
 /// Index of `key` in `labels`, or an error naming them.
 fn gold_of(labels: &[String], key: &str, what: &str, loc: &str) -> Result<usize, EvalError> {
-    labels
-        .iter()
-        .position(|l| l == key)
-        .ok_or_else(|| input(format!("{loc}: {what} `{key}` is out of range (expected one of {})", labels.join(", "))))
+    labels.iter().position(|l| l == key).ok_or_else(|| {
+        input(format!(
+            "{loc}: {what} `{key}` is out of range (expected one of {})",
+            labels.join(", ")
+        ))
+    })
 }
 
 /// PIQA: `piqa/valid.jsonl` (goal, sol1, sol2) with one label (0 or 1) per line in
@@ -178,8 +218,12 @@ pub fn load_piqa(dir: &Path, _: &str) -> Result<Vec<Record>, EvalError> {
     let labels_path = dir.join("piqa/valid-labels.lst");
     let docs = jsonl(&path)?;
     let labels_text = read(&labels_path)?;
-    let labels: Vec<(usize, &str)> =
-        labels_text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.trim())).collect();
+    let labels: Vec<(usize, &str)> = labels_text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l.trim()))
+        .collect();
     if labels.len() != docs.len() {
         return Err(input(format!(
             "{}: {} labels for {} documents in {}",
@@ -222,9 +266,16 @@ pub fn load_arc(dir: &Path, _: &str) -> Result<Vec<Record>, EvalError> {
         let loc = at(&path, line);
         let choices = field(&v, "question.choices", &loc)?
             .as_array()
-            .ok_or_else(|| input(format!("{loc}: field `question.choices` should be an array")))?;
+            .ok_or_else(|| {
+                input(format!(
+                    "{loc}: field `question.choices` should be an array"
+                ))
+            })?;
         if choices.len() < 2 {
-            return Err(input(format!("{loc}: `question.choices` has {} entries (at least 2)", choices.len())));
+            return Err(input(format!(
+                "{loc}: `question.choices` has {} entries (at least 2)",
+                choices.len()
+            )));
         }
         let mut options = Vec::with_capacity(choices.len());
         let mut labels = Vec::with_capacity(choices.len());
@@ -258,12 +309,17 @@ pub fn load_medqa(dir: &Path, _: &str) -> Result<Vec<Record>, EvalError> {
             .ok_or_else(|| input(format!("{loc}: field `options` should be an object")))?;
         let mut pairs: Vec<(String, String)> = Vec::with_capacity(opts.len());
         for (k, val) in opts {
-            let text = val.as_str().ok_or_else(|| input(format!("{loc}: option `{k}` should be a string")))?;
+            let text = val
+                .as_str()
+                .ok_or_else(|| input(format!("{loc}: option `{k}` should be a string")))?;
             pairs.push((k.clone(), text.to_string()));
         }
         pairs.sort();
         if pairs.len() < 2 {
-            return Err(input(format!("{loc}: `options` has {} entries (at least 2)", pairs.len())));
+            return Err(input(format!(
+                "{loc}: `options` has {} entries (at least 2)",
+                pairs.len()
+            )));
         }
         let (labels, options): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
         let key = string(&v, "answer_idx", &loc)?;
@@ -281,7 +337,10 @@ pub fn load_medqa(dir: &Path, _: &str) -> Result<Vec<Record>, EvalError> {
 }
 
 /// A JSON object's entries in file order.
-fn ordered_entries<T: DeserializeOwned>(text: &str, path: &Path) -> Result<Vec<(String, T)>, EvalError> {
+fn ordered_entries<T: DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<Vec<(String, T)>, EvalError> {
     struct V<T>(std::marker::PhantomData<T>);
     impl<'de, T: DeserializeOwned> Visitor<'de> for V<T> {
         type Value = Vec<(String, T)>;
@@ -297,12 +356,14 @@ fn ordered_entries<T: DeserializeOwned>(text: &str, path: &Path) -> Result<Vec<(
         }
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    de.deserialize_map(V(std::marker::PhantomData)).map_err(|e| input(format!("{}: {e}", path.display())))
+    de.deserialize_map(V(std::marker::PhantomData))
+        .map_err(|e| input(format!("{}: {e}", path.display())))
 }
 
 /// Line (1-based) of the first occurrence of `"key"` in `text`, or 1.
 fn line_of_key(text: &str, key: &str) -> usize {
-    text.find(&format!("\"{key}\"")).map_or(1, |p| text[..p].matches('\n').count() + 1)
+    text.find(&format!("\"{key}\""))
+        .map_or(1, |p| text[..p].matches('\n').count() + 1)
 }
 
 /// PubMedQA (PQA-L): the questions of `pubmedqa/ori_pqal.json` ({PMID: {QUESTION, CONTEXTS,
@@ -317,20 +378,28 @@ pub fn load_pubmedqa(dir: &Path, _: &str) -> Result<Vec<Record>, EvalError> {
     let mut gold: HashMap<String, usize> = HashMap::new();
     for (pmid, label) in ordered_entries::<String>(&gt_text, &gt_path)? {
         let gt_loc = at(&gt_path, line_of_key(&gt_text, &pmid));
-        gold.insert(pmid.clone(), gold_of(&answers, &label, &format!("label of PMID {pmid}"), &gt_loc)?);
+        gold.insert(
+            pmid.clone(),
+            gold_of(&answers, &label, &format!("label of PMID {pmid}"), &gt_loc)?,
+        );
     }
     let ori_text = read(&ori_path)?;
     let ori = ordered_entries::<Value>(&ori_text, &ori_path)?;
     let mut out = Vec::with_capacity(gold.len());
     for (pmid, doc) in &ori {
         let Some(&g) = gold.get(pmid) else { continue };
-        let loc = format!("{} (PMID {pmid})", at(&ori_path, line_of_key(&ori_text, pmid)));
+        let loc = format!(
+            "{} (PMID {pmid})",
+            at(&ori_path, line_of_key(&ori_text, pmid))
+        );
         let contexts = field(doc, "CONTEXTS", &loc)?
             .as_array()
             .ok_or_else(|| input(format!("{loc}: field `CONTEXTS` should be an array")))?
             .iter()
             .map(|c| {
-                c.as_str().map(str::to_string).ok_or_else(|| input(format!("{loc}: `CONTEXTS` holds a non-string")))
+                c.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| input(format!("{loc}: `CONTEXTS` holds a non-string")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         out.push(Record {
@@ -344,7 +413,11 @@ pub fn load_pubmedqa(dir: &Path, _: &str) -> Result<Vec<Record>, EvalError> {
     }
     if out.len() != gold.len() {
         let have: std::collections::HashSet<&str> = ori.iter().map(|(k, _)| k.as_str()).collect();
-        let mut missing: Vec<&str> = gold.keys().map(String::as_str).filter(|k| !have.contains(k)).collect();
+        let mut missing: Vec<&str> = gold
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !have.contains(k))
+            .collect();
         missing.sort();
         let first = missing.first().copied().unwrap_or("?");
         return Err(input(format!(
@@ -368,16 +441,25 @@ pub fn mmlu_path(dir: &Path, subject: &str) -> PathBuf {
 pub fn load_mmlu(dir: &Path, subject: &str) -> Result<Vec<Record>, EvalError> {
     let path = mmlu_path(dir, subject);
     let text = read(&path)?;
-    let rows = parse_csv(&text).map_err(|(line, msg)| input(format!("{}: {msg}", at(&path, line))))?;
+    let rows =
+        parse_csv(&text).map_err(|(line, msg)| input(format!("{}: {msg}", at(&path, line))))?;
     let labels: Vec<String> = ["A", "B", "C", "D"].map(String::from).to_vec();
     let mut out = Vec::with_capacity(rows.len());
     for (i, (line, row)) in rows.into_iter().enumerate() {
         let loc = at(&path, line);
-        if i == 0 && row.iter().map(|s| s.trim().to_ascii_lowercase()).eq(["question", "a", "b", "c", "d", "answer"]) {
+        if i == 0
+            && row
+                .iter()
+                .map(|s| s.trim().to_ascii_lowercase())
+                .eq(["question", "a", "b", "c", "d", "answer"])
+        {
             continue;
         }
         if row.len() != 6 {
-            return Err(input(format!("{loc}: {} columns, expected 6 (question,A,B,C,D,answer)", row.len())));
+            return Err(input(format!(
+                "{loc}: {} columns, expected 6 (question,A,B,C,D,answer)",
+                row.len()
+            )));
         }
         let gold = gold_of(&labels, row[5].trim(), "answer", &loc)?;
         let mut row = row.into_iter();
@@ -411,13 +493,14 @@ pub fn parse_csv(text: &str) -> Result<Vec<CsvRow>, (usize, String)> {
     let mut was_quoted = false; // the current field was quoted (text after it is an error)
     let mut chars = text.chars().peekable();
     let mut quote_line = 1;
-    let end_row = |row: &mut Vec<String>, field: &mut String, rows: &mut Vec<CsvRow>, start: usize| {
-        row.push(std::mem::take(field));
-        let r = std::mem::take(row);
-        if !(r.len() == 1 && r[0].is_empty()) {
-            rows.push((start, r));
-        }
-    };
+    let end_row =
+        |row: &mut Vec<String>, field: &mut String, rows: &mut Vec<CsvRow>, start: usize| {
+            row.push(std::mem::take(field));
+            let r = std::mem::take(row);
+            if !(r.len() == 1 && r[0].is_empty()) {
+                rows.push((start, r));
+            }
+        };
     while let Some(c) = chars.next() {
         if quoted {
             match c {
@@ -451,7 +534,12 @@ pub fn parse_csv(text: &str) -> Result<Vec<CsvRow>, (usize, String)> {
                 line += 1;
                 start = line;
             }
-            _ if was_quoted => return Err((line, format!("text after the closing quote of a field: `{c}`"))),
+            _ if was_quoted => {
+                return Err((
+                    line,
+                    format!("text after the closing quote of a field: `{c}`"),
+                ));
+            }
             _ => field.push(c),
         }
     }
@@ -473,7 +561,16 @@ mod tests {
         let text = "q1,a,b,c,d,A\r\n\"x, \"\"y\"\"\nz\",\"\",b,c,d,B\n\nlast,1,2,3,4,D";
         let rows = parse_csv(text).unwrap();
         assert_eq!(rows.len(), 3);
-        assert_eq!(rows[0], (1, vec!["q1", "a", "b", "c", "d", "A"].into_iter().map(String::from).collect()));
+        assert_eq!(
+            rows[0],
+            (
+                1,
+                vec!["q1", "a", "b", "c", "d", "A"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            )
+        );
         assert_eq!(rows[1].0, 2);
         assert_eq!(rows[1].1[0], "x, \"y\"\nz");
         assert_eq!(rows[1].1[1], "");
@@ -502,15 +599,26 @@ mod tests {
             "The following are multiple choice questions (with answers) about clinical knowledge.\n\n\
              What is it?\nA. one\nB. two\nC. three\nD. four\nAnswer:"
         );
-        assert_eq!(medqa_text(&r), "Question:  What is it? \nA. one\nB. two\nC. three\nD. four\nAnswer:");
+        assert_eq!(
+            medqa_text(&r),
+            "Question:  What is it? \nA. one\nB. two\nC. three\nD. four\nAnswer:"
+        );
         assert_eq!(question_answer(&r), "Question:  What is it? \nAnswer:");
-        let p = Record { extra: "c1\nc2".into(), question: "Q?".into(), ..r };
+        let p = Record {
+            extra: "c1\nc2".into(),
+            question: "Q?".into(),
+            ..r
+        };
         assert_eq!(pubmedqa_text(&p), "Abstract: c1\nc2\nQuestion: Q?\nAnswer:");
     }
 
     #[test]
     fn task_names_are_unique() {
-        let mut names: Vec<&str> = TASKS.iter().map(|t| t.name).chain(GROUPS.iter().map(|g| g.0)).collect();
+        let mut names: Vec<&str> = TASKS
+            .iter()
+            .map(|t| t.name)
+            .chain(GROUPS.iter().map(|g| g.0))
+            .collect();
         names.sort();
         let n = names.len();
         names.dedup();

@@ -16,7 +16,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use data::{GROUPS, Record, TASKS, TaskDef};
-pub use scoring::{GROUP_TOKENS, Request, encode_request, mean_stderr, predictions, score_requests};
+pub use scoring::{
+    GROUP_TOKENS, Request, encode_request, mean_stderr, predictions, score_requests,
+};
 
 use crate::perplexity::EvalError;
 
@@ -72,7 +74,11 @@ pub fn resolve(names: &[String]) -> Result<(Vec<&'static TaskDef>, Vec<&'static 
                 groups.push(*g);
             }
         } else {
-            let subsets: Vec<&str> = TASKS.iter().map(|t| t.name).filter(|n| !KNOWN_TASKS.contains(n)).collect();
+            let subsets: Vec<&str> = TASKS
+                .iter()
+                .map(|t| t.name)
+                .filter(|n| !KNOWN_TASKS.contains(n))
+                .collect();
             return Err(EvalError::Input(format!(
                 "unknown task `{name}` (known: {}; or one MMLU subset: {})",
                 KNOWN_TASKS.join(", "),
@@ -81,19 +87,30 @@ pub fn resolve(names: &[String]) -> Result<(Vec<&'static TaskDef>, Vec<&'static 
         }
     }
     if tasks.is_empty() {
-        return Err(EvalError::Input(format!("no task given (known: {})", KNOWN_TASKS.join(", "))));
+        return Err(EvalError::Input(format!(
+            "no task given (known: {})",
+            KNOWN_TASKS.join(", ")
+        )));
     }
     Ok((tasks, groups))
 }
 
 /// Reads a task's records, keeping the first `limit`.
-pub fn load_task(def: &TaskDef, data_dir: &Path, limit: Option<usize>) -> Result<Vec<Record>, EvalError> {
+pub fn load_task(
+    def: &TaskDef,
+    data_dir: &Path,
+    limit: Option<usize>,
+) -> Result<Vec<Record>, EvalError> {
     let mut recs = (def.load)(data_dir, def.arg)?;
     if let Some(n) = limit {
         recs.truncate(n);
     }
     if recs.is_empty() {
-        return Err(EvalError::Input(format!("task {}: no documents in {}", def.name, data_dir.display())));
+        return Err(EvalError::Input(format!(
+            "task {}: no documents in {}",
+            def.name,
+            data_dir.display()
+        )));
     }
     Ok(recs)
 }
@@ -133,7 +150,10 @@ pub fn evaluate_records(
 
 /// Scores from the log-likelihoods of each record's choices.
 fn result_of(def: &TaskDef, records: &[Record], lls: &[Vec<f64>], start: Instant) -> TaskResult {
-    let (mut hits, mut hits_norm) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
+    let (mut hits, mut hits_norm) = (
+        Vec::with_capacity(records.len()),
+        Vec::with_capacity(records.len()),
+    );
     for (r, ll) in records.iter().zip(lls) {
         let (p, pn) = predictions(ll, &(def.choices)(r));
         hits.push(p == r.gold);
@@ -141,7 +161,14 @@ fn result_of(def: &TaskDef, records: &[Record], lls: &[Vec<f64>], start: Instant
     }
     let (acc, acc_stderr) = mean_stderr(&hits);
     let (acc_norm, acc_norm_stderr) = mean_stderr(&hits_norm);
-    TaskResult { acc, acc_stderr, acc_norm, acc_norm_stderr, n: records.len(), seconds: start.elapsed().as_secs_f64() }
+    TaskResult {
+        acc,
+        acc_stderr,
+        acc_norm,
+        acc_norm_stderr,
+        n: records.len(),
+        seconds: start.elapsed().as_secs_f64(),
+    }
 }
 
 /// Macro average of member results: the mean of the scores, stderr sqrt(sum se^2)/k, the
@@ -149,7 +176,8 @@ fn result_of(def: &TaskDef, records: &[Record], lls: &[Vec<f64>], start: Instant
 pub fn macro_average(parts: &[&TaskResult]) -> TaskResult {
     let k = parts.len().max(1) as f64;
     let mean = |f: fn(&TaskResult) -> f64| parts.iter().map(|r| f(r)).sum::<f64>() / k;
-    let pooled = |f: fn(&TaskResult) -> f64| parts.iter().map(|r| f(r).powi(2)).sum::<f64>().sqrt() / k;
+    let pooled =
+        |f: fn(&TaskResult) -> f64| parts.iter().map(|r| f(r).powi(2)).sum::<f64>().sqrt() / k;
     TaskResult {
         acc: mean(|r| r.acc),
         acc_stderr: pooled(|r| r.acc_stderr),
@@ -178,8 +206,10 @@ pub fn run_tasks(
         return Err(EvalError::Input("--limit must be at least 1".into()));
     }
     // Read every task before the model runs, so a bad file fails fast.
-    let loaded: Vec<(&TaskDef, Vec<Record>)> =
-        tasks.iter().map(|&t| load_task(t, data_dir, limit).map(|r| (t, r))).collect::<Result<_, _>>()?;
+    let loaded: Vec<(&TaskDef, Vec<Record>)> = tasks
+        .iter()
+        .map(|&t| load_task(t, data_dir, limit).map(|r| (t, r)))
+        .collect::<Result<_, _>>()?;
     let cfg = ckpt.config();
     let mut head: Option<Head> = None;
     let mut out = BTreeMap::new();
@@ -192,7 +222,9 @@ pub fn run_tasks(
             head = Some(engine.load_head()?);
         }
         let head = head.as_ref().expect("loaded");
-        let lls = score_requests(&engine, head, &reqs, GROUP_TOKENS, |d, t| progress(def.name, d, t))?;
+        let lls = score_requests(&engine, head, &reqs, GROUP_TOKENS, |d, t| {
+            progress(def.name, d, t)
+        })?;
         out.insert(def.name.to_string(), result_of(def, &records, &lls, start));
     }
     for g in groups {
@@ -210,7 +242,9 @@ mod tests {
 
     #[test]
     fn unknown_task_lists_known_ones() {
-        let e = resolve(&["piqa".into(), "hellaswag".into()]).unwrap_err().to_string();
+        let e = resolve(&["piqa".into(), "hellaswag".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown task `hellaswag`"), "{e}");
         for k in KNOWN_TASKS {
             assert!(e.contains(k), "{e}");
@@ -219,7 +253,8 @@ mod tests {
 
     #[test]
     fn groups_expand_to_members() {
-        let (t, g) = resolve(&["mmlu_medical".into(), "mmlu_anatomy".into(), "piqa".into()]).unwrap();
+        let (t, g) =
+            resolve(&["mmlu_medical".into(), "mmlu_anatomy".into(), "piqa".into()]).unwrap();
         let names: Vec<&str> = t.iter().map(|t| t.name).collect();
         assert_eq!(names.len(), 7);
         assert_eq!(names[0], "mmlu_anatomy");
@@ -229,8 +264,22 @@ mod tests {
 
     #[test]
     fn macro_average_of_two() {
-        let a = TaskResult { acc: 0.5, acc_stderr: 0.03, acc_norm: 0.4, acc_norm_stderr: 0.04, n: 10, seconds: 1.0 };
-        let b = TaskResult { acc: 0.7, acc_stderr: 0.04, acc_norm: 0.6, acc_norm_stderr: 0.03, n: 30, seconds: 2.0 };
+        let a = TaskResult {
+            acc: 0.5,
+            acc_stderr: 0.03,
+            acc_norm: 0.4,
+            acc_norm_stderr: 0.04,
+            n: 10,
+            seconds: 1.0,
+        };
+        let b = TaskResult {
+            acc: 0.7,
+            acc_stderr: 0.04,
+            acc_norm: 0.6,
+            acc_norm_stderr: 0.03,
+            n: 30,
+            seconds: 2.0,
+        };
         let m = macro_average(&[&a, &b]);
         assert!((m.acc - 0.6).abs() < 1e-12 && (m.acc_norm - 0.5).abs() < 1e-12);
         assert!((m.acc_stderr - 0.025).abs() < 1e-12);

@@ -117,7 +117,9 @@ pub fn encode_request(
         let whole = tok.encode(&format!("{trimmed}{moved}{c}"))?;
         let tail = whole.get(ctx.len()..).unwrap_or(&[]).to_vec();
         if tail.is_empty() {
-            return Err(EvalError::Input(format!("continuation {c:?} adds no tokens after context {context:?}")));
+            return Err(EvalError::Input(format!(
+                "continuation {c:?} adds no tokens after context {context:?}"
+            )));
         }
         conts.push(tail);
     }
@@ -130,7 +132,9 @@ pub fn encode_request(
     let keep = usize::from(!context.is_empty());
     context.extend(ctx);
     if context.is_empty() {
-        return Err(EvalError::Input("empty context and no BOS token to start from".into()));
+        return Err(EvalError::Input(
+            "empty context and no BOS token to start from".into(),
+        ));
     }
     let longest = conts.iter().map(Vec::len).max().unwrap_or(0);
     if context.len() + longest > max_len {
@@ -142,13 +146,20 @@ pub fn encode_request(
         }
         context.drain(keep..keep + excess);
     }
-    Ok(Request { context, continuations: conts })
+    Ok(Request {
+        context,
+        continuations: conts,
+    })
 }
 
 /// Log-sum-exp of one row of logits.
 fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+    max + row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 /// Summed log-probabilities of each request's continuations from the logits of its rows.
@@ -156,7 +167,14 @@ fn read_scores(req: &Request, logits: &[f32], vocab: usize) -> Vec<f64> {
     let (_, picks) = req.score_rows();
     let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
     let lse: Vec<f64> = rows.par_iter().map(|r| log_sum_exp(r)).collect();
-    picks.iter().map(|p| p.iter().map(|&(r, t)| rows[r][t as usize] as f64 - lse[r]).sum()).collect()
+    picks
+        .iter()
+        .map(|p| {
+            p.iter()
+                .map(|&(r, t)| rows[r][t as usize] as f64 - lse[r])
+                .sum()
+        })
+        .collect()
 }
 
 /// Log-likelihood of every continuation of every request, in order. `progress(done, total)`
@@ -175,7 +193,11 @@ pub fn score_requests(
     for single in [true, false] {
         let mut cur: Vec<usize> = Vec::new();
         let mut tokens = 0;
-        for (i, r) in reqs.iter().enumerate().filter(|(_, r)| r.single_token() == single) {
+        for (i, r) in reqs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.single_token() == single)
+        {
             if !cur.is_empty() && tokens + r.window_len() > group_tokens {
                 groups.push(std::mem::take(&mut cur));
                 tokens = 0;
@@ -239,7 +261,11 @@ pub fn argmax(v: &[f64]) -> usize {
 /// the log-likelihoods divided by the length of each choice string in characters (the choice
 /// as written, without the space put before it).
 pub fn predictions(lls: &[f64], choices: &[String]) -> (usize, usize) {
-    let norm: Vec<f64> = lls.iter().zip(choices).map(|(l, c)| l / c.chars().count().max(1) as f64).collect();
+    let norm: Vec<f64> = lls
+        .iter()
+        .zip(choices)
+        .map(|(l, c)| l / c.chars().count().max(1) as f64)
+        .collect();
     (argmax(lls), argmax(&norm))
 }
 
@@ -251,7 +277,11 @@ pub fn mean_stderr(hits: &[bool]) -> (f64, f64) {
         return (0.0, 0.0);
     }
     let p = hits.iter().filter(|&&h| h).count() as f64 / n as f64;
-    let se = if n > 1 { (p * (1.0 - p) / (n as f64 - 1.0)).sqrt() } else { 0.0 };
+    let se = if n > 1 {
+        (p * (1.0 - p) / (n as f64 - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     (p, se)
 }
 
@@ -263,12 +293,18 @@ mod tests {
     fn acc_and_acc_norm_can_disagree() {
         // " Paris" (5 chars) at -6 vs " the capital city of France" (26 chars) at -13: acc
         // picks the short one, acc_norm the long one (-1.2/char vs -0.5/char).
-        let choices = vec!["Paris".to_string(), "the capital city of France".to_string()];
+        let choices = vec![
+            "Paris".to_string(),
+            "the capital city of France".to_string(),
+        ];
         assert_eq!(predictions(&[-6.0, -13.0], &choices), (0, 1));
         // Both agree when the long choice is also more likely overall.
         assert_eq!(predictions(&[-6.0, -5.0], &choices), (1, 1));
         // Ties go to the first choice, as numpy's argmax.
-        assert_eq!(predictions(&[-1.0, -1.0], &["ab".into(), "cd".into()]), (0, 0));
+        assert_eq!(
+            predictions(&[-1.0, -1.0], &["ab".into(), "cd".into()]),
+            (0, 0)
+        );
     }
 
     #[test]
@@ -283,7 +319,10 @@ mod tests {
 
     #[test]
     fn packed_rows_and_layout() {
-        let r = Request { context: vec![1, 2, 3], continuations: vec![vec![10, 11, 12], vec![20]] };
+        let r = Request {
+            context: vec![1, 2, 3],
+            continuations: vec![vec![10, 11, 12], vec![20]],
+        };
         assert!(!r.single_token());
         assert_eq!(r.window(), vec![1, 2, 3, 10, 11, 12, 20]);
         let (pos, seg) = r.packed_layout();
@@ -294,16 +333,25 @@ mod tests {
         // from row 4.
         assert_eq!(rows, vec![2, 3, 4]);
         assert_eq!(picks, vec![vec![(0, 10), (1, 11), (2, 12)], vec![(0, 20)]]);
-        let s = Request { context: vec![1, 2], continuations: vec![vec![7], vec![8], vec![9]] };
+        let s = Request {
+            context: vec![1, 2],
+            continuations: vec![vec![7], vec![8], vec![9]],
+        };
         assert!(s.single_token());
         assert_eq!(s.window(), vec![1, 2]);
-        assert_eq!(s.score_rows(), (vec![1], vec![vec![(0, 7)], vec![(0, 8)], vec![(0, 9)]]));
+        assert_eq!(
+            s.score_rows(),
+            (vec![1], vec![vec![(0, 7)], vec![(0, 8)], vec![(0, 9)]])
+        );
     }
 
     #[test]
     fn scores_from_logits() {
         // Two rows over a vocabulary of 3.
-        let r = Request { context: vec![0], continuations: vec![vec![1, 2], vec![2]] };
+        let r = Request {
+            context: vec![0],
+            continuations: vec![vec![1, 2], vec![2]],
+        };
         let logits = [0.0f32, 1.0, 2.0, 3.0, 0.0, 0.0];
         let s = read_scores(&r, &logits, 3);
         let l0 = (1f64 + 1f64.exp() + 2f64.exp()).ln();

@@ -189,7 +189,10 @@ pub struct GgufFile {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -204,7 +207,9 @@ impl GgufFile {
         prescan::check(&mmap, path)?;
 
         let mut reader = BufReader::new(file);
-        reader.seek(SeekFrom::Start(4)).map_err(|e| ModelError::io(path, e))?;
+        reader
+            .seek(SeekFrom::Start(4))
+            .map_err(|e| ModelError::io(path, e))?;
         let mut container =
             gguf_rs::GGUFContainer::new(gguf_rs::ByteOrder::LE, Box::new(reader), u64::MAX);
         let model = container
@@ -216,25 +221,39 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(model.tensors().len());
         for t in model.tensors() {
             let ty = GgmlType::from_id(t.kind).ok_or_else(|| {
-                ModelError::format(path, format!("tensor `{}` has unknown type id {}", t.name, t.kind))
+                ModelError::format(
+                    path,
+                    format!("tensor `{}` has unknown type id {}", t.name, t.kind),
+                )
             })?;
-            let (blk, bsz) = ty.block_layout().ok_or_else(|| ModelError::UnsupportedDtype {
-                path: path.into(),
-                tensor: t.name.clone(),
-                dtype: ty.name().into(),
-            })?;
+            let (blk, bsz) = ty
+                .block_layout()
+                .ok_or_else(|| ModelError::UnsupportedDtype {
+                    path: path.into(),
+                    tensor: t.name.clone(),
+                    dtype: ty.name().into(),
+                })?;
             let numel = t
                 .shape
                 .iter()
-                .try_fold(1usize, |a, &d| usize::try_from(d).ok().and_then(|d| a.checked_mul(d)))
+                .try_fold(1usize, |a, &d| {
+                    usize::try_from(d).ok().and_then(|d| a.checked_mul(d))
+                })
                 .ok_or_else(|| {
-                    ModelError::format(path, format!("tensor `{}`: dimensions {:?} overflow", t.name, t.shape))
+                    ModelError::format(
+                        path,
+                        format!("tensor `{}`: dimensions {:?} overflow", t.name, t.shape),
+                    )
                 })?;
             let row = t.shape.first().copied().unwrap_or(1) as usize;
             if row % blk != 0 {
                 return Err(ModelError::format(
                     path,
-                    format!("tensor `{}`: row length {row} is not a multiple of the {} block size {blk}", t.name, ty.name()),
+                    format!(
+                        "tensor `{}`: row length {row} is not a multiple of the {} block size {blk}",
+                        t.name,
+                        ty.name()
+                    ),
                 ));
             }
             let nbytes = (numel / blk).checked_mul(bsz).ok_or_else(|| {
@@ -248,7 +267,10 @@ impl GgufFile {
                     if o % alignment != 0 {
                         return Err(ModelError::format(
                             path,
-                            format!("tensor `{}`: offset {o} is not aligned to {alignment}", t.name),
+                            format!(
+                                "tensor `{}`: offset {o} is not aligned to {alignment}",
+                                t.name
+                            ),
                         ));
                     }
                     tensors.push(GgufTensor {
@@ -283,10 +305,18 @@ impl GgufFile {
         let mut seen = std::collections::HashSet::new();
         for t in &tensors {
             if !seen.insert(t.name.as_str()) {
-                return Err(ModelError::format(path, format!("tensor `{}` appears twice", t.name)));
+                return Err(ModelError::format(
+                    path,
+                    format!("tensor `{}` appears twice", t.name),
+                ));
             }
         }
-        Ok(Self { path: path.into(), mmap, metadata: model.metadata().clone(), tensors })
+        Ok(Self {
+            path: path.into(),
+            mmap,
+            metadata: model.metadata().clone(),
+            tensors,
+        })
     }
 
     /// The file's path.
@@ -346,8 +376,9 @@ impl GgufFile {
 
     /// The architecture (`general.architecture`).
     pub fn arch(&self) -> Result<&str> {
-        self.get_str("general.architecture")
-            .ok_or_else(|| ModelError::config(&self.path, "missing metadata key `general.architecture`"))
+        self.get_str("general.architecture").ok_or_else(|| {
+            ModelError::config(&self.path, "missing metadata key `general.architecture`")
+        })
     }
 
     /// Builds the HF-style config from `{arch}.*` metadata.
@@ -359,24 +390,31 @@ impl GgufFile {
             other => {
                 return Err(ModelError::config(
                     &self.path,
-                    format!("unknown general.architecture `{other}` (known: llama, mistral, qwen2)"),
+                    format!(
+                        "unknown general.architecture `{other}` (known: llama, mistral, qwen2)"
+                    ),
                 ));
             }
         };
         let need = |k: &str| -> Result<usize> {
             let key = format!("{arch}.{k}");
-            self.get_u64(&key)
-                .map(|v| v as usize)
-                .ok_or_else(|| ModelError::config(&self.path, format!("missing metadata key `{key}`")))
+            self.get_u64(&key).map(|v| v as usize).ok_or_else(|| {
+                ModelError::config(&self.path, format!("missing metadata key `{key}`"))
+            })
         };
         let hidden = need("embedding_length")?;
         let heads = need("attention.head_count")?;
-        let kv = self.get_u64(&format!("{arch}.attention.head_count_kv")).map(|v| v as usize);
+        let kv = self
+            .get_u64(&format!("{arch}.attention.head_count_kv"))
+            .map(|v| v as usize);
         let vocab = self
             .get_u64(&format!("{arch}.vocab_size"))
             .map(|v| v as usize)
             .or_else(|| self.get_array("tokenizer.ggml.tokens").map(|a| a.len()))
-            .or_else(|| self.tensor("token_embd.weight").and_then(|t| t.shape.first().copied()))
+            .or_else(|| {
+                self.tensor("token_embd.weight")
+                    .and_then(|t| t.shape.first().copied())
+            })
             .ok_or_else(|| ModelError::config(&self.path, "cannot tell the vocabulary size"))?;
         let head_dim = self
             .get_u64(&format!("{arch}.attention.key_length"))
@@ -385,11 +423,24 @@ impl GgufFile {
         if let Some(t) = self.get_str(&format!("{arch}.rope.scaling.type"))
             && t != "none"
         {
-            return Err(ModelError::config(&self.path, format!("rope scaling `{t}` in GGUF is not supported")));
+            return Err(ModelError::config(
+                &self.path,
+                format!("rope scaling `{t}` in GGUF is not supported"),
+            ));
         }
-        let tok_id = |k: &str| self.get_u64(k).map(|v| crate::config::TokenIds::One(v as u32));
+        let tok_id = |k: &str| {
+            self.get_u64(k)
+                .map(|v| crate::config::TokenIds::One(v as u32))
+        };
         let cfg = Config {
-            architectures: vec![if model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }.into()],
+            architectures: vec![
+                if model_type == "qwen2" {
+                    "Qwen2ForCausalLM"
+                } else {
+                    "LlamaForCausalLM"
+                }
+                .into(),
+            ],
             model_type: model_type.into(),
             vocab_size: vocab,
             hidden_size: hidden,
@@ -403,9 +454,14 @@ impl GgufFile {
             rms_norm_eps: self
                 .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
                 .ok_or_else(|| {
-                    ModelError::config(&self.path, format!("missing metadata key `{arch}.attention.layer_norm_rms_epsilon`"))
+                    ModelError::config(
+                        &self.path,
+                        format!("missing metadata key `{arch}.attention.layer_norm_rms_epsilon`"),
+                    )
                 })?,
-            rope_theta: self.get_f64(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
+            rope_theta: self
+                .get_f64(&format!("{arch}.rope.freq_base"))
+                .unwrap_or(10_000.0),
             rope_scaling: None,
             tie_word_embeddings: self.tensor("output.weight").is_none(),
             attention_bias: model_type == "llama" && self.tensor("blk.0.attn_q.bias").is_some(),
@@ -459,7 +515,8 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> 
             for j in 0..2 {
                 let src = h * hd + 2 * i + j;
                 let dst = h * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -476,7 +533,8 @@ pub fn permute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Ve
             for j in 0..2 {
                 let dst = h * hd + 2 * i + j;
                 let src = h * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -489,8 +547,14 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
-        assert_eq!(gguf_to_hf_name("blk.12.ffn_down.weight").unwrap(), "model.layers.12.mlp.down_proj.weight");
-        assert_eq!(gguf_to_hf_name("blk.0.attn_q.bias").unwrap(), "model.layers.0.self_attn.q_proj.bias");
+        assert_eq!(
+            gguf_to_hf_name("blk.12.ffn_down.weight").unwrap(),
+            "model.layers.12.mlp.down_proj.weight"
+        );
+        assert_eq!(
+            gguf_to_hf_name("blk.0.attn_q.bias").unwrap(),
+            "model.layers.0.self_attn.q_proj.bias"
+        );
         assert_eq!(gguf_to_hf_name("output.weight").unwrap(), "lm_head.weight");
         assert!(gguf_to_hf_name("rope_freqs.weight").is_none());
     }
@@ -503,6 +567,9 @@ mod tests {
         assert_ne!(p, data);
         assert_eq!(unpermute_rows(&p, rows, cols, heads), data);
         // Head 0 (hd 4): HF rows [0,1 | 2,3] interleave to [0,2,1,3].
-        assert_eq!(&p[..cols * 4], &[0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.]);
+        assert_eq!(
+            &p[..cols * 4],
+            &[0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.]
+        );
     }
 }

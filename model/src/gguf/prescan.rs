@@ -18,7 +18,11 @@ impl<'a> Cursor<'a> {
     fn fail<T>(&self, what: &str) -> Result<T> {
         Err(ModelError::format(
             self.path,
-            format!("truncated or corrupt GGUF header: {what} at byte {} of {}", self.pos, self.buf.len()),
+            format!(
+                "truncated or corrupt GGUF header: {what} at byte {} of {}",
+                self.pos,
+                self.buf.len()
+            ),
         ))
     }
     fn skip(&mut self, n: u64, what: &str) -> Result<()> {
@@ -32,12 +36,16 @@ impl<'a> Cursor<'a> {
     fn u32(&mut self, what: &str) -> Result<u32> {
         let start = self.pos;
         self.skip(4, what)?;
-        Ok(u32::from_le_bytes(self.buf[start..start + 4].try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.buf[start..start + 4].try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self, what: &str) -> Result<u64> {
         let start = self.pos;
         self.skip(8, what)?;
-        Ok(u64::from_le_bytes(self.buf[start..start + 8].try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.buf[start..start + 8].try_into().expect("8 bytes"),
+        ))
     }
     fn string(&mut self, what: &str) -> Result<&'a [u8]> {
         let n = self.u64(what)?;
@@ -67,7 +75,10 @@ pub fn check(buf: &[u8], path: &Path) -> Result<()> {
     c.pos = 4;
     let version = c.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(ModelError::format(path, format!("unsupported GGUF version {version} (2 and 3 are)")));
+        return Err(ModelError::format(
+            path,
+            format!("unsupported GGUF version {version} (2 and 3 are)"),
+        ));
     }
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("metadata count")?;
@@ -111,7 +122,11 @@ pub fn check(buf: &[u8], path: &Path) -> Result<()> {
             let d = c.u64("tensor dimension")?;
             numel = match numel.checked_mul(d) {
                 Some(n) => n,
-                None => return c.fail(&format!("tensor {i}: the product of its dimensions overflows")),
+                None => {
+                    return c.fail(&format!(
+                        "tensor {i}: the product of its dimensions overflows"
+                    ));
+                }
             };
         }
         // gguf-rs reaches `unreachable!` on some ids (GGML_TYPE_COUNT = 40), so unknown ids
@@ -119,7 +134,10 @@ pub fn check(buf: &[u8], path: &Path) -> Result<()> {
         let ty = c.u32("tensor type")?;
         if GgmlType::from_id(ty).is_none() {
             let name = String::from_utf8_lossy(name);
-            return Err(ModelError::format(path, format!("tensor `{name}` has unknown type id {ty}")));
+            return Err(ModelError::format(
+                path,
+                format!("tensor `{name}` has unknown type id {ty}"),
+            ));
         }
         c.u64("tensor offset")?;
     }

@@ -239,21 +239,31 @@ pub struct TensorDecl {
 impl TensorDecl {
     /// Bytes of data this tensor takes, or why it cannot be stored in its type.
     pub fn nbytes(&self) -> std::result::Result<usize, String> {
-        let (blk, bsz) =
-            self.ty.block_layout().ok_or_else(|| format!("type {} cannot be written", self.ty.name()))?;
+        let (blk, bsz) = self
+            .ty
+            .block_layout()
+            .ok_or_else(|| format!("type {} cannot be written", self.ty.name()))?;
         if self.shape.is_empty() || self.shape.len() > 4 {
-            return Err(format!("{} dimensions (1 to 4 are allowed)", self.shape.len()));
+            return Err(format!(
+                "{} dimensions (1 to 4 are allowed)",
+                self.shape.len()
+            ));
         }
         let row = *self.shape.last().expect("non-empty");
         if !row.is_multiple_of(blk) {
-            return Err(format!("row length {row} is not a multiple of the {} block size {blk}", self.ty.name()));
+            return Err(format!(
+                "row length {row} is not a multiple of the {} block size {blk}",
+                self.ty.name()
+            ));
         }
         let numel = self
             .shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| format!("dimensions {:?} overflow", self.shape))?;
-        (numel / blk).checked_mul(bsz).ok_or_else(|| "byte size overflows".to_string())
+        (numel / blk)
+            .checked_mul(bsz)
+            .ok_or_else(|| "byte size overflows".to_string())
     }
 }
 
@@ -271,7 +281,10 @@ pub struct GgufWriter {
 
 impl std::fmt::Debug for GgufWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufWriter").field("path", &self.path).field("next", &self.next).finish()
+        f.debug_struct("GgufWriter")
+            .field("path", &self.path)
+            .field("next", &self.next)
+            .finish()
     }
 }
 
@@ -283,7 +296,11 @@ impl GgufWriter {
     /// Creates `path` (truncating it) and writes the header, `metadata` in the given order and
     /// the tensor infos. `general.alignment` (u32 or u64, a positive multiple of 8) in the
     /// metadata sets the data alignment; it is not added when absent (readers assume 32).
-    pub fn create(path: &Path, metadata: &[(String, MetaValue)], tensors: Vec<TensorDecl>) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        metadata: &[(String, MetaValue)],
+        tensors: Vec<TensorDecl>,
+    ) -> Result<Self> {
         let err = |m: String| ModelError::format(path, m);
         let mut keys = std::collections::HashSet::new();
         let mut alignment = DEFAULT_ALIGNMENT;
@@ -294,7 +311,11 @@ impl GgufWriter {
             if k == "general.alignment" {
                 alignment = match (v, v.as_u64()) {
                     (MetaValue::U32(_) | MetaValue::U64(_), Some(a)) if a > 0 && a % 8 == 0 => a,
-                    _ => return Err(err(format!("general.alignment must be a u32 multiple of 8, got {v:?}"))),
+                    _ => {
+                        return Err(err(format!(
+                            "general.alignment must be a u32 multiple of 8, got {v:?}"
+                        )));
+                    }
                 };
             }
         }
@@ -305,9 +326,15 @@ impl GgufWriter {
                 return Err(err(format!("tensor `{}` declared twice", t.name)));
             }
             if t.name.len() > MAX_NAME_BYTES {
-                return Err(err(format!("tensor name `{}` is longer than {MAX_NAME_BYTES} bytes", t.name)));
+                return Err(err(format!(
+                    "tensor name `{}` is longer than {MAX_NAME_BYTES} bytes",
+                    t.name
+                )));
             }
-            sizes.push(t.nbytes().map_err(|m| err(format!("tensor `{}`: {m}", t.name)))?);
+            sizes.push(
+                t.nbytes()
+                    .map_err(|m| err(format!("tensor `{}`: {m}", t.name)))?,
+            );
         }
 
         let mut head = Vec::with_capacity(1 << 16);
@@ -337,7 +364,15 @@ impl GgufWriter {
         let file = std::fs::File::create(path).map_err(|e| ModelError::io(path, e))?;
         let mut file = BufWriter::with_capacity(1 << 20, file);
         file.write_all(&head).map_err(|e| ModelError::io(path, e))?;
-        Ok(Self { file, path: path.into(), tensors, sizes, alignment, next: 0, pos: 0 })
+        Ok(Self {
+            file,
+            path: path.into(),
+            tensors,
+            sizes,
+            alignment,
+            next: 0,
+            pos: 0,
+        })
     }
 
     /// The data alignment in use.
@@ -354,25 +389,37 @@ impl GgufWriter {
     /// declaration.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some(t) = self.tensors.get(self.next) else {
-            return Err(ModelError::format(&self.path, format!("tensor `{name}` was not declared")));
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor `{name}` was not declared"),
+            ));
         };
         if t.name != name {
             return Err(ModelError::format(
                 &self.path,
-                format!("tensor `{name}` written out of order (`{}` is next)", t.name),
+                format!(
+                    "tensor `{name}` written out of order (`{}` is next)",
+                    t.name
+                ),
             ));
         }
         if bytes.len() != self.sizes[self.next] {
             return Err(ModelError::format(
                 &self.path,
-                format!("tensor `{name}`: {} bytes given, {} declared", bytes.len(), self.sizes[self.next]),
+                format!(
+                    "tensor `{name}`: {} bytes given, {} declared",
+                    bytes.len(),
+                    self.sizes[self.next]
+                ),
             ));
         }
         let io = |e| ModelError::io(&self.path, e);
         self.file.write_all(bytes).map_err(io)?;
         let end = self.pos + bytes.len() as u64;
         let padded = align_up(end, self.alignment);
-        self.file.write_all(&vec![0u8; (padded - end) as usize]).map_err(io)?;
+        self.file
+            .write_all(&vec![0u8; (padded - end) as usize])
+            .map_err(io)?;
         self.pos = padded;
         self.next += 1;
         Ok(())
@@ -384,13 +431,21 @@ impl GgufWriter {
         if self.next != self.tensors.len() {
             return Err(ModelError::format(
                 &self.path,
-                format!("only {} of {} declared tensors written", self.next, self.tensors.len()),
+                format!(
+                    "only {} of {} declared tensors written",
+                    self.next,
+                    self.tensors.len()
+                ),
             ));
         }
-        self.file.flush().map_err(|e| ModelError::io(&self.path, e))?;
+        self.file
+            .flush()
+            .map_err(|e| ModelError::io(&self.path, e))?;
         let f = self.file.get_ref();
         f.sync_all().map_err(|e| ModelError::io(&self.path, e))?;
-        Ok(f.metadata().map_err(|e| ModelError::io(&self.path, e))?.len())
+        Ok(f.metadata()
+            .map_err(|e| ModelError::io(&self.path, e))?
+            .len())
     }
 }
 
@@ -407,7 +462,10 @@ impl Rd<'_> {
         if n > rem {
             return Err(ModelError::format(
                 self.path,
-                format!("truncated GGUF metadata: {n} bytes needed at byte {}, {rem} remain", self.pos),
+                format!(
+                    "truncated GGUF metadata: {n} bytes needed at byte {}, {rem} remain",
+                    self.pos
+                ),
             ));
         }
         let s = &self.buf[self.pos..self.pos + n as usize];
@@ -426,14 +484,18 @@ impl Rd<'_> {
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| ModelError::format(self.path, "metadata string is not UTF-8"))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| ModelError::format(self.path, "metadata string is not UTF-8"))
     }
     /// Checks that `n` items of at least `min` bytes each can remain, before allocating.
     fn room(&self, n: u64, min: u64) -> Result<usize> {
         let rem = (self.buf.len() - self.pos) as u64;
         match n.checked_mul(min) {
             Some(b) if b <= rem => Ok(n as usize),
-            _ => Err(ModelError::format(self.path, format!("metadata array of {n} items exceeds the file"))),
+            _ => Err(ModelError::format(
+                self.path,
+                format!("metadata array of {n} items exceeds the file"),
+            )),
         }
     }
     fn scalar(&mut self, ty: u32) -> Result<MetaValue> {
@@ -450,7 +512,12 @@ impl Rd<'_> {
             vt::U64 => MetaValue::U64(self.u64()?),
             vt::I64 => MetaValue::I64(i64::from_le_bytes(self.arr()?)),
             vt::F64 => MetaValue::F64(f64::from_le_bytes(self.arr()?)),
-            t => return Err(ModelError::format(self.path, format!("unknown metadata value type {t}"))),
+            t => {
+                return Err(ModelError::format(
+                    self.path,
+                    format!("unknown metadata value type {t}"),
+                ));
+            }
         })
     }
     fn array(&mut self) -> Result<MetaArray> {
@@ -474,7 +541,12 @@ impl Rd<'_> {
             vt::U32 => many!(U32, u32, 4),
             vt::I32 => many!(I32, i32, 4),
             vt::F32 => many!(F32, f32, 4),
-            vt::BOOL => MetaArray::Bool(self.take(self.room(n, 1)? as u64)?.iter().map(|&b| b != 0).collect()),
+            vt::BOOL => MetaArray::Bool(
+                self.take(self.room(n, 1)? as u64)?
+                    .iter()
+                    .map(|&b| b != 0)
+                    .collect(),
+            ),
             vt::STR => {
                 let n = self.room(n, 8)?;
                 let mut v = Vec::with_capacity(n);
@@ -486,7 +558,12 @@ impl Rd<'_> {
             vt::U64 => many!(U64, u64, 8),
             vt::I64 => many!(I64, i64, 8),
             vt::F64 => many!(F64, f64, 8),
-            t => return Err(ModelError::format(self.path, format!("metadata array of unsupported item type {t}"))),
+            t => {
+                return Err(ModelError::format(
+                    self.path,
+                    format!("metadata array of unsupported item type {t}"),
+                ));
+            }
         })
     }
 }
@@ -507,7 +584,10 @@ fn parse_metadata(buf: &[u8], path: &Path) -> Result<Vec<(String, MetaValue)>> {
     }
     let version = r.u32()?;
     if !(2..=3).contains(&version) {
-        return Err(ModelError::format(path, format!("unsupported GGUF version {version} (2 and 3 are)")));
+        return Err(ModelError::format(
+            path,
+            format!("unsupported GGUF version {version} (2 and 3 are)"),
+        ));
     }
     let _n_tensors = r.u64()?;
     let n_kv = r.u64()?;
@@ -516,7 +596,11 @@ fn parse_metadata(buf: &[u8], path: &Path) -> Result<Vec<(String, MetaValue)>> {
     for _ in 0..n_kv {
         let key = r.string()?;
         let ty = r.u32()?;
-        let v = if ty == vt::ARRAY { MetaValue::Array(r.array()?) } else { r.scalar(ty)? };
+        let v = if ty == vt::ARRAY {
+            MetaValue::Array(r.array()?)
+        } else {
+            r.scalar(ty)?
+        };
         out.push((key, v));
     }
     Ok(out)
@@ -542,12 +626,27 @@ mod tests {
             ("t.u64".into(), MetaValue::U64(1 << 40)),
             ("t.i64".into(), MetaValue::I64(-(1 << 40))),
             ("t.f64".into(), MetaValue::F64(0.1)),
-            ("t.astr".into(), MetaValue::Array(MetaArray::Str(vec!["a".into(), "".into(), "Ġthe".into()]))),
-            ("t.ai32".into(), MetaValue::Array(MetaArray::I32(vec![1, -2, 3]))),
-            ("t.af32".into(), MetaValue::Array(MetaArray::F32(vec![0.5, -1.0]))),
-            ("t.abool".into(), MetaValue::Array(MetaArray::Bool(vec![true, false]))),
+            (
+                "t.astr".into(),
+                MetaValue::Array(MetaArray::Str(vec!["a".into(), "".into(), "Ġthe".into()])),
+            ),
+            (
+                "t.ai32".into(),
+                MetaValue::Array(MetaArray::I32(vec![1, -2, 3])),
+            ),
+            (
+                "t.af32".into(),
+                MetaValue::Array(MetaArray::F32(vec![0.5, -1.0])),
+            ),
+            (
+                "t.abool".into(),
+                MetaValue::Array(MetaArray::Bool(vec![true, false])),
+            ),
             ("t.au8".into(), MetaValue::Array(MetaArray::U8(vec![]))),
-            ("t.au64".into(), MetaValue::Array(MetaArray::U64(vec![7, 8]))),
+            (
+                "t.au64".into(),
+                MetaValue::Array(MetaArray::U64(vec![7, 8])),
+            ),
         ]
     }
 
@@ -562,12 +661,29 @@ mod tests {
             b[0] = 0x00;
             b[1] = 0x2c; // f16 0.0625
         }
-        let v: Vec<u8> = [1.0f32, -2.0, 3.5].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let h: Vec<u8> = (0..8).flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes()).collect();
+        let v: Vec<u8> = [1.0f32, -2.0, 3.5]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let h: Vec<u8> = (0..8)
+            .flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes())
+            .collect();
         let decls = vec![
-            TensorDecl { name: "a.weight".into(), shape: vec![3, 64], ty: GgmlType::Q8_0 },
-            TensorDecl { name: "b.weight".into(), shape: vec![3], ty: GgmlType::F32 },
-            TensorDecl { name: "c.weight".into(), shape: vec![2, 4], ty: GgmlType::F16 },
+            TensorDecl {
+                name: "a.weight".into(),
+                shape: vec![3, 64],
+                ty: GgmlType::Q8_0,
+            },
+            TensorDecl {
+                name: "b.weight".into(),
+                shape: vec![3],
+                ty: GgmlType::F32,
+            },
+            TensorDecl {
+                name: "c.weight".into(),
+                shape: vec![2, 4],
+                ty: GgmlType::F16,
+            },
         ];
         let mut w = GgufWriter::create(&path, &meta, decls).unwrap();
         assert_eq!(w.alignment(), 64);
@@ -588,7 +704,10 @@ mod tests {
         assert_eq!(f.get_str("t.str"), Some("héllo"));
         assert_eq!(f.get_array("t.astr").unwrap().len(), 3);
         let a = f.tensor("a.weight").unwrap();
-        assert_eq!((a.ty, a.shape.clone(), a.offset % 64), (GgmlType::Q8_0, vec![3, 64], 0));
+        assert_eq!(
+            (a.ty, a.shape.clone(), a.offset % 64),
+            (GgmlType::Q8_0, vec![3, 64], 0)
+        );
         assert_eq!(f.tensor_bytes(a), &q8[..]);
         let b = f.tensor("b.weight").unwrap();
         assert_eq!(f.read_f32(b), vec![1.0, -2.0, 3.5]);
@@ -601,17 +720,37 @@ mod tests {
     fn rejects_bad_declarations() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gguf");
-        let bad_row = vec![TensorDecl { name: "x".into(), shape: vec![2, 48], ty: GgmlType::Q4_0 }];
+        let bad_row = vec![TensorDecl {
+            name: "x".into(),
+            shape: vec![2, 48],
+            ty: GgmlType::Q4_0,
+        }];
         assert!(GgufWriter::create(&path, &[], bad_row).is_err());
         let dup = vec![
-            TensorDecl { name: "x".into(), shape: vec![4], ty: GgmlType::F32 },
-            TensorDecl { name: "x".into(), shape: vec![4], ty: GgmlType::F32 },
+            TensorDecl {
+                name: "x".into(),
+                shape: vec![4],
+                ty: GgmlType::F32,
+            },
+            TensorDecl {
+                name: "x".into(),
+                shape: vec![4],
+                ty: GgmlType::F32,
+            },
         ];
         assert!(GgufWriter::create(&path, &[], dup).is_err());
         let align = vec![("general.alignment".to_string(), MetaValue::U32(12))];
         assert!(GgufWriter::create(&path, &align, vec![]).is_err());
-        let w = GgufWriter::create(&path, &[], vec![TensorDecl { name: "x".into(), shape: vec![4], ty: GgmlType::F32 }])
-            .unwrap();
+        let w = GgufWriter::create(
+            &path,
+            &[],
+            vec![TensorDecl {
+                name: "x".into(),
+                shape: vec![4],
+                ty: GgmlType::F32,
+            }],
+        )
+        .unwrap();
         assert!(w.finish().is_err(), "missing tensor");
     }
 

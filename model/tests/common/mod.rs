@@ -59,11 +59,18 @@ pub fn f16_to_f32(h: u16) -> f32 {
 pub fn as_stored(data: &[f32], dtype: StoreDtype) -> Vec<f32> {
     let bytes = dtype.encode(data);
     match dtype {
-        StoreDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        StoreDtype::F16 => bytes.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        StoreDtype::BF16 => {
-            bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
-        }
+        StoreDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        StoreDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
+        StoreDtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
     }
 }
 
@@ -75,10 +82,16 @@ pub struct Synthetic {
 
 impl Synthetic {
     pub fn get(&self, name: &str) -> Option<&[f32]> {
-        self.tensors.iter().find(|t| t.0 == name).map(|t| t.2.as_slice())
+        self.tensors
+            .iter()
+            .find(|t| t.0 == name)
+            .map(|t| t.2.as_slice())
     }
     pub fn map(&self) -> BTreeMap<String, Vec<f32>> {
-        self.tensors.iter().map(|(n, _, v)| (n.clone(), v.clone())).collect()
+        self.tensors
+            .iter()
+            .map(|(n, _, v)| (n.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -99,11 +112,21 @@ pub fn synthesize(config: Value, seed: u64, dtype: StoreDtype) -> Synthetic {
     let nkv = cfg_usize(&config, "num_key_value_heads").unwrap_or(nh);
     let hd = cfg_usize(&config, "head_dim").unwrap_or(h / nh);
     let qwen2 = config["model_type"] == "qwen2";
-    let attn_bias = config.get("attention_bias").and_then(|b| b.as_bool()).unwrap_or(false);
-    let mlp_bias = config.get("mlp_bias").and_then(|b| b.as_bool()).unwrap_or(false);
-    let tied = config.get("tie_word_embeddings").and_then(|b| b.as_bool()).unwrap_or(false);
+    let attn_bias = config
+        .get("attention_bias")
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
+    let mlp_bias = config
+        .get("mlp_bias")
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
 
-    let mut names: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![v, h])];
+    let mut names: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h])];
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         names.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -165,7 +188,11 @@ pub fn synthesize(config: Value, seed: u64, dtype: StoreDtype) -> Synthetic {
 /// `model.safetensors.index.json`) into `dir`.
 pub fn write_hf(dir: &Path, s: &Synthetic, dtype: StoreDtype, shards: usize) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&s.config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&s.config).unwrap(),
+    )
+    .unwrap();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let per = s.tensors.len().div_ceil(shards);
@@ -176,7 +203,10 @@ pub fn write_hf(dir: &Path, s: &Synthetic, dtype: StoreDtype, shards: usize) {
         } else {
             format!("model-{:05}-of-{:05}.safetensors", k + 1, shards)
         };
-        let plan = part.iter().map(|(n, sh, _)| (n.clone(), sh.clone(), dtype)).collect();
+        let plan = part
+            .iter()
+            .map(|(n, sh, _)| (n.clone(), sh.clone(), dtype))
+            .collect();
         let mut w = StreamingWriter::create(&dir.join(&file), plan, &meta).unwrap();
         for (n, _, data) in part {
             w.write_next(n, data).unwrap();
@@ -186,8 +216,11 @@ pub fn write_hf(dir: &Path, s: &Synthetic, dtype: StoreDtype, shards: usize) {
     }
     if shards > 1 {
         let index = json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap())
-            .unwrap();
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index).unwrap(),
+        )
+        .unwrap();
     }
 }
 
@@ -198,11 +231,23 @@ pub fn reference_inv_freq(config: &Value) -> Vec<f64> {
     let h = cfg_usize(config, "hidden_size").unwrap();
     let nh = cfg_usize(config, "num_attention_heads").unwrap();
     let hd = cfg_usize(config, "head_dim").unwrap_or(h / nh);
-    let base = config.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10_000.0);
+    let base = config
+        .get("rope_theta")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(10_000.0);
     // inv_freq = 1 / base^(arange(0, dim, 2) / dim)
-    let inv: Vec<f64> = (0..hd).step_by(2).map(|k| 1.0 / base.powf(k as f64 / hd as f64)).collect();
-    let Some(rs) = config.get("rope_scaling").filter(|v| !v.is_null()) else { return inv };
-    let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|v| v.as_str()).unwrap();
+    let inv: Vec<f64> = (0..hd)
+        .step_by(2)
+        .map(|k| 1.0 / base.powf(k as f64 / hd as f64))
+        .collect();
+    let Some(rs) = config.get("rope_scaling").filter(|v| !v.is_null()) else {
+        return inv;
+    };
+    let kind = rs
+        .get("rope_type")
+        .or_else(|| rs.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap();
     assert_eq!(kind, "llama3", "reference only knows llama3 scaling");
     let factor = rs["factor"].as_f64().unwrap();
     let low_freq_factor = rs["low_freq_factor"].as_f64().unwrap();
@@ -213,8 +258,13 @@ pub fn reference_inv_freq(config: &Value) -> Vec<f64> {
     inv.iter()
         .map(|&f| {
             let wavelen = 2.0 * std::f64::consts::PI / f;
-            let llama = if wavelen > low_freq_wavelen { f / factor } else { f };
-            let smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let llama = if wavelen > low_freq_wavelen {
+                f / factor
+            } else {
+                f
+            };
+            let smooth_factor = (old_context_len / wavelen - low_freq_factor)
+                / (high_freq_factor - low_freq_factor);
             let smoothed = (1.0 - smooth_factor) * llama / factor + smooth_factor * llama;
             // HF: ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
             let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
@@ -284,15 +334,27 @@ pub fn reference_logits(
     let nh = cfg_usize(config, "num_attention_heads").unwrap();
     let nkv = cfg_usize(config, "num_key_value_heads").unwrap_or(nh);
     let hd = cfg_usize(config, "head_dim").unwrap_or(h / nh);
-    let eps = config.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6);
-    let get = |n: &str| t.get(n).unwrap_or_else(|| panic!("reference: missing {n}")).as_slice();
+    let eps = config
+        .get("rms_norm_eps")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1e-6);
+    let get = |n: &str| {
+        t.get(n)
+            .unwrap_or_else(|| panic!("reference: missing {n}"))
+            .as_slice()
+    };
     let opt = |n: &str| t.get(n).map(|v| v.as_slice());
     let emb = get("model.embed_tokens.weight");
     let n = tokens.len();
 
     let mut x: Vec<Vec<f64>> = tokens
         .iter()
-        .map(|&tok| emb[tok as usize * h..(tok as usize + 1) * h].iter().map(|&v| v as f64).collect())
+        .map(|&tok| {
+            emb[tok as usize * h..(tok as usize + 1) * h]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
         .collect();
     for l in 0..layers {
         let p = format!("model.layers.{l}");
@@ -324,7 +386,13 @@ pub fn reference_logits(
                 let kvh = head / group;
                 let q = &qs[i][head * hd..(head + 1) * hd];
                 let scores: Vec<f64> = (0..=i)
-                    .map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() * scale)
+                    .map(|j| {
+                        q.iter()
+                            .zip(&ks[j][kvh * hd..(kvh + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            * scale
+                    })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -350,7 +418,9 @@ pub fn reference_logits(
         }
     }
     let head = opt("lm_head.weight").unwrap_or(emb);
-    x.iter().map(|xi| matvec(head, None, &rms_norm(xi, get("model.norm.weight"), eps), v)).collect()
+    x.iter()
+        .map(|xi| matvec(head, None, &rms_norm(xi, get("model.norm.weight"), eps), v))
+        .collect()
 }
 
 /// The engine's logits for each window (embed -> run_blocks -> load_head -> logits).
@@ -358,7 +428,9 @@ pub fn engine_logits(ckpt: &Checkpoint, windows: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let max = windows.iter().map(|w| w.len()).max().unwrap();
     let engine = LayerEngine::new(ckpt, model::default_device(), max);
     let mut states = engine.embed(windows).unwrap();
-    engine.run_blocks(&mut states, |_, _, _| Ok(()), || {}).unwrap();
+    engine
+        .run_blocks(&mut states, |_, _, _| Ok(()), || {})
+        .unwrap();
     let head = engine.load_head().unwrap();
     states.iter().map(|s| head.logits(s, 0)).collect()
 }
@@ -367,7 +439,11 @@ pub fn engine_logits(ckpt: &Checkpoint, windows: &[Vec<u32>]) -> Vec<Vec<f32>> {
 pub fn max_diff(engine: &[f32], reference: &[Vec<f64>]) -> (f64, f64) {
     let flat: Vec<f64> = reference.iter().flatten().copied().collect();
     assert_eq!(engine.len(), flat.len(), "logit count");
-    let diff = engine.iter().zip(&flat).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+    let diff = engine
+        .iter()
+        .zip(&flat)
+        .map(|(&a, &b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max);
     let mag = flat.iter().map(|v| v.abs()).fold(0.0, f64::max);
     (diff, mag)
 }

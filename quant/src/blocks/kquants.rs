@@ -19,7 +19,9 @@
 use model::gguf::GgmlType;
 use model::gguf::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, K_SCALE_SIZE, QK_K, scale_min_k4};
 
-use super::{BlockQuantizer, better, f16_bits, f16_val, nearest_int, search_affine, search_symmetric};
+use super::{
+    BlockQuantizer, better, f16_bits, f16_val, nearest_int, search_affine, search_symmetric,
+};
 
 /// Result of the Q4_K/Q5_K common part: scales, mins and levels 0..=nmax.
 struct AffineK {
@@ -44,14 +46,27 @@ fn affine_k(x: &[f32], importance: Option<&[f32]>, nmax: i32, rmin: f32, nstep: 
                 }
                 search_affine(sub, &weights, nmax, rmin, 0.1, nstep, true, &mut lv)
             }
-            Some(w) => search_affine(sub, &w[32 * j..32 * j + 32], nmax, rmin, 0.05, 2 * nstep, true, &mut lv),
+            Some(w) => search_affine(
+                sub,
+                &w[32 * j..32 * j + 32],
+                nmax,
+                rmin,
+                0.05,
+                2 * nstep,
+                true,
+                &mut lv,
+            ),
         };
         scales[j] = s;
         mins[j] = -m;
     }
     let max_scale = scales.iter().fold(0f32, |a, &b| a.max(b));
     let max_min = mins.iter().fold(0f32, |a, &b| a.max(b));
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut packed = [0u8; K_SCALE_SIZE];
     for j in 0..8 {
@@ -80,7 +95,12 @@ fn affine_k(x: &[f32], importance: Option<&[f32]>, nmax: i32, rmin: f32, nstep: 
             l[i] = nearest_int((x[i] + dm) / dj).clamp(0, nmax) as u8;
         }
     }
-    AffineK { d, dmin, scales: packed, l }
+    AffineK {
+        d,
+        dmin,
+        scales: packed,
+        l,
+    }
 }
 
 fn q4k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4K {
@@ -91,7 +111,12 @@ fn q4k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4K {
             qs[32 * n + i] = a.l[64 * n + i] | (a.l[64 * n + 32 + i] << 4);
         }
     }
-    BlockQ4K { d: a.d, dmin: a.dmin, scales: a.scales, qs }
+    BlockQ4K {
+        d: a.d,
+        dmin: a.dmin,
+        scales: a.scales,
+        qs,
+    }
 }
 
 fn q5k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ5K {
@@ -105,7 +130,13 @@ fn q5k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ5K {
             qs[32 * n + i] = (l1 & 0x0f) | ((l2 & 0x0f) << 4);
         }
     }
-    BlockQ5K { d: a.d, dmin: a.dmin, scales: a.scales, qh, qs }
+    BlockQ5K {
+        d: a.d,
+        dmin: a.dmin,
+        scales: a.scales,
+        qh,
+        qs,
+    }
 }
 
 fn q6k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ6K {
@@ -131,7 +162,12 @@ fn q6k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ6K {
             max_scale = s;
         }
     }
-    let mut out = BlockQ6K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; QK_K / 16], d: 0 };
+    let mut out = BlockQ6K {
+        ql: [0; QK_K / 2],
+        qh: [0; QK_K / 4],
+        scales: [0; QK_K / 16],
+        d: 0,
+    };
     if max_abs < 1e-15 {
         return out;
     }
@@ -222,15 +258,28 @@ mod tests {
         let mut rng = Rng(3);
         let x = rng.normals(64 * QK_K, 1.0);
         let mut report = Vec::new();
-        for (ty, lo, hi) in [(GgmlType::Q4_K, 0.05, 0.09), (GgmlType::Q5_K, 0.025, 0.045), (GgmlType::Q6_K, 0.012, 0.024)] {
+        for (ty, lo, hi) in [
+            (GgmlType::Q4_K, 0.05, 0.09),
+            (GgmlType::Q5_K, 0.025, 0.045),
+            (GgmlType::Q6_K, 0.012, 0.024),
+        ] {
             let y = dequantize(ty, &quantize(ty, &x, 4 * QK_K, None).unwrap(), x.len());
             let e = rel_rmse(&x, &y);
             report.push(format!("{} {e:.4}", ty.name()));
-            assert!((lo..=hi).contains(&e), "{}: relative RMSE {e} outside [{lo}, {hi}]", ty.name());
+            assert!(
+                (lo..=hi).contains(&e),
+                "{}: relative RMSE {e} outside [{lo}, {hi}]",
+                ty.name()
+            );
         }
         eprintln!("{}", report.join(", "));
         // K formats beat the legacy format of the same width on the same data.
-        let e = |ty| rel_rmse(&x, &dequantize(ty, &quantize(ty, &x, 4 * QK_K, None).unwrap(), x.len()));
+        let e = |ty| {
+            rel_rmse(
+                &x,
+                &dequantize(ty, &quantize(ty, &x, 4 * QK_K, None).unwrap(), x.len()),
+            )
+        };
         assert!(e(GgmlType::Q4_K) < e(GgmlType::Q4_1));
         assert!(e(GgmlType::Q5_K) < e(GgmlType::Q5_1));
     }
@@ -239,7 +288,9 @@ mod tests {
     fn scales_pack_and_unpack() {
         // A block whose sub-blocks have very different ranges exercises all 6 bits.
         let mut rng = Rng(5);
-        let x: Vec<f32> = (0..QK_K).map(|i| rng.normal() * (1 + i / 32) as f32 + (i / 32) as f32 * 0.3).collect();
+        let x: Vec<f32> = (0..QK_K)
+            .map(|i| rng.normal() * (1 + i / 32) as f32 + (i / 32) as f32 * 0.3)
+            .collect();
         for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
             let y = dequantize(ty, &quantize(ty, &x, QK_K, None).unwrap(), QK_K);
             let e = rel_rmse(&x, &y);

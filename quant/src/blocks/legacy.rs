@@ -15,7 +15,9 @@
 use model::gguf::GgmlType;
 use model::gguf::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, QK};
 
-use super::{BlockQuantizer, better, f16_bits, f16_val, round_away, search_affine, search_symmetric};
+use super::{
+    BlockQuantizer, better, f16_bits, f16_val, round_away, search_affine, search_symmetric,
+};
 
 /// First value of largest magnitude, and that magnitude.
 fn signed_absmax(x: &[f32]) -> f32 {
@@ -30,7 +32,10 @@ fn signed_absmax(x: &[f32]) -> f32 {
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+    x.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
 }
 
 #[inline]
@@ -90,7 +95,10 @@ impl Q8_0 {
         let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = inv(d);
-        BlockQ8_0 { d: f16_bits(d), qs: std::array::from_fn(|j| round_away(x[j] * id) as i8) }
+        BlockQ8_0 {
+            d: f16_bits(d),
+            qs: std::array::from_fn(|j| round_away(x[j] * id) as i8),
+        }
     }
 }
 
@@ -102,7 +110,10 @@ impl BlockQuantizer for Q8_0 {
         let Some(w) = importance else { return plain };
         let d = weighted_sym_scale(x, w, 127, 127);
         let id = inv(f16_val(d));
-        let cand = BlockQ8_0 { d, qs: std::array::from_fn(|j| round_away(x[j] * id).clamp(-127, 127) as i8) };
+        let cand = BlockQ8_0 {
+            d,
+            qs: std::array::from_fn(|j| round_away(x[j] * id).clamp(-127, 127) as i8),
+        };
         better(x, w, plain, cand)
     }
 }
@@ -117,7 +128,10 @@ impl Q4_0 {
         let d = signed_absmax(x) / -8.0;
         let id = inv(d);
         let q: [u8; QK] = std::array::from_fn(|j| ((x[j] * id + 8.5) as i32).clamp(0, 15) as u8);
-        BlockQ4_0 { d: f16_bits(d), qs: pack_nibbles(&q) }
+        BlockQ4_0 {
+            d: f16_bits(d),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -128,7 +142,10 @@ impl BlockQuantizer for Q4_0 {
         let plain = Self::reference(x);
         let Some(w) = importance else { return plain };
         let d = weighted_sym_scale(x, w, 8, 7);
-        let cand = BlockQ4_0 { d, qs: pack_nibbles(&round_sym(x, d, 8, 15)) };
+        let cand = BlockQ4_0 {
+            d,
+            qs: pack_nibbles(&round_sym(x, d, 8, 15)),
+        };
         better(x, w, plain, cand)
     }
 }
@@ -143,8 +160,13 @@ impl Q4_1 {
         let (min, max) = min_max(x);
         let d = (max - min) / 15.0;
         let id = inv(d);
-        let q: [u8; QK] = std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as i32).clamp(0, 15) as u8);
-        BlockQ4_1 { d: f16_bits(d), m: f16_bits(min), qs: pack_nibbles(&q) }
+        let q: [u8; QK] =
+            std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as i32).clamp(0, 15) as u8);
+        BlockQ4_1 {
+            d: f16_bits(d),
+            m: f16_bits(min),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -155,7 +177,11 @@ impl BlockQuantizer for Q4_1 {
         let plain = Self::reference(x);
         let Some(w) = importance else { return plain };
         let (d, m) = weighted_affine(x, w, 15);
-        let cand = BlockQ4_1 { d, m, qs: pack_nibbles(&round_affine(x, d, m, 15)) };
+        let cand = BlockQ4_1 {
+            d,
+            m,
+            qs: pack_nibbles(&round_affine(x, d, m, 15)),
+        };
         better(x, w, plain, cand)
     }
 }
@@ -170,7 +196,11 @@ impl Q5_0 {
         let d = signed_absmax(x) / -16.0;
         let id = inv(d);
         let q: [u8; QK] = std::array::from_fn(|j| ((x[j] * id + 16.5) as i32).clamp(0, 31) as u8);
-        BlockQ5_0 { d: f16_bits(d), qh: fifth_bits(&q), qs: pack_nibbles(&q) }
+        BlockQ5_0 {
+            d: f16_bits(d),
+            qh: fifth_bits(&q),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -182,7 +212,16 @@ impl BlockQuantizer for Q5_0 {
         let Some(w) = importance else { return plain };
         let d = weighted_sym_scale(x, w, 16, 15);
         let q = round_sym(x, d, 16, 31);
-        better(x, w, plain, BlockQ5_0 { d, qh: fifth_bits(&q), qs: pack_nibbles(&q) })
+        better(
+            x,
+            w,
+            plain,
+            BlockQ5_0 {
+                d,
+                qh: fifth_bits(&q),
+                qs: pack_nibbles(&q),
+            },
+        )
     }
 }
 
@@ -196,8 +235,14 @@ impl Q5_1 {
         let (min, max) = min_max(x);
         let d = (max - min) / 31.0;
         let id = inv(d);
-        let q: [u8; QK] = std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as i32).clamp(0, 31) as u8);
-        BlockQ5_1 { d: f16_bits(d), m: f16_bits(min), qh: fifth_bits(&q), qs: pack_nibbles(&q) }
+        let q: [u8; QK] =
+            std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as i32).clamp(0, 31) as u8);
+        BlockQ5_1 {
+            d: f16_bits(d),
+            m: f16_bits(min),
+            qh: fifth_bits(&q),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -209,7 +254,17 @@ impl BlockQuantizer for Q5_1 {
         let Some(w) = importance else { return plain };
         let (d, m) = weighted_affine(x, w, 31);
         let q = round_affine(x, d, m, 31);
-        better(x, w, plain, BlockQ5_1 { d, m, qh: fifth_bits(&q), qs: pack_nibbles(&q) })
+        better(
+            x,
+            w,
+            plain,
+            BlockQ5_1 {
+                d,
+                m,
+                qh: fifth_bits(&q),
+                qs: pack_nibbles(&q),
+            },
+        )
     }
 }
 

@@ -81,7 +81,11 @@ pub trait BlockQuantizer {
         let n = Self::Block::BLOCK;
         let size = std::mem::size_of::<Self::Block>();
         debug_assert_eq!(x.len() / n * size, out.len());
-        for (b, (xb, ob)) in x.chunks_exact(n).zip(out.chunks_exact_mut(size)).enumerate() {
+        for (b, (xb, ob)) in x
+            .chunks_exact(n)
+            .zip(out.chunks_exact_mut(size))
+            .enumerate()
+        {
             let w = importance.map(|w| &w[b * n..(b + 1) * n]);
             let block = Self::quantize_block(xb, w);
             ob.copy_from_slice(bytemuck::bytes_of(&block));
@@ -128,12 +132,20 @@ pub(crate) fn weighted_error<B: GgmlBlock>(block: &B, x: &[f32], w: &[f32]) -> f
     let mut deq = [0f32; 256];
     let deq = &mut deq[..B::BLOCK];
     block.dequantize(deq);
-    x.iter().zip(deq.iter()).zip(w).map(|((&a, &b), &w)| w as f64 * ((a - b) as f64).powi(2)).sum()
+    x.iter()
+        .zip(deq.iter())
+        .zip(w)
+        .map(|((&a, &b), &w)| w as f64 * ((a - b) as f64).powi(2))
+        .sum()
 }
 
 /// The candidate with the lower weighted error (`plain` on ties).
 pub(crate) fn better<B: GgmlBlock>(x: &[f32], w: &[f32], plain: B, weighted: B) -> B {
-    if weighted_error(&weighted, x, w) < weighted_error(&plain, x, w) { weighted } else { plain }
+    if weighted_error(&weighted, x, w) < weighted_error(&plain, x, w) {
+        weighted
+    } else {
+        plain
+    }
 }
 
 /// The types [`quantize`] can write.
@@ -171,42 +183,77 @@ where
     let mut out = vec![0u8; data.len() / n * std::mem::size_of::<Q::Block>()];
     // Several rows per task keep rayon's overhead small for short rows.
     let per_task = (16384 / row_len).max(1);
-    out.par_chunks_mut(row_bytes * per_task).zip(data.par_chunks(row_len * per_task)).for_each(|(o, x)| {
-        for (or, xr) in o.chunks_exact_mut(row_bytes).zip(x.chunks_exact(row_len)) {
-            Q::quantize_row(xr, importance, or);
-        }
-    });
+    out.par_chunks_mut(row_bytes * per_task)
+        .zip(data.par_chunks(row_len * per_task))
+        .for_each(|(o, x)| {
+            for (or, xr) in o.chunks_exact_mut(row_bytes).zip(x.chunks_exact(row_len)) {
+                Q::quantize_row(xr, importance, or);
+            }
+        });
     out
 }
 
 /// Quantizes `data` (rows of `row_len` values, row-major) to `ty`, rows in parallel.
 /// `importance` has one weight per column (`row_len` values). F32, F16 and BF16 are plain
 /// conversions (importance ignored).
-pub fn quantize(ty: GgmlType, data: &[f32], row_len: usize, importance: Option<&[f32]>) -> Result<Vec<u8>, BlockError> {
-    let (block, _) = ty.block_layout().ok_or(BlockError::Unsupported(ty.name()))?;
+pub fn quantize(
+    ty: GgmlType,
+    data: &[f32],
+    row_len: usize,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>, BlockError> {
+    let (block, _) = ty
+        .block_layout()
+        .ok_or(BlockError::Unsupported(ty.name()))?;
     if !QUANTIZABLE.contains(&ty) {
         return Err(BlockError::Unsupported(ty.name()));
     }
     if row_len == 0 || !row_len.is_multiple_of(block) {
-        return Err(BlockError::RowLength { row: row_len, ty: ty.name(), block });
+        return Err(BlockError::RowLength {
+            row: row_len,
+            ty: ty.name(),
+            block,
+        });
     }
     if !data.len().is_multiple_of(row_len) {
-        return Err(BlockError::Shape { len: data.len(), row: row_len });
+        return Err(BlockError::Shape {
+            len: data.len(),
+            row: row_len,
+        });
     }
     let floored: Option<Vec<f32>> = match importance {
-        Some(w) if w.len() != row_len => return Err(BlockError::Importance { got: w.len(), row: row_len }),
+        Some(w) if w.len() != row_len => {
+            return Err(BlockError::Importance {
+                got: w.len(),
+                row: row_len,
+            });
+        }
         Some(w) => {
             let mean = w.iter().map(|&v| v.max(0.0) as f64).sum::<f64>() / row_len as f64;
-            let floor = if mean > 0.0 { (mean * 1e-3) as f32 } else { 1.0 };
-            Some(w.iter().map(|&v| if v.is_finite() { v.max(floor) } else { floor }).collect())
+            let floor = if mean > 0.0 {
+                (mean * 1e-3) as f32
+            } else {
+                1.0
+            };
+            Some(
+                w.iter()
+                    .map(|&v| if v.is_finite() { v.max(floor) } else { floor })
+                    .collect(),
+            )
         }
         None => None,
     };
     let imp = floored.as_deref();
     Ok(match ty {
         GgmlType::F32 => bytemuck::cast_slice(data).to_vec(),
-        GgmlType::F16 => data.par_iter().flat_map_iter(|&x| f16_bits(x).to_le_bytes()).collect(),
-        GgmlType::BF16 => data.par_iter().flat_map_iter(|&x| bf16_bits(x).to_le_bytes()).collect(),
+        GgmlType::F16 => data
+            .par_iter()
+            .flat_map_iter(|&x| f16_bits(x).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => data
+            .par_iter()
+            .flat_map_iter(|&x| bf16_bits(x).to_le_bytes())
+            .collect(),
         GgmlType::Q8_0 => rows_of::<legacy::Q8_0>(data, row_len, imp),
         GgmlType::Q4_0 => rows_of::<legacy::Q4_0>(data, row_len, imp),
         GgmlType::Q4_1 => rows_of::<legacy::Q4_1>(data, row_len, imp),
@@ -229,7 +276,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 
 /// Parses a type name as the command line spells it (`q4_k`, `Q8_0`, `f16`...).
 pub fn parse_type(name: &str) -> Option<GgmlType> {
-    QUANTIZABLE.iter().copied().find(|t| t.name().eq_ignore_ascii_case(name))
+    QUANTIZABLE
+        .iter()
+        .copied()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
 }
 
 /// Symmetric weighted search (the idea of ggml's `make_qx_quants`): levels `-nmax..=nmax-1`
@@ -237,7 +287,14 @@ pub fn parse_type(name: &str) -> Option<GgmlType> {
 /// `k` in `-steps..=steps` where `max` is the value of largest magnitude, each refined to the
 /// weighted least-squares scale of its levels; returns the best scale and writes the levels
 /// (without offset) into `l`.
-pub(crate) fn search_symmetric(x: &[f32], w: &[f32], nmax: i32, hi: i32, steps: i32, l: &mut [i32]) -> f32 {
+pub(crate) fn search_symmetric(
+    x: &[f32],
+    w: &[f32],
+    nmax: i32,
+    hi: i32,
+    steps: i32,
+    l: &mut [i32],
+) -> f32 {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -347,7 +404,10 @@ pub(crate) fn search_affine(
         // sum w (s l + m - x)^2 expanded over the sums already at hand (one pass per
         // candidate instead of two).
         let (s, m) = (this_scale, this_min);
-        let err = s * s * sum_l2 + 2.0 * s * m * sum_l + m * m * sum_w - 2.0 * s * sum_xl - 2.0 * m * sum_x + sum_x2;
+        let err = s * s * sum_l2 + 2.0 * s * m * sum_l + m * m * sum_w
+            - 2.0 * s * sum_xl
+            - 2.0 * m * sum_x
+            + sum_x2;
         if err < best_err {
             best_err = err;
             scale = this_scale;
@@ -383,7 +443,11 @@ pub(crate) mod testutil {
 
     /// Root-mean-square error relative to the root-mean-square of `x`.
     pub fn rel_rmse(x: &[f32], y: &[f32]) -> f64 {
-        let e: f64 = x.iter().zip(y).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum();
+        let e: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(&a, &b)| ((a - b) as f64).powi(2))
+            .sum();
         let s: f64 = x.iter().map(|&a| (a as f64).powi(2)).sum();
         (e / s).sqrt()
     }
@@ -402,7 +466,11 @@ pub(crate) mod testutil {
         (0..n)
             .map(|_| {
                 let base = 0.5 + rng.uniform();
-                if rng.uniform() < 0.1 { base * (30.0 + 270.0 * rng.uniform()) } else { base }
+                if rng.uniform() < 0.1 {
+                    base * (30.0 + 270.0 * rng.uniform())
+                } else {
+                    base
+                }
             })
             .collect()
     }
@@ -453,21 +521,40 @@ mod tests {
         for &ty in &QUANTIZABLE[3..] {
             let plain = dequantize(ty, &quantize(ty, &x, row, None).unwrap(), x.len());
             let weighted = dequantize(ty, &quantize(ty, &x, row, Some(&imp)).unwrap(), x.len());
-            let (ep, ew) = (weighted_sq(&x, &plain, &imp), weighted_sq(&x, &weighted, &imp));
+            let (ep, ew) = (
+                weighted_sq(&x, &plain, &imp),
+                weighted_sq(&x, &weighted, &imp),
+            );
             assert!(ew <= ep, "{}: weighted error {ew} > plain {ep}", ty.name());
             // The search should find a real improvement on skewed importance.
-            assert!(ew < 0.97 * ep, "{}: weighted error {ew} barely below plain {ep}", ty.name());
+            assert!(
+                ew < 0.97 * ep,
+                "{}: weighted error {ew} barely below plain {ep}",
+                ty.name()
+            );
         }
     }
 
     #[test]
     fn rejects_bad_shapes() {
         let x = vec![0.5f32; 576];
-        assert!(matches!(quantize(GgmlType::Q4_K, &x, 576, None), Err(BlockError::RowLength { .. })));
-        assert!(matches!(quantize(GgmlType::Q4_0, &x, 128, None), Err(BlockError::Shape { .. })));
-        assert!(matches!(quantize(GgmlType::Q4_0, &x, 576, Some(&[1.0; 32])), Err(BlockError::Importance { .. })));
+        assert!(matches!(
+            quantize(GgmlType::Q4_K, &x, 576, None),
+            Err(BlockError::RowLength { .. })
+        ));
+        assert!(matches!(
+            quantize(GgmlType::Q4_0, &x, 128, None),
+            Err(BlockError::Shape { .. })
+        ));
+        assert!(matches!(
+            quantize(GgmlType::Q4_0, &x, 576, Some(&[1.0; 32])),
+            Err(BlockError::Importance { .. })
+        ));
         assert!(quantize(GgmlType::Other(10, "Q2_K"), &x, 576, None).is_err());
-        assert_eq!(quantize(GgmlType::Q4_0, &x, 576, None).unwrap().len(), 18 * 18);
+        assert_eq!(
+            quantize(GgmlType::Q4_0, &x, 576, None).unwrap().len(),
+            18 * 18
+        );
     }
 
     #[test]
@@ -478,7 +565,19 @@ mod tests {
             assert!(y.iter().all(|&v| v == 0.0), "{}", ty.name());
         }
         // Rounding helpers agree with std on ties and near-ties.
-        for v in [0.5f32, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 126.5, 1e-9, 3e6 + 0.5, 7e6] {
+        for v in [
+            0.5f32,
+            1.5,
+            2.5,
+            -0.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            126.5,
+            1e-9,
+            3e6 + 0.5,
+            7e6,
+        ] {
             assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
             assert_eq!(round_away(v), v.round() as i32, "{v}");
         }

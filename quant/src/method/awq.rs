@@ -36,7 +36,13 @@ pub struct Awq {
 
 impl Default for Awq {
     fn default() -> Self {
-        Self { scale_search: true, clip_search: true, grid: 20, max_shrink: 0.5, clip_rows: 4096 }
+        Self {
+            scale_search: true,
+            clip_search: true,
+            grid: 20,
+            max_shrink: 0.5,
+            clip_rows: 4096,
+        }
     }
 }
 
@@ -44,10 +50,17 @@ impl Default for Awq {
 /// `(weight key, values [rows, cols], rows, cols, E[x²] per input column)`. The scale search
 /// of AWQ measures candidate scales through it, so it serves both this crate's integer
 /// schemes and GGUF block types.
-pub type FakeQuant<'f> = dyn Fn(&str, &[f32], usize, usize, &[f32]) -> Result<Vec<f32>, QuantError> + 'f;
+pub type FakeQuant<'f> =
+    dyn Fn(&str, &[f32], usize, usize, &[f32]) -> Result<Vec<f32>, QuantError> + 'f;
 
 /// The weight as it will be used: quantized then divided by the scales (`w` already scaled).
-fn fake_rows(scheme: &QuantScheme, name: &str, w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, QuantError> {
+fn fake_rows(
+    scheme: &QuantScheme,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, QuantError> {
     Ok(quantize_rtn(scheme, name, w, rows, cols)?.dequantize())
 }
 
@@ -56,10 +69,21 @@ fn to_dev(data: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2
 }
 
 /// Mean squared error between `x wᵀ` and `x qᵀ` (`x` `[n, in]` on the device).
-fn mse(x: &Tensor<2>, reference: &Tensor<2>, q: Vec<f32>, rows: usize, cols: usize, device: &Device) -> f64 {
+fn mse(
+    x: &Tensor<2>,
+    reference: &Tensor<2>,
+    q: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    device: &Device,
+) -> f64 {
     let qt = to_dev(q, rows, cols, device).transpose();
     let d = x.clone().matmul(qt) - reference.clone();
-    d.powi_scalar(2).mean().into_data().try_into_vec::<f32>().expect("f32")[0] as f64
+    d.powi_scalar(2)
+        .mean()
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32")[0] as f64
 }
 
 impl Awq {
@@ -87,26 +111,48 @@ impl Awq {
         }
         let rows: usize = parts.iter().map(|p| p.1).sum();
         let x = to_dev(stats.sample.clone(), n, cols, device);
-        let reference = x.clone().matmul(to_dev(model::transformer::transpose(&w, rows, cols), cols, rows, device));
+        let reference = x.clone().matmul(to_dev(
+            model::transformer::transpose(&w, rows, cols),
+            cols,
+            rows,
+            device,
+        ));
         let mut best = (f64::INFINITY, vec![1f32; cols]);
         for k in 0..self.grid {
             let alpha = k as f64 / self.grid as f64;
-            let mut s: Vec<f64> = stats.abs_mean.iter().map(|m| m.powf(alpha).max(1e-4)).collect();
-            let (mx, mn) = s.iter().fold((0f64, f64::INFINITY), |(a, b), &v| (a.max(v), b.min(v)));
+            let mut s: Vec<f64> = stats
+                .abs_mean
+                .iter()
+                .map(|m| m.powf(alpha).max(1e-4))
+                .collect();
+            let (mx, mn) = s
+                .iter()
+                .fold((0f64, f64::INFINITY), |(a, b), &v| (a.max(v), b.min(v)));
             let norm = (mx * mn).sqrt();
             s.iter_mut().for_each(|v| *v /= norm);
             // E[x²] of the scaled inputs x / s, for importance-weighted rounding.
-            let imp: Vec<f32> = stats.sq_mean.iter().zip(&s).map(|(m, s)| (m / (s * s)) as f32).collect();
+            let imp: Vec<f32> = stats
+                .sq_mean
+                .iter()
+                .zip(&s)
+                .map(|(m, s)| (m / (s * s)) as f32)
+                .collect();
             // One linear at a time, so only one linear's scaled copy exists beside q.
             let mut q = Vec::with_capacity(w.len());
             let mut off = 0;
             for (key, r) in &parts {
                 let part = &w[off * cols..(off + r) * cols];
-                let scaled: Vec<f32> = part.iter().enumerate().map(|(i, &v)| v * s[i % cols] as f32).collect();
+                let scaled: Vec<f32> = part
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v * s[i % cols] as f32)
+                    .collect();
                 q.extend(fake(key, &scaled, *r, cols, &imp)?);
                 off += r;
             }
-            q.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % cols] as f32);
+            q.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v /= s[i % cols] as f32);
             let err = mse(&x, &reference, q, rows, cols, device);
             if err < best.0 {
                 best = (err, s.iter().map(|&v| v as f32).collect());
@@ -116,7 +162,10 @@ impl Awq {
         for l in linears {
             let t = weights.get_mut(&format!("{l}.weight"));
             let c = t.shape[1];
-            t.data.iter_mut().enumerate().for_each(|(i, v)| *v *= s[i % c]);
+            t.data
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v *= s[i % c]);
         }
         // Fold 1/s into the op that produces the inputs: a norm's gamma, or a linear's rows.
         let key = format!("{prev}.weight");
@@ -126,7 +175,9 @@ impl Awq {
         } else {
             let pc = p.shape[1];
             for (r, sr) in s.iter().enumerate() {
-                p.data[r * pc..(r + 1) * pc].iter_mut().for_each(|v| *v /= sr);
+                p.data[r * pc..(r + 1) * pc]
+                    .iter_mut()
+                    .for_each(|v| *v /= sr);
             }
             if let Some(b) = weights.tensors.get_mut(&format!("{prev}.bias")) {
                 b.data.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
@@ -137,7 +188,13 @@ impl Awq {
 
     /// Shrinks each (row, group) range of `name` to the clip that best preserves the
     /// group's partial outputs on sampled inputs `x` `[n, cols]`.
-    fn clip_linear(&self, job: &mut BlockJob<'_>, name: &str, x: &[f32], n: usize) -> Result<(), QuantError> {
+    fn clip_linear(
+        &self,
+        job: &mut BlockJob<'_>,
+        name: &str,
+        x: &[f32],
+        n: usize,
+    ) -> Result<(), QuantError> {
         let key = format!("{name}.weight");
         let t = job.weights.get(&key).clone();
         let (rows, cols) = (t.shape[0], t.shape[1]);
@@ -159,12 +216,15 @@ impl Awq {
         // [groups, n, g] inputs; candidates are scored on chunks of output rows so the
         // [groups, n, rows] partial outputs stay near 16M floats (at 7B widths a whole
         // down_proj would take 720 MB per copy).
-        let xg = model::transformer::tensor_from(pad(x, n), [n, groups, g], &device).swap_dims(0, 1);
+        let xg =
+            model::transformer::tensor_from(pad(x, n), [n, groups, g], &device).swap_dims(0, 1);
         let chunk = (16 * 1024 * 1024 / (groups * n).max(1)).clamp(1, rows);
         let amax: Vec<f32> = (0..rows * groups)
             .map(|i| {
                 let (r, k) = (i / groups, i % groups);
-                t.data[r * cols + k * g..r * cols + ((k + 1) * g).min(cols)].iter().fold(0f32, |m, v| m.max(v.abs()))
+                t.data[r * cols + k * g..r * cols + ((k + 1) * g).min(cols)]
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()))
             })
             .collect();
         let steps = (self.max_shrink * self.grid as f64) as usize;
@@ -173,7 +233,8 @@ impl Awq {
             let cr = chunk.min(rows - r0);
             let wpart = &t.data[r0 * cols..(r0 + cr) * cols];
             let partial = |w: &[f32]| -> Tensor<3> {
-                let wg = model::transformer::tensor_from(pad(w, cr), [cr, groups, g], &device).swap_dims(0, 1);
+                let wg = model::transformer::tensor_from(pad(w, cr), [cr, groups, g], &device)
+                    .swap_dims(0, 1);
                 xg.clone().matmul(wg.swap_dims(1, 2)) // [groups, n, cr]
             };
             let reference = partial(wpart);
@@ -191,7 +252,12 @@ impl Awq {
                 let q = fake_rows(&job.scheme, &key, &clipped, cr, cols)?;
                 let d = partial(&q) - reference.clone();
                 // Squared error summed over tokens: [groups, 1, cr] -> per (row, group).
-                let e = d.powi_scalar(2).sum_dim(1).into_data().try_into_vec::<f32>().expect("f32");
+                let e = d
+                    .powi_scalar(2)
+                    .sum_dim(1)
+                    .into_data()
+                    .try_into_vec::<f32>()
+                    .expect("f32");
                 for k in 0..groups {
                     for r in 0..cr {
                         let v = e[k * cr + r];
@@ -227,9 +293,17 @@ impl Awq {
     ) -> Result<(), QuantError> {
         let o_foldable = cfg.num_kv_heads() == cfg.num_attention_heads;
         let groups: Vec<(Tap, Vec<&str>, &str)> = vec![
-            (Tap::QkvInput, vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+            (
+                Tap::QkvInput,
+                vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                "input_layernorm",
+            ),
             (Tap::OInput, vec!["self_attn.o_proj"], "self_attn.v_proj"),
-            (Tap::GateUpInput, vec!["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
+            (
+                Tap::GateUpInput,
+                vec!["mlp.gate_proj", "mlp.up_proj"],
+                "post_attention_layernorm",
+            ),
             (Tap::DownInput, vec!["mlp.down_proj"], "mlp.up_proj"),
         ];
         for (tap, linears, prev) in groups {
@@ -243,9 +317,18 @@ impl Awq {
             // The inputs of the scaled group are now x / s.
             let e = st.get_mut(&tap).expect("captured");
             let w = e.width;
-            e.sample.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % w]);
-            e.abs_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= *s as f64);
-            e.sq_mean.iter_mut().zip(&s).for_each(|(v, s)| *v /= (*s as f64).powi(2));
+            e.sample
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v /= s[i % w]);
+            e.abs_mean
+                .iter_mut()
+                .zip(&s)
+                .for_each(|(v, s)| *v /= *s as f64);
+            e.sq_mean
+                .iter_mut()
+                .zip(&s)
+                .for_each(|(v, s)| *v /= (*s as f64).powi(2));
         }
         Ok(())
     }
@@ -271,15 +354,33 @@ impl QuantMethod for Awq {
     fn quantize_block(&self, job: &mut BlockJob<'_>) -> Result<BlockResult, QuantError> {
         let block = job.weights.build(job.cfg, job.device);
         let taps = [Tap::QkvInput, Tap::OInput, Tap::GateUpInput, Tap::DownInput];
-        let (mut st, outputs) = capture(&block, job.rope, job.inputs, &taps, CaptureSpec { xtx: false, sample_rows: job.sample_rows });
+        let (mut st, outputs) = capture(
+            &block,
+            job.rope,
+            job.inputs,
+            &taps,
+            CaptureSpec {
+                xtx: false,
+                sample_rows: job.sample_rows,
+            },
+        );
         drop(block);
         if self.scale_search {
             let scheme = job.scheme;
-            let fake = |key: &str, w: &[f32], rows: usize, cols: usize, _: &[f32]| fake_rows(&scheme, key, w, rows, cols);
+            let fake = |key: &str, w: &[f32], rows: usize, cols: usize, _: &[f32]| {
+                fake_rows(&scheme, key, w, rows, cols)
+            };
             self.search_scales(job.cfg, job.weights, job.device, &mut st, &fake)?;
         }
-        let reference: BTreeMap<String, Vec<f32>> =
-            LINEARS.iter().map(|(n, _)| (n.to_string(), job.weights.get(&format!("{n}.weight")).data.clone())).collect();
+        let reference: BTreeMap<String, Vec<f32>> = LINEARS
+            .iter()
+            .map(|(n, _)| {
+                (
+                    n.to_string(),
+                    job.weights.get(&format!("{n}.weight")).data.clone(),
+                )
+            })
+            .collect();
         if self.clip_search {
             for (name, tap) in LINEARS {
                 if name == "self_attn.q_proj" || name == "self_attn.k_proj" {
@@ -301,6 +402,11 @@ impl QuantMethod for Awq {
             linears.insert(name.to_string(), q);
             stats.insert(name.to_string(), st[&tap].clone());
         }
-        Ok(BlockResult { linears, reference, stats, outputs: Outputs::Teacher(outputs) })
+        Ok(BlockResult {
+            linears,
+            reference,
+            stats,
+            outputs: Outputs::Teacher(outputs),
+        })
     }
 }

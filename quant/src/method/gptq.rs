@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par, Side};
-use model::transformer::{Positions, Tap};
 use model::Tensor;
+use model::transformer::{Positions, Tap};
 
 use super::{BlockJob, BlockResult, Outputs, QuantMethod};
 use crate::QuantError;
@@ -31,7 +31,11 @@ pub struct Gptq {
 
 impl Default for Gptq {
     fn default() -> Self {
-        Self { damp: 0.01, block: 128, act_order: false }
+        Self {
+            damp: 0.01,
+            block: 128,
+            act_order: false,
+        }
     }
 }
 
@@ -54,13 +58,25 @@ pub struct Prepared {
 pub fn prepare(h: Vec<f32>, cols: usize, name: &str, opts: &Gptq) -> Result<Prepared, QuantError> {
     let perm: Vec<usize> = if opts.act_order {
         let mut p: Vec<usize> = (0..cols).collect();
-        p.sort_by(|&a, &b| h[b * cols + b].partial_cmp(&h[a * cols + a]).unwrap_or(std::cmp::Ordering::Equal));
+        p.sort_by(|&a, &b| {
+            h[b * cols + b]
+                .partial_cmp(&h[a * cols + a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         p
     } else {
         (0..cols).collect()
     };
-    let dead: Vec<bool> = (0..cols).map(|i| h[perm[i] * cols + perm[i]] == 0.0).collect();
-    let diag = |i: usize| if dead[i] { 1.0 } else { 2.0 * h[perm[i] * cols + perm[i]] as f64 };
+    let dead: Vec<bool> = (0..cols)
+        .map(|i| h[perm[i] * cols + perm[i]] == 0.0)
+        .collect();
+    let diag = |i: usize| {
+        if dead[i] {
+            1.0
+        } else {
+            2.0 * h[perm[i] * cols + perm[i]] as f64
+        }
+    };
     let mean_diag = (0..cols).map(diag).sum::<f64>() / cols as f64;
     let mut damp = opts.damp;
     let mut hd = Mat::<f32>::from_fn(cols, cols, |i, j| {
@@ -81,7 +97,9 @@ pub fn prepare(h: Vec<f32>, cols: usize, name: &str, opts: &Gptq) -> Result<Prep
         let extra = (9.0 * damp * mean_diag) as f32;
         damp *= 10.0;
         if damp > 10.0 {
-            return Err(QuantError::Numerical(format!("`{name}`: the Hessian is not positive definite even with dampening")));
+            return Err(QuantError::Numerical(format!(
+                "`{name}`: the Hessian is not positive definite even with dampening"
+            )));
         }
         for i in 0..cols {
             hd[(i, i)] += extra;
@@ -93,9 +111,11 @@ pub fn prepare(h: Vec<f32>, cols: usize, name: &str, opts: &Gptq) -> Result<Prep
         llt.inverse()
     };
     drop(llt);
-    let l = inv
-        .llt(Side::Lower)
-        .map_err(|_| QuantError::Numerical(format!("`{name}`: the inverse Hessian could not be factored")))?;
+    let l = inv.llt(Side::Lower).map_err(|_| {
+        QuantError::Numerical(format!(
+            "`{name}`: the inverse Hessian could not be factored"
+        ))
+    })?;
     drop(inv);
     Ok(Prepared { perm, dead, l })
 }
@@ -128,10 +148,18 @@ pub fn gptq_prepared(
     let groups = cols.div_ceil(g);
     let (perm, dead) = (&prep.perm, &prep.dead);
     let u = prep.l.L().transpose();
-    let mut wm = Mat::<f32>::from_fn(rows, cols, |r, c| if dead[c] { 0.0 } else { w[r * cols + perm[c]] });
+    let mut wm = Mat::<f32>::from_fn(rows, cols, |r, c| {
+        if dead[c] { 0.0 } else { w[r * cols + perm[c]] }
+    });
 
     let mut codes = vec![0u8; rows * cols];
-    let mut params = vec![GroupParams { scale: 1.0, zero: 0 }; rows * groups];
+    let mut params = vec![
+        GroupParams {
+            scale: 1.0,
+            zero: 0
+        };
+        rows * groups
+    ];
     let mut g_idx = vec![0u32; cols];
     let par = Par::rayon(0);
     for i1 in (0..cols).step_by(opts.block) {
@@ -144,7 +172,8 @@ pub fn gptq_prepared(
             if c % g == 0 {
                 // Group parameters from the error-updated weights, as the reference code does.
                 for r in 0..rows {
-                    params[r * groups + grp] = scheme.params((c..(c + g).min(cols)).map(|j| wm[(r, j)]));
+                    params[r * groups + grp] =
+                        scheme.params((c..(c + g).min(cols)).map(|j| wm[(r, j)]));
                 }
             }
             g_idx[perm[c]] = grp as u32;
@@ -176,7 +205,14 @@ pub fn gptq_prepared(
             );
         }
     }
-    Ok(QuantizedLinear { rows, cols, codes, params, groups, g_idx })
+    Ok(QuantizedLinear {
+        rows,
+        cols,
+        codes,
+        params,
+        groups,
+        g_idx,
+    })
 }
 
 impl QuantMethod for Gptq {
@@ -193,7 +229,10 @@ impl QuantMethod for Gptq {
         let mut stats = BTreeMap::new();
         let mut reference = BTreeMap::new();
         let stages: [(Tap, &[&str]); 4] = [
-            (Tap::QkvInput, &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            (
+                Tap::QkvInput,
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ),
             (Tap::OInput, &["self_attn.o_proj"]),
             (Tap::GateUpInput, &["mlp.gate_proj", "mlp.up_proj"]),
             (Tap::DownInput, &["mlp.down_proj"]),
@@ -214,7 +253,15 @@ impl QuantMethod for Gptq {
                 let t = job.weights.get(&format!("{name}.weight"));
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 reference.insert(name.to_string(), t.data.clone());
-                let q = gptq_prepared(&job.scheme, &format!("{name}.weight"), &t.data, rows, cols, &prep, self)?;
+                let q = gptq_prepared(
+                    &job.scheme,
+                    &format!("{name}.weight"),
+                    &t.data,
+                    rows,
+                    cols,
+                    &prep,
+                    self,
+                )?;
                 job.weights.get_mut(&format!("{name}.weight")).data = q.dequantize();
                 linears.insert(name.to_string(), q);
                 stats.insert(name.to_string(), st.without_xtx());
@@ -222,7 +269,12 @@ impl QuantMethod for Gptq {
         }
         let block = job.weights.build(job.cfg, job.device);
         let outputs = staged.finish(&block, job.rope);
-        Ok(BlockResult { linears, reference, stats, outputs: Outputs::Quantized(outputs) })
+        Ok(BlockResult {
+            linears,
+            reference,
+            stats,
+            outputs: Outputs::Quantized(outputs),
+        })
     }
 }
 
@@ -237,44 +289,80 @@ pub struct StagedRun {
 impl StagedRun {
     /// Starts from the block inputs.
     pub fn new(x: Vec<Tensor<3>>) -> Self {
-        Self { x, h: Vec::new(), n: Vec::new() }
+        Self {
+            x,
+            h: Vec::new(),
+            n: Vec::new(),
+        }
     }
 
     /// Computes the inputs of `tap` with `block` (whose earlier layers are final) and their
     /// statistics.
-    pub fn advance(&mut self, block: &model::transformer::DecoderLayer, rope: &model::transformer::Rope, tap: Tap, xtx: bool, sample_rows: usize) -> TapStats {
+    pub fn advance(
+        &mut self,
+        block: &model::transformer::DecoderLayer,
+        rope: &model::transformer::Rope,
+        tap: Tap,
+        xtx: bool,
+        sample_rows: usize,
+    ) -> TapStats {
         let inputs: Vec<Tensor<3>> = match tap {
             Tap::QkvInput => {
-                self.n = self.x.iter().map(|x| block.input_layernorm.forward(x.clone())).collect();
+                self.n = self
+                    .x
+                    .iter()
+                    .map(|x| block.input_layernorm.forward(x.clone()))
+                    .collect();
                 self.n.clone()
             }
-            Tap::OInput => self.n.iter().map(|n| block.self_attn.context(n.clone(), Positions::Causal(rope))).collect(),
+            Tap::OInput => self
+                .n
+                .iter()
+                .map(|n| block.self_attn.context(n.clone(), Positions::Causal(rope)))
+                .collect(),
             Tap::GateUpInput => {
                 self.h = self
                     .x
                     .iter()
                     .zip(&self.n)
-                    .map(|(x, n)| x.clone() + block.self_attn.o_proj.forward(block.self_attn.context(n.clone(), Positions::Causal(rope))))
+                    .map(|(x, n)| {
+                        x.clone()
+                            + block.self_attn.o_proj.forward(
+                                block.self_attn.context(n.clone(), Positions::Causal(rope)),
+                            )
+                    })
                     .collect();
-                self.n = self.h.iter().map(|h| block.post_attention_layernorm.forward(h.clone())).collect();
+                self.n = self
+                    .h
+                    .iter()
+                    .map(|h| block.post_attention_layernorm.forward(h.clone()))
+                    .collect();
                 self.n.clone()
             }
             Tap::DownInput => self
                 .n
                 .iter()
-                .map(|n| burn_silu(block.mlp.gate_proj.forward(n.clone())) * block.mlp.up_proj.forward(n.clone()))
+                .map(|n| {
+                    burn_silu(block.mlp.gate_proj.forward(n.clone()))
+                        * block.mlp.up_proj.forward(n.clone())
+                })
                 .collect(),
         };
         capture_stage(&inputs, xtx, sample_rows)
     }
 
     /// The block outputs once every layer is final.
-    pub fn finish(self, block: &model::transformer::DecoderLayer, _rope: &model::transformer::Rope) -> Vec<Tensor<3>> {
+    pub fn finish(
+        self,
+        block: &model::transformer::DecoderLayer,
+        _rope: &model::transformer::Rope,
+    ) -> Vec<Tensor<3>> {
         self.h
             .into_iter()
             .zip(self.n)
             .map(|(h, n)| {
-                let act = burn_silu(block.mlp.gate_proj.forward(n.clone())) * block.mlp.up_proj.forward(n);
+                let act = burn_silu(block.mlp.gate_proj.forward(n.clone()))
+                    * block.mlp.up_proj.forward(n);
                 h + block.mlp.down_proj.forward(act)
             })
             .collect()
@@ -291,7 +379,9 @@ mod tests {
     use crate::scheme::quantize_rtn;
 
     fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
@@ -321,7 +411,9 @@ mod tests {
             let mut e = 0.0;
             for t in 0..n {
                 for r in 0..rows {
-                    let d: f64 = (0..cols).map(|c| x[t * cols + c] * (w[r * cols + c] - q[r * cols + c]) as f64).sum();
+                    let d: f64 = (0..cols)
+                        .map(|c| x[t * cols + c] * (w[r * cols + c] - q[r * cols + c]) as f64)
+                        .sum();
                     e += d * d;
                 }
             }
@@ -329,12 +421,20 @@ mod tests {
         };
         for (bits, group, act) in [(4u8, Some(16), false), (3, None, true), (4, Some(16), true)] {
             let scheme = QuantScheme::new(bits, group, false).unwrap();
-            let rtn = quantize_rtn(&scheme, "w", &w, rows, cols).unwrap().dequantize();
-            let opts = Gptq { act_order: act, ..Gptq::default() };
+            let rtn = quantize_rtn(&scheme, "w", &w, rows, cols)
+                .unwrap()
+                .dequantize();
+            let opts = Gptq {
+                act_order: act,
+                ..Gptq::default()
+            };
             let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
             let gq = gptq_linear(&scheme, "w", &w, rows, cols, &h32, &opts).unwrap();
             let (er, eg) = (out_err(&rtn), out_err(&gq.dequantize()));
-            assert!(eg < 0.8 * er, "bits {bits} group {group:?} act {act}: gptq {eg} vs rtn {er}");
+            assert!(
+                eg < 0.8 * er,
+                "bits {bits} group {group:?} act {act}: gptq {eg} vs rtn {er}"
+            );
             // Every column's group index is within range and codes are within bits.
             assert!(gq.g_idx.iter().all(|&g| (g as usize) < gq.groups));
             assert!(gq.codes.iter().all(|&c| (c as i32) <= scheme.qmax()));

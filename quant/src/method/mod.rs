@@ -98,8 +98,21 @@ pub const METHODS: &[&str] = &["rtn", "awq", "gptq"];
 pub fn by_name(name: &str, o: &MethodOptions) -> Result<Box<dyn QuantMethod>, QuantError> {
     Ok(match name {
         "rtn" => Box::new(rtn::Rtn),
-        "awq" => Box::new(awq::Awq { scale_search: !o.no_awq_scale, clip_search: !o.no_awq_clip, ..awq::Awq::default() }),
-        "gptq" => Box::new(gptq::Gptq { act_order: o.act_order, damp: o.damp.unwrap_or(0.01), ..gptq::Gptq::default() }),
-        other => return Err(QuantError::Input(format!("unknown method `{other}` (known: {})", METHODS.join(", ")))),
+        "awq" => Box::new(awq::Awq {
+            scale_search: !o.no_awq_scale,
+            clip_search: !o.no_awq_clip,
+            ..awq::Awq::default()
+        }),
+        "gptq" => Box::new(gptq::Gptq {
+            act_order: o.act_order,
+            damp: o.damp.unwrap_or(0.01),
+            ..gptq::Gptq::default()
+        }),
+        other => {
+            return Err(QuantError::Input(format!(
+                "unknown method `{other}` (known: {})",
+                METHODS.join(", ")
+            )));
+        }
     })
 }

@@ -26,7 +26,16 @@ impl QuantMethod for Rtn {
         if !job.inputs.is_empty() {
             let block = job.weights.build(job.cfg, job.device);
             let taps: Vec<_> = LINEARS.iter().map(|l| l.1).collect();
-            let (st, _) = capture(&block, job.rope, job.inputs, &taps, CaptureSpec { xtx: false, sample_rows: job.sample_rows });
+            let (st, _) = capture(
+                &block,
+                job.rope,
+                job.inputs,
+                &taps,
+                CaptureSpec {
+                    xtx: false,
+                    sample_rows: job.sample_rows,
+                },
+            );
             for (name, tap) in LINEARS {
                 stats.insert(name.to_string(), st[&tap].clone());
             }
@@ -41,6 +50,11 @@ impl QuantMethod for Rtn {
             job.weights.get_mut(&key).data = q.dequantize();
             linears.insert(name.to_string(), q);
         }
-        Ok(BlockResult { linears, reference, stats, outputs: Outputs::None })
+        Ok(BlockResult {
+            linears,
+            reference,
+            stats,
+            outputs: Outputs::None,
+        })
     }
 }
