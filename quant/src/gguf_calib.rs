@@ -125,10 +125,11 @@ pub fn export_calibrated(
                 .collect();
             cur = Some((l, weights, imp));
         }
-        let (_, w, imp) = cur.as_ref().expect("block prepared");
+        // Each tensor is asked for once, in file order: hand it over rather than copy it.
+        let (_, w, imp) = cur.as_mut().expect("block prepared");
         Ok(Source {
-            data: w.get(suffix).data.clone(),
-            importance: imp.get(suffix).cloned(),
+            data: std::mem::take(&mut w.get_mut(suffix).data),
+            importance: imp.remove(suffix),
         })
     };
     export_from(ckpt, out, plan, &mut source, progress)

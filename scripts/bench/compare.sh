@@ -8,18 +8,10 @@
 # Speed and energy come from a separate `--speed` run (512-token prompt, 128 generated), so the
 # teacher pass of the KLD run does not count towards a student's energy.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
-CHUNKS="${CHUNKS:-32}"
 LIMIT="${LIMIT-200}"
 OUT="${OUT:-/tmp/compare-bench}"
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
-bash scripts/get-smollm2.sh >/dev/null
-TEACHER="${TEACHER:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
-BIN="$ROOT/target/release/compress"
-mkdir -p "$OUT"
+source "$(dirname "$0")/lib.sh"
+TEACHER="${TEACHER:-$MODEL}"
 LIMIT_ARGS=()
 [ -n "$LIMIT" ] && LIMIT_ARGS=(--limit "$LIMIT")
 echo "Teacher $TEACHER; wikitext-2 test ctx 512, $CHUNKS chunks; tasks: ${LIMIT:-all} documents each; $(nproc) threads, $(date -u +%F)"

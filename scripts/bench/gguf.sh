@@ -7,27 +7,11 @@
 #   CALIB_SAMPLES (default 128) x CALIB_LEN (512) tokens of wiki.valid.tokens, seed 0;
 #   TYPES (default "q4_0 q4_k_m"), CHUNKS (default 32), OUT (default /tmp/gguf-bench).
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 CALIB_LEN="${CALIB_LEN:-512}"
-CHUNKS="${CHUNKS:-32}"
 TYPES="${TYPES:-q4_0 q4_k_m}"
 OUT="${OUT:-/tmp/gguf-bench}"
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
-CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
-MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-bash scripts/get-smollm2.sh >/dev/null
-cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
-BIN="$ROOT/target/release/compress"
-mkdir -p "$OUT"
-
-ppl() { # model -> "value stderr bytes bpw"
-    "$BIN" eval "$1" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --json "$OUT/eval.json" >/dev/null
-    python3 -c "import json;d=json.load(open('$OUT/eval.json'));print('%.4f %.4f %d %.3f'%(d['perplexity']['value'],d['perplexity']['stderr'],d['size']['bytes'],d['size']['bits_per_weight']))"
-}
+source "$(dirname "$0")/lib.sh"
 
 read -r T_PPL T_SE _ _ < <(ppl "$MODEL")
 echo "Teacher $MODEL: perplexity $T_PPL ± $T_SE (wikitext-2 test, ctx 512, $CHUNKS chunks); calibration $CALIB_SAMPLES x $CALIB_LEN tokens of wiki.valid.tokens, seed 0; $(nproc) threads, $(date -u +%F)"

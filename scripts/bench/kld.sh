@@ -4,17 +4,9 @@
 # RTN W4 g128 dense student, on wiki.test.raw with ctx 512 and CHUNKS chunks (second half of
 # each chunk scored, as llama.cpp's --kl-divergence). Prints a markdown table.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
-CHUNKS="${CHUNKS:-32}"
 OUT="${OUT:-/tmp/kld-bench}"
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
-T="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-bash scripts/get-smollm2.sh >/dev/null
-cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
-BIN="$ROOT/target/release/compress"
-mkdir -p "$OUT"
+source "$(dirname "$0")/lib.sh"
+T="$MODEL"
 for ty in q8_0 q4_0 q4_k_m; do "$BIN" convert "$T" "$OUT/$ty.gguf" --type "$ty" --force >/dev/null; done
 "$BIN" quant "$T" --method rtn --bits 4 --group 128 --out "$OUT/rtn-w4g128" --force >/dev/null
 echo "| student | bytes | bpw | ppl ± se | KLD mean ± se | median | p99 | same top % | RMS Δp % |"

@@ -6,29 +6,13 @@
 #   CALIB_SAMPLES (default 128) x CALIB_LEN (512) calibration tokens from wiki.valid.tokens.
 #   METHODS (default "rtn awq gptq"), CHUNKS (default 32), OUT (default /tmp/ptq-bench).
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 CALIB_LEN="${CALIB_LEN:-512}"
-CHUNKS="${CHUNKS:-32}"
 METHODS="${METHODS:-rtn awq gptq}"
 OUT="${OUT:-/tmp/ptq-bench}"
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
-CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
-MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
+source "$(dirname "$0")/lib.sh"
 
-bash scripts/get-smollm2.sh >/dev/null
-cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
-BIN="$ROOT/target/release/compress"
-mkdir -p "$OUT"
-
-ppl() { # model -> "value stderr"
-    "$BIN" eval "$1" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --json "$OUT/eval.json" >/dev/null
-    python3 -c "import json;d=json.load(open('$OUT/eval.json'));print('%.4f %.4f'%(d['perplexity']['value'],d['perplexity']['stderr']))"
-}
-
-read -r T_PPL T_SE < <(ppl "$MODEL")
+read -r T_PPL T_SE _ _ < <(ppl "$MODEL")
 echo "Teacher $MODEL: perplexity $T_PPL ± $T_SE (wikitext-2 test, ctx 512, $CHUNKS chunks); calibration $CALIB_SAMPLES x $CALIB_LEN tokens of wiki.valid.tokens, seed 0; $(nproc) threads, $(date -u +%F)"
 echo
 echo "| method | bits | group | sym | linear bpw | bytes (dense bf16) | perplexity | ratio to teacher | quant wall s | quant peak RSS MiB |"
@@ -44,7 +28,7 @@ for spec in "8 per-channel asym" "4 128 asym" "4 128 sym" "3 128 asym"; do
         START=$(date +%s.%N)
         /usr/bin/time -f "%M" -o "$OUT/rss" "$BIN" quant "$MODEL" "${ARGS[@]}" --out "$DIR" --force >/dev/null
         END=$(date +%s.%N)
-        read -r P SE < <(ppl "$DIR")
+        read -r P SE _ _ < <(ppl "$DIR")
         python3 - "$DIR" "$M" "$BITS" "$GROUP" "$SYM" "$P" "$SE" "$T_PPL" "$START" "$END" "$(tail -1 "$OUT/rss")" <<'PY'
 import json, sys
 d, m, bits, group, sym, p, se, t, s, e, rss = sys.argv[1:]

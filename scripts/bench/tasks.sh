@@ -4,15 +4,9 @@
 # markdown table with n and standard errors, and the wall time of the whole run.
 #   scripts/bench/tasks.sh [MODEL]        LIMIT=100 for a quick run
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
 OUT="${OUT:-/tmp/tasks-bench}"
-bash scripts/get-smollm2.sh >/dev/null
-M="${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
-BIN="$ROOT/target/release/compress"
-mkdir -p "$OUT"
+source "$(dirname "$0")/lib.sh"
+M="${1:-$MODEL}"
 LIMIT_ARGS=()
 [ -n "${LIMIT:-}" ] && LIMIT_ARGS=(--limit "$LIMIT")
 start=$(date +%s.%N)
