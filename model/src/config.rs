@@ -193,19 +193,19 @@ impl Config {
             }
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads
             ));
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 || hd > 1024 {
+        if hd == 0 || !hd.is_multiple_of(2) || hd > 1024 {
             return err(format!(
                 "head_dim {hd} must be even, non-zero and at most 1024"
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -378,7 +378,7 @@ impl StreamingWriter {
         }
         let mut text = serde_json::to_string(&header).expect("serializable");
         // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
-        while (8 + text.len()) % 8 != 0 {
+        while !(8 + text.len()).is_multiple_of(8) {
             text.push(' ');
         }
         let file = std::fs::File::create(path).map_err(|e| ModelError::io(path, e))?;

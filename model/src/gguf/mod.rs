@@ -246,7 +246,7 @@ impl GgufFile {
                     )
                 })?;
             let row = t.shape.first().copied().unwrap_or(1) as usize;
-            if row % blk != 0 {
+            if !row.is_multiple_of(blk) {
                 return Err(ModelError::format(
                     path,
                     format!(
