@@ -6,6 +6,9 @@ mod evaluate;
 mod hf_folder;
 mod inspect;
 mod output;
+mod prune;
+mod prune_structured;
+mod prune_unstructured;
 mod quantize;
 
 use std::path::PathBuf;
@@ -30,6 +33,9 @@ enum Command {
     Eval(evaluate::Args),
     /// Post-training quantization (RTN, AWQ, GPTQ) of the decoder's linear layers.
     Quant(quantize::Args),
+    /// Pruning: unstructured or N:M (magnitude, Wanda, SparseGPT), or structured (heads,
+    /// channels, layers) into a smaller model.
+    Prune(prune::Args),
 }
 
 /// Sets the worker thread count for all parallel work.
@@ -63,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Eval(a) => evaluate::run(a),
         Command::Quant(a) => quantize::run(a),
+        Command::Prune(a) => prune::run(a),
     }
 }
 

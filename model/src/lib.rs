@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod safetensors_io;
+pub mod testkit;
 pub mod tokenizer;
 pub mod transformer;
 
