@@ -6,7 +6,7 @@ mod evaluate;
 mod hf_folder;
 mod inspect;
 mod output;
-mod prune;
+mod pruning;
 mod prune_structured;
 mod prune_unstructured;
 mod quantize;
@@ -35,7 +35,7 @@ enum Command {
     Quant(quantize::Args),
     /// Pruning: unstructured or N:M (magnitude, Wanda, SparseGPT), or structured (heads,
     /// channels, layers) into a smaller model.
-    Prune(prune::Args),
+    Prune(pruning::Args),
 }
 
 /// Sets the worker thread count for all parallel work.
@@ -69,12 +69,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Eval(a) => evaluate::run(a),
         Command::Quant(a) => quantize::run(a),
-        Command::Prune(a) => prune::run(a),
+        Command::Prune(a) => pruning::run(a),
     }
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, as every other error: clap's first line (it names the option).
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("error: {}", first.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = run(cli) {
         // One line: the chain of contexts joined, newlines flattened.
         let msg = format!("{e:#}").replace('\n', " ");

@@ -286,18 +286,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Reads `--calib` into windows (none without it).
 fn calibration(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
-    let Some(path) = &a.calib else {
+    calibration_windows(a.calib.as_deref(), a.calib_samples, a.calib_len, a.seed, tok)
+}
+
+/// Calibration windows drawn from a text file (none without one), as every stage draws them.
+pub(crate) fn calibration_windows(
+    path: Option<&std::path::Path>,
+    samples: usize,
+    len: usize,
+    seed: u64,
+    tok: &model::Tokenizer,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let Some(path) = path else {
         return Ok(Vec::new());
     };
     let text = quant::calib::read_text(path)?;
     let tokens = tok.encode(&text)?;
     Ok(quant::calib::sample_windows(
-        &tokens,
-        tok,
-        a.calib_samples,
-        a.calib_len,
-        a.seed,
-        path,
+        &tokens, tok, samples, len, seed, path,
     )?)
 }
 

@@ -141,3 +141,33 @@ pub fn calib_text(words: usize) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// The engine's logits at every position of each window (embed, every block, head).
+pub fn logits(ckpt: &crate::Checkpoint, windows: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let max = windows.iter().map(|w| w.len()).max().unwrap_or(1);
+    let engine = crate::engine::LayerEngine::new(ckpt, crate::default_device(), max);
+    let mut states = engine.embed(windows).expect("token ids in range");
+    engine
+        .run_blocks(&mut states, |_, _, _| Ok(()), || {})
+        .expect("blocks run");
+    let head = engine.load_head().expect("head loads");
+    states.iter().map(|s| head.logits(s, 0)).collect()
+}
+
+/// Mean KL(p ‖ q) per position between two sets of logits (`vocab` wide).
+pub fn mean_kld(p: &[Vec<f32>], q: &[Vec<f32>], vocab: usize) -> f64 {
+    let logsoftmax = |x: &[f32]| -> Vec<f64> {
+        let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+        x.iter().map(|&v| v as f64 - z).collect()
+    };
+    let (mut sum, mut n) = (0.0, 0usize);
+    for (a, b) in p.iter().zip(q) {
+        for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
+            let (la, lb) = (logsoftmax(ra), logsoftmax(rb));
+            sum += la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
+            n += 1;
+        }
+    }
+    sum / n.max(1) as f64
+}

@@ -8,6 +8,8 @@ pub mod mask;
 pub mod method;
 pub mod owl;
 pub mod pipeline;
+pub mod sparse;
+pub mod structured;
 
 use serde::Serialize;
 

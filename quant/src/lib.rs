@@ -7,10 +7,12 @@ pub mod blocks;
 pub mod calib;
 pub mod gguf_calib;
 pub mod gguf_export;
+pub mod hessian;
 pub mod method;
 pub mod pack;
 pub mod pipeline;
 pub mod scheme;
+pub mod staged;
 
 /// Errors of quantization.
 #[derive(Debug, thiserror::Error)]

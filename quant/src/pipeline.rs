@@ -121,43 +121,71 @@ fn check_finite(t: &Tensor<3>, what: &str) -> Result<(), QuantError> {
     Ok(())
 }
 
-/// Quantizes every decoder block of `ckpt` with `method`, sending tensors to `sinks`.
-pub fn quantize(
+/// One decoder block as a stage sees it.
+pub struct BlockCtx<'a> {
+    /// Model configuration.
+    pub cfg: &'a model::Config,
+    /// The block's tensors; the stage transforms them in place.
+    pub weights: &'a mut BlockWeights,
+    /// Calibration inputs of the block (empty without calibration).
+    pub inputs: &'a model::engine::States,
+    /// RoPE tables.
+    pub rope: &'a model::transformer::Rope,
+    /// Compute device.
+    pub device: &'a Device,
+}
+
+/// A stage that transforms decoder blocks one at a time (quantization, pruning): the one
+/// block driver, [`drive`], runs every such stage.
+pub trait BlockStage {
+    /// Transforms one block's weights in place; returns block outputs computed on the way.
+    fn process(&mut self, ctx: &mut BlockCtx<'_>) -> Result<Outputs, QuantError>;
+    /// Receives every tensor of the output in checkpoint order, once its block is final;
+    /// `linear` is the HF suffix (`self_attn.q_proj`) when it is a block's linear weight.
+    fn emit(
+        &mut self,
+        name: &str,
+        data: &[f32],
+        shape: &[usize],
+        linear: Option<&str>,
+    ) -> Result<(), QuantError>;
+}
+
+/// How [`drive`] runs the blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct DriveOptions {
+    /// Block i's calibration inputs come from the transformed blocks before it (`true`) or
+    /// from the teacher (`false`).
+    pub propagate: bool,
+    /// The stage returns the teacher block's outputs itself ([`Outputs::Teacher`]) when not
+    /// propagating, so no copy of the teacher block is needed.
+    pub stage_returns_teacher: bool,
+}
+
+/// The block driver: embeds the calibration windows once, then for each decoder block reads
+/// its weights, lets `stage` transform them against the block's inputs, emits the block's
+/// tensors and computes the next block's inputs. One block in memory at a time.
+pub fn drive(
     ckpt: &Checkpoint,
-    method: &dyn QuantMethod,
-    opts: &PtqOptions,
+    calib: &[Vec<u32>],
+    opts: DriveOptions,
     device: Device,
-    sinks: &mut Vec<Box<dyn OutputSink>>,
+    stage: &mut dyn BlockStage,
     mut progress: impl FnMut(usize, usize),
-) -> Result<PtqReport, QuantError> {
-    let start = Instant::now();
+) -> Result<(), QuantError> {
     let cfg = ckpt.config().clone();
-    if method.needs_calibration() && opts.calib.is_empty() {
-        return Err(QuantError::Input(format!(
-            "method `{}` needs calibration data (--calib FILE)",
-            method.name()
-        )));
-    }
-    let propagate = opts
-        .propagate_quantized
-        .unwrap_or_else(|| method.propagate_quantized());
-    let max_len = opts.calib.iter().map(|w| w.len()).max().unwrap_or(1);
+    let max_len = calib.iter().map(|w| w.len()).max().unwrap_or(1);
     let engine = LayerEngine::new(ckpt, device.clone(), max_len);
-    let mut states = if opts.calib.is_empty() {
+    let mut states = if calib.is_empty() {
         Vec::new()
     } else {
-        engine.embed(&opts.calib)?
+        engine.embed(calib)?
     };
-
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let embed = ckpt.read("model.embed_tokens.weight", &[v, h])?;
-    for s in sinks.iter_mut() {
-        s.plain("model.embed_tokens.weight", &embed, &[v, h])?;
-    }
+    stage.emit("model.embed_tokens.weight", &embed, &[v, h], None)?;
     drop(embed);
 
-    let mut reports = Vec::new();
-    let (mut qparams, mut qbits) = (0u64, 0f64);
     let layers = cfg.num_hidden_layers;
     progress(0, layers);
     for l in 0..layers {
@@ -168,21 +196,18 @@ pub fn quantize(
             )?;
         }
         let mut weights = BlockWeights::read(ckpt, l)?;
-        // A copy of the teacher block (a whole block of f32 weights) only when the method
+        // A copy of the teacher block (a whole block of f32 weights) only when the stage
         // does not hand back the teacher's outputs itself.
-        let teacher = (!propagate && !states.is_empty() && !method.returns_teacher_outputs())
+        let teacher = (!opts.propagate && !states.is_empty() && !opts.stage_returns_teacher)
             .then(|| weights.clone());
-        let mut job = BlockJob {
+        let mut ctx = BlockCtx {
             cfg: &cfg,
             weights: &mut weights,
             inputs: &states,
             rope: engine.rope(),
             device: &device,
-            scheme: opts.scheme,
-            sample_rows: opts.sample_rows,
         };
-        let res = method.quantize_block(&mut job)?;
-        // Write the block in checkpoint order.
+        let outputs = stage.process(&mut ctx)?;
         for (name, shape) in model::checkpoint::block_tensors(&cfg, l) {
             let suffix = &name[format!("model.layers.{l}.").len()..];
             let lin = suffix
@@ -191,34 +216,13 @@ pub fn quantize(
             let data = &weights.get(suffix).data;
             if data.iter().any(|x| !x.is_finite()) {
                 return Err(QuantError::Numerical(format!(
-                    "`{name}` became non-finite during quantization"
+                    "`{name}` became non-finite in block {l}"
                 )));
             }
-            for s in sinks.iter_mut() {
-                match lin {
-                    Some(base) => s.linear(&name, &res.linears[base], data)?,
-                    None => s.plain(&name, data, &shape)?,
-                }
-            }
-            if let Some(base) = lin {
-                let q = &res.linears[base];
-                let reference = &res.reference[base];
-                let out_err = res
-                    .stats
-                    .get(base)
-                    .map(|st| output_error(st, reference, data, q.rows, &device));
-                reports.push(LinearReport {
-                    name: name.clone(),
-                    weight_rel_error: weight_error(reference, data),
-                    output_rel_error: out_err.filter(|e| e.is_finite()),
-                });
-                let n = (q.rows * q.cols) as u64;
-                qparams += n;
-                qbits += n as f64 * opts.scheme.bits_per_weight(q.cols);
-            }
+            stage.emit(&name, data, &shape, lin)?;
         }
         if !states.is_empty() {
-            states = match (propagate, res.outputs) {
+            states = match (opts.propagate, outputs) {
                 (true, Outputs::Quantized(o)) | (false, Outputs::Teacher(o)) => o,
                 (true, _) => {
                     let b = weights.build(&cfg, &device);
@@ -239,22 +243,121 @@ pub fn quantize(
         progress(l + 1, layers);
     }
     let norm = ckpt.read("model.norm.weight", &[h])?;
-    for s in sinks.iter_mut() {
-        s.plain("model.norm.weight", &norm, &[h])?;
-    }
+    stage.emit("model.norm.weight", &norm, &[h], None)?;
     if !cfg.tie_word_embeddings {
         let head = ckpt.read("lm_head.weight", &[v, h])?;
-        for s in sinks.iter_mut() {
-            s.plain("lm_head.weight", &head, &[v, h])?;
-        }
+        stage.emit("lm_head.weight", &head, &[v, h], None)?;
     }
+    Ok(())
+}
+
+/// Quantization as a [`BlockStage`]: the method's integer forms go to the sinks, with a
+/// per-linear error report.
+struct PtqStage<'a> {
+    method: &'a dyn QuantMethod,
+    opts: &'a PtqOptions,
+    sinks: &'a mut Vec<Box<dyn OutputSink>>,
+    device: Device,
+    block: Option<crate::method::BlockResult>,
+    reports: Vec<LinearReport>,
+    qparams: u64,
+    qbits: f64,
+}
+
+impl BlockStage for PtqStage<'_> {
+    fn process(&mut self, ctx: &mut BlockCtx<'_>) -> Result<Outputs, QuantError> {
+        let mut job = BlockJob {
+            cfg: ctx.cfg,
+            weights: ctx.weights,
+            inputs: ctx.inputs,
+            rope: ctx.rope,
+            device: ctx.device,
+            scheme: self.opts.scheme,
+            sample_rows: self.opts.sample_rows,
+        };
+        let mut res = self.method.quantize_block(&mut job)?;
+        let outputs = std::mem::replace(&mut res.outputs, Outputs::None);
+        self.block = Some(res);
+        Ok(outputs)
+    }
+
+    fn emit(
+        &mut self,
+        name: &str,
+        data: &[f32],
+        shape: &[usize],
+        linear: Option<&str>,
+    ) -> Result<(), QuantError> {
+        let Some(base) = linear else {
+            for s in self.sinks.iter_mut() {
+                s.plain(name, data, shape)?;
+            }
+            return Ok(());
+        };
+        let res = self.block.as_ref().expect("block processed");
+        let q = &res.linears[base];
+        for s in self.sinks.iter_mut() {
+            s.linear(name, q, data)?;
+        }
+        let reference = &res.reference[base];
+        let out_err = res
+            .stats
+            .get(base)
+            .map(|st| output_error(st, reference, data, q.rows, &self.device));
+        self.reports.push(LinearReport {
+            name: name.to_string(),
+            weight_rel_error: weight_error(reference, data),
+            output_rel_error: out_err.filter(|e| e.is_finite()),
+        });
+        let n = (q.rows * q.cols) as u64;
+        self.qparams += n;
+        self.qbits += n as f64 * self.opts.scheme.bits_per_weight(q.cols);
+        Ok(())
+    }
+}
+
+/// Quantizes every decoder block of `ckpt` with `method`, sending tensors to `sinks`.
+pub fn quantize(
+    ckpt: &Checkpoint,
+    method: &dyn QuantMethod,
+    opts: &PtqOptions,
+    device: Device,
+    sinks: &mut Vec<Box<dyn OutputSink>>,
+    progress: impl FnMut(usize, usize),
+) -> Result<PtqReport, QuantError> {
+    let start = Instant::now();
+    if method.needs_calibration() && opts.calib.is_empty() {
+        return Err(QuantError::Input(format!(
+            "method `{}` needs calibration data (--calib FILE)",
+            method.name()
+        )));
+    }
+    let propagate = opts
+        .propagate_quantized
+        .unwrap_or_else(|| method.propagate_quantized());
+    let mut stage = PtqStage {
+        method,
+        opts,
+        sinks,
+        device: device.clone(),
+        block: None,
+        reports: Vec::new(),
+        qparams: 0,
+        qbits: 0.0,
+    };
+    let drive_opts = DriveOptions {
+        propagate,
+        stage_returns_teacher: method.returns_teacher_outputs(),
+    };
+    drive(ckpt, &opts.calib, drive_opts, device, &mut stage, progress)?;
+    let (qparams, qbits) = (stage.qparams, stage.qbits);
     Ok(PtqReport {
         method: method.name().into(),
         scheme: opts.scheme,
         propagate_quantized: propagate,
         calib_samples: opts.calib.len(),
-        calib_len: max_len,
-        linears: reports,
+        calib_len: opts.calib.iter().map(|w| w.len()).max().unwrap_or(1),
+        linears: stage.reports,
         quantized_params: qparams,
         linear_bits_per_weight: if qparams > 0 {
             qbits / qparams as f64

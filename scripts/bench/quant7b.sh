@@ -2,7 +2,7 @@
 # Memory of quantization at 7B widths (Llama-2-7B shapes: hidden 4096, intermediate 11008,
 # 32 heads, vocab 32000) on synthetic bf16 checkpoints (`cargo run -p model --example synth`):
 #   - GGUF export (q4_0, plain rounding) of the full 32-block model;
-#   - GPTQ and AWQ W4 g128 with 8 x 512 calibration tokens, and calibration-aware GGUF q4_0
+#   - GPTQ and AWQ W4 g128, Wanda and SparseGPT 50% pruning with 8 x 512 calibration tokens, and calibration-aware GGUF q4_0
 #     (imatrix and AWQ), on the same shape cut to LAYERS blocks (default 4): one block is in
 #     memory at a time, so peak RSS is the per-block figure and wall time grows linearly with
 #     depth (the table gives the per-block time too).
@@ -10,14 +10,14 @@
 #   TMPDIR (default /tmp) holds the checkpoints (about 13.5 + 2.2 GB), removed on exit;
 #   LAYERS (default 4), SAMPLE_ROWS (default 512): calibration rows kept per linear for AWQ's
 #   search and the error report (2048 by default in `compress quant`), RUNS (default
-#   "gptq awq imatrix awqgguf convert": which rows to run).
+#   "gptq awq wanda sparsegpt imatrix awqgguf convert": which rows to run).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 SHARED="${SHARED:-$ROOT/../shared}"
 LAYERS="${LAYERS:-4}"
 SAMPLE_ROWS="${SAMPLE_ROWS:-512}"
-RUNS=" ${RUNS:-gptq awq imatrix awqgguf convert} "
+RUNS=" ${RUNS:-gptq awq wanda sparsegpt imatrix awqgguf convert} "
 want() { [[ "$RUNS" == *" $1 "* ]]; }
 CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
 cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
@@ -46,6 +46,10 @@ want awq && row "awq W4 g128, $SAMPLE_ROWS search rows (dense bf16 out)" "$LAYER
 rm -rf "$W/awq"
 want imatrix && row "gguf:q4_0 with importance (rtn --calib)" "$LAYERS" "$BIN" quant "$W/cut" --method rtn --format gguf:q4_0 "${C[@]}" --out "$W/imat"
 rm -rf "$W/imat"
+want wanda && row "prune wanda 50% (dense bf16 out)" "$LAYERS" "$BIN" prune "$W/cut" --method wanda --sparsity 0.5 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/wanda"
+rm -rf "$W/wanda"
+want sparsegpt && row "prune sparsegpt 50% (dense bf16 out)" "$LAYERS" "$BIN" prune "$W/cut" --method sparsegpt --sparsity 0.5 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/sgpt"
+rm -rf "$W/sgpt"
 want awqgguf && row "gguf:q4_0 with AWQ scales + importance, $SAMPLE_ROWS search rows" "$LAYERS" "$BIN" quant "$W/cut" --method awq --format gguf:q4_0 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awqg"
 rm -rf "$W/awqg" "$W/cut"
 want convert || exit 0

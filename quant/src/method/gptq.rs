@@ -9,13 +9,13 @@
 use std::collections::BTreeMap;
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par, Side};
-use model::Tensor;
-use model::transformer::{Positions, Tap};
+use faer::{Accum, Mat, Par};
+use model::transformer::Tap;
 
 use super::{BlockJob, BlockResult, Outputs, QuantMethod};
 use crate::QuantError;
-use crate::block::{TapStats, capture_stage};
+use crate::hessian::{Prepared, prepare};
+use crate::staged::StagedRun;
 use crate::scheme::{GroupParams, QuantScheme, QuantizedLinear};
 
 /// GPTQ's options.
@@ -39,87 +39,6 @@ impl Default for Gptq {
     }
 }
 
-/// What GPTQ needs of one Hessian, shared by every linear that reads the same inputs.
-pub struct Prepared {
-    /// Visiting order of the columns.
-    pub perm: Vec<usize>,
-    /// Columns (in visiting order) whose inputs were never active.
-    pub dead: Vec<bool>,
-    /// Cholesky factorization of the dampened H⁻¹ (in visiting order); its lower factor `L`
-    /// is Uᵀ, read in place rather than copied.
-    pub l: faer::linalg::solvers::Llt<f32>,
-}
-
-/// Factors `h` = Σ x xᵀ `[cols, cols]` (consumed, so its memory is free for the factors):
-/// columns in visiting order, dead inputs (never active) given H_ii = 1, dampening added,
-/// then the upper Cholesky factor of H⁻¹ (more dampening if H is not positive definite). The
-/// Hessian and its factors are f32 as in the reference implementation: at 7B widths (11008
-/// inputs) each copy is 485 MB, and at most two are held at a time.
-pub fn prepare(h: Vec<f32>, cols: usize, name: &str, opts: &Gptq) -> Result<Prepared, QuantError> {
-    let perm: Vec<usize> = if opts.act_order {
-        let mut p: Vec<usize> = (0..cols).collect();
-        p.sort_by(|&a, &b| {
-            h[b * cols + b]
-                .partial_cmp(&h[a * cols + a])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        p
-    } else {
-        (0..cols).collect()
-    };
-    let dead: Vec<bool> = (0..cols)
-        .map(|i| h[perm[i] * cols + perm[i]] == 0.0)
-        .collect();
-    let diag = |i: usize| {
-        if dead[i] {
-            1.0
-        } else {
-            2.0 * h[perm[i] * cols + perm[i]] as f64
-        }
-    };
-    let mean_diag = (0..cols).map(diag).sum::<f64>() / cols as f64;
-    let mut damp = opts.damp;
-    let mut hd = Mat::<f32>::from_fn(cols, cols, |i, j| {
-        if i == j {
-            (diag(i) + damp * mean_diag) as f32
-        } else if dead[i] || dead[j] {
-            0.0
-        } else {
-            2.0 * h[perm[i] * cols + perm[j]]
-        }
-    });
-    drop(h);
-    let llt = loop {
-        if let Ok(l) = hd.llt(Side::Lower) {
-            break l;
-        }
-        // Not positive definite: ten times the dampening.
-        let extra = (9.0 * damp * mean_diag) as f32;
-        damp *= 10.0;
-        if damp > 10.0 {
-            return Err(QuantError::Numerical(format!(
-                "`{name}`: the Hessian is not positive definite even with dampening"
-            )));
-        }
-        for i in 0..cols {
-            hd[(i, i)] += extra;
-        }
-    };
-    drop(hd);
-    let inv = {
-        use faer::linalg::solvers::DenseSolveCore;
-        llt.inverse()
-    };
-    drop(llt);
-    let l = inv.llt(Side::Lower).map_err(|_| {
-        QuantError::Numerical(format!(
-            "`{name}`: the inverse Hessian could not be factored"
-        ))
-    })?;
-    drop(inv);
-    Ok(Prepared { perm, dead, l })
-}
-
 /// Quantizes `w` `[rows, cols]` given `h` = Σ x xᵀ `[cols, cols]`; returns the integer form.
 pub fn gptq_linear(
     scheme: &QuantScheme,
@@ -130,7 +49,7 @@ pub fn gptq_linear(
     h: &[f32],
     opts: &Gptq,
 ) -> Result<QuantizedLinear, QuantError> {
-    let prep = prepare(h.to_vec(), cols, name, opts)?;
+    let prep = prepare(h.to_vec(), cols, name, opts.damp, opts.act_order)?;
     gptq_prepared(scheme, name, w, rows, cols, &prep, opts)
 }
 
@@ -151,6 +70,12 @@ pub fn gptq_prepared(
     let mut wm = Mat::<f32>::from_fn(rows, cols, |r, c| {
         if dead[c] { 0.0 } else { w[r * cols + perm[c]] }
     });
+    // Exact zeros of the input (pruned weights) stay exact zeros: they take the zero code and
+    // their whole value becomes error pushed onto later columns, as in SparseGPT's joint
+    // sparsity + quantization mode. A pruned model keeps its mask through quantization.
+    let pruned: Option<Vec<bool>> = w
+        .contains(&0.0)
+        .then(|| (0..rows * cols).map(|i| w[(i / cols) * cols + perm[i % cols]] == 0.0).collect());
 
     let mut codes = vec![0u8; rows * cols];
     let mut params = vec![
@@ -172,8 +97,11 @@ pub fn gptq_prepared(
             if c % g == 0 {
                 // Group parameters from the error-updated weights, as the reference code does.
                 for r in 0..rows {
-                    params[r * groups + grp] =
-                        scheme.params((c..(c + g).min(cols)).map(|j| wm[(r, j)]));
+                    // Pruned positions count as the zeros they will be.
+                    let kept = |j: usize| pruned.as_ref().is_none_or(|m| !m[r * cols + j]);
+                    params[r * groups + grp] = scheme.params(
+                        (c..(c + g).min(cols)).map(|j| if kept(j) { wm[(r, j)] } else { 0.0 }),
+                    );
                 }
             }
             g_idx[perm[c]] = grp as u32;
@@ -181,7 +109,10 @@ pub fn gptq_prepared(
             for r in 0..rows {
                 let p = params[r * groups + grp];
                 let x = wm[(r, c)];
-                let code = scheme.code(x, p);
+                let code = match &pruned {
+                    Some(m) if m[r * cols + c] => p.zero.clamp(0, scheme.qmax()) as u8,
+                    _ => scheme.code(x, p),
+                };
                 codes[r * cols + perm[c]] = code;
                 err[(r, i)] = (x - QuantScheme::value(code, p)) / d;
             }
@@ -248,7 +179,13 @@ impl QuantMethod for Gptq {
             let mut st = st;
             let h = st.xtx.take().expect("xtx captured");
             // One factorization serves every linear of the stage (same inputs, same H).
-            let prep = prepare(h, st.width, &format!("{}.weight", names[0]), self)?;
+            let prep = prepare(
+                h,
+                st.width,
+                &format!("{}.weight", names[0]),
+                self.damp,
+                self.act_order,
+            )?;
             for name in names {
                 let t = job.weights.get(&format!("{name}.weight"));
                 let (rows, cols) = (t.shape[0], t.shape[1]);
@@ -276,101 +213,6 @@ impl QuantMethod for Gptq {
             outputs: Outputs::Quantized(outputs),
         })
     }
-}
-
-/// Runs a block stage by stage over all windows, so each stage's inputs come from the
-/// layers already quantized, computing every intermediate once.
-pub struct StagedRun {
-    x: Vec<Tensor<3>>,
-    h: Vec<Tensor<3>>,
-    n: Vec<Tensor<3>>,
-}
-
-impl StagedRun {
-    /// Starts from the block inputs.
-    pub fn new(x: Vec<Tensor<3>>) -> Self {
-        Self {
-            x,
-            h: Vec::new(),
-            n: Vec::new(),
-        }
-    }
-
-    /// Computes the inputs of `tap` with `block` (whose earlier layers are final) and their
-    /// statistics.
-    pub fn advance(
-        &mut self,
-        block: &model::transformer::DecoderLayer,
-        rope: &model::transformer::Rope,
-        tap: Tap,
-        xtx: bool,
-        sample_rows: usize,
-    ) -> TapStats {
-        let inputs: Vec<Tensor<3>> = match tap {
-            Tap::QkvInput => {
-                self.n = self
-                    .x
-                    .iter()
-                    .map(|x| block.input_layernorm.forward(x.clone()))
-                    .collect();
-                self.n.clone()
-            }
-            Tap::OInput => self
-                .n
-                .iter()
-                .map(|n| block.self_attn.context(n.clone(), Positions::Causal(rope)))
-                .collect(),
-            Tap::GateUpInput => {
-                self.h = self
-                    .x
-                    .iter()
-                    .zip(&self.n)
-                    .map(|(x, n)| {
-                        x.clone()
-                            + block.self_attn.o_proj.forward(
-                                block.self_attn.context(n.clone(), Positions::Causal(rope)),
-                            )
-                    })
-                    .collect();
-                self.n = self
-                    .h
-                    .iter()
-                    .map(|h| block.post_attention_layernorm.forward(h.clone()))
-                    .collect();
-                self.n.clone()
-            }
-            Tap::DownInput => self
-                .n
-                .iter()
-                .map(|n| {
-                    burn_silu(block.mlp.gate_proj.forward(n.clone()))
-                        * block.mlp.up_proj.forward(n.clone())
-                })
-                .collect(),
-        };
-        capture_stage(&inputs, xtx, sample_rows)
-    }
-
-    /// The block outputs once every layer is final.
-    pub fn finish(
-        self,
-        block: &model::transformer::DecoderLayer,
-        _rope: &model::transformer::Rope,
-    ) -> Vec<Tensor<3>> {
-        self.h
-            .into_iter()
-            .zip(self.n)
-            .map(|(h, n)| {
-                let act = burn_silu(block.mlp.gate_proj.forward(n.clone()))
-                    * block.mlp.up_proj.forward(n);
-                h + block.mlp.down_proj.forward(act)
-            })
-            .collect()
-    }
-}
-
-fn burn_silu(x: Tensor<3>) -> Tensor<3> {
-    model::transformer::silu(x)
 }
 
 #[cfg(test)]
@@ -438,6 +280,63 @@ mod tests {
             // Every column's group index is within range and codes are within bits.
             assert!(gq.g_idx.iter().all(|&g| (g as usize) < gq.groups));
             assert!(gq.codes.iter().all(|&c| (c as i32) <= scheme.qmax()));
+        }
+    }
+
+    /// A pruned weight (exact zeros) keeps every zero through GPTQ's error feedback, and GPTQ
+    /// still beats round-to-nearest on the output. Broken once by dropping the `pruned`
+    /// branch of the code choice: the zeros filled in and the first assertion failed.
+    #[test]
+    fn gptq_keeps_pruned_zeros() {
+        let (rows, cols, n) = (8, 64, 256);
+        let mut s = 3u64;
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| if (i * 7) % 4 < 2 { 0.0 } else { lcg(&mut s) as f32 })
+            .collect();
+        let mut x = vec![0f64; n * cols];
+        for t in 0..n {
+            let common = lcg(&mut s);
+            for c in 0..cols {
+                x[t * cols + c] = 0.7 * common + 0.3 * lcg(&mut s);
+            }
+        }
+        let mut h = vec![0f32; cols * cols];
+        for t in 0..n {
+            for i in 0..cols {
+                for j in 0..cols {
+                    h[i * cols + j] += (x[t * cols + i] * x[t * cols + j]) as f32;
+                }
+            }
+        }
+        for act in [false, true] {
+            let scheme = QuantScheme::new(4, Some(16), false).unwrap();
+            let opts = Gptq {
+                act_order: act,
+                ..Gptq::default()
+            };
+            let q = gptq_linear(&scheme, "w", &w, rows, cols, &h, &opts)
+                .unwrap()
+                .dequantize();
+            for (i, (a, b)) in w.iter().zip(&q).enumerate() {
+                assert!(*a != 0.0 || *b == 0.0, "act {act}: zero {i} became {b}");
+            }
+            let err = |p: &[f32]| -> f64 {
+                (0..n)
+                    .map(|t| {
+                        (0..rows)
+                            .map(|r| {
+                                let d: f64 = (0..cols)
+                                    .map(|c| x[t * cols + c] * (w[r * cols + c] - p[r * cols + c]) as f64)
+                                    .sum();
+                                d * d
+                            })
+                            .sum::<f64>()
+                    })
+                    .sum()
+            };
+            let rtn = quantize_rtn(&scheme, "w", &w, rows, cols).unwrap().dequantize();
+            assert!(rtn.iter().zip(&w).all(|(a, b)| *b != 0.0 || *a == 0.0));
+            assert!(err(&q) < err(&rtn), "act {act}: gptq {} vs rtn {}", err(&q), err(&rtn));
         }
     }
 }

@@ -6,17 +6,7 @@
 
 use anyhow::{Context, bail};
 
-/// Unstructured and N:M methods.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// |W|, compared within each output row.
-    Magnitude,
-    /// |W| · ‖X_j‖₂ (Sun et al., 2023), compared within each output row.
-    Wanda,
-    /// Optimal brain surgeon with weight reconstruction (Frantar & Alistarh, 2023).
-    Sparsegpt,
-}
+pub use prune::method::Method;
 
 /// Units removed by structured pruning.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -60,7 +50,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub method: Option<Method>,
     /// Unstructured: fraction of each linear's weights set to zero, in [0, 1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sparsity: Option<f64>,
     /// Semi-structured N:M (e.g. 2:4): at most N of every M consecutive input weights kept.
     #[arg(long, value_name = "N:M")]
@@ -82,7 +72,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub structured: Option<Unit>,
     /// Structured: fraction of units removed.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub ratio: Option<f64>,
     /// Structured: number of units removed (per layer for heads and channels).
     #[arg(long)]

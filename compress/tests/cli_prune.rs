@@ -1,0 +1,92 @@
+//! `compress prune` through the real binary on a tiny synthetic model: a successful run
+//! writes a loadable folder with the asked sparsity and a report; every bad option is one
+//! `error:` line, exit 2, before any work, with nothing written.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::fails;
+use model::testkit::{calib_text, tiny_config, write_hf};
+
+fn compress(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_compress"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn prune_writes_a_sparse_student_and_refuses_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let teacher = root.join("teacher");
+    write_hf(&teacher, &tiny_config(), 3, |_, _| {});
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, calib_text(3000)).unwrap();
+    let (t, c) = (teacher.to_str().unwrap(), calib.to_str().unwrap());
+    let out = root.join("student");
+    let o = out.to_str().unwrap();
+
+    let run = compress(&[
+        "prune", t, "--method", "wanda", "--pattern", "2:4", "--calib", c, "--calib-samples",
+        "4", "--calib-len", "32", "--out", o, "--format", "dense,sparse",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("prune_report.json")).unwrap()).unwrap();
+    let r = &report["report"];
+    assert_eq!(r["linear_zeros"].as_u64().unwrap() * 2, r["linear_params"].as_u64().unwrap());
+    assert_eq!(report["pattern"]["kind"], "nof_m");
+    let student = model::Checkpoint::open(&out).unwrap();
+    let w = student
+        .read("model.layers.2.mlp.down_proj.weight", &[64, 256])
+        .unwrap();
+    assert!(prune::mask::satisfies_nm(&w, 256, 2, 4));
+    let sparse = std::fs::metadata(out.join("sparse/model.safetensors")).unwrap().len();
+    let dense = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
+    assert!(sparse < dense, "sparse {sparse} >= dense {dense}");
+    // No temporary folder is left beside the output.
+    let left: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    let p = |s: &str| Path::new(s).to_path_buf();
+    let new_out = root.join("other");
+    let no = new_out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (vec!["--method", "wanda", "--sparsity", "1.0", "--calib", c], "--sparsity", "outside"),
+        (vec!["--method", "wanda", "--sparsity", "-0.2", "--calib", c], "--sparsity", "outside"),
+        (vec!["--method", "magnitude", "--pattern", "4:4"], "--pattern", "N < M"),
+        (vec!["--method", "magnitude", "--pattern", "3:6"], "M does not divide", "q_proj"),
+        (vec!["--method", "magnitude", "--sparsity", "0.5", "--pattern", "2:4"], "--sparsity", "exclude"),
+        (vec!["--method", "wanda", "--sparsity", "0.5"], "--calib", "needs"),
+        (vec!["--method", "wanda", "--sparsity", "0.5", "--calib", c, "--damp", "0.1"], "--damp", "sparsegpt"),
+        (vec!["--method", "sparsegpt", "--sparsity", "0.5", "--calib", c, "--damp", "0"], "--damp", "(0, 1]"),
+        (vec!["--method", "wanda", "--pattern", "2:4", "--calib", c, "--owl"], "--owl", "unstructured"),
+        (vec!["--method", "magnitude", "--sparsity", "0.5", "--calib", c], "--calib", "data-free"),
+        (vec!["--method", "magnitude", "--sparsity", "0.5", "--ratio", "0.2"], "--ratio", "--structured"),
+        (vec!["--structured", "heads", "--method", "wanda"], "--method", "--structured"),
+        (vec!["--sparsity", "0.5"], "--method", "--structured"),
+    ];
+    for (args, names, needle) in cases {
+        let mut full: Vec<std::path::PathBuf> = vec![p("prune"), teacher.clone()];
+        full.extend(args.iter().map(|a| p(a)));
+        full.extend([p("--out"), p(no)]);
+        let refs: Vec<&Path> = full.iter().map(|x| x.as_path()).collect();
+        fails(root, &refs, names, &[needle]);
+    }
+    // The existing output is not replaced without --force, and never inside the teacher.
+    for (target, needle) in [(o.to_string(), "already exists"), (format!("{t}/x"), "input model")] {
+        let args = [
+            p("prune"), teacher.clone(), p("--method"), p("magnitude"), p("--sparsity"),
+            p("0.5"), p("--out"), p(&target),
+        ];
+        let refs: Vec<&Path> = args.iter().map(|x| x.as_path()).collect();
+        fails(root, &refs, "", &[needle]);
+    }
+}
