@@ -20,8 +20,8 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
 "$BIN" convert "$MODEL" "$OUT" --dtype f32 --force
-"$BIN" eval "$MODEL" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --json "$TMP/gguf.json" >/dev/null
-"$BIN" eval "$OUT" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --json "$TMP/hf.json" >/dev/null
+"$BIN" eval "$MODEL" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --force --json "$TMP/gguf.json" >/dev/null
+"$BIN" eval "$OUT" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --force --json "$TMP/hf.json" >/dev/null
 python3 - "$TMP/gguf.json" "$TMP/hf.json" <<'PY'
 import json, sys
 a = json.load(open(sys.argv[1]))["perplexity"]["value"]
@@ -34,7 +34,7 @@ if [ "${SKIP_HF:-0}" = 1 ]; then
     echo "check_convert: SKIP_HF=1, transformers check skipped"
     exit 0
 fi
-"$BIN" eval "$OUT" --ppl "$TEXT" --ctx 512 --chunks 1 --protocol hf --json "$TMP/ours1.json" >/dev/null
+"$BIN" eval "$OUT" --ppl "$TEXT" --ctx 512 --chunks 1 --protocol hf --force --json "$TMP/ours1.json" >/dev/null
 bash scripts/check_hf_load.sh "$OUT" --text "$TEXT" --max-tokens 512 | tail -1 > "$TMP/torch.json"
 python3 - "$TMP/ours1.json" "$TMP/torch.json" <<'PY'
 import json, sys

@@ -42,8 +42,8 @@ echo "== 4/5 convert -> $HF ($DTYPE)"
 
 echo "== 5/5 perplexity (ctx $CTX, $CHUNKS chunks)"
 mkdir -p "$OUT"
-"$BIN" eval "$GGUF" --ppl "$TEXT" --ctx "$CTX" --chunks "$CHUNKS" --json "$OUT/gguf.json"
-"$BIN" eval "$HF" --ppl "$TEXT" --ctx "$CTX" --chunks "$CHUNKS" --json "$OUT/hf.json"
+"$BIN" eval "$GGUF" --ppl "$TEXT" --ctx "$CTX" --chunks "$CHUNKS" --force --json "$OUT/gguf.json"
+"$BIN" eval "$HF" --ppl "$TEXT" --ctx "$CTX" --chunks "$CHUNKS" --force --json "$OUT/hf.json"
 
 # Summary table from the eval JSON reports (stdlib only).
 echo

@@ -63,6 +63,9 @@ pub struct Args {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<crate::Path>,
+    /// Replace existing --json and --save-teacher-logits files.
+    #[arg(long)]
+    force: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -96,6 +99,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.chunks == Some(0) {
         bail!("--chunks must be at least 1");
+    }
+    // Outputs never replace an input, nor an existing file without --force.
+    let inputs: Vec<&std::path::Path> = [
+        Some(&a.model),
+        a.ppl.as_ref(),
+        a.teacher.as_ref(),
+        a.teacher_logits.as_ref(),
+        a.data_dir.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| p.as_path())
+    .collect();
+    for (out, flag) in [
+        (&a.json, "--json"),
+        (&a.save_teacher_logits, "--save-teacher-logits"),
+    ] {
+        if let Some(o) = out {
+            crate::output::check_output_file(o, flag, &inputs, a.force)?;
+        }
+    }
+    if a.json.is_some() && a.json == a.save_teacher_logits {
+        bail!("--json and --save-teacher-logits name the same file");
     }
     if !(a.watts_per_core > 0.0 && a.grid_intensity >= 0.0) {
         bail!("--watts-per-core must be positive and --grid-intensity non-negative");

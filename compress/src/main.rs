@@ -6,9 +6,9 @@ mod evaluate;
 mod hf_folder;
 mod inspect;
 mod output;
-mod pruning;
 mod prune_structured;
 mod prune_unstructured;
+mod pruning;
 mod quantize;
 
 use std::path::PathBuf;
@@ -74,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
+    output::install_signal_handlers();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version

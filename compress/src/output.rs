@@ -39,13 +39,19 @@ pub fn check_output(input: &Path, out: &Path, force: bool) -> anyhow::Result<()>
     Ok(())
 }
 
-/// A temporary sibling path for `out`.
+/// A temporary sibling path for `out`, registered for removal on SIGINT/SIGTERM; stale
+/// temporaries of earlier, killed runs for the same output are removed first.
 pub fn temp_sibling(out: &Path) -> PathBuf {
+    remove_stale_temps(out);
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    if let Ok(mut t) = TEMPS.lock() {
+        t.push(tmp.clone());
+    }
+    tmp
 }
 
 /// Moves a completed temporary file or folder into place, replacing `out` if it exists.
@@ -94,4 +100,116 @@ impl Drop for TempGuard {
             }
         }
     }
+}
+
+/// Temporary outputs of this process, removed by the SIGINT/SIGTERM handler.
+static TEMPS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn remove_path(p: &Path) {
+    if p.is_dir() {
+        std::fs::remove_dir_all(p).ok();
+    } else {
+        std::fs::remove_file(p).ok();
+    }
+}
+
+/// Unix tool manners: a closed output pipe ends the process quietly (SIGPIPE's default
+/// action, where Rust would panic on the failed print), and SIGINT/SIGTERM remove this
+/// process's temporary outputs before exiting with 128 + the signal number.
+pub fn install_signal_handlers() {
+    // SAFETY: restoring the default disposition of SIGPIPE before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let temps = TEMPS.lock().map(|t| t.clone()).unwrap_or_default();
+            for p in &temps {
+                remove_path(p);
+            }
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
+/// Whether a process with this id is alive (Linux: /proc; elsewhere assumed alive).
+fn pid_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes temporary siblings of `out` (`.NAME.tmp-PID`, `.NAME.old-PID`) left by runs that
+/// were killed, whose process is gone, saying so in one line each.
+pub fn remove_stale_temps(out: &Path) {
+    let Some(name) = out.file_name().map(|n| n.to_string_lossy().to_string()) else {
+        return;
+    };
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().to_string();
+        let pid = [".tmp-", ".old-"].iter().find_map(|k| {
+            f.strip_prefix(&format!(".{name}{k}"))
+                .and_then(|p| p.parse::<u32>().ok())
+        });
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !pid_alive(pid)
+        {
+            remove_path(&e.path());
+            eprintln!(
+                "note: removed {} left by an interrupted run (process {pid})",
+                e.path().display()
+            );
+        }
+    }
+}
+
+/// Refuses a report or side output file (`--json`, `--save-teacher-logits`, ...) that is, or
+/// lies inside, one of `inputs`, or that exists without `force`.
+pub fn check_output_file(
+    out: &Path,
+    flag: &str,
+    inputs: &[&Path],
+    force: bool,
+) -> anyhow::Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Ok(p) = parent.canonicalize() {
+        let target = p.join(out.file_name().unwrap_or_default());
+        for input in inputs {
+            if let Ok(i) = input.canonicalize()
+                && (target == i || target.starts_with(&i))
+            {
+                bail!(
+                    "{}: {flag} would overwrite the input {}; choose another path",
+                    out.display(),
+                    input.display()
+                );
+            }
+        }
+    }
+    if out.is_dir() {
+        bail!("{}: {flag} names a folder, not a file", out.display());
+    }
+    if out.exists() && !force {
+        bail!(
+            "{}: {flag} already exists (use --force to replace it)",
+            out.display()
+        );
+    }
+    Ok(())
 }

@@ -101,6 +101,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.tensor_type.is_empty() {
         bail!("--tensor-type applies to --format gguf:TYPE only");
     }
+    if let Some(d) = a.damp
+        && !(d.is_finite() && d > 0.0 && d <= 1.0)
+    {
+        bail!("--damp {d} must be in (0, 1]");
+    }
     let scheme = QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
     if a.group == 0 {
         bail!("--group must be positive");
@@ -286,7 +291,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Reads `--calib` into windows (none without it).
 fn calibration(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
-    calibration_windows(a.calib.as_deref(), a.calib_samples, a.calib_len, a.seed, tok)
+    calibration_windows(
+        a.calib.as_deref(),
+        a.calib_samples,
+        a.calib_len,
+        a.seed,
+        tok,
+    )
 }
 
 /// Calibration windows drawn from a text file (none without one), as every stage draws them.

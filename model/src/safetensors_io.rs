@@ -7,7 +7,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
+/// The safetensors dtype of a stored tensor ([`StEntry::dtype`]).
+pub use safetensors::Dtype;
+use safetensors::SafeTensors;
 
 use crate::error::{ModelError, Result};
 
@@ -222,6 +224,16 @@ impl SafetensorsSet {
         Ok(Some((out, e.shape.clone())))
     }
 
+    /// Lends the stored little-endian bytes of `name` (in its [`StEntry::dtype`]) to `f`, then
+    /// lets the kernel drop their pages: for copying tensors bit-exactly without converting them.
+    pub fn with_bytes<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let e = self.index.get(name)?;
+        let shard = &self.shards[e.shard];
+        let r = f(&shard.mmap[e.start..e.end]);
+        crate::release_pages(&shard.mmap, e.start, e.end - e.start);
+        Some(r)
+    }
+
     /// The path of the shard holding `name`.
     pub fn shard_path(&self, name: &str) -> Option<&Path> {
         self.index
@@ -296,10 +308,13 @@ impl StoreDtype {
 
 /// Dtype of a tensor in a [`StreamingWriter`] plan: a float encoded from f32 values, or an
 /// integer type whose little-endian bytes the caller supplies ([`StreamingWriter::write_next_raw`]).
+/// A float tensor may be supplied as raw bytes too, to copy stored values bit-exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanDtype {
     /// A float dtype, written from f32 values.
     Float(StoreDtype),
+    /// 8-bit unsigned integer (e.g. packed bitmasks).
+    U8,
     /// 32-bit signed integer.
     I32,
     /// 64-bit signed integer.
@@ -316,6 +331,7 @@ impl PlanDtype {
     fn name(self) -> &'static str {
         match self {
             Self::Float(d) => d.name(),
+            Self::U8 => "U8",
             Self::I32 => "I32",
             Self::I64 => "I64",
         }
@@ -323,6 +339,7 @@ impl PlanDtype {
     fn size(self) -> usize {
         match self {
             Self::Float(d) => d.size(),
+            Self::U8 => 1,
             Self::I32 => 4,
             Self::I64 => 8,
         }

@@ -13,6 +13,8 @@ pub struct StagedRun {
     x: Vec<Tensor<3>>,
     h: Vec<Tensor<3>>,
     n: Vec<Tensor<3>>,
+    /// Attention context of the current block (o_proj's input), once q/k/v are final.
+    ctx: Vec<Tensor<3>>,
 }
 
 impl StagedRun {
@@ -22,6 +24,7 @@ impl StagedRun {
             x,
             h: Vec::new(),
             n: Vec::new(),
+            ctx: Vec::new(),
         }
     }
 
@@ -44,22 +47,28 @@ impl StagedRun {
                     .collect();
                 self.n.clone()
             }
-            Tap::OInput => self
-                .n
-                .iter()
-                .map(|n| block.self_attn.context(n.clone(), Positions::Causal(rope)))
-                .collect(),
+            Tap::OInput => {
+                // q/k/v are final here, so the attention context is too: kept for the next stage.
+                self.ctx = self
+                    .n
+                    .iter()
+                    .map(|n| block.self_attn.context(n.clone(), Positions::Causal(rope)))
+                    .collect();
+                self.ctx.clone()
+            }
             Tap::GateUpInput => {
+                if self.ctx.len() != self.x.len() {
+                    self.ctx = self
+                        .n
+                        .iter()
+                        .map(|n| block.self_attn.context(n.clone(), Positions::Causal(rope)))
+                        .collect();
+                }
                 self.h = self
                     .x
                     .iter()
-                    .zip(&self.n)
-                    .map(|(x, n)| {
-                        x.clone()
-                            + block.self_attn.o_proj.forward(
-                                block.self_attn.context(n.clone(), Positions::Causal(rope)),
-                            )
-                    })
+                    .zip(std::mem::take(&mut self.ctx))
+                    .map(|(x, c)| x.clone() + block.self_attn.o_proj.forward(c))
                     .collect();
                 self.n = self
                     .h
@@ -101,4 +110,3 @@ impl StagedRun {
 fn burn_silu(x: Tensor<3>) -> Tensor<3> {
     model::transformer::silu(x)
 }
-

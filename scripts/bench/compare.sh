@@ -23,8 +23,8 @@ for M in "$TEACHER" "$@"; do
     i=$((i + 1))
     "$BIN" eval "$M" --teacher "$TEACHER" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" \
         --tasks piqa,arc_easy,medqa,pubmedqa,mmlu_medical --data-dir "$SHARED/data" "${LIMIT_ARGS[@]}" \
-        --json "$OUT/q$i.json" >/dev/null
-    "$BIN" eval "$M" --speed --json "$OUT/s$i.json" >/dev/null
+        --force --json "$OUT/q$i.json" >/dev/null
+    "$BIN" eval "$M" --speed --force --json "$OUT/s$i.json" >/dev/null
     python3 - "$M" "$OUT/q$i.json" "$OUT/s$i.json" <<'PY'
 import json, sys
 m, q, s = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))

@@ -37,7 +37,7 @@ trap 'rm -rf "$TMP"' EXIT
 
 CMD=(target/release/compress eval "$GGUF" --ppl "$TEXT" --ctx "$CTX" --chunks "$CHUNKS")
 [[ -n "${THREADS:-}" ]] && CMD+=(--threads "$THREADS")
-CMD+=(--json "$TMP/eval.json")
+CMD+=(--force --json "$TMP/eval.json")
 
 /usr/bin/time -v -o "$TMP/time.txt" "${CMD[@]}"
 

@@ -12,7 +12,7 @@ for ty in q8_0 q4_0 q4_k_m; do "$BIN" convert "$T" "$OUT/$ty.gguf" --type "$ty" 
 echo "| student | bytes | bpw | ppl ± se | KLD mean ± se | median | p99 | same top % | RMS Δp % |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for s in "$T" "$OUT/q8_0.gguf" "$OUT/q4_0.gguf" "$OUT/q4_k_m.gguf" "$OUT/rtn-w4g128"; do
-    "$BIN" eval "$s" --teacher "$T" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --json "$OUT/r.json" >/dev/null
+    "$BIN" eval "$s" --teacher "$T" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --force --json "$OUT/r.json" >/dev/null
     python3 - "$s" "$OUT/r.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[2])); k = d["kld"]; p = d["perplexity"]; z = d["size"]

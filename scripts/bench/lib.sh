@@ -1,6 +1,8 @@
 # Shared set-up of the SmolLM2 benchmarks (sourced, not run): repo root as the working
 # folder, data paths, the teacher fetched, a release build of `compress`, and `ppl`.
-#   SHARED (default ../shared next to the repo), CHUNKS (default 32), OUT (set by the caller).
+#   SHARED (default ../shared next to the repo), CHUNKS (default 32), OUT (set by the caller),
+#   BUILD (default 1; 0 uses target/release/compress as it is, without running cargo),
+#   COMPRESS_BIN (default target/release/compress: the binary the benchmarks run).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 SHARED="${SHARED:-$ROOT/../shared}"
@@ -10,12 +12,15 @@ CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
 MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 [[ -f "$TEXT" ]] || { echo "error: $TEXT not found (set SHARED)" >&2; exit 1; }
 bash scripts/get-smollm2.sh >/dev/null
-cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
-BIN="$ROOT/target/release/compress"
+if [[ "${BUILD:-1}" != 0 ]]; then
+    cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
+fi
+BIN="${COMPRESS_BIN:-$ROOT/target/release/compress}"
+[[ -x "$BIN" ]] || { echo "error: $BIN not built (BUILD=0)" >&2; exit 1; }
 mkdir -p "$OUT"
 
 # ppl MODEL -> "perplexity stderr bytes bits_per_weight" on TEXT, ctx 512, CHUNKS chunks.
 ppl() {
-    "$BIN" eval "$1" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --json "$OUT/eval.json" >/dev/null
+    "$BIN" eval "$1" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --force --json "$OUT/eval.json" >/dev/null
     python3 -c "import json;d=json.load(open('$OUT/eval.json'));p=d['perplexity'];z=d['size'];print('%.4f %.4f %d %.3f'%(p['value'],p['stderr'],z['bytes'],z['bits_per_weight']))"
 }

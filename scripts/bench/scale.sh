@@ -77,7 +77,7 @@ for shape in $SHAPES; do
     echo "== $shape: eval (ctx $CTX, $CHUNKS chunks)" >&2
     json="$TMPROOT/$shape.json"; timing="$TMPROOT/$shape.time"
     if ! /usr/bin/time -v -o "$timing" target/release/compress eval "$dir" \
-            --ppl "$TEXT" --ctx "$CTX" --chunks "$CHUNKS" --json "$json"; then
+            --ppl "$TEXT" --ctx "$CTX" --chunks "$CHUNKS" --force --json "$json"; then
         echo "error: eval failed for $shape (see above; killed for memory?)" >&2
         ROWS+="| $shape | eval failed | $bytes | | | |"$'\n'
         STATUS=1; rm -rf "$dir"; continue

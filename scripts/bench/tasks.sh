@@ -11,7 +11,7 @@ LIMIT_ARGS=()
 [ -n "${LIMIT:-}" ] && LIMIT_ARGS=(--limit "$LIMIT")
 start=$(date +%s.%N)
 "$BIN" eval "$M" --tasks piqa,arc_easy,medqa,pubmedqa,mmlu_medical --data-dir "$SHARED/data" \
-    "${LIMIT_ARGS[@]}" --json "$OUT/tasks.json" >"$OUT/tasks.txt"
+    "${LIMIT_ARGS[@]}" --force --json "$OUT/tasks.json" >"$OUT/tasks.txt"
 end=$(date +%s.%N)
 python3 - "$OUT/tasks.json" "$start" "$end" "$M" "$(nproc)" <<'PY'
 import json, sys
