@@ -51,10 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !(damp.is_finite() && damp > 0.0 && damp <= 1.0) {
         bail!("--damp {damp} must be in (0, 1]");
     }
-    let owl = a
-        .owl
-        .then(|| Owl::new(a.owl_lambda, a.owl_m))
-        .transpose()?;
+    let owl = a.owl.then(|| Owl::new(a.owl_lambda, a.owl_m)).transpose()?;
     if !a.owl && (a.owl_lambda != 0.08 || a.owl_m != 5.0) {
         bail!("--owl-lambda and --owl-m apply with --owl only");
     }
@@ -68,7 +65,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if (method.needs_calibration() || owl.is_some()) && a.calib.is_none() {
         bail!(
             "--method {} needs --calib FILE",
-            if owl.is_some() { "with --owl" } else { method.name() }
+            if owl.is_some() {
+                "with --owl"
+            } else {
+                method.name()
+            }
         );
     }
     if !method.needs_calibration() && owl.is_none() && a.calib.is_some() {
@@ -102,7 +103,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dense = a.format.contains(&Format::Dense);
     let sparse = a.format.contains(&Format::Sparse);
     // The dense model is always written first; alone, the sparse form replaces it.
-    let dense_dir = if dense { tmp.clone() } else { tmp.join(".dense") };
+    let dense_dir = if dense {
+        tmp.clone()
+    } else {
+        tmp.join(".dense")
+    };
     std::fs::create_dir_all(&dense_dir)?;
     let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &dense_dir, None)?;
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &dense_dir)?;
@@ -114,13 +119,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let block_sparsity = match (&owl, pattern) {
         (Some(o), Pattern::Unstructured { sparsity }) => {
             let pb = crate::progress_bar("owl", cfg.num_hidden_layers as u64);
-            let ratios = prune::owl::outlier_ratios(
-                &ckpt,
-                &calib,
-                o,
-                model::default_device(),
-                |d, _| pb.set_position(d as u64),
-            )?;
+            let ratios =
+                prune::owl::outlier_ratios(&ckpt, &calib, o, model::default_device(), |d, _| {
+                    pb.set_position(d as u64)
+                })?;
             pb.finish_and_clear();
             Some(o.sparsities(&ratios, sparsity))
         }
@@ -148,7 +150,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let dense_bytes = size(dense_dir.join("model.safetensors"));
     let sparse_report = if sparse {
-        let dir = if dense { tmp.join("sparse") } else { tmp.clone() };
+        let dir = if dense {
+            tmp.join("sparse")
+        } else {
+            tmp.clone()
+        };
         let structure = match pattern {
             Pattern::Unstructured { .. } => "unstructured".to_string(),
             Pattern::NofM { n, m } => format!("{n}:{m}"),
@@ -174,7 +180,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
-    print_summary(&report, &a, dense.then_some(dense_bytes), sparse_report.as_ref());
+    print_summary(
+        &report,
+        &a,
+        dense.then_some(dense_bytes),
+        sparse_report.as_ref(),
+    );
     Ok(())
 }
 
@@ -204,9 +215,15 @@ fn print_summary(
     t.add_row(vec![
         r.method.clone(),
         r.pattern.label(),
-        format!("{:.4}", r.linear_zeros as f64 / r.linear_params.max(1) as f64),
+        format!(
+            "{:.4}",
+            r.linear_zeros as f64 / r.linear_params.max(1) as f64
+        ),
         format!("{lo:.4}-{hi:.4}"),
-        format!("{:.4}", mean(&|l| Some(l.weight_rel_error)).unwrap_or(f64::NAN)),
+        format!(
+            "{:.4}",
+            mean(&|l| Some(l.weight_rel_error)).unwrap_or(f64::NAN)
+        ),
         mean(&|l| l.output_rel_error).map_or("- (no calibration)".into(), |v| format!("{v:.4}")),
         format!("{:.1}", r.wall_seconds),
     ]);

@@ -130,7 +130,9 @@ pub fn parse_params(s: &str) -> anyhow::Result<u64> {
         .parse()
         .ok()
         .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .with_context(|| format!("--target-params `{s}`: expected a positive count such as 100M"))?;
+        .with_context(|| {
+            format!("--target-params `{s}`: expected a positive count such as 100M")
+        })?;
     let p = v * mult;
     if p >= 1e15 {
         bail!("--target-params `{s}` is absurdly large");

@@ -30,22 +30,47 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
     let o = out.to_str().unwrap();
 
     let run = compress(&[
-        "prune", t, "--method", "wanda", "--pattern", "2:4", "--calib", c, "--calib-samples",
-        "4", "--calib-len", "32", "--out", o, "--format", "dense,sparse",
+        "prune",
+        t,
+        "--method",
+        "wanda",
+        "--pattern",
+        "2:4",
+        "--calib",
+        c,
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+        "--out",
+        o,
+        "--format",
+        "dense,sparse",
     ]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("prune_report.json")).unwrap()).unwrap();
     let r = &report["report"];
-    assert_eq!(r["linear_zeros"].as_u64().unwrap() * 2, r["linear_params"].as_u64().unwrap());
+    assert_eq!(
+        r["linear_zeros"].as_u64().unwrap() * 2,
+        r["linear_params"].as_u64().unwrap()
+    );
     assert_eq!(report["pattern"]["kind"], "nof_m");
     let student = model::Checkpoint::open(&out).unwrap();
     let w = student
         .read("model.layers.2.mlp.down_proj.weight", &[64, 256])
         .unwrap();
     assert!(prune::mask::satisfies_nm(&w, 256, 2, 4));
-    let sparse = std::fs::metadata(out.join("sparse/model.safetensors")).unwrap().len();
-    let dense = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
+    let sparse = std::fs::metadata(out.join("sparse/model.safetensors"))
+        .unwrap()
+        .len();
+    let dense = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
     assert!(sparse < dense, "sparse {sparse} >= dense {dense}");
     // No temporary folder is left beside the output.
     let left: Vec<_> = std::fs::read_dir(root)
@@ -59,18 +84,106 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
     let new_out = root.join("other");
     let no = new_out.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str, &str)> = vec![
-        (vec!["--method", "wanda", "--sparsity", "1.0", "--calib", c], "--sparsity", "outside"),
-        (vec!["--method", "wanda", "--sparsity", "-0.2", "--calib", c], "--sparsity", "outside"),
-        (vec!["--method", "magnitude", "--pattern", "4:4"], "--pattern", "N < M"),
-        (vec!["--method", "magnitude", "--pattern", "3:6"], "M does not divide", "q_proj"),
-        (vec!["--method", "magnitude", "--sparsity", "0.5", "--pattern", "2:4"], "--sparsity", "exclude"),
-        (vec!["--method", "wanda", "--sparsity", "0.5"], "--calib", "needs"),
-        (vec!["--method", "wanda", "--sparsity", "0.5", "--calib", c, "--damp", "0.1"], "--damp", "sparsegpt"),
-        (vec!["--method", "sparsegpt", "--sparsity", "0.5", "--calib", c, "--damp", "0"], "--damp", "(0, 1]"),
-        (vec!["--method", "wanda", "--pattern", "2:4", "--calib", c, "--owl"], "--owl", "unstructured"),
-        (vec!["--method", "magnitude", "--sparsity", "0.5", "--calib", c], "--calib", "data-free"),
-        (vec!["--method", "magnitude", "--sparsity", "0.5", "--ratio", "0.2"], "--ratio", "--structured"),
-        (vec!["--structured", "heads", "--method", "wanda"], "--method", "--structured"),
+        (
+            vec!["--method", "wanda", "--sparsity", "1.0", "--calib", c],
+            "--sparsity",
+            "outside",
+        ),
+        (
+            vec!["--method", "wanda", "--sparsity", "-0.2", "--calib", c],
+            "--sparsity",
+            "outside",
+        ),
+        (
+            vec!["--method", "magnitude", "--pattern", "4:4"],
+            "--pattern",
+            "N < M",
+        ),
+        (
+            vec!["--method", "magnitude", "--pattern", "3:6"],
+            "M does not divide",
+            "q_proj",
+        ),
+        (
+            vec![
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--pattern",
+                "2:4",
+            ],
+            "--sparsity",
+            "exclude",
+        ),
+        (
+            vec!["--method", "wanda", "--sparsity", "0.5"],
+            "--calib",
+            "needs",
+        ),
+        (
+            vec![
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--calib",
+                c,
+                "--damp",
+                "0.1",
+            ],
+            "--damp",
+            "sparsegpt",
+        ),
+        (
+            vec![
+                "--method",
+                "sparsegpt",
+                "--sparsity",
+                "0.5",
+                "--calib",
+                c,
+                "--damp",
+                "0",
+            ],
+            "--damp",
+            "(0, 1]",
+        ),
+        (
+            vec![
+                "--method",
+                "wanda",
+                "--pattern",
+                "2:4",
+                "--calib",
+                c,
+                "--owl",
+            ],
+            "--owl",
+            "unstructured",
+        ),
+        (
+            vec!["--method", "magnitude", "--sparsity", "0.5", "--calib", c],
+            "--calib",
+            "data-free",
+        ),
+        (
+            vec![
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--ratio",
+                "0.2",
+            ],
+            "--ratio",
+            "--structured",
+        ),
+        (
+            vec!["--structured", "heads", "--method", "wanda"],
+            "--method",
+            "--structured",
+        ),
         (vec!["--sparsity", "0.5"], "--method", "--structured"),
     ];
     for (args, names, needle) in cases {
@@ -81,10 +194,19 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         fails(root, &refs, names, &[needle]);
     }
     // The existing output is not replaced without --force, and never inside the teacher.
-    for (target, needle) in [(o.to_string(), "already exists"), (format!("{t}/x"), "input model")] {
+    for (target, needle) in [
+        (o.to_string(), "already exists"),
+        (format!("{t}/x"), "input model"),
+    ] {
         let args = [
-            p("prune"), teacher.clone(), p("--method"), p("magnitude"), p("--sparsity"),
-            p("0.5"), p("--out"), p(&target),
+            p("prune"),
+            teacher.clone(),
+            p("--method"),
+            p("magnitude"),
+            p("--sparsity"),
+            p("0.5"),
+            p("--out"),
+            p(&target),
         ];
         let refs: Vec<&Path> = args.iter().map(|x| x.as_path()).collect();
         fails(root, &refs, "", &[needle]);

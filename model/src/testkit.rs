@@ -51,8 +51,12 @@ pub fn write_hf(
         .into_iter()
         .map(|(n, s)| (n, s, StoreDtype::F32))
         .collect();
-    let mut w = StreamingWriter::create(&dir.join("model.safetensors"), plan.clone(), &BTreeMap::new())
-        .expect("create safetensors");
+    let mut w = StreamingWriter::create(
+        &dir.join("model.safetensors"),
+        plan.clone(),
+        &BTreeMap::new(),
+    )
+    .expect("create safetensors");
     let mut tensors = BTreeMap::new();
     for (name, shape, _) in &plan {
         let n: usize = shape.iter().product();
@@ -124,7 +128,8 @@ pub fn write_byte_tokenizer(dir: &Path, vocab_size: usize) {
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("write tokenizer");
     std::fs::write(
         dir.join("tokenizer_config.json"),
-        json!({"add_bos_token": false, "pad_token": {"content": "</s>"}, "unk_token": "<s>"}).to_string(),
+        json!({"add_bos_token": false, "pad_token": {"content": "</s>"}, "unk_token": "<s>"})
+            .to_string(),
     )
     .expect("write tokenizer config");
 }
@@ -165,7 +170,11 @@ pub fn mean_kld(p: &[Vec<f32>], q: &[Vec<f32>], vocab: usize) -> f64 {
     for (a, b) in p.iter().zip(q) {
         for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
             let (la, lb) = (logsoftmax(ra), logsoftmax(rb));
-            sum += la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
+            sum += la
+                .iter()
+                .zip(&lb)
+                .map(|(x, y)| x.exp() * (x - y))
+                .sum::<f64>();
             n += 1;
         }
     }

@@ -60,8 +60,10 @@ pub fn sparsity_of(w: &[f32]) -> f64 {
 
 /// Checks an N:M pattern on `w` `[rows, cols]`: at most N non-zeros in each group of M.
 pub fn satisfies_nm(w: &[f32], cols: usize, n: usize, m: usize) -> bool {
-    w.chunks(cols)
-        .all(|r| r.chunks(m).all(|g| g.iter().filter(|&&x| x != 0.0).count() <= n))
+    w.chunks(cols).all(|r| {
+        r.chunks(m)
+            .all(|g| g.iter().filter(|&&x| x != 0.0).count() <= n)
+    })
 }
 
 #[cfg(test)]
@@ -78,7 +80,9 @@ mod tests {
 
     #[test]
     fn n_of_m_keeps_n_in_every_group() {
-        let mut w: Vec<f32> = (1..=16).map(|x| x as f32 * if x % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        let mut w: Vec<f32> = (1..=16)
+            .map(|x| x as f32 * if x % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
         let s: Vec<f32> = w.iter().map(|x| x.abs()).collect();
         prune_by_score(&mut w, &s, 2, 8, Pattern::NofM { n: 2, m: 4 });
         assert!(satisfies_nm(&w, 8, 2, 4));

@@ -39,7 +39,9 @@ impl Owl {
     pub fn sparsities(&self, ratios: &[f64], target: f64) -> Vec<f64> {
         let (lo, hi) = ratios
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &r| (a.min(r), b.max(r)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &r| {
+                (a.min(r), b.max(r))
+            });
         if ratios.is_empty() || hi - lo <= 0.0 {
             return vec![target; ratios.len()];
         }

@@ -5,13 +5,13 @@
 
 use std::time::Instant;
 
+use model::transformer::Tap;
 use model::{Checkpoint, Device};
 use quant::QuantError;
 use quant::block::{TapStats, output_error, weight_error};
-use quant::pipeline::{BlockCtx, BlockStage, DriveOptions, OutputSink, drive};
 use quant::method::Outputs;
+use quant::pipeline::{BlockCtx, BlockStage, DriveOptions, OutputSink, drive};
 use quant::staged::StagedRun;
-use model::transformer::Tap;
 use serde::Serialize;
 
 use crate::mask::sparsity_of;

@@ -29,7 +29,13 @@ fn case() -> Case {
     let mut s = 11u64;
     let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s) as f32).collect();
     let scale: Vec<f64> = (0..cols)
-        .map(|c| if c % 9 == 0 { 8.0 } else { 0.1 + (c % 5) as f64 * 0.4 })
+        .map(|c| {
+            if c % 9 == 0 {
+                8.0
+            } else {
+                0.1 + (c % 5) as f64 * 0.4
+            }
+        })
         .collect();
     let mut x = vec![0f64; n * cols];
     for t in 0..n {
@@ -38,7 +44,13 @@ fn case() -> Case {
             x[t * cols + c] = (0.6 * common + 0.4 * lcg(&mut s)) * scale[c];
         }
     }
-    Case { rows, cols, w, x, n }
+    Case {
+        rows,
+        cols,
+        w,
+        x,
+        n,
+    }
 }
 
 fn stats(c: &Case) -> TapStats {
@@ -138,7 +150,11 @@ fn zero_sparsity_changes_nothing() {
     let c = case();
     for m in [Method::Magnitude, Method::Wanda, Method::Sparsegpt] {
         let p = run(&c, m, Pattern::Unstructured { sparsity: 0.0 });
-        let d = p.iter().zip(&c.w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = p
+            .iter()
+            .zip(&c.w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-5, "{m:?}: max change {d}");
     }
 }
@@ -153,5 +169,10 @@ fn pattern_options_are_checked() {
     }
     let p = Pattern::parse_nm("2:4").unwrap();
     assert!(p.check_width("x", 64).is_ok());
-    assert!(Pattern::parse_nm("3:6").unwrap().check_width("x", 64).is_err());
+    assert!(
+        Pattern::parse_nm("3:6")
+            .unwrap()
+            .check_width("x", 64)
+            .is_err()
+    );
 }

@@ -53,7 +53,15 @@ fn run(ckpt: &Checkpoint, out: &Path, method: Method, opts: &PruneOptions) -> Ch
         DenseSink::create(&out.join("model.safetensors"), ckpt.config()).unwrap(),
     )];
     let m = method.build(&MethodOptions::default());
-    let report = prune(ckpt, m.as_ref(), opts, model::default_device(), &mut sinks, |_, _| {}).unwrap();
+    let report = prune(
+        ckpt,
+        m.as_ref(),
+        opts,
+        model::default_device(),
+        &mut sinks,
+        |_, _| {},
+    )
+    .unwrap();
     for s in sinks {
         s.finish().unwrap();
     }
@@ -79,16 +87,25 @@ fn methods_reach_the_pattern_and_keep_the_papers_ordering() {
     let held_out = windows(&t, 4, 99);
     let reference = logits(&t, &held_out);
     let vocab = t.config().vocab_size;
-    for pattern in [Pattern::Unstructured { sparsity: 0.5 }, Pattern::NofM { n: 2, m: 4 }] {
+    for pattern in [
+        Pattern::Unstructured { sparsity: 0.5 },
+        Pattern::NofM { n: 2, m: 4 },
+    ] {
         let mut kld = Vec::new();
         for method in [Method::Magnitude, Method::Wanda, Method::Sparsegpt] {
             let opts = PruneOptions {
                 pattern,
-                calib: if method == Method::Magnitude { Vec::new() } else { calib.clone() },
+                calib: if method == Method::Magnitude {
+                    Vec::new()
+                } else {
+                    calib.clone()
+                },
                 block_sparsity: None,
                 sample_rows: 64,
             };
-            let out = dir.path().join(format!("{method:?}-{}", pattern.label().replace(':', "-")));
+            let out = dir
+                .path()
+                .join(format!("{method:?}-{}", pattern.label().replace(':', "-")));
             let s = run(&t, &out, method, &opts);
             for l in 0..3 {
                 for name in LINEARS {
@@ -101,14 +118,25 @@ fn methods_reach_the_pattern_and_keep_the_papers_ordering() {
                 }
             }
             // Tensors that are not pruned are copied (bf16 of the teacher's values).
-            let norm = s.read("model.layers.1.input_layernorm.weight", &[64]).unwrap();
-            let tn = t.read("model.layers.1.input_layernorm.weight", &[64]).unwrap();
-            assert!(norm.iter().zip(&tn).all(|(a, b)| (a - b).abs() <= 1e-2 * b.abs()));
+            let norm = s
+                .read("model.layers.1.input_layernorm.weight", &[64])
+                .unwrap();
+            let tn = t
+                .read("model.layers.1.input_layernorm.weight", &[64])
+                .unwrap();
+            assert!(
+                norm.iter()
+                    .zip(&tn)
+                    .all(|(a, b)| (a - b).abs() <= 1e-2 * b.abs())
+            );
             kld.push(mean_kld(&reference, &logits(&s, &held_out), vocab));
         }
         let (mag, wanda, sgpt) = (kld[0], kld[1], kld[2]);
         assert!(wanda < mag, "{pattern:?}: wanda {wanda} vs magnitude {mag}");
-        assert!(sgpt < 0.8 * mag, "{pattern:?}: sparsegpt {sgpt} vs magnitude {mag}");
+        assert!(
+            sgpt < 0.8 * mag,
+            "{pattern:?}: sparsegpt {sgpt} vs magnitude {mag}"
+        );
     }
 }
 
@@ -118,7 +146,8 @@ fn owl_sparsities_apply_per_block_and_average_to_the_target() {
     let t = teacher(&dir.path().join("teacher"));
     let calib = windows(&t, 8, 0);
     let owl = Owl::new(0.08, 5.0).unwrap();
-    let ratios = prune::owl::outlier_ratios(&t, &calib, &owl, model::default_device(), |_, _| {}).unwrap();
+    let ratios =
+        prune::owl::outlier_ratios(&t, &calib, &owl, model::default_device(), |_, _| {}).unwrap();
     assert_eq!(ratios.len(), 3);
     let per_block = owl.sparsities(&ratios, 0.5);
     let mean = per_block.iter().sum::<f64>() / 3.0;

@@ -97,4 +97,3 @@ pub fn prepare(
     drop(inv);
     Ok(Prepared { perm, dead, l })
 }
-

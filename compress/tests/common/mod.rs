@@ -64,4 +64,3 @@ pub fn fails(root: &Path, args: &[&Path], names: &str, needles: &[&str]) {
         root.display()
     );
 }
-

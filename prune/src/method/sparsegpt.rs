@@ -116,7 +116,11 @@ impl PruneMethod for SparseGpt {
         }
         for r in 0..rows {
             for c in 0..cols {
-                let v = if pruned[r * cols + c] { 0.0 } else { wm[(r, c)] };
+                let v = if pruned[r * cols + c] {
+                    0.0
+                } else {
+                    wm[(r, c)]
+                };
                 if !v.is_finite() {
                     return Err(PruneError::Numerical(format!(
                         "`{}`: SparseGPT produced a non-finite weight",

@@ -15,8 +15,8 @@ use model::transformer::Tap;
 use super::{BlockJob, BlockResult, Outputs, QuantMethod};
 use crate::QuantError;
 use crate::hessian::{Prepared, prepare};
-use crate::staged::StagedRun;
 use crate::scheme::{GroupParams, QuantScheme, QuantizedLinear};
+use crate::staged::StagedRun;
 
 /// GPTQ's options.
 #[derive(Debug, Clone)]
@@ -73,9 +73,11 @@ pub fn gptq_prepared(
     // Exact zeros of the input (pruned weights) stay exact zeros: they take the zero code and
     // their whole value becomes error pushed onto later columns, as in SparseGPT's joint
     // sparsity + quantization mode. A pruned model keeps its mask through quantization.
-    let pruned: Option<Vec<bool>> = w
-        .contains(&0.0)
-        .then(|| (0..rows * cols).map(|i| w[(i / cols) * cols + perm[i % cols]] == 0.0).collect());
+    let pruned: Option<Vec<bool>> = w.contains(&0.0).then(|| {
+        (0..rows * cols)
+            .map(|i| w[(i / cols) * cols + perm[i % cols]] == 0.0)
+            .collect()
+    });
 
     let mut codes = vec![0u8; rows * cols];
     let mut params = vec![
@@ -291,7 +293,13 @@ mod tests {
         let (rows, cols, n) = (8, 64, 256);
         let mut s = 3u64;
         let w: Vec<f32> = (0..rows * cols)
-            .map(|i| if (i * 7) % 4 < 2 { 0.0 } else { lcg(&mut s) as f32 })
+            .map(|i| {
+                if (i * 7) % 4 < 2 {
+                    0.0
+                } else {
+                    lcg(&mut s) as f32
+                }
+            })
             .collect();
         let mut x = vec![0f64; n * cols];
         for t in 0..n {
@@ -326,7 +334,9 @@ mod tests {
                         (0..rows)
                             .map(|r| {
                                 let d: f64 = (0..cols)
-                                    .map(|c| x[t * cols + c] * (w[r * cols + c] - p[r * cols + c]) as f64)
+                                    .map(|c| {
+                                        x[t * cols + c] * (w[r * cols + c] - p[r * cols + c]) as f64
+                                    })
                                     .sum();
                                 d * d
                             })
@@ -334,9 +344,16 @@ mod tests {
                     })
                     .sum()
             };
-            let rtn = quantize_rtn(&scheme, "w", &w, rows, cols).unwrap().dequantize();
+            let rtn = quantize_rtn(&scheme, "w", &w, rows, cols)
+                .unwrap()
+                .dequantize();
             assert!(rtn.iter().zip(&w).all(|(a, b)| *b != 0.0 || *a == 0.0));
-            assert!(err(&q) < err(&rtn), "act {act}: gptq {} vs rtn {}", err(&q), err(&rtn));
+            assert!(
+                err(&q) < err(&rtn),
+                "act {act}: gptq {} vs rtn {}",
+                err(&q),
+                err(&rtn)
+            );
         }
     }
 }
