@@ -16,7 +16,18 @@ pub fn write_config(
     dir: &Path,
     extra: Option<Value>,
 ) -> anyhow::Result<Config> {
-    let mut cfg = ckpt.config().clone();
+    write_config_for(ckpt.config(), dtype, dir, extra)
+}
+
+/// As [`write_config`] for a config other than the checkpoint's (a structurally pruned
+/// model's: fewer heads, channels or layers).
+pub fn write_config_for(
+    config: &Config,
+    dtype: StoreDtype,
+    dir: &Path,
+    extra: Option<Value>,
+) -> anyhow::Result<Config> {
+    let mut cfg = config.clone();
     cfg.torch_dtype = Some(dtype.torch_name().into());
     cfg.num_key_value_heads = Some(cfg.num_kv_heads());
     if cfg.architectures.is_empty() {

@@ -179,11 +179,7 @@ fn pubmedqa_bad_label_and_missing_pmid() {
 
 fn smollm2() -> Option<(Checkpoint, Tokenizer)> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !p.exists() {
-        eprintln!(
-            "note: {} is missing; skipping (scripts/get-smollm2.sh fetches it)",
-            p.display()
-        );
+    if !model::testkit::require_file(&p, "scripts/get-smollm2.sh fetches it") {
         return None;
     }
     let ckpt = Checkpoint::open(&p).expect("open SmolLM2");

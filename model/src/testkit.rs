@@ -180,3 +180,29 @@ pub fn mean_kld(p: &[Vec<f32>], q: &[Vec<f32>], vocab: usize) -> f64 {
     }
     sum / n.max(1) as f64
 }
+
+/// For tests that need a file this repository does not ship (the SmolLM2 model, the shared
+/// tiny GGUF): `true` when it exists. When it is missing the test must return early, except
+/// under CI (`CI` set to `true` or `1`), where a missing input is a failure, not a skip. Each
+/// skip is printed and, when `COMPRESS_SKIP_LOG` names a file (scripts/test.sh sets it),
+/// appended there so the test summary counts it.
+pub fn require_file(path: &Path, hint: &str) -> bool {
+    if path.exists() {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{} is missing under CI ({hint}); tests that need it cannot be skipped here",
+        path.display()
+    );
+    let line = format!("SKIP: {} is missing ({hint})", path.display());
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("COMPRESS_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    false
+}

@@ -263,8 +263,7 @@ const TINY_GGUF: &str = concat!(
 
 fn tiny_gguf() -> Option<Checkpoint> {
     let p = Path::new(TINY_GGUF);
-    if !p.exists() {
-        eprintln!("note: {TINY_GGUF} is absent; skipping");
+    if !model::testkit::require_file(p, "the shared tiny GGUF, ../shared/models") {
         return None;
     }
     Some(Checkpoint::open(p).unwrap())

@@ -62,7 +62,11 @@ impl Pattern {
 
     /// Parses `N:M` (e.g. `2:4`), with 1 <= N < M <= 64.
     pub fn parse_nm(s: &str) -> Result<Self, PruneError> {
-        let bad = || PruneError::Input(format!("--pattern `{s}`: expected N:M with 1 <= N < M <= 64, e.g. 2:4"));
+        let bad = || {
+            PruneError::Input(format!(
+                "--pattern `{s}`: expected N:M with 1 <= N < M <= 64, e.g. 2:4"
+            ))
+        };
         let (n, m) = s.split_once(':').ok_or_else(bad)?;
         let (n, m): (usize, usize) = (
             n.trim().parse().map_err(|_| bad())?,
