@@ -128,6 +128,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let meter = EnergyMeter::start();
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    let max_ctx = ckpt.config().max_position_embeddings;
+    if a.ppl.is_some() && (a.ctx < 2 || a.ctx > max_ctx) {
+        bail!(
+            "--ctx {} is outside 2..={max_ctx} (the model's context length)",
+            a.ctx
+        );
+    }
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
     let device = model::default_device();
     let size = SizeReport::of(&ckpt);

@@ -1,6 +1,7 @@
 //! `compress`: inspect, convert and evaluate decoder-only language models.
 //! Every failure prints one line naming the file and the problem and exits with code 2.
 
+mod calib;
 mod convert;
 mod evaluate;
 mod hf_folder;

@@ -44,17 +44,21 @@ fn amount(a: &Args) -> anyhow::Result<Amount> {
 }
 
 /// Calibration windows drawn from --calib (and saved to --dump-calib when asked).
-fn calibration(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
-    let Some(path) = &a.calib else {
-        return Ok(Vec::new());
-    };
-    let text = quant::calib::read_text(path)?;
-    let tokens = tok.encode(&text)?;
-    let windows =
-        quant::calib::sample_windows(&tokens, tok, a.calib_samples, a.calib_len, a.seed, path)?;
+fn calibration(
+    a: &Args,
+    tok: &model::Tokenizer,
+    cfg: &model::Config,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let windows = crate::calib::windows(
+        a.calib.as_deref(),
+        a.calib_samples,
+        a.calib_len,
+        a.seed,
+        tok,
+        cfg,
+    )?;
     if let Some(dump) = &a.dump_calib {
-        std::fs::write(dump, serde_json::to_string(&windows)?)
-            .with_context(|| format!("{}", dump.display()))?;
+        crate::calib::dump(&windows, dump, &a.model, a.force)?;
     }
     Ok(windows)
 }
@@ -74,7 +78,7 @@ pub fn run(a: &Args, unit: Unit) -> anyhow::Result<()> {
         bail!("--importance activation needs --calib FILE (or use --importance magnitude)");
     }
     if importance == ImportanceKind::Magnitude && a.calib.is_some() {
-        eprintln!("note: --importance magnitude does not use --calib");
+        bail!("--calib does not apply to --importance magnitude (it is data-free)");
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
@@ -83,7 +87,7 @@ pub fn run(a: &Args, unit: Unit) -> anyhow::Result<()> {
     let removed = st::resolve_removal(&teacher, unit, amount)?;
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
     let windows = match importance {
-        ImportanceKind::Activation => calibration(a, &tok)?,
+        ImportanceKind::Activation => calibration(a, &tok, &teacher)?,
         ImportanceKind::Magnitude => Vec::new(),
     };
 

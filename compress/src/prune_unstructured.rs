@@ -77,24 +77,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
-    if let Some(d) = &a.dump_calib {
-        check_output(&a.model, d, a.force)?;
-    }
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
     for (name, shape) in model::checkpoint::block_tensors(ckpt.config(), 0) {
         if name.ends_with("proj.weight") {
             pattern.check_width(&name, shape[1])?;
         }
     }
-    let calib = crate::quantize::calibration_windows(
+    let calib = crate::calib::windows(
         a.calib.as_deref(),
         a.calib_samples,
         a.calib_len,
         a.seed,
         &tok,
+        ckpt.config(),
     )?;
     if let Some(d) = &a.dump_calib {
-        crate::output::write_atomic(d, serde_json::to_string(&calib)?.as_bytes())?;
+        crate::calib::dump(&calib, d, &a.model, a.force)?;
     }
 
     let tmp = temp_sibling(&a.out);

@@ -153,7 +153,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.calib.is_none() && method.needs_calibration() {
         bail!("--method {} needs --calib FILE", a.method);
     }
-    let calib = calibration(&a, &tok)?;
+    let calib = calibration(&a, &tok, ckpt.config())?;
 
     let tmp = temp_sibling(&a.out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
@@ -290,32 +290,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// Reads `--calib` into windows (none without it).
-fn calibration(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
-    calibration_windows(
+fn calibration(
+    a: &Args,
+    tok: &model::Tokenizer,
+    cfg: &model::Config,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    crate::calib::windows(
         a.calib.as_deref(),
         a.calib_samples,
         a.calib_len,
         a.seed,
         tok,
+        cfg,
     )
-}
-
-/// Calibration windows drawn from a text file (none without one), as every stage draws them.
-pub(crate) fn calibration_windows(
-    path: Option<&std::path::Path>,
-    samples: usize,
-    len: usize,
-    seed: u64,
-    tok: &model::Tokenizer,
-) -> anyhow::Result<Vec<Vec<u32>>> {
-    let Some(path) = path else {
-        return Ok(Vec::new());
-    };
-    let text = quant::calib::read_text(path)?;
-    let tokens = tok.encode(&text)?;
-    Ok(quant::calib::sample_windows(
-        &tokens, tok, samples, len, seed, path,
-    )?)
 }
 
 /// `--format gguf:TYPE`: OUT/model.gguf, calibration-aware when `--calib` is given.
@@ -344,7 +331,7 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
     for r in a.tensor_type.iter().rev() {
         plan = plan.with_rule(r)?;
     }
-    let windows = calibration(a, &tok)?;
+    let windows = calibration(a, &tok, ckpt.config())?;
     let awq = awq.filter(|_| !a.no_awq_scale);
 
     let tmp = temp_sibling(&a.out);
