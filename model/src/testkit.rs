@@ -200,7 +200,11 @@ pub fn require_file(path: &Path, hint: &str) -> bool {
     eprintln!("{line}");
     if let Some(log) = std::env::var_os("COMPRESS_SKIP_LOG") {
         use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
             let _ = writeln!(f, "{line}");
         }
     }
