@@ -128,7 +128,7 @@ pub fn write_byte_tokenizer(dir: &Path, vocab_size: usize) {
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("write tokenizer");
     std::fs::write(
         dir.join("tokenizer_config.json"),
-        json!({"add_bos_token": false, "pad_token": {"content": "</s>"}, "unk_token": "<s>"})
+        json!({"add_bos_token": false, "chat_template": "{{ messages }}", "pad_token": {"content": "</s>"}, "unk_token": "<s>"})
             .to_string(),
     )
     .expect("write tokenizer config");

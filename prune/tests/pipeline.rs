@@ -14,15 +14,10 @@ use prune::owl::Owl;
 use prune::pipeline::{PruneOptions, prune};
 use quant::pipeline::{DenseSink, OutputSink};
 
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+/// The linears of a block, by HF suffix.
+fn linears() -> [&'static str; 7] {
+    quant::block::LINEARS.map(|(n, _)| n)
+}
 
 fn teacher(dir: &Path) -> Checkpoint {
     // Uneven input channels (a few large embedding columns), as real activations have.
@@ -108,7 +103,7 @@ fn methods_reach_the_pattern_and_keep_the_papers_ordering() {
                 .join(format!("{method:?}-{}", pattern.label().replace(':', "-")));
             let s = run(&t, &out, method, &opts);
             for l in 0..3 {
-                for name in LINEARS {
+                for name in linears() {
                     let (w, cols) = linear(&s, l, name);
                     let sp = sparsity_of(&w);
                     assert!((sp - 0.5).abs() < 1e-3, "{method:?} {name}: {sp}");
@@ -162,7 +157,7 @@ fn owl_sparsities_apply_per_block_and_average_to_the_target() {
     let mut zeros = 0;
     let mut total = 0;
     for (l, want) in per_block.iter().enumerate() {
-        for name in LINEARS {
+        for name in linears() {
             let (w, _) = linear(&s, l, name);
             assert!((sparsity_of(&w) - want).abs() < 2e-2, "block {l} {name}");
             zeros += w.iter().filter(|&&x| x == 0.0).count();

@@ -97,3 +97,47 @@ pub fn prepare(
     drop(inv);
     Ok(Prepared { perm, dead, l })
 }
+
+/// The optimal-brain-surgeon update GPTQ and SparseGPT share: column `i1 + i` of the block
+/// `i1..i1 + count` has been fixed with scaled errors `err[:, i]` (its change divided by
+/// `U[c, c]`); push them onto the block's later columns through row `c` of `U`.
+pub fn update_within_block(
+    wm: &mut faer::Mat<f32>,
+    err: &faer::Mat<f32>,
+    u: faer::MatRef<'_, f32>,
+    i1: usize,
+    i: usize,
+    count: usize,
+) {
+    let c = i1 + i;
+    for j in i + 1..count {
+        let f = u[(c, i1 + j)];
+        if f != 0.0 {
+            for r in 0..wm.nrows() {
+                wm[(r, i1 + j)] -= err[(r, i)] * f;
+            }
+        }
+    }
+}
+
+/// After a block `i1..i2` is fixed, its scaled errors update every column after it at once
+/// (the lazy batch update): `W[:, i2..] -= Err · U[i1..i2, i2..]`.
+pub fn update_after_block(
+    wm: &mut faer::Mat<f32>,
+    err: &faer::Mat<f32>,
+    u: faer::MatRef<'_, f32>,
+    i1: usize,
+    i2: usize,
+) {
+    let (rows, cols) = (wm.nrows(), wm.ncols());
+    if i2 < cols {
+        faer::linalg::matmul::matmul(
+            wm.as_mut().submatrix_mut(0, i2, rows, cols - i2),
+            faer::Accum::Add,
+            err.as_ref(),
+            u.submatrix(i1, i2, i2 - i1, cols - i2),
+            -1.0,
+            faer::Par::rayon(0),
+        );
+    }
+}

@@ -7,114 +7,17 @@ use std::path::Path;
 use model::Checkpoint;
 use model::gguf::GgmlType;
 use model::gguf::writer::{MetaValue, read_metadata};
-use model::safetensors_io::{StoreDtype, StreamingWriter};
 use quant::gguf_export::{TypePlan, export};
-use serde_json::json;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
-/// GPT-2's byte-to-unicode map.
-fn byte_chars() -> Vec<char> {
-    let mut keep: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xa1..=0xac)
-        .chain(0xae..=0xff)
-        .collect();
-    let mut chars: Vec<u32> = keep.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !keep.contains(&b) {
-            keep.push(b);
-            chars.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut out = vec![' '; 256];
-    for (b, c) in keep.iter().zip(chars) {
-        out[*b as usize] = char::from_u32(c).unwrap();
-    }
-    out
-}
+use model::testkit::Rng;
 
 const VOCAB: usize = 300;
 
-/// A tiny llama: hidden 64, 4 heads of 16, 2 kv heads, ffn 256, 3 layers, untied.
+/// A tiny llama: hidden 64, 4 heads of 16, 2 kv heads, ffn 256, 3 layers (model::testkit).
 fn write_tiny_hf(dir: &Path, tied: bool) -> BTreeMap<String, Vec<f32>> {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
-        "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
-        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": tied, "bos_token_id": 0, "eos_token_id": 1
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let cfg = model::Config::from_json_str(&config.to_string(), Path::new("config.json")).unwrap();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut tensors = BTreeMap::new();
-    let plan: Vec<(String, Vec<usize>, StoreDtype)> = model::checkpoint::expected_tensors(&cfg)
-        .into_iter()
-        .map(|(n, s)| (n, s, StoreDtype::F32))
-        .collect();
-    let mut w = StreamingWriter::create(
-        &dir.join("model.safetensors"),
-        plan.clone(),
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    for (name, shape, _) in &plan {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 1 {
-            (0..n).map(|_| 1.0 + 0.1 * rng.next()).collect()
-        } else {
-            (0..n).map(|_| 0.05 * rng.next()).collect()
-        };
-        w.write_next(name, &data).unwrap();
-        tensors.insert(name.clone(), data);
-    }
-    w.finish().unwrap();
-
-    // Byte-level BPE: 2 specials, 256 byte tokens, 2 merged tokens; ids >= 260 unused.
-    let bc = byte_chars();
-    let mut vocab = serde_json::Map::new();
-    for (i, c) in bc.iter().enumerate() {
-        vocab.insert(c.to_string(), json!(i + 2));
-    }
-    vocab.insert("<s>".into(), json!(0));
-    vocab.insert("</s>".into(), json!(1));
-    vocab.insert("Ġt".into(), json!(258));
-    vocab.insert("he".into(), json!(259));
-    let tok = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [
-            {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-            {"id": 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
-        ],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": ["Ġ t", "h e"]}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        json!({"add_bos_token": false, "chat_template": "{{ messages }}", "pad_token": {"content": "</s>"}, "unk_token": "<s>"})
-            .to_string(),
-    )
-    .unwrap();
-    tensors
+    let mut config = model::testkit::tiny_config();
+    config["tie_word_embeddings"] = tied.into();
+    model::testkit::write_hf(dir, &config, 0x9e37_79b9_7f4a_7c15, |_, _| {})
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {

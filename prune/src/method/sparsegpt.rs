@@ -6,8 +6,8 @@
 //! pushed onto the columns not yet visited so the layer's output on the calibration inputs is
 //! reconstructed. The Hessian machinery is the one GPTQ uses ([`quant::hessian`]).
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::Mat;
+use quant::hessian::{update_after_block, update_within_block};
 
 use super::{LinearJob, PruneMethod};
 use crate::mask::lowest;
@@ -56,7 +56,6 @@ impl PruneMethod for SparseGpt {
             }
         });
         let mut pruned = vec![false; rows * cols];
-        let par = Par::rayon(0);
         for i1 in (0..cols).step_by(block) {
             let i2 = (i1 + block).min(cols);
             let count = i2 - i1;
@@ -94,25 +93,9 @@ impl PruneMethod for SparseGpt {
                         wm[(r, c)] = 0.0;
                     }
                 }
-                for j in i + 1..count {
-                    let f = u[(c, i1 + j)];
-                    if f != 0.0 {
-                        for r in 0..rows {
-                            wm[(r, i1 + j)] -= err[(r, i)] * f;
-                        }
-                    }
-                }
+                update_within_block(&mut wm, &err, u, i1, i, count);
             }
-            if i2 < cols {
-                matmul(
-                    wm.as_mut().submatrix_mut(0, i2, rows, cols - i2),
-                    Accum::Add,
-                    err.as_ref(),
-                    u.submatrix(i1, i2, count, cols - i2),
-                    -1.0,
-                    par,
-                );
-            }
+            update_after_block(&mut wm, &err, u, i1, i2);
         }
         for r in 0..rows {
             for c in 0..cols {

@@ -8,13 +8,12 @@
 
 use std::collections::BTreeMap;
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::Mat;
 use model::transformer::Tap;
 
 use super::{BlockJob, BlockResult, Outputs, QuantMethod};
 use crate::QuantError;
-use crate::hessian::{Prepared, prepare};
+use crate::hessian::{Prepared, prepare, update_after_block, update_within_block};
 use crate::scheme::{GroupParams, QuantScheme, QuantizedLinear};
 use crate::staged::StagedRun;
 
@@ -88,7 +87,6 @@ pub fn gptq_prepared(
         rows * groups
     ];
     let mut g_idx = vec![0u32; cols];
-    let par = Par::rayon(0);
     for i1 in (0..cols).step_by(opts.block) {
         let i2 = (i1 + opts.block).min(cols);
         let count = i2 - i1;
@@ -118,25 +116,9 @@ pub fn gptq_prepared(
                 codes[r * cols + perm[c]] = code;
                 err[(r, i)] = (x - QuantScheme::value(code, p)) / d;
             }
-            for j in i + 1..count {
-                let f = u[(c, i1 + j)];
-                if f != 0.0 {
-                    for r in 0..rows {
-                        wm[(r, i1 + j)] -= err[(r, i)] * f;
-                    }
-                }
-            }
+            update_within_block(&mut wm, &err, u, i1, i, count);
         }
-        if i2 < cols {
-            matmul(
-                wm.as_mut().submatrix_mut(0, i2, rows, cols - i2),
-                Accum::Add,
-                err.as_ref(),
-                u.submatrix(i1, i2, count, cols - i2),
-                -1.0,
-                par,
-            );
-        }
+        update_after_block(&mut wm, &err, u, i1, i2);
     }
     Ok(QuantizedLinear {
         rows,
