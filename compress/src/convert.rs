@@ -44,6 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dtype = StoreDtype::parse(&a.dtype)
         .with_context(|| format!("--dtype `{}` is not one of f32, f16, bf16", a.dtype))?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
 
@@ -98,6 +99,7 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
         );
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
     let cfg = ckpt.config();
     let mut plan = TypePlan::preset(&a.gguf_type, cfg.num_hidden_layers, cfg.tie_word_embeddings)?;

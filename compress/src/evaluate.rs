@@ -128,6 +128,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let meter = EnergyMeter::start();
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    ckpt.check_shapes().context("cannot open model")?;
     let max_ctx = ckpt.config().max_position_embeddings;
     if a.ppl.is_some() && (a.ctx < 2 || a.ctx > max_ctx) {
         bail!(

@@ -81,6 +81,7 @@ pub fn run(a: &Args, unit: Unit) -> anyhow::Result<()> {
         bail!("--calib does not apply to --importance magnitude (it is data-free)");
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
     let teacher = ckpt.config().clone();
     // Every range and budget check happens here, before tokenizing or running anything.

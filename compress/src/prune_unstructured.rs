@@ -76,6 +76,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--calib does not apply to --method magnitude (it is data-free)");
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
     for (name, shape) in model::checkpoint::block_tensors(ckpt.config(), 0) {

@@ -138,6 +138,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let method = quant::method::by_name(&a.method, &opts)?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
     // Every input width must take the group size before any work starts.
@@ -324,6 +325,7 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
         bail!("--method awq needs --calib FILE");
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
+    ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
     let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
     let cfg = ckpt.config();

@@ -211,4 +211,37 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         let refs: Vec<&Path> = args.iter().map(|x| x.as_path()).collect();
         fails(root, &refs, "", &[needle]);
     }
+    // A model whose config disagrees with its tensors (a structurally pruned model whose
+    // config was edited back) is refused before any work, by every stage.
+    let edited = root.join("edited");
+    let mut cfg = tiny_config();
+    write_hf(&edited, &cfg, 4, |_, _| {});
+    cfg["intermediate_size"] = 192.into();
+    std::fs::write(edited.join("config.json"), cfg.to_string()).unwrap();
+    for args in [
+        vec![
+            p("prune"),
+            edited.clone(),
+            p("--method"),
+            p("magnitude"),
+            p("--sparsity"),
+            p("0.5"),
+        ],
+        vec![
+            p("prune"),
+            edited.clone(),
+            p("--structured"),
+            p("channels"),
+            p("--ratio"),
+            p("0.25"),
+            p("--importance"),
+            p("magnitude"),
+        ],
+        vec![p("quant"), edited.clone(), p("--method"), p("rtn")],
+    ] {
+        let mut full = args;
+        full.extend([p("--out"), p(no)]);
+        let refs: Vec<&Path> = full.iter().map(|x| x.as_path()).collect();
+        fails(root, &refs, "gate_proj", &["config and tensors disagree"]);
+    }
 }

@@ -143,6 +143,43 @@ impl Checkpoint {
         }
     }
 
+    /// Checks that every tensor the config implies is present with the implied shape (the
+    /// element count for GGUF, which stores dimensions in its own order), so a config that
+    /// disagrees with its tensors, e.g. a structurally pruned model whose config was edited,
+    /// is refused before any work starts.
+    pub fn check_shapes(&self) -> Result<()> {
+        let metas: BTreeMap<String, TensorMeta> = self
+            .tensors()
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let gguf = matches!(self.source, Source::Gguf { .. });
+        for (name, shape) in self.expected_tensors() {
+            let Some(t) = metas.get(&name) else {
+                return Err(ModelError::format(
+                    &self.path,
+                    format!("`{name}`, which config.json implies, is missing"),
+                ));
+            };
+            let want: u64 = shape.iter().map(|&d| d as u64).product();
+            let ok = if gguf {
+                t.numel() == want
+            } else {
+                t.shape == shape
+            };
+            if !ok {
+                return Err(ModelError::format(
+                    &self.path,
+                    format!(
+                        "`{name}` has shape {:?} but the config implies {shape:?} (config and tensors disagree)",
+                        t.shape
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a tensor of this HF name exists.
     pub fn has(&self, name: &str) -> bool {
         match &self.source {
