@@ -50,7 +50,8 @@ pub(crate) fn set_threads(n: Option<usize>) -> usize {
     rayon::current_num_threads()
 }
 
-/// A progress bar with an ETA, drawn on stderr only when it is a terminal.
+/// A progress bar with an ETA on stderr: redrawn on a terminal, a plain line every few
+/// seconds otherwise (logs, CI).
 pub(crate) fn progress_bar(msg: &str, total: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
@@ -61,7 +62,58 @@ pub(crate) fn progress_bar(msg: &str, total: u64) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // Under CI, nohup or a redirect: plain lines instead of a redrawn bar.
+        pb.set_draw_target(indicatif::ProgressDrawTarget::term_like_with_hz(
+            Box::new(PlainLines(std::sync::Mutex::new(std::time::Instant::now()))),
+            1,
+        ));
+    }
     pb
+}
+
+/// Seconds between two progress lines when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: f64 = 5.0;
+
+/// A progress "terminal" for logs: each redraw becomes one plain stderr line, at most one
+/// every [`PLAIN_PROGRESS_EVERY`] seconds and none in the first ones (a quick command, or one
+/// that fails early, prints only its own lines); cursor movement and clearing are ignored.
+#[derive(Debug)]
+struct PlainLines(std::sync::Mutex<std::time::Instant>);
+
+impl indicatif::TermLike for PlainLines {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, line: &str) -> std::io::Result<()> {
+        let mut last = self.0.lock().expect("progress lock");
+        if last.elapsed().as_secs_f64() >= PLAIN_PROGRESS_EVERY && !line.trim().is_empty() {
+            *last = std::time::Instant::now();
+            eprintln!("{}", line.trim_end());
+        }
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.write_line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
