@@ -21,9 +21,9 @@ pub struct Args {
     model: crate::Path,
     /// The HF folder to write.
     out: crate::Path,
-    /// Storage type of the weights: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// HF output only: storage type of the weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::hf_folder::Dtype,
     /// Replace OUT if it exists.
     #[arg(long)]
     force: bool,
@@ -41,8 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.out.extension().is_some_and(|e| e == "gguf") {
         return run_gguf(a);
     }
-    let dtype = StoreDtype::parse(&a.dtype)
-        .with_context(|| format!("--dtype `{}` is not one of f32, f16, bf16", a.dtype))?;
+    let dtype = StoreDtype::from(a.dtype);
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
@@ -83,7 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.out.display(),
         plan.len(),
         bytes,
-        a.dtype
+        dtype.torch_name()
     );
     Ok(())
 }

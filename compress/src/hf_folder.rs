@@ -8,6 +8,28 @@ use model::safetensors_io::StoreDtype;
 use model::{Checkpoint, Config, Tokenizer};
 use serde_json::{Value, json};
 
+/// Storage type of the weights of a written HF folder (`--dtype`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit float: no rounding of reconstructed weights (SparseGPT's updates, dequantized GGUF).
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16: half the bytes of f32.
+    Bf16,
+}
+
+impl From<Dtype> for StoreDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => StoreDtype::F32,
+            Dtype::F16 => StoreDtype::F16,
+            Dtype::Bf16 => StoreDtype::BF16,
+        }
+    }
+}
+
 /// Writes `config.json` for weights stored as `dtype`, with `extra` keys merged in (e.g. a
 /// `quantization_config`); returns the config written.
 pub fn write_config(

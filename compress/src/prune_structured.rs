@@ -109,14 +109,15 @@ pub fn run(a: &Args, unit: Unit) -> anyhow::Result<()> {
     let tmp = temp_sibling(&a.out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    let cfg = crate::hf_folder::write_config_for(&plan.config, StoreDtype::BF16, &tmp, None)?;
+    let cfg =
+        crate::hf_folder::write_config_for(&plan.config, StoreDtype::from(a.dtype), &tmp, None)?;
     let n = model::checkpoint::expected_tensors(&cfg).len() as u64;
     let pb = crate::progress_bar("write", n);
     st::write_weights(
         &ckpt,
         &plan,
         &tmp.join("model.safetensors"),
-        StoreDtype::BF16,
+        StoreDtype::from(a.dtype),
         |i| pb.set_position(i as u64),
     )?;
     pb.finish_and_clear();
@@ -168,6 +169,7 @@ fn report(
         "importance": a.importance,
         "options": {
             "amount": amount,
+            "dtype": a.dtype,
             "removed_per_layer": (plan.unit != st::Unit::Layers).then_some(plan.removed),
             "removed_layers": (plan.unit == st::Unit::Layers).then_some(plan.removed),
             "calibration": a.calib.as_ref().map(|p| json!({

@@ -72,6 +72,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         );
     }
+    if a.one_pass && !method.needs_calibration() {
+        bail!("--one-pass applies to calibrated methods (wanda, sparsegpt) only");
+    }
     if !method.needs_calibration() && owl.is_none() && a.calib.is_some() {
         bail!("--calib does not apply to --method magnitude (it is data-free)");
     }
@@ -108,11 +111,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tmp.join(".dense")
     };
     std::fs::create_dir_all(&dense_dir)?;
-    let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &dense_dir, None)?;
+    let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::from(a.dtype), &dense_dir, None)?;
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &dense_dir)?;
     let mut sinks: Vec<Box<dyn OutputSink>> = vec![Box::new(DenseSink::create(
         &dense_dir.join("model.safetensors"),
         &cfg,
+        StoreDtype::from(a.dtype),
     )?)];
 
     let block_sparsity = match (&owl, pattern) {
@@ -132,6 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         calib,
         block_sparsity,
         sample_rows: a.sample_rows,
+        true_sequential: !a.one_pass,
     };
     let pb = crate::progress_bar(method.name(), cfg.num_hidden_layers as u64);
     let report = prune::pipeline::prune(
@@ -168,7 +173,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let full = json!({
         "teacher": a.model, "method": method_kind, "pattern": pattern,
-        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "owl": owl, "sample_rows": a.sample_rows},
+        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "owl": owl, "sample_rows": a.sample_rows, "dtype": a.dtype, "true_sequential": !a.one_pass},
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
         "teacher_bytes": ckpt.bytes_on_disk(), "params": cfg.num_params(),
         "dense_bytes": dense.then_some(dense_bytes), "sparse": sparse_report, "report": report,
@@ -229,7 +234,7 @@ fn print_summary(
     println!("{t}");
     if let Some(b) = dense_bytes {
         println!(
-            "wrote {} (dense bf16 with exact zeros, {b} bytes) and prune_report.json",
+            "wrote {} (dense with exact zeros, {b} bytes) and prune_report.json",
             a.out.display()
         );
     }

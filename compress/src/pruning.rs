@@ -35,7 +35,7 @@ pub enum Importance {
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// HF folder, bf16 safetensors with exact zeros.
+    /// HF folder, safetensors (`--dtype`) with exact zeros.
     Dense,
     /// compressed-tensors `sparse-bitmask` folder (OUT/sparse beside a dense model, or OUT).
     Sparse,
@@ -68,6 +68,10 @@ pub struct Args {
     /// SparseGPT: dampening as a fraction of the mean Hessian diagonal (0.01).
     #[arg(long)]
     pub damp: Option<f64>,
+    /// Calibrated methods: take every linear's statistics from the unpruned block (one pass,
+    /// as llm-compressor) instead of true-sequential order (q/k/v, then o_proj on pruned q/k/v, ...).
+    #[arg(long)]
+    pub one_pass: bool,
     /// Structured pruning: the unit removed.
     #[arg(long, value_enum)]
     pub structured: Option<Unit>,
@@ -102,6 +106,10 @@ pub struct Args {
     /// Calibration rows kept per linear for the error report.
     #[arg(long, default_value_t = 512)]
     pub sample_rows: usize,
+    /// Storage type of the dense output's weights (bf16 halves the bytes; f32 keeps
+    /// SparseGPT's reconstructed weights unrounded).
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: crate::hf_folder::Dtype,
     /// Output formats, comma-separated: dense and/or sparse (unstructured and N:M only).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "dense")]
     pub format: Vec<Format>,
@@ -149,6 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (a.pattern.is_some(), "--pattern"),
             (a.owl, "--owl"),
             (a.damp.is_some(), "--damp"),
+            (a.one_pass, "--one-pass"),
             (a.format.contains(&Format::Sparse), "--format sparse"),
         ] {
             if set {

@@ -173,6 +173,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sinks.push(Box::new(DenseSink::create(
             &tmp.join("model.safetensors"),
             &c,
+            StoreDtype::BF16,
         )?));
         cfg = Some(c);
     }

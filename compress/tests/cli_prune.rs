@@ -80,6 +80,41 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 
+    // `--dtype f32`: the weights magnitude keeps are the teacher's f32 values, bit for bit.
+    let f32_out = root.join("f32");
+    let run = compress(&[
+        "prune",
+        t,
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--dtype",
+        "f32",
+        "--out",
+        f32_out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (s, t32) = (
+        model::Checkpoint::open(&f32_out).unwrap(),
+        model::Checkpoint::open(&teacher).unwrap(),
+    );
+    let name = "model.layers.1.self_attn.o_proj.weight";
+    assert_eq!(
+        s.tensors().iter().find(|m| m.name == name).unwrap().dtype,
+        "F32"
+    );
+    let (a, b) = (
+        s.read(name, &[64, 64]).unwrap(),
+        t32.read(name, &[64, 64]).unwrap(),
+    );
+    assert!(a.iter().zip(&b).all(|(x, y)| *x == 0.0 || x == y));
+    assert_eq!(a.iter().filter(|&&x| x == 0.0).count(), a.len() / 2);
+
     let p = |s: &str| Path::new(s).to_path_buf();
     let new_out = root.join("other");
     let no = new_out.to_str().unwrap();
@@ -185,6 +220,28 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
             "--structured",
         ),
         (vec!["--sparsity", "0.5"], "--method", "--structured"),
+        (
+            vec!["--method", "magnitude", "--sparsity", "0.5", "--one-pass"],
+            "--one-pass",
+            "calibrated",
+        ),
+        (
+            vec!["--structured", "layers", "--count", "1", "--one-pass"],
+            "--one-pass",
+            "--structured",
+        ),
+        (
+            vec![
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--dtype",
+                "f8",
+            ],
+            "--dtype",
+            "f8",
+        ),
     ];
     for (args, names, needle) in cases {
         let mut full: Vec<std::path::PathBuf> = vec![p("prune"), teacher.clone()];

@@ -29,6 +29,9 @@ pub struct PruneOptions {
     pub block_sparsity: Option<Vec<f64>>,
     /// Input rows kept per linear for the error report.
     pub sample_rows: usize,
+    /// Each group of linears sees inputs from the groups pruned before it in its block
+    /// (true-sequential); `false`: every group's statistics come from the unpruned block.
+    pub true_sequential: bool,
 }
 
 /// What pruning did to one linear layer.
@@ -101,17 +104,37 @@ impl PruneStage<'_> {
         let calibrated = !ctx.inputs.is_empty();
         let mut staged = calibrated.then(|| StagedRun::new(ctx.inputs.clone()));
         let pattern = self.pattern();
-        for (tap, names) in STAGES {
-            let mut stats = staged.as_mut().map(|s| {
-                let block = ctx.weights.build(ctx.cfg, ctx.device);
-                s.advance(
+        // One pass: every stage's statistics from the unpruned block (llm-compressor's order).
+        let mut early: Vec<Option<TapStats>> = Vec::new();
+        if !self.opts.true_sequential
+            && let Some(s) = staged.as_mut()
+        {
+            let block = ctx.weights.build(ctx.cfg, ctx.device);
+            for (tap, _) in STAGES {
+                early.push(Some(s.advance(
                     &block,
                     ctx.rope,
                     tap,
                     self.method.needs_hessian(),
                     self.opts.sample_rows,
-                )
-            });
+                )));
+            }
+            staged = Some(StagedRun::new(ctx.inputs.clone()));
+        }
+        for (si, (tap, names)) in STAGES.into_iter().enumerate() {
+            let mut stats = match early.get_mut(si) {
+                Some(e) => e.take(),
+                None => staged.as_mut().map(|s| {
+                    let block = ctx.weights.build(ctx.cfg, ctx.device);
+                    s.advance(
+                        &block,
+                        ctx.rope,
+                        tap,
+                        self.method.needs_hessian(),
+                        self.opts.sample_rows,
+                    )
+                }),
+            };
             let prep = match stats.as_mut().and_then(|s| s.xtx.take()) {
                 Some(h) => Some(quant::hessian::prepare(
                     h,
@@ -141,8 +164,13 @@ impl PruneStage<'_> {
             }
         }
         Ok(match staged {
-            Some(s) => {
+            Some(mut s) => {
                 let block = ctx.weights.build(ctx.cfg, ctx.device);
+                if !early.is_empty() {
+                    for (tap, _) in STAGES {
+                        s.advance(&block, ctx.rope, tap, false, 0);
+                    }
+                }
                 Outputs::Quantized(s.finish(&block, ctx.rope))
             }
             None => Outputs::None,

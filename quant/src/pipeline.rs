@@ -31,15 +31,15 @@ pub trait OutputSink {
     fn finish(self: Box<Self>) -> Result<(), QuantError>;
 }
 
-/// Writes dequantized weights as one bf16 safetensors file (the `dense` format).
+/// Writes (dequantized) weights as one safetensors file of one float dtype (the `dense` format).
 pub struct DenseSink(StreamingWriter);
 
 impl DenseSink {
-    /// A sink writing `path` for a model of this config.
-    pub fn create(path: &Path, cfg: &model::Config) -> Result<Self, QuantError> {
+    /// A sink writing `path` for a model of this config, every tensor stored as `dtype`.
+    pub fn create(path: &Path, cfg: &model::Config, dtype: StoreDtype) -> Result<Self, QuantError> {
         let plan = model::checkpoint::expected_tensors(cfg)
             .into_iter()
-            .map(|(n, s)| (n, s, StoreDtype::BF16))
+            .map(|(n, s)| (n, s, dtype))
             .collect();
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());

@@ -13,7 +13,9 @@
 #   CHUNKS (default 32), OUT (default /tmp/prune-bench), PEERS (default 1; 0 skips the peer
 #   rows), ROWS (space-separated globs of row keys to run, e.g. "wanda-* peer-wanda-*";
 #   default all; the teacher row always runs), NICE (default 0: niceness of the runs),
-#   BUILD (default 1; 0 skips `cargo build`, see lib.sh).
+#   BUILD (default 1; 0 skips `cargo build`, see lib.sh), RESUME (default 0; 1 keeps
+#   OUT/rows.jsonl and OUT/calib.json and skips every row already measured there, so a run
+#   cut short, or one split over several sittings, goes on where it stopped).
 # Takes hours at the defaults (SparseGPT and the peer's f32 runs dominate).
 set -euo pipefail
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
@@ -22,12 +24,16 @@ OUT="${OUT:-/tmp/prune-bench}"
 PEERS="${PEERS:-1}"
 ROWS="${ROWS:-}"
 NICE="${NICE:-0}"
+RESUME="${RESUME:-0}"
 source "$(dirname "$0")/lib.sh"
 HERE="$ROOT/scripts/bench"
 ROWS_FILE="$OUT/rows.jsonl"
 CALIB_IDS="$OUT/calib.json"
-: >"$ROWS_FILE"
-rm -f "$CALIB_IDS"
+mkdir -p "$OUT"
+if [[ "$RESUME" != 1 ]]; then
+    : >"$ROWS_FILE"
+    rm -f "$CALIB_IDS"
+fi
 CAL=(--calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN")
 
 # want KEY: whether ROWS selects the row.
@@ -45,6 +51,10 @@ want() {
 # folder is $D; its step times go to $TIMES; PAIR links one of our rows to its peer row.
 begin() {
     want "$1" || return 1
+    if [[ "$RESUME" == 1 ]] && python3 "$HERE/prune_rows.py" has "$ROWS_FILE" "$1"; then
+        echo "[$(date +%T)] $1: measured before (RESUME=1)" >&2
+        return 1
+    fi
     KEY=$1 TOOL=$2 METH=$3 PAT=$4 PAIR=$5
     D="$OUT/$KEY"
     TIMES="$OUT/$KEY.times"
@@ -103,7 +113,9 @@ pattern_of() {
 
 # Teacher.
 KEY=teacher TOOL=- METH=- PAT=- PAIR= D="" TIMES="" FAIL= NOTE=
-finish "$MODEL"
+if ! [[ "$RESUME" == 1 ]] || ! python3 "$HERE/prune_rows.py" has "$ROWS_FILE" teacher; then
+    finish "$MODEL"
+fi
 
 # Ours: unstructured and N:M.
 for spec in "${SPECS[@]}"; do

@@ -4,6 +4,7 @@
     prune_rows.py record KEY key=value...   one JSON line for a row, on stdout
     prune_rows.py table ROWS.jsonl          the markdown table, on stdout
     prune_rows.py zeros DIR_OR_FILE         "zeros params" of the decoder linear weights
+    prune_rows.py has ROWS.jsonl KEY        exit 0 when ROWS.jsonl holds a measured row KEY
 
 record reads what the row left behind: DIR/prune_report.json (ours), DIR/peer_report.json
 (llm-compressor), DIR/quant_report.json, the eval JSON and the /usr/bin/time lines
@@ -143,8 +144,20 @@ def fmt_int(v):
     return "-" if v is None else f"{int(v)}"
 
 
+def load_rows(path):
+    """The rows of a rows file, the last line of each key winning (a resumed bench re-runs
+    failed rows and appends them)."""
+    by_key = {}
+    for line in open(path):
+        if line.strip():
+            r = json.loads(line)
+            by_key.pop(r["key"], None)
+            by_key[r["key"]] = r
+    return list(by_key.values())
+
+
 def table(path):
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+    rows = load_rows(path)
     teacher = next((r for r in rows if r["key"] == "teacher" and "ppl" in r), None)
     t_ppl = teacher["ppl"] if teacher else None
     peers = {r["pair"]: r for r in rows if r.get("tool") == "llmcompressor" and r.get("pair")}
@@ -203,6 +216,11 @@ def main():
         record(sys.argv[2], kv)
     elif cmd == "table":
         table(sys.argv[2])
+    elif cmd == "has":
+        ok = os.path.exists(sys.argv[2]) and any(
+            r["key"] == sys.argv[3] and "ppl" in r and not r.get("note") for r in load_rows(sys.argv[2])
+        )
+        sys.exit(0 if ok else 1)
     elif cmd == "zeros":
         z, n = zeros(sys.argv[2])
         print(z, n)
