@@ -302,3 +302,85 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         fails(root, &refs, "gate_proj", &["config and tensors disagree"]);
     }
 }
+
+/// prune -> quant to GGUF K-quants: every pruned zero is still exactly zero in the GGUF
+/// (Q4_K's reference rounding moves zeros; the quantizer keeps them for pruned tensors).
+#[test]
+fn pruned_zeros_survive_gguf_k_quants() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let teacher = root.join("teacher");
+    // Widths that are multiples of 256, so the linears are written as Q4_K / Q6_K.
+    let mut cfg = tiny_config();
+    cfg["hidden_size"] = 256.into();
+    cfg["intermediate_size"] = 512.into();
+    cfg["num_attention_heads"] = 4.into();
+    cfg["num_key_value_heads"] = 4.into();
+    write_hf(&teacher, &cfg, 11, |_, _| {});
+    let pruned = root.join("pruned");
+    let gguf = root.join("q.gguf");
+    let back = root.join("back");
+    for args in [
+        vec![
+            "prune",
+            teacher.to_str().unwrap(),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--dtype",
+            "f32",
+            "--out",
+            pruned.to_str().unwrap(),
+        ],
+        vec![
+            "quant",
+            pruned.to_str().unwrap(),
+            "--method",
+            "rtn",
+            "--format",
+            "gguf:q4_k_m",
+            "--out",
+            gguf.to_str().unwrap(),
+        ],
+        vec![
+            "convert",
+            gguf.to_str().unwrap(),
+            back.to_str().unwrap(),
+            "--dtype",
+            "f32",
+        ],
+    ] {
+        let r = compress(&args);
+        assert!(
+            r.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    let (p, b) = (
+        model::Checkpoint::open(&pruned).unwrap(),
+        model::Checkpoint::open(&back).unwrap(),
+    );
+    let mut kquant = 0;
+    for t in model::Checkpoint::open(&gguf).unwrap().tensors() {
+        kquant += usize::from(t.dtype == "Q4_K");
+    }
+    assert!(kquant > 0, "no Q4_K tensor was written");
+    for l in 0..3 {
+        for (name, shape) in [
+            ("self_attn.q_proj", [256, 256]),
+            ("mlp.down_proj", [256, 512]),
+            ("mlp.up_proj", [512, 256]),
+        ] {
+            let n = format!("model.layers.{l}.{name}.weight");
+            let (a, q) = (p.read(&n, &shape).unwrap(), b.read(&n, &shape).unwrap());
+            let lost = a
+                .iter()
+                .zip(&q)
+                .filter(|(x, y)| **x == 0.0 && **y != 0.0)
+                .count();
+            assert_eq!(lost, 0, "{n}: {lost} pruned weights are no longer zero");
+        }
+    }
+}

@@ -31,35 +31,50 @@ struct AffineK {
     l: [u8; QK_K],
 }
 
-fn affine_k(x: &[f32], importance: Option<&[f32]>, nmax: i32, rmin: f32, nstep: i32) -> AffineK {
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
+/// Per sub-block of 32: the searched scale, the negated minimum and the error weights.
+struct SubSearch {
+    scales: [f32; 8],
+    mins: [f32; 8],
+    weights: [[f32; 32]; 8],
+}
+
+fn sub_search(
+    x: &[f32],
+    importance: Option<&[f32]>,
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> SubSearch {
+    let mut out = SubSearch {
+        scales: [0f32; 8],
+        mins: [0f32; 8],
+        weights: [[0f32; 32]; 8],
+    };
     let mut lv = [0i32; 32];
-    let mut weights = [0f32; 32];
     for j in 0..8 {
         let sub = &x[32 * j..32 * j + 32];
+        let weights = &mut out.weights[j];
         let (s, m) = match importance {
             None => {
                 let av = (sub.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
                 for (w, &v) in weights.iter_mut().zip(sub) {
                     *w = av + v.abs();
                 }
-                search_affine(sub, &weights, nmax, rmin, 0.1, nstep, true, &mut lv)
+                search_affine(sub, weights, nmax, rmin, 0.1, nstep, true, &mut lv)
             }
-            Some(w) => search_affine(
-                sub,
-                &w[32 * j..32 * j + 32],
-                nmax,
-                rmin,
-                0.05,
-                2 * nstep,
-                true,
-                &mut lv,
-            ),
+            Some(w) => {
+                weights.copy_from_slice(&w[32 * j..32 * j + 32]);
+                search_affine(sub, weights, nmax, rmin, 0.05, 2 * nstep, true, &mut lv)
+            }
         };
-        scales[j] = s;
-        mins[j] = -m;
+        out.scales[j] = s;
+        out.mins[j] = -m;
     }
+    out
+}
+
+fn affine_k(x: &[f32], importance: Option<&[f32]>, nmax: i32, rmin: f32, nstep: i32) -> AffineK {
+    let SubSearch { scales, mins, .. } = sub_search(x, importance, nmax, rmin, nstep);
     let max_scale = scales.iter().fold(0f32, |a, &b| a.max(b));
     let max_min = mins.iter().fold(0f32, |a, &b| a.max(b));
     let inv_scale = if max_scale > 0.0 {
@@ -103,8 +118,154 @@ fn affine_k(x: &[f32], importance: Option<&[f32]>, nmax: i32, rmin: f32, nstep: 
     }
 }
 
-fn q4k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4K {
-    let a = affine_k(x, importance, 15, -1.0, 20);
+/// Q4_K/Q5_K for a super-block holding exact zeros (pruned weights), so that every zero
+/// decodes to exactly 0. ggml decodes `d*sc*q - dmin*m`; with `dmin = d * 2^k` and
+/// `m = sc*z / 2^k` (an integer), level `z` decodes to `d*sc*(z - z) = 0`, and every product
+/// is exact in f32 (an f16 times integers of at most 11 bits). k is tried around
+/// log2 of the plain ratio dmin/d (and one each side); per sub-block every zero point z with
+/// the few sub-scales next to the one that spans the sub-block's range and keeps `m` whole;
+/// the lowest weighted error wins.
+fn affine_k_keep_zeros(
+    x: &[f32],
+    importance: Option<&[f32]>,
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> AffineK {
+    let SubSearch {
+        scales,
+        mins,
+        weights,
+    } = sub_search(x, importance, nmax, rmin, nstep);
+    let mut out = AffineK {
+        d: 0,
+        dmin: 0,
+        scales: [0; K_SCALE_SIZE],
+        l: [0; QK_K],
+    };
+    let max_scale = scales.iter().fold(0f32, |a, &b| a.max(b));
+    let max_min = mins.iter().fold(0f32, |a, &b| a.max(b));
+    if !(f16_val(f16_bits(max_scale / 63.0)) > 0.0) {
+        return out; // every value decodes to 0 (the block is zero or below f16's range)
+    }
+    // Weighted error of sub-block j at step `step` and zero point z.
+    let err = |j: usize, step: f32, z: i32| -> f32 {
+        x[32 * j..32 * j + 32]
+            .iter()
+            .zip(&weights[j])
+            .map(|(&v, &w)| {
+                let y = if step == 0.0 {
+                    0
+                } else {
+                    (nearest_int(v / step) + z).clamp(0, nmax) - z
+                };
+                let e = v - step * y as f32;
+                w * e * e
+            })
+            .sum()
+    };
+    let spans: Vec<(f32, f32)> = (0..8)
+        .map(|j| {
+            x[32 * j..32 * j + 32]
+                .iter()
+                .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+        })
+        .collect();
+    // dmin/d near the plain ratio of the largest minimum to the largest scale, a power of 2;
+    // d a little above the plain one too, which gives sc*z more ways to be a multiple of 2^k.
+    let k0 = (max_min / max_scale).max(1.0).log2().round() as u32;
+    let mut best: Option<(f32, u16, u32, [(i32, i32); 8])> = None;
+    for grow in [1.0f32, 1.0625, 1.125, 1.25, 1.375] {
+        let d = f16_bits(max_scale * grow / 63.0);
+        let dv = f16_val(d);
+        for k in k0.saturating_sub(1)..=(k0 + 1).min(6) {
+            let pow = 1i32 << k;
+            if f16_val(f16_bits(dv * pow as f32)) != dv * pow as f32 {
+                continue;
+            }
+            let mut total = 0f32;
+            let mut choice = [(0i32, 0i32); 8];
+            for (j, &(lo, hi)) in spans.iter().enumerate() {
+                let mut bj = (err(j, 0.0, 0), 0, 0);
+                let zf = nearest_int(mins[j] / scales[j].max(f32::MIN_POSITIVE)).clamp(0, nmax);
+                // For zero points near the plain one, the sub-scales next to the one that
+                // spans [lo, hi], among those whose minimum code sc*z/2^k is whole and <= 63.
+                for z in (zf - 4).max(0)..=(zf + 4).min(nmax) {
+                    let need = if z == nmax {
+                        -lo / z as f32
+                    } else if z == 0 {
+                        hi / nmax as f32
+                    } else {
+                        (hi / (nmax - z) as f32).max(-lo / z as f32)
+                    };
+                    let step = pow / gcd(z.max(1), pow);
+                    let top = if z == 0 { 63 } else { 63.min(63 * pow / z) };
+                    let base = (need / dv / step as f32).floor() as i32 * step;
+                    for sc in [base - step, base, base + step, base + 2 * step] {
+                        if sc >= 1 && sc <= top && (sc * z) % pow == 0 {
+                            let e = err(j, dv * sc as f32, z);
+                            if e < bj.0 {
+                                bj = (e, sc, z);
+                            }
+                        }
+                    }
+                }
+                total += bj.0;
+                choice[j] = (bj.1, bj.2);
+            }
+            if best.as_ref().is_none_or(|b| total < b.0) {
+                best = Some((total, d, k, choice));
+            }
+        }
+    }
+    let Some((_, d, k, choice)) = best else {
+        return out;
+    };
+    let dv = f16_val(d);
+    let pow = 1i32 << k;
+    out.d = d;
+    out.dmin = f16_bits(dv * pow as f32);
+    for (j, &(sc, z)) in choice.iter().enumerate() {
+        let (ls, lm) = (sc as u8, (sc * z / pow) as u8);
+        if j < 4 {
+            out.scales[j] = ls;
+            out.scales[j + 4] = lm;
+        } else {
+            out.scales[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
+            out.scales[j - 4] |= (ls >> 4) << 6;
+            out.scales[j] |= (lm >> 4) << 6;
+        }
+        let step = dv * sc as f32;
+        for i in 32 * j..32 * j + 32 {
+            out.l[i] = if sc == 0 {
+                0
+            } else {
+                (nearest_int(x[i] / step) + z).clamp(0, nmax) as u8
+            };
+        }
+    }
+    out
+}
+
+fn gcd(mut a: i32, mut b: i32) -> i32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The Q4_K/Q5_K common part: the zero-keeping search when asked and the block holds a zero.
+fn affine(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool, q5: bool) -> AffineK {
+    let (nmax, rmin, nstep) = if q5 { (31, -0.5, 15) } else { (15, -1.0, 20) };
+    if keep_zeros && x.contains(&0.0) {
+        affine_k_keep_zeros(x, importance, nmax, rmin, nstep)
+    } else {
+        affine_k(x, importance, nmax, rmin, nstep)
+    }
+}
+
+fn q4k_block(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool) -> BlockQ4K {
+    let a = affine(x, importance, keep_zeros, false);
     let mut qs = [0u8; QK_K / 2];
     for n in 0..4 {
         for i in 0..32 {
@@ -119,8 +280,8 @@ fn q4k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4K {
     }
 }
 
-fn q5k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ5K {
-    let a = affine_k(x, importance, 31, -0.5, 15);
+fn q5k_block(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool) -> BlockQ5K {
+    let a = affine(x, importance, keep_zeros, true);
     let mut qs = [0u8; QK_K / 2];
     let mut qh = [0u8; QK_K / 8];
     for n in 0..4 {
@@ -206,10 +367,17 @@ impl BlockQuantizer for Q4K {
     type Block = BlockQ4K;
     const TYPE: GgmlType = GgmlType::Q4_K;
     fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4K {
-        let plain = q4k_block(x, None);
+        let plain = q4k_block(x, None, false);
         match importance {
             None => plain,
-            Some(w) => better(x, w, plain, q4k_block(x, Some(w))),
+            Some(w) => better(x, w, plain, q4k_block(x, Some(w), false)),
+        }
+    }
+    fn quantize_block_keep_zeros(x: &[f32], importance: Option<&[f32]>) -> Self::Block {
+        let plain = q4k_block(x, None, true);
+        match importance {
+            None => plain,
+            Some(w) => better(x, w, plain, q4k_block(x, Some(w), true)),
         }
     }
 }
@@ -222,10 +390,17 @@ impl BlockQuantizer for Q5K {
     type Block = BlockQ5K;
     const TYPE: GgmlType = GgmlType::Q5_K;
     fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ5K {
-        let plain = q5k_block(x, None);
+        let plain = q5k_block(x, None, false);
         match importance {
             None => plain,
-            Some(w) => better(x, w, plain, q5k_block(x, Some(w))),
+            Some(w) => better(x, w, plain, q5k_block(x, Some(w), false)),
+        }
+    }
+    fn quantize_block_keep_zeros(x: &[f32], importance: Option<&[f32]>) -> Self::Block {
+        let plain = q5k_block(x, None, true);
+        match importance {
+            None => plain,
+            Some(w) => better(x, w, plain, q5k_block(x, Some(w), true)),
         }
     }
 }

@@ -150,6 +150,59 @@ impl BlockQuantizer for Q4_0 {
     }
 }
 
+/// Scale, minimum and levels of an affine block (`y = d*q + m`) in which every exact zero of
+/// `x` decodes to exactly 0: the minimum is `-d*z` for an integer zero point z, and d keeps
+/// few enough significant bits that `d*z` is itself an f16 (so `m` stores it exactly and
+/// `d*z + m` is 0 in f32). `d` is the scale to start from (its low mantissa bits are dropped).
+fn affine_keep_zeros(x: &[f32], d: f32, nmax: i32) -> (u16, u16, [u8; QK]) {
+    let (min, _) = min_max(x);
+    let z = if d > 0.0 {
+        super::nearest_int(-min.min(0.0) / d).clamp(0, nmax)
+    } else {
+        0
+    };
+    // z needs up to 5 bits; f16 has 11 significant bits: keep at most 11 - bits(z) of d's.
+    let drop = 32 - (z as u32).leading_zeros();
+    let bits = f16_bits(d);
+    let mask = !((1u16 << drop) - 1);
+    // Round to the coarser grid (a carry into the exponent is still the nearest value).
+    let mut d_bits = bits.wrapping_add((1u16 << drop) >> 1) & mask;
+    if !f16_val(d_bits).is_finite() {
+        d_bits = bits & mask;
+    }
+    let dv = f16_val(d_bits);
+    let m = -dv * z as f32;
+    if f16_val(f16_bits(m)) != m || !dv.is_finite() {
+        // Below f16's normal range: a zero point of 0 keeps zeros (negatives clip to 0).
+        let q = std::array::from_fn(|j| (x[j] * inv(dv)).round().clamp(0.0, nmax as f32) as u8);
+        return (d_bits, 0, q);
+    }
+    let id = inv(dv);
+    let q = std::array::from_fn(|j| (super::nearest_int(x[j] * id) + z).clamp(0, nmax) as u8);
+    (d_bits, f16_bits(m), q)
+}
+
+/// The zero-keeping affine block of lower weighted error among the plain scale and, with
+/// importance, the weighted search's scale.
+fn keep_zeros_affine(x: &[f32], importance: Option<&[f32]>, nmax: i32) -> (u16, u16, [u8; QK]) {
+    let (min, max) = min_max(x);
+    let plain = affine_keep_zeros(x, (max - min) / nmax as f32, nmax);
+    let Some(w) = importance else { return plain };
+    let (d, _) = weighted_affine(x, w, nmax);
+    let cand = affine_keep_zeros(x, f16_val(d), nmax);
+    let err = |(d, m, q): &(u16, u16, [u8; QK])| -> f64 {
+        let (d, m) = (f16_val(*d), f16_val(*m));
+        (0..QK)
+            .map(|j| w[j] as f64 * ((x[j] - (q[j] as f32 * d + m)) as f64).powi(2))
+            .sum()
+    };
+    if err(&cand) < err(&plain) {
+        cand
+    } else {
+        plain
+    }
+}
+
 /// Q4_1: 4-bit affine (levels 0..15), f16 scale and minimum per 32 values.
 #[derive(Debug)]
 pub struct Q4_1;
@@ -183,6 +236,17 @@ impl BlockQuantizer for Q4_1 {
             qs: pack_nibbles(&round_affine(x, d, m, 15)),
         };
         better(x, w, plain, cand)
+    }
+    fn quantize_block_keep_zeros(x: &[f32], importance: Option<&[f32]>) -> BlockQ4_1 {
+        if !x.contains(&0.0) {
+            return Self::quantize_block(x, importance);
+        }
+        let (d, m, q) = keep_zeros_affine(x, importance, 15);
+        BlockQ4_1 {
+            d,
+            m,
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -265,6 +329,18 @@ impl BlockQuantizer for Q5_1 {
                 qs: pack_nibbles(&q),
             },
         )
+    }
+    fn quantize_block_keep_zeros(x: &[f32], importance: Option<&[f32]>) -> BlockQ5_1 {
+        if !x.contains(&0.0) {
+            return Self::quantize_block(x, importance);
+        }
+        let (d, m, q) = keep_zeros_affine(x, importance, 31);
+        BlockQ5_1 {
+            d,
+            m,
+            qh: fifth_bits(&q),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 

@@ -11,6 +11,11 @@
 //!   quantizers, written from their description. gguf-py cannot quantize these, so they are
 //!   checked by round-trip error and by gguf-py dequantizing our bytes to our values.
 //!
+//! **Pruned tensors** (at least 1/8 exact zeros) keep every zero exactly in every type: the
+//! symmetric types do so by construction; Q4_1/Q5_1 use an integer zero point with a scale
+//! short enough that the minimum is exact, and Q4_K/Q5_K a zero point per sub-block with
+//! `dmin = d * 2^k` ([`kquants`]). Dense tensors are untouched by this.
+//!
 //! **Importance** (`Some(w)`, one weight per input column, e.g. E[x_j^2] from calibration):
 //! each block's scale (and minimum) is chosen by a small search that minimises
 //! `sum_j w_j (x_j - deq_j)^2`; the plain (reference) block is always a candidate and the block
@@ -76,8 +81,15 @@ pub trait BlockQuantizer {
     /// same length and weights each value's squared error.
     fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> Self::Block;
 
+    /// As [`Self::quantize_block`], but every exact zero of `x` decodes to exactly 0 (for
+    /// pruned weights). The default suits formats whose reference already does so (the
+    /// symmetric ones: a zero rounds to the level that decodes to 0).
+    fn quantize_block_keep_zeros(x: &[f32], importance: Option<&[f32]>) -> Self::Block {
+        Self::quantize_block(x, importance)
+    }
+
     /// Quantizes one row (a whole number of blocks) into `out` (the row's bytes).
-    fn quantize_row(x: &[f32], importance: Option<&[f32]>, out: &mut [u8]) {
+    fn quantize_row(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool, out: &mut [u8]) {
         let n = Self::Block::BLOCK;
         let size = std::mem::size_of::<Self::Block>();
         debug_assert_eq!(x.len() / n * size, out.len());
@@ -87,7 +99,11 @@ pub trait BlockQuantizer {
             .enumerate()
         {
             let w = importance.map(|w| &w[b * n..(b + 1) * n]);
-            let block = Self::quantize_block(xb, w);
+            let block = if keep_zeros {
+                Self::quantize_block_keep_zeros(xb, w)
+            } else {
+                Self::quantize_block(xb, w)
+            };
             ob.copy_from_slice(bytemuck::bytes_of(&block));
         }
     }
@@ -174,7 +190,12 @@ pub fn bf16_bits(x: f32) -> u16 {
     ((n as u64 + (0x7fff + ((n >> 16) & 1)) as u64) >> 16) as u16
 }
 
-fn rows_of<Q: BlockQuantizer>(data: &[f32], row_len: usize, importance: Option<&[f32]>) -> Vec<u8>
+fn rows_of<Q: BlockQuantizer>(
+    data: &[f32],
+    row_len: usize,
+    importance: Option<&[f32]>,
+    keep_zeros: bool,
+) -> Vec<u8>
 where
     Q::Block: Sync,
 {
@@ -187,7 +208,7 @@ where
         .zip(data.par_chunks(row_len * per_task))
         .for_each(|(o, x)| {
             for (or, xr) in o.chunks_exact_mut(row_bytes).zip(x.chunks_exact(row_len)) {
-                Q::quantize_row(xr, importance, or);
+                Q::quantize_row(xr, importance, keep_zeros, or);
             }
         });
     out
@@ -244,6 +265,9 @@ pub fn quantize(
         None => None,
     };
     let imp = floored.as_deref();
+    // A pruned tensor (at least 1/8 exact zeros) keeps every zero exactly; a dense one is
+    // quantized as the reference quantizers do, byte for byte.
+    let keep_zeros = data.iter().filter(|&&v| v == 0.0).count() * 8 >= data.len();
     Ok(match ty {
         GgmlType::F32 => bytemuck::cast_slice(data).to_vec(),
         GgmlType::F16 => data
@@ -254,14 +278,14 @@ pub fn quantize(
             .par_iter()
             .flat_map_iter(|&x| bf16_bits(x).to_le_bytes())
             .collect(),
-        GgmlType::Q8_0 => rows_of::<legacy::Q8_0>(data, row_len, imp),
-        GgmlType::Q4_0 => rows_of::<legacy::Q4_0>(data, row_len, imp),
-        GgmlType::Q4_1 => rows_of::<legacy::Q4_1>(data, row_len, imp),
-        GgmlType::Q5_0 => rows_of::<legacy::Q5_0>(data, row_len, imp),
-        GgmlType::Q5_1 => rows_of::<legacy::Q5_1>(data, row_len, imp),
-        GgmlType::Q4_K => rows_of::<kquants::Q4K>(data, row_len, imp),
-        GgmlType::Q5_K => rows_of::<kquants::Q5K>(data, row_len, imp),
-        GgmlType::Q6_K => rows_of::<kquants::Q6K>(data, row_len, imp),
+        GgmlType::Q8_0 => rows_of::<legacy::Q8_0>(data, row_len, imp, keep_zeros),
+        GgmlType::Q4_0 => rows_of::<legacy::Q4_0>(data, row_len, imp, keep_zeros),
+        GgmlType::Q4_1 => rows_of::<legacy::Q4_1>(data, row_len, imp, keep_zeros),
+        GgmlType::Q5_0 => rows_of::<legacy::Q5_0>(data, row_len, imp, keep_zeros),
+        GgmlType::Q5_1 => rows_of::<legacy::Q5_1>(data, row_len, imp, keep_zeros),
+        GgmlType::Q4_K => rows_of::<kquants::Q4K>(data, row_len, imp, keep_zeros),
+        GgmlType::Q5_K => rows_of::<kquants::Q5K>(data, row_len, imp, keep_zeros),
+        GgmlType::Q6_K => rows_of::<kquants::Q6K>(data, row_len, imp, keep_zeros),
         _ => return Err(BlockError::Unsupported(ty.name())),
     })
 }
