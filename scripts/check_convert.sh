@@ -7,9 +7,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
+source scripts/data-dir.sh
+need_data wikitext-2-raw/wiki.test.raw
 CHUNKS="${CHUNKS:-32}"
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
+TEXT="$COMPRESS_DATA/wikitext-2-raw/wiki.test.raw"
 MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 OUT="${OUT:-models/smollm2-135m-hf-check}"
 

@@ -7,15 +7,16 @@
 # only holds when transformers reads the same head_dim, heads and widths as we do.
 #
 # Usage: scripts/check_hf_structured.sh [UNIT ...]     (default: heads channels layers)
-# Environment: SHARED (../shared), OUT_ROOT (models/structured-check), CALIB_SAMPLES (16),
+# Environment: COMPRESS_DATA (the data folder, see scripts/data-dir.sh), OUT_ROOT (models/structured-check), CALIB_SAMPLES (16),
 # CALIB_LEN (256), VENV and HF_PIP_SPECS as in scripts/check_hf_load.sh, whose virtualenv
 # (torch from PyPI, ~2.8 GB on first use) this script shares.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
-CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
+source scripts/data-dir.sh
+need_data wikitext-2-raw/wiki.test.raw wikitext-2/wiki.valid.tokens
+TEXT="$COMPRESS_DATA/wikitext-2-raw/wiki.test.raw"
+CALIB="$COMPRESS_DATA/wikitext-2/wiki.valid.tokens"
 MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 OUT_ROOT="${OUT_ROOT:-models/structured-check}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-16}"

@@ -5,15 +5,16 @@
 #
 # Env: CHUNKS (default 8), CTX (default 512), DTYPE for convert (default
 # f32, matching the llama.cpp reference which dequantizes Q4_1 to F32),
-# SHARED (default ../shared relative to the repo root).
+# COMPRESS_DATA (the data folder; see scripts/data-dir.sh). Without the
+# WikiText-2 test file there, it is fetched with scripts/get-data.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
-SHARED=${SHARED:-$ROOT/../shared}
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
+source scripts/data-dir.sh
+TEXT="$COMPRESS_DATA/wikitext-2-raw/wiki.test.raw"
 CHUNKS=${CHUNKS:-8}
 CTX=${CTX:-512}
 DTYPE=${DTYPE:-f32}
@@ -22,11 +23,16 @@ HF=models/smollm2-135m-hf
 OUT=models/quickstart
 BIN=target/release/compress
 
-if [[ ! -f "$TEXT" ]]; then
-    echo "error: $TEXT not found (set SHARED to the folder holding data/)" >&2
-    exit 1
-fi
 command -v python3 >/dev/null 2>&1 || { echo "error: python3 is needed to print the summary" >&2; exit 1; }
+if [[ ! -f "$TEXT" ]]; then
+    echo "== 0/5 data: $TEXT missing; fetching WikiText-2 into $COMPRESS_DATA"
+    if ! bash scripts/get-data.sh --only wikitext "$COMPRESS_DATA"; then
+        echo "error: could not fetch WikiText-2. Run scripts/get-data.sh DIR where the internet is reachable" >&2
+        echo "(or get wikitext-2-raw/wiki.test.raw from https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip)," >&2
+        echo "then: export COMPRESS_DATA=DIR" >&2
+        exit 1
+    fi
+fi
 
 echo "== 1/5 model"
 bash scripts/get-smollm2.sh

@@ -19,7 +19,7 @@ use crate::output::{TempGuard, check_output, commit, temp_sibling};
 pub struct Args {
     /// An HF folder or a .gguf file.
     model: crate::Path,
-    /// The HF folder to write.
+    /// The HF folder to write, or a GGUF file when it ends in .gguf (see --type).
     out: crate::Path,
     /// HF output only: storage type of the weights.
     #[arg(long, value_enum, default_value = "f32")]
@@ -45,7 +45,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
-    let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
+    let tok = model::tokenizer::load_checked(&ckpt).context("cannot build the tokenizer")?;
 
     let tmp = temp_sibling(&a.out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
@@ -81,7 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "wrote {} ({} tensors, {} bytes of {} weights)",
         a.out.display(),
         plan.len(),
-        bytes,
+        crate::grouped(bytes),
         dtype.torch_name()
     );
     Ok(())
@@ -100,6 +100,7 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
+    model::tokenizer::check_fits(&ckpt).context("cannot write the tokenizer")?;
     let cfg = ckpt.config();
     let mut plan = TypePlan::preset(&a.gguf_type, cfg.num_hidden_layers, cfg.tie_word_embeddings)?;
     for r in a.tensor_type.iter().rev() {
@@ -117,6 +118,7 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
     commit(&tmp, &a.out)?;
     guard.0 = None;
     print_export(&report, &plan, &a.out);
+    crate::quantize::larger_than_input(&ckpt, &report, &plan.name, ckpt.bytes_on_disk());
     Ok(())
 }
 
@@ -162,7 +164,7 @@ pub fn print_export(
         plan.name,
         report.tensors.len(),
         types.join(", "),
-        report.file_bytes,
+        crate::grouped(report.file_bytes),
         report.bpw(),
         report.seconds
     );

@@ -48,7 +48,8 @@ pub struct Args {
     /// Score only the first N documents of each task.
     #[arg(long)]
     limit: Option<usize>,
-    /// Folder with the task data (default: ../shared/data, or $COMPRESS_DATA).
+    /// Folder with the task data, laid out as scripts/get-data.sh writes it (default:
+    /// $COMPRESS_DATA, else ../shared/data).
     #[arg(long)]
     data_dir: Option<crate::Path>,
     /// Measure prompt processing and greedy generation speed with a KV cache.
@@ -126,6 +127,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !(a.watts_per_core > 0.0 && a.grid_intensity >= 0.0) {
         bail!("--watts-per-core must be positive and --grid-intensity non-negative");
     }
+    // The task data folder, checked before any work.
+    let task_dir = match &a.tasks {
+        Some(_) => {
+            let dir: crate::Path = a
+                .data_dir
+                .clone()
+                .or_else(|| std::env::var_os("COMPRESS_DATA").map(Into::into))
+                .unwrap_or_else(|| "../shared/data".into());
+            if !dir.is_dir() {
+                bail!(
+                    "{}: task data folder not found; set COMPRESS_DATA (or --data-dir) to the folder scripts/get-data.sh fills",
+                    dir.display()
+                );
+            }
+            Some(dir)
+        }
+        None => None,
+    };
     let meter = EnergyMeter::start();
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
@@ -147,7 +166,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "bytes / params / bpw".into(),
             format!(
                 "{} / {} / {:.3}",
-                size.bytes, size.params, size.bits_per_weight
+                crate::grouped(size.bytes),
+                crate::grouped(size.params),
+                size.bits_per_weight
             ),
         ),
     ];
@@ -219,7 +240,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 saved
                     .save(save)
                     .with_context(|| format!("{}", save.display()))?;
-                tokens_processed += saved.header["chunks"].as_u64().unwrap_or(0) * a.ctx as u64;
+                tokens_processed += (saved.header.chunks * a.ctx) as u64;
             }
             let (s, t, k) = eval::kl_divergence(
                 &teacher,
@@ -238,6 +259,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             s
         } else if let Some(lpath) = &a.teacher_logits {
             let saved = eval::kld::TeacherLogits::load(lpath)?;
+            // Every field of the file against this run, before the student runs; the
+            // errors name the logits file, not the text.
+            let (windows, first) =
+                eval::perplexity::make_windows(&tokens, &tok, &opts).map_err(ctx_err)?;
+            saved.check_run(ckpt.config().vocab_size, &windows, first, &opts)?;
+            drop(windows);
             let (s, t, k) = eval::kld::kl_from_saved(
                 &saved,
                 &ckpt,
@@ -249,7 +276,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             )
             .map_err(ctx_err)?;
             kld_rows(&t, &k, &mut rows);
-            report["teacher"] = json!({"logits": lpath, "model": saved.header["model"], "top_k": saved.header["k"], "perplexity": t});
+            report["teacher"] = json!({"logits": lpath, "model": saved.header.model, "top_k": saved.header.k, "perplexity": t});
             report["kld"] = serde_json::to_value(&k)?;
             report["kld"]["approximation"] =
                 json!("top-k of the teacher plus one bucket for the rest (lower bound)");
@@ -292,17 +319,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .collect();
-        let dir = a
-            .data_dir
-            .clone()
-            .or_else(|| std::env::var_os("COMPRESS_DATA").map(Into::into))
-            .unwrap_or_else(|| "../shared/data".into());
+        let dir = task_dir.as_ref().expect("resolved with --tasks");
         let pb = crate::progress_bar("tasks", 1);
         let results = eval::run_tasks(
             &ckpt,
             &tok,
             &names,
-            &dir,
+            dir,
             a.limit,
             device.clone(),
             |name, done, total| {
@@ -401,6 +424,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("{t}");
     if let Some(out) = &a.json {
         write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("report: {}", out.display());
     }
     Ok(())
 }

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use model::safetensors_io::StoreDtype;
 use model::{Checkpoint, Config, Tokenizer};
 use serde_json::{Value, json};
@@ -87,8 +86,7 @@ pub fn write_aux(
         if let Some(d) = src_dir
             && d.join(f).exists()
         {
-            std::fs::copy(d.join(f), dir.join(f))
-                .with_context(|| format!("{}", d.join(f).display()))?;
+            model::io::copy_side_file(&d.join(f), &dir.join(f))?;
             return Ok(true);
         }
         Ok(false)

@@ -66,15 +66,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 c.head_dim()
             ),
         ),
-        ("vocab", c.vocab_size.to_string()),
+        ("vocab", crate::grouped(c.vocab_size as u64)),
         ("rope_theta", c.rope_theta.to_string()),
         ("rms_norm_eps", c.rms_norm_eps.to_string()),
         ("tied embeddings", c.tie_word_embeddings.to_string()),
         ("q/k/v bias", c.qkv_bias().to_string()),
         ("context", c.max_position_embeddings.to_string()),
         ("tensors", tensors.len().to_string()),
-        ("parameters", size.params.to_string()),
-        ("bytes on disk", size.bytes.to_string()),
+        ("parameters", crate::grouped(size.params)),
+        ("bytes on disk", crate::grouped(size.bytes)),
         ("bits per weight", format!("{:.3}", size.bits_per_weight)),
         (
             "tokenizer",
@@ -89,7 +89,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut d = Table::new();
     d.set_header(vec!["dtype", "tensors", "parameters", "bytes"]);
     for (k, v) in by_type {
-        d.add_row(vec![k, v.0.to_string(), v.1.to_string(), v.2.to_string()]);
+        d.add_row(vec![
+            k,
+            v.0.to_string(),
+            crate::grouped(v.1),
+            crate::grouped(v.2),
+        ]);
     }
     println!("{d}");
     Ok(())

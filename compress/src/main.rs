@@ -16,9 +16,13 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Compress decoder-only language models and measure what it costs.
+/// Compress decoder-only language models (quantize, prune, convert) and measure what it costs.
 #[derive(Parser, Debug)]
-#[command(name = "compress", version, about)]
+#[command(
+    name = "compress",
+    version,
+    after_help = "Data (WikiText-2, task files): set COMPRESS_DATA to the folder scripts/get-data.sh fills.\nRun `compress <COMMAND> --help` for a command's options."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,9 +34,11 @@ enum Command {
     Inspect(inspect::Args),
     /// Write any readable model as an HF folder (config.json, model.safetensors, tokenizer).
     Convert(convert::Args),
-    /// Evaluate a model: perplexity (llama.cpp protocol), size and speed.
+    /// Evaluate a model: perplexity (llama.cpp protocol), KL divergence (KLD) from a teacher,
+    /// zero-shot tasks (--tasks), speed, energy and size.
     Eval(evaluate::Args),
-    /// Post-training quantization (RTN, AWQ, GPTQ) of the decoder's linear layers.
+    /// Post-training quantization (RTN, AWQ, GPTQ) of the decoder's linear layers; writes a
+    /// compressed model (packed, or GGUF for a GGUF input) unless --format dense.
     Quant(quantize::Args),
     /// Pruning: unstructured or N:M (magnitude, Wanda, SparseGPT), or structured (heads,
     /// channels, layers) into a smaller model.
@@ -50,15 +56,23 @@ pub(crate) fn set_threads(n: Option<usize>) -> usize {
     rayon::current_num_threads()
 }
 
-/// A progress bar with an ETA on stderr: redrawn on a terminal, a plain line every few
-/// seconds otherwise (logs, CI).
+/// A progress bar on stderr: redrawn on a terminal, a plain line every few seconds otherwise
+/// (logs, CI). Its ETA appears only once there is evidence for it (see [`eta_text`]).
 pub(crate) fn progress_bar(msg: &str, total: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
-            "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+            "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise}{late_eta}",
         )
         .expect("valid template")
+        .with_key(
+            "late_eta",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                if let Some(t) = eta_text(s.pos(), s.len().unwrap_or(0), s.elapsed()) {
+                    let _ = write!(w, " eta {t}");
+                }
+            },
+        )
         .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
@@ -70,6 +84,54 @@ pub(crate) fn progress_bar(msg: &str, total: u64) -> indicatif::ProgressBar {
         ));
     }
     pb
+}
+
+/// Steps and seconds of evidence before an ETA is shown.
+const ETA_MIN_STEPS: u64 = 2;
+const ETA_MIN_SECS: f64 = 3.0;
+
+/// The remaining time as the mean pace so far predicts it, or `None` while there is too
+/// little evidence (fewer than [`ETA_MIN_STEPS`] steps or [`ETA_MIN_SECS`] seconds: the first
+/// steps of a job are often unlike the rest) or nothing remains.
+pub(crate) fn eta_text(pos: u64, len: u64, elapsed: std::time::Duration) -> Option<String> {
+    let secs = elapsed.as_secs_f64();
+    if pos < ETA_MIN_STEPS || secs < ETA_MIN_SECS || pos >= len {
+        return None;
+    }
+    let left = (secs * (len - pos) as f64 / pos as f64).round() as u64;
+    Some(match left {
+        0..60 => format!("{left}s"),
+        60..3600 => format!("{}m{:02}s", left / 60, left % 60),
+        _ => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
+    })
+}
+
+/// `n` with its digits in groups of three (`134,515,008`), for human-readable output.
+pub(crate) fn grouped(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// An error's message and causes joined by `: `, each cause left out when the text so far
+/// already contains it (a library error that prints its source, which anyhow lists again).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if msg.is_empty() {
+            msg = c;
+        } else if !msg.contains(&c) {
+            msg = format!("{msg}: {c}");
+        }
+    }
+    msg.replace('\n', " ")
 }
 
 /// Seconds between two progress lines when stderr is not a terminal.
@@ -141,11 +203,50 @@ fn main() {
     };
     if let Err(e) = run(cli) {
         // One line: the chain of contexts joined, newlines flattened.
-        let msg = format!("{e:#}").replace('\n', " ");
-        eprintln!("error: {msg}");
+        eprintln!("error: {}", error_line(&e));
         std::process::exit(2);
     }
 }
 
 /// Paths the commands accept.
 pub(crate) type Path = PathBuf;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn eta_waits_for_evidence() {
+        // One step after 0.5 s of a 600-step job: no guess ("eta 5m" for a 5 s job).
+        assert_eq!(eta_text(1, 600, Duration::from_millis(500)), None);
+        assert_eq!(eta_text(300, 600, Duration::from_secs(1)), None);
+        assert_eq!(eta_text(1, 600, Duration::from_secs(10)), None);
+        assert_eq!(eta_text(600, 600, Duration::from_secs(10)), None);
+        assert_eq!(
+            eta_text(300, 600, Duration::from_secs(4)).as_deref(),
+            Some("4s")
+        );
+        assert_eq!(
+            eta_text(10, 100, Duration::from_secs(10)).as_deref(),
+            Some("1m30s")
+        );
+    }
+
+    #[test]
+    fn digits_are_grouped() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(134_515_008), "134,515,008");
+    }
+
+    #[test]
+    fn a_cause_printed_twice_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io)
+            .context("x.gguf: No such file")
+            .context("cannot open model");
+        assert_eq!(error_line(&e), "cannot open model: x.gguf: No such file");
+    }
+}

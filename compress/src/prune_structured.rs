@@ -215,9 +215,12 @@ fn summary(teacher: &model::Config, plan: &Plan, out_bytes: u64, a: &Args, secon
     };
     let (before, after) = (teacher.num_params(), plan.config.num_params());
     format!(
-        "pruned {what}: params {before} -> {after} ({:.1}%), bf16 bytes {} -> {out_bytes}; wrote {} in {seconds:.1} s",
+        "pruned {what}: params {} -> {} ({:.1}%), bf16 bytes {} -> {}; wrote {} in {seconds:.1} s",
+        crate::grouped(before),
+        crate::grouped(after),
         100.0 * after as f64 / before as f64,
-        before * 2,
+        crate::grouped(before * 2),
+        crate::grouped(out_bytes),
         a.out.display()
     )
 }

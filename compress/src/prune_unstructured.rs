@@ -234,8 +234,9 @@ fn print_summary(
     println!("{t}");
     if let Some(b) = dense_bytes {
         println!(
-            "wrote {} (dense with exact zeros, {b} bytes) and prune_report.json",
-            a.out.display()
+            "wrote {} (dense with exact zeros, {} bytes) and prune_report.json",
+            a.out.display(),
+            crate::grouped(b)
         );
     }
     if let Some(s) = sparse {
@@ -247,7 +248,7 @@ fn print_summary(
         println!(
             "wrote {} (compressed-tensors sparse-bitmask, {} bytes, {:.1}% of dense)",
             dir.display(),
-            s.sparse_bytes,
+            crate::grouped(s.sparse_bytes),
             100.0 * s.sparse_bytes as f64 / s.dense_bytes.max(1) as f64
         );
     }

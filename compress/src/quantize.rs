@@ -1,6 +1,7 @@
 //! `compress quant MODEL --method rtn|awq|gptq --bits N ...`: weight-only post-training
 //! quantization of every linear layer in the decoder blocks, calibrated on the layer-by-layer
-//! engine, written as a dense bf16 HF folder (and other formats), with `quant_report.json`.
+//! engine, written compressed by default (packed HF folder, or GGUF for a GGUF input; see
+//! [`default_format`]) or as a dense bf16 HF folder, with `quant_report.json`.
 
 use std::collections::BTreeMap;
 
@@ -27,7 +28,8 @@ pub struct Args {
     /// Bits per weight code (2 to 8).
     #[arg(long, default_value_t = 4)]
     bits: u8,
-    /// Input channels per scale (32, 64, 128, ...); must divide every input width.
+    /// Input channels per scale (32, 64, 128, ...). Any size works: a width it does not
+    /// divide gets a shorter last group (576 with 128: 4 x 128 + 64).
     #[arg(long, default_value_t = 128, conflicts_with = "per_channel")]
     group: usize,
     /// One scale per output channel instead of groups.
@@ -67,18 +69,22 @@ pub struct Args {
     /// Calibration rows kept per layer for AWQ's searches and the error report.
     #[arg(long, default_value_t = 2048)]
     sample_rows: usize,
-    /// Output folder: the dense HF model, or the packed one if only `packed` is asked.
+    /// Output: an HF folder (dense or packed model and quant_report.json), or with a GGUF
+    /// format a folder holding model.gguf, or a file when it ends in .gguf (the report then
+    /// goes to NAME.quant_report.json next to it).
     #[arg(long)]
     out: crate::Path,
-    /// Output formats, comma-separated: `dense` (dequantized bf16 HF folder) and/or `packed`
-    /// (compressed-tensors `pack-quantized`, int32-packed codes that vLLM loads; bits 2, 4 or
-    /// 8). With both, OUT holds the dense model and OUT/packed the packed one. Or alone
-    /// `gguf:TYPE` (q4_0, q4_k_m, q8_0, ...: see `convert --type`): OUT/model.gguf for
+    /// Output formats, comma-separated: `packed` (compressed-tensors `pack-quantized`,
+    /// int32-packed codes that vLLM loads; bits 2, 4 or 8) and/or `dense` (dequantized bf16
+    /// HF folder, several times larger). With both, OUT holds the dense model and OUT/packed the
+    /// packed one. Or alone `gguf:TYPE` (q4_0, q4_k_m, q8_0, ...: see `convert --type`) for
     /// llama.cpp, each block rounded with the importance of its calibration inputs when
     /// `--calib` is given (after AWQ scaling with `--method awq`); --bits, --group and --sym
-    /// do not apply, the type decides.
-    #[arg(long, default_value = "dense")]
-    format: String,
+    /// do not apply, the type decides. Default: the GGUF type closest to --bits/--sym (q4_1,
+    /// q4_0, q5_1, q5_0, q6_k, q8_0) for a .gguf input or OUT (methods rtn and awq), else
+    /// `packed` (bits 2, 4, 8), else `dense`.
+    #[arg(long)]
+    format: Option<String>,
     /// gguf:TYPE only: override tensor types, PATTERN=TYPE (as `convert --tensor-type`).
     #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
     tensor_type: Vec<String>,
@@ -88,14 +94,99 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Why the format was chosen when --format was not given (printed at the end).
+    #[arg(skip)]
+    default_note: Option<String>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+/// The GGUF type closest to a scheme of `bits` (`sym`: no zero point), if any.
+fn closest_gguf(bits: u8, sym: bool) -> Option<&'static str> {
+    Some(match (bits, sym) {
+        (4, false) => "q4_1",
+        (4, true) => "q4_0",
+        (5, false) => "q5_1",
+        (5, true) => "q5_0",
+        (6, _) => "q6_k",
+        (8, _) => "q8_0",
+        _ => return None,
+    })
+}
+
+/// The format when `--format` is not given, with the reason: the GGUF type closest to the
+/// scheme for a GGUF input or a `.gguf` OUT (rtn and awq write GGUF), else `packed` when it
+/// can hold the bits, else `dense`.
+fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
+    let gguf_in = a.model.is_file() || a.model.extension().is_some_and(|e| e == "gguf");
+    let gguf_ty = closest_gguf(a.bits, a.sym);
+    if out_is_file(&a.out) {
+        let Some(ty) = gguf_ty else {
+            bail!(
+                "{}: no GGUF type matches --bits {}; give --format gguf:TYPE",
+                a.out.display(),
+                a.bits
+            );
+        };
+        return Ok((format!("gguf:{ty}"), "OUT ends in .gguf".into()));
+    }
+    if gguf_in
+        && ["rtn", "awq"].contains(&a.method.as_str())
+        && let Some(ty) = gguf_ty
+    {
+        return Ok((
+            format!("gguf:{ty}"),
+            "the GGUF type closest to the scheme, for a GGUF input".into(),
+        ));
+    }
+    if quant::pack::PACKED_BITS.contains(&a.bits) {
+        let why = if gguf_in {
+            format!(
+                "--method {} with --bits {} has no GGUF output; packed is the compressed HF format",
+                a.method, a.bits
+            )
+        } else {
+            "compressed-tensors, which vLLM and transformers load".into()
+        };
+        Ok(("packed".into(), why))
+    } else {
+        Ok((
+            "dense".into(),
+            format!("packed holds 2, 4 or 8 bits, not {}", a.bits),
+        ))
+    }
+}
+
+/// Whether `--out` names a GGUF file (ends in `.gguf`) rather than a folder.
+fn out_is_file(out: &std::path::Path) -> bool {
+    out.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     crate::set_threads(a.threads);
-    if let Some(ty) = a.format.trim().strip_prefix("gguf:") {
+    // Scheme errors (--bits 9) come first, whatever the format.
+    if !a.format.as_deref().is_some_and(|f| f.contains("gguf:")) {
+        QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
+    }
+    let format = match a.format.clone() {
+        Some(f) => f,
+        None => {
+            let (f, why) = default_format(&a)?;
+            a.default_note = Some(format!(
+                "format {f} by default ({why}); --format dense writes bf16 weights"
+            ));
+            f
+        }
+    };
+    if let Some(ty) = format.trim().strip_prefix("gguf:") {
         return run_gguf(&a, ty.trim());
     }
-    if a.format.contains("gguf:") {
+    if out_is_file(&a.out) {
+        bail!(
+            "{}: a .gguf OUT is a GGUF file, but --format {format} writes an HF folder (use --format gguf:TYPE, or another --out)",
+            a.out.display()
+        );
+    }
+    if format.contains("gguf:") {
         bail!("--format gguf:TYPE cannot be combined with other formats");
     }
     if !a.tensor_type.is_empty() {
@@ -110,8 +201,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.group == 0 {
         bail!("--group must be positive");
     }
-    let formats: Vec<&str> = a
-        .format
+    let formats: Vec<&str> = format
         .split(',')
         .map(str::trim)
         .filter(|f| !f.is_empty())
@@ -140,7 +230,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
-    let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
+    let tok = model::tokenizer::load_checked(&ckpt).context("cannot build the tokenizer")?;
     // Every input width must take the group size before any work starts.
     for (name, shape) in model::checkpoint::block_tensors(ckpt.config(), 0) {
         if shape.len() == 2
@@ -238,12 +328,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let mean = |f: &dyn Fn(&quant::pipeline::LinearReport) -> Option<f64>| {
         let v: Vec<f64> = report.linears.iter().filter_map(f).collect();
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
-        }
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
+    let cell = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |v| format!("{v:.4}"));
+    let out_err = mean(&|r| r.output_rel_error);
     let mut t = Table::new();
     t.set_header(vec![
         "method",
@@ -258,18 +346,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         report.method.clone(),
         scheme.label(),
         format!("{:.3}", report.linear_bits_per_weight),
-        report.quantized_params.to_string(),
-        format!("{:.4}", mean(&|r| Some(r.weight_rel_error))),
-        format!("{:.4}", mean(&|r| r.output_rel_error)),
+        crate::grouped(report.quantized_params),
+        cell(mean(&|r| Some(r.weight_rel_error))),
+        cell(out_err),
         format!("{:.1}", report.wall_seconds),
     ]);
     println!("{t}");
-    if dense {
+    if out_err.is_none() {
         println!(
-            "wrote {} (dense bf16, {} bytes) and quant_report.json",
-            a.out.display(),
-            out_ckpt_bytes
+            "–: the output error is measured on calibration inputs, and this run had none (give --calib FILE)"
         );
+    }
+    let input_bytes = ckpt.bytes_on_disk();
+    let mut sizes = Vec::new();
+    if dense {
+        println!("wrote {} (dense bf16 HF folder)", a.out.display());
+        sizes.push((out_ckpt_bytes, "dense bf16"));
     }
     if packed {
         let dir = if dense {
@@ -277,18 +369,42 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         } else {
             a.out.clone()
         };
-        let report_note = if dense { "" } else { " and quant_report.json" };
         println!(
-            "wrote {} (compressed-tensors pack-quantized, {packed_bytes} bytes){report_note}",
+            "wrote {} (compressed-tensors pack-quantized HF folder)",
             dir.display()
         );
+        sizes.push((packed_bytes, "packed"));
         if act_order && scheme.group.is_some() {
             println!(
                 "note: activation-order groups are stored with weight_g_idx (actorder \"group\"), which compressed-tensors 0.19+ no longer reads; load with compressed-tensors <= 0.18"
             );
         }
     }
+    println!("report: {}", a.out.join("quant_report.json").display());
+    print_sizes(input_bytes, &sizes);
+    if let Some(n) = &a.default_note {
+        println!("note: {n}");
+    }
     Ok(())
+}
+
+/// `size: IN bytes (input) → OUT bytes (what), ...` with the ratio of each output to the input.
+pub(crate) fn print_sizes(input: u64, outputs: &[(u64, &str)]) {
+    let outs: Vec<String> = outputs
+        .iter()
+        .map(|(b, what)| {
+            format!(
+                "{} bytes ({what}, {:.2}x the input)",
+                crate::grouped(*b),
+                *b as f64 / input.max(1) as f64
+            )
+        })
+        .collect();
+    println!(
+        "size: {} bytes (input) → {}",
+        crate::grouped(input),
+        outs.join(", ")
+    );
 }
 
 /// Reads `--calib` into windows (none without it).
@@ -307,7 +423,8 @@ fn calibration(
     )
 }
 
-/// `--format gguf:TYPE`: OUT/model.gguf, calibration-aware when `--calib` is given.
+/// `--format gguf:TYPE`: OUT/model.gguf and OUT/quant_report.json, or OUT itself and
+/// NAME.quant_report.json when OUT ends in `.gguf`; calibration-aware when `--calib` is given.
 fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
     use quant::gguf_export::{PRESETS, TypePlan};
     let ty = ty.to_ascii_lowercase();
@@ -328,7 +445,16 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
-    let tok = model::load_tokenizer(&ckpt).context("cannot build the tokenizer")?;
+    // An OUT ending in .gguf is the file itself (as `convert`), its report next to it.
+    let as_file = out_is_file(&a.out);
+    let (gguf_out, report_out) = if as_file {
+        let r = a.out.with_extension("quant_report.json");
+        crate::output::check_output_file(&r, "the report", &[&a.model], a.force)?;
+        (a.out.clone(), r)
+    } else {
+        (a.out.join("model.gguf"), a.out.join("quant_report.json"))
+    };
+    let tok = model::tokenizer::load_checked(&ckpt).context("cannot build the tokenizer")?;
     let cfg = ckpt.config();
     let mut plan = TypePlan::preset(&ty, cfg.num_hidden_layers, cfg.tie_word_embeddings)?;
     for r in a.tensor_type.iter().rev() {
@@ -338,9 +464,13 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
     let awq = awq.filter(|_| !a.no_awq_scale);
 
     let tmp = temp_sibling(&a.out);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
+    let file = if as_file {
+        tmp.clone()
+    } else {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
+        tmp.join("model.gguf")
+    };
     let mut guard = TempGuard(Some(tmp.clone()));
-    let file = tmp.join("model.gguf");
     let n = ckpt.expected_tensors().len() as u64;
     let pb = crate::progress_bar(&a.method, n);
     let mut progress = |p: &quant::gguf_export::Progress| pb.set_position(p.index as u64);
@@ -361,7 +491,7 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
             &mut progress,
         )
     }
-    .with_context(|| format!("cannot write {}", a.out.join("model.gguf").display()))?;
+    .with_context(|| format!("cannot write {}", gguf_out.display()))?;
     pb.finish_and_clear();
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     for t in &report.tensors {
@@ -376,12 +506,18 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
         "fallbacks": report.fallbacks().map(|t| json!({"tensor": t.name, "planned": t.planned.name(), "written": t.ty.name()})).collect::<Vec<_>>(),
         "tensor_types": types,
     });
-    std::fs::write(
-        tmp.join("quant_report.json"),
-        serde_json::to_string_pretty(&full)?,
-    )?;
-    commit(&tmp, &a.out)?;
-    guard.0 = None;
+    if as_file {
+        commit(&tmp, &a.out)?;
+        guard.0 = None;
+        crate::output::write_atomic(&report_out, serde_json::to_string_pretty(&full)?.as_bytes())?;
+    } else {
+        std::fs::write(
+            tmp.join("quant_report.json"),
+            serde_json::to_string_pretty(&full)?,
+        )?;
+        commit(&tmp, &a.out)?;
+        guard.0 = None;
+    }
     let how = match (&awq, windows.is_empty()) {
         (_, true) => "plain rounding".to_string(),
         (None, false) => format!("importance from {} calibration windows", windows.len()),
@@ -391,6 +527,73 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
         ),
     };
     println!("{how}");
-    crate::convert::print_export(&report, &plan, &a.out.join("model.gguf"));
+    crate::convert::print_export(&report, &plan, &gguf_out);
+    println!("report: {}", report_out.display());
+    let input = ckpt.bytes_on_disk();
+    print_sizes(input, &[(report.file_bytes, &format!("gguf:{ty}"))]);
+    larger_than_input(&ckpt, &report, &ty, input);
+    if let Some(n) = &a.default_note {
+        println!("note: {n}");
+    }
     Ok(())
+}
+
+/// Tensor bytes of `ckpt` written with `plan` (fallbacks included), without writing them.
+fn planned_tensor_bytes(ckpt: &Checkpoint, plan: &quant::gguf_export::TypePlan) -> Option<u64> {
+    let mut total = 0u64;
+    for (hf, shape) in ckpt.expected_tensors() {
+        let g = quant::gguf_export::hf_to_gguf_name(&hf)?;
+        let (blk, bytes) = plan.type_for(&g, &shape).block_layout()?;
+        let n: usize = shape.iter().product();
+        total += (n / blk * bytes) as u64;
+    }
+    Some(total)
+}
+
+/// When a GGUF output came out more than 1% larger than its input (K-quants falling back on
+/// rows that are not multiples of 256), says so on stdout and names the best-quality preset
+/// that would be at least 1% smaller than the input, with its estimated size.
+pub(crate) fn larger_than_input(
+    ckpt: &Checkpoint,
+    report: &quant::gguf_export::ExportReport,
+    ty: &str,
+    input: u64,
+) {
+    use quant::gguf_export::{PRESETS, TypePlan};
+    // A re-encode to the input's own type differs by a few metadata bytes: not worth a note.
+    if report.file_bytes as f64 <= 1.01 * input as f64 {
+        return;
+    }
+    let cfg = ckpt.config();
+    let overhead = report.file_bytes.saturating_sub(report.tensor_bytes());
+    let smaller = PRESETS
+        .iter()
+        .filter(|p| !["f32", "f16", "bf16"].contains(p))
+        .filter_map(|p| {
+            let plan = TypePlan::preset(p, cfg.num_hidden_layers, cfg.tie_word_embeddings).ok()?;
+            Some((overhead + planned_tensor_bytes(ckpt, &plan)?, *p))
+        })
+        .filter(|(b, _)| (*b as f64) < 0.99 * input as f64)
+        .max();
+    let fell = report.fallbacks().count();
+    let why = if fell > 0 {
+        format!(
+            ": {fell} tensors fell back to wider types (their rows are not a multiple of the type's block)"
+        )
+    } else {
+        String::new()
+    };
+    let hint = match smaller {
+        Some((b, p)) => format!(
+            "; gguf:{p} would be smaller, about {} bytes",
+            crate::grouped(b)
+        ),
+        None => "; no GGUF preset would be smaller".into(),
+    };
+    println!(
+        "note: the gguf:{ty} output is {:.1}% larger than the input ({} vs {} bytes){why}{hint}",
+        100.0 * (report.file_bytes as f64 / input as f64 - 1.0),
+        crate::grouped(report.file_bytes),
+        crate::grouped(input)
+    );
 }

@@ -6,8 +6,8 @@
 //! cargo run --release -p eval --example tasks -- models/SmolLM2-135M-Instruct.Q4_1.gguf \
 //!     piqa,arc_easy,medqa,pubmedqa,mmlu_medical 100
 //! ```
-//! Data comes from `$SHARED/data` when `SHARED` is set, else `../shared/data` next to the
-//! workspace. Progress goes to stderr.
+//! Data comes from `$COMPRESS_DATA` when set (see `scripts/get-data.sh`), else `$SHARED/data`
+//! when `SHARED` is set, else `../shared/data` next to the workspace. Progress goes to stderr.
 #![allow(missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -45,9 +45,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.parse::<usize>())
         .transpose()
         .map_err(|e| format!("LIMIT: {e}"))?;
-    let data_dir = match std::env::var_os("SHARED") {
-        Some(s) => PathBuf::from(s).join("data"),
-        None => default_data_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
+    let data_dir = match (
+        std::env::var_os("COMPRESS_DATA"),
+        std::env::var_os("SHARED"),
+    ) {
+        (Some(d), _) => PathBuf::from(d),
+        (None, Some(s)) => PathBuf::from(s).join("data"),
+        (None, None) => default_data_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
     };
     let start = Instant::now();
     let ckpt = Checkpoint::open(Path::new(model_path))?;

@@ -9,7 +9,7 @@ use model::{Checkpoint, Device, Tokenizer};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::perplexity::{EvalError, PplOptions, PplResult, make_windows, summarize};
+use crate::perplexity::{EvalError, PplOptions, PplResult, Protocol, make_windows, summarize};
 
 /// Divergence statistics.
 #[derive(Debug, Clone, Serialize)]
@@ -320,13 +320,275 @@ impl TopK {
     }
 }
 
+/// Format tag in the header of a saved teacher-logits file.
+pub const TEACHER_LOGITS_FORMAT: &str = "compress-teacher-logits-v1";
+
+/// The header line is a few hundred bytes of JSON; a longer first line is not a header.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Slack for the f32 rounding of stored log-probabilities.
+const LOGP_SLACK: f32 = 1e-5;
+
+/// The header of a saved teacher-logits file: the run its rows belong to. Every field is
+/// checked on reading (types, ranges, consistency with each other and with the file size)
+/// and against the run that uses the file ([`TeacherLogits::check_run`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TeacherHeader {
+    /// Always [`TEACHER_LOGITS_FORMAT`].
+    pub format: String,
+    /// The teacher the rows came from (informative only).
+    pub model: String,
+    /// Tokens per chunk.
+    pub ctx: usize,
+    /// Chunks evaluated.
+    pub chunks: usize,
+    /// First scored position of each chunk (set by the protocol and ctx).
+    pub first: usize,
+    /// Tokens kept per position, at most `vocab`.
+    pub k: usize,
+    /// The teacher's vocabulary size.
+    pub vocab: usize,
+    /// Scored positions in all: `chunks * (ctx - 1 - first)`.
+    pub positions: usize,
+    /// Scoring protocol: `llama` or `hf`.
+    pub protocol: String,
+    /// FNV-1a hash of the evaluated token windows, 16 lowercase hex digits.
+    pub tokens_fnv1a: String,
+}
+
+/// The name a protocol has in headers and on the command line.
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Llama => "llama",
+        Protocol::Hf => "hf",
+    }
+}
+
+/// First scored position of a chunk of `ctx` tokens, as [`make_windows`] sets it.
+fn first_scored(protocol: &str, ctx: usize) -> Option<usize> {
+    match protocol {
+        "llama" => Some(ctx / 2),
+        "hf" => Some(0),
+        _ => None,
+    }
+}
+
+/// A JSON value for an error message, cut short so the message stays one short line.
+fn shown(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+/// Bytes of one record: `k` (id, log-prob) pairs and the correct token's log-prob.
+fn record_bytes(k: usize) -> Option<usize> {
+    k.checked_mul(8)?.checked_add(4)
+}
+
+impl TeacherHeader {
+    /// Reads and checks the header line (without its newline). `file` names the file in errors.
+    fn parse(line: &[u8], file: &str) -> Result<Self, EvalError> {
+        let bad = |m: String| EvalError::Input(format!("{file}: {m}"));
+        let v: serde_json::Value = serde_json::from_slice(line)
+            .map_err(|e| bad(format!("the header line is not JSON ({e})")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("the header line is not a JSON object".into()))?;
+        let field = |f: &str| {
+            obj.get(f)
+                .ok_or_else(|| bad(format!("the header lacks field `{f}`")))
+        };
+        let uint = |f: &str| -> Result<usize, EvalError> {
+            let x = field(f)?;
+            x.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "header field `{f}` is {}, not a non-negative integer",
+                        shown(x)
+                    ))
+                })
+        };
+        let string = |f: &str| -> Result<String, EvalError> {
+            let x = field(f)?;
+            x.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| bad(format!("header field `{f}` is {}, not a string", shown(x))))
+        };
+        let h = Self {
+            format: string("format")?,
+            model: string("model")?,
+            ctx: uint("ctx")?,
+            chunks: uint("chunks")?,
+            first: uint("first")?,
+            k: uint("k")?,
+            vocab: uint("vocab")?,
+            positions: uint("positions")?,
+            protocol: string("protocol")?,
+            tokens_fnv1a: string("tokens_fnv1a")?,
+        };
+        h.check(file)?;
+        Ok(h)
+    }
+
+    /// Checks the fields against each other: a known format and protocol, the first scored
+    /// position that protocol gives, positions = chunks x scored tokens per chunk, 1 <= k <=
+    /// vocab, and a well-formed token hash.
+    fn check(&self, file: &str) -> Result<(), EvalError> {
+        let bad = |m: String| Err(EvalError::Input(format!("{file}: {m}")));
+        let s = |x: &str| shown(&serde_json::Value::from(x));
+        if self.format != TEACHER_LOGITS_FORMAT {
+            return bad(format!(
+                "header field `format` is {}, expected \"{TEACHER_LOGITS_FORMAT}\"",
+                s(&self.format)
+            ));
+        }
+        let Some(first) = first_scored(&self.protocol, self.ctx) else {
+            return bad(format!(
+                "header field `protocol` is {}, expected \"llama\" or \"hf\"",
+                s(&self.protocol)
+            ));
+        };
+        if first + 1 >= self.ctx {
+            return bad(format!(
+                "header field `ctx` is {}: protocol {} scores no token of such a chunk",
+                self.ctx, self.protocol
+            ));
+        }
+        if self.first != first {
+            return bad(format!(
+                "header field `first` is {}, but protocol {} with ctx {} scores from position {first}",
+                self.first, self.protocol, self.ctx
+            ));
+        }
+        if self.chunks == 0 {
+            return bad("header field `chunks` is 0".into());
+        }
+        let per_chunk = self.ctx - 1 - first;
+        if self.chunks.checked_mul(per_chunk) != Some(self.positions) {
+            return bad(format!(
+                "header field `positions` is {}, but {} chunks x {per_chunk} scored tokens make {}",
+                self.positions,
+                self.chunks,
+                self.chunks as u128 * per_chunk as u128
+            ));
+        }
+        if self.vocab == 0 {
+            return bad("header field `vocab` is 0".into());
+        }
+        if self.k == 0 || self.k > self.vocab {
+            return bad(format!(
+                "header field `k` is {}, outside 1..={} (field `vocab`)",
+                self.k, self.vocab
+            ));
+        }
+        let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        if self.tokens_fnv1a.len() != 16 || !self.tokens_fnv1a.chars().all(hex) {
+            return bad(format!(
+                "header field `tokens_fnv1a` is {}, not 16 lowercase hex digits",
+                s(&self.tokens_fnv1a)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that `body_len` bytes after the header line hold exactly `positions` records.
+    fn check_body_len(&self, body_len: u64, file: &str) -> Result<usize, EvalError> {
+        let rec = record_bytes(self.k).ok_or_else(|| {
+            EvalError::Input(format!("{file}: header field `k` is {}, too large", self.k))
+        })?;
+        let expected = self.positions as u128 * rec as u128;
+        if expected != body_len as u128 {
+            return Err(EvalError::Input(format!(
+                "{file}: header fields `positions` {} and `k` {} need {expected} bytes of records after the header line, the file has {body_len}",
+                self.positions, self.k
+            )));
+        }
+        Ok(rec)
+    }
+}
+
+/// Checks one decoded record (record `i`): `k` distinct token ids inside the vocabulary,
+/// finite log-probabilities <= 0 sorted from most likely, a total probability of at most 1,
+/// and a finite correct-token log-probability <= 0.
+fn check_row(i: usize, row: &TopK, h: &TeacherHeader, ids: &mut Vec<u32>) -> Result<(), String> {
+    if row.top.len() != h.k {
+        return Err(format!(
+            "record {i} has {} top-k entries, header field `k` is {}",
+            row.top.len(),
+            h.k
+        ));
+    }
+    let mut mass = 0.0f64;
+    for (j, &(id, lp)) in row.top.iter().enumerate() {
+        if id as usize >= h.vocab {
+            return Err(format!(
+                "record {i}: token id {id} is outside the vocabulary of {} (header field `vocab`)",
+                h.vocab
+            ));
+        }
+        if !lp.is_finite() || lp > LOGP_SLACK {
+            return Err(format!(
+                "record {i}: log-probability {lp} of token {id} is not a finite value <= 0"
+            ));
+        }
+        if j > 0 && lp > row.top[j - 1].1 {
+            return Err(format!(
+                "record {i}: top-k entries are not sorted from the most likely"
+            ));
+        }
+        mass += (lp as f64).exp();
+    }
+    if mass > 1.0 + 1e-3 {
+        return Err(format!(
+            "record {i}: top-k probabilities sum to {mass:.4}, more than 1"
+        ));
+    }
+    ids.clear();
+    ids.extend(row.top.iter().map(|&(id, _)| id));
+    ids.sort_unstable();
+    if let Some(d) = ids.windows(2).find(|p| p[0] == p[1]) {
+        return Err(format!("record {i}: token id {} appears twice", d[0]));
+    }
+    let t = row.target_logp;
+    if !t.is_finite() || t > LOGP_SLACK {
+        return Err(format!(
+            "record {i}: log-probability {t} of the correct token is not a finite value <= 0"
+        ));
+    }
+    Ok(())
+}
+
+/// Finds the end of the header line within its size limit.
+fn header_end(bytes: &[u8], file: &str) -> Result<usize, EvalError> {
+    if bytes.is_empty() {
+        return Err(EvalError::Input(format!(
+            "{file}: the file is empty: not saved teacher logits"
+        )));
+    }
+    bytes
+        .iter()
+        .take(MAX_HEADER_BYTES)
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| {
+            EvalError::Input(format!(
+                "{file}: no header line (a JSON object and a newline) in the first {MAX_HEADER_BYTES} bytes: not saved teacher logits"
+            ))
+        })
+}
+
 /// Saved teacher log-probabilities: a JSON header line, then per scored position `k`
 /// (u32 id, f32 log-prob) pairs and the f32 log-prob of the correct token, little-endian.
+#[derive(Debug, Clone)]
 pub struct TeacherLogits {
-    /// Header: model, ctx, chunks, first, k, vocab, a hash of the evaluated tokens.
-    pub header: serde_json::Value,
+    /// What run the rows belong to.
+    pub header: TeacherHeader,
     /// Positions in order.
     pub rows: Vec<TopK>,
+    /// The file the rows were read from (empty when computed here); errors name it.
+    pub path: std::path::PathBuf,
 }
 
 fn token_hash(windows: &[Vec<u32>]) -> String {
@@ -344,16 +606,33 @@ fn token_hash(windows: &[Vec<u32>]) -> String {
 }
 
 impl TeacherLogits {
+    /// The file for error messages.
+    fn name(&self) -> String {
+        if self.path.as_os_str().is_empty() {
+            "teacher logits".into()
+        } else {
+            self.path.display().to_string()
+        }
+    }
+
     /// Writes to `path` (via a temporary name).
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
         use std::io::Write;
-        let k = self.header["k"].as_u64().unwrap_or(0) as usize;
+        let k = self.header.k;
         let tmp = path.with_extension("tmp-partial");
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        writeln!(f, "{}", self.header)?;
-        for r in &self.rows {
-            for j in 0..k {
-                let (id, lp) = r.top.get(j).copied().unwrap_or((0, f32::NEG_INFINITY));
+        writeln!(f, "{}", serde_json::to_string(&self.header)?)?;
+        for (i, r) in self.rows.iter().enumerate() {
+            // A short row would shift every later record.
+            if r.top.len() != k {
+                drop(f);
+                let _ = std::fs::remove_file(&tmp);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("row {i} has {} entries, k is {k}", r.top.len()),
+                ));
+            }
+            for &(id, lp) in &r.top {
                 f.write_all(&id.to_le_bytes())?;
                 f.write_all(&lp.to_le_bytes())?;
             }
@@ -364,59 +643,172 @@ impl TeacherLogits {
         std::fs::rename(tmp, path)
     }
 
-    /// Reads a file written by [`TeacherLogits::save`], checking its size against the header.
-    pub fn load(path: &std::path::Path) -> Result<Self, EvalError> {
-        let bad = |m: String| EvalError::Input(format!("{}: {m}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let nl = bytes
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| bad("no header line".into()))?;
-        let header: serde_json::Value =
-            serde_json::from_slice(&bytes[..nl]).map_err(|e| bad(format!("bad header: {e}")))?;
-        let k = header["k"]
-            .as_u64()
-            .ok_or_else(|| bad("header lacks k".into()))? as usize;
-        let n = header["positions"]
-            .as_u64()
-            .ok_or_else(|| bad("header lacks positions".into()))? as usize;
-        let rec = k
-            .checked_mul(8)
-            .and_then(|v| v.checked_add(4))
-            .ok_or_else(|| bad("k too large".into()))?;
+    /// Parses the bytes of a file written by [`TeacherLogits::save`] (`path` names it in
+    /// errors), checking every header field, the size against the header, and every record.
+    pub fn parse(bytes: &[u8], path: &std::path::Path) -> Result<Self, EvalError> {
+        let file = path.display().to_string();
+        let nl = header_end(bytes, &file)?;
+        let header = TeacherHeader::parse(&bytes[..nl], &file)?;
         let body = &bytes[nl + 1..];
-        if k == 0 || n.checked_mul(rec) != Some(body.len()) {
+        let rec = header.check_body_len(body.len() as u64, &file)?;
+        let k = header.k;
+        let f32_at = |r: &[u8], o: usize| f32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
+        let u32_at = |r: &[u8], o: usize| u32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
+        // The size matched the header, so this allocation is bounded by the file.
+        let mut rows = Vec::with_capacity(header.positions);
+        let mut ids = Vec::with_capacity(k);
+        for (i, r) in body.chunks_exact(rec).enumerate() {
+            let row = TopK {
+                top: (0..k)
+                    .map(|j| (u32_at(r, 8 * j), f32_at(r, 8 * j + 4)))
+                    .collect(),
+                target_logp: f32_at(r, 8 * k),
+            };
+            check_row(i, &row, &header, &mut ids)
+                .map_err(|m| EvalError::Input(format!("{file}: {m}")))?;
+            rows.push(row);
+        }
+        Ok(Self {
+            header,
+            rows,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Reads and checks a file written by [`TeacherLogits::save`]: the header first, then
+    /// its counts against the file size, and only then the records ([`Self::parse`]).
+    pub fn load(path: &std::path::Path) -> Result<Self, EvalError> {
+        use std::io::Read;
+        let file = path.display().to_string();
+        let io = |e: std::io::Error| {
+            EvalError::Input(format!("{file}: cannot read teacher logits: {e}"))
+        };
+        let f = std::fs::File::open(path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        let mut bytes = Vec::new();
+        (&f).take(MAX_HEADER_BYTES as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        let nl = header_end(&bytes, &file)?;
+        let header = TeacherHeader::parse(&bytes[..nl], &file)?;
+        // A header that lies about its counts is refused before the body is read.
+        header.check_body_len(len.saturating_sub(nl as u64 + 1), &file)?;
+        (&f).read_to_end(&mut bytes).map_err(io)?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Checks every field and record (as [`Self::parse`] does) and that the rows fit the run
+    /// about to use them: the same protocol, ctx, first scored position, chunks, positions,
+    /// vocabulary (the student's `vocab`) and tokens, and at each position the correct
+    /// token's log-probability agrees with the top k. `windows` and `first` come from
+    /// [`make_windows`] for `opts`. Cheap next to running the student: call it first.
+    pub fn check_run(
+        &self,
+        vocab: usize,
+        windows: &[Vec<u32>],
+        first: usize,
+        opts: &PplOptions,
+    ) -> Result<(), EvalError> {
+        let file = self.name();
+        let h = &self.header;
+        h.check(&file)?;
+        let bad = |m: String| EvalError::Input(format!("{file}: {m}"));
+        if self.rows.len() != h.positions {
             return Err(bad(format!(
-                "expected {n} records of {rec} bytes, found {} bytes",
-                body.len()
+                "{} records, header field `positions` is {}",
+                self.rows.len(),
+                h.positions
             )));
         }
-        let f32_at = |o: usize| f32::from_le_bytes(body[o..o + 4].try_into().expect("4 bytes"));
-        let rows = (0..n)
-            .map(|i| {
-                let base = i * rec;
-                let top = (0..k)
-                    .map(|j| {
-                        (
-                            u32::from_le_bytes(
-                                body[base + 8 * j..base + 8 * j + 4].try_into().expect("4"),
-                            ),
-                            f32_at(base + 8 * j + 4),
-                        )
-                    })
-                    .filter(|(_, lp)| lp.is_finite())
-                    .collect();
-                TopK {
-                    top,
-                    target_logp: f32_at(base + 8 * k),
+        let mut ids = Vec::with_capacity(h.k);
+        for (i, r) in self.rows.iter().enumerate() {
+            check_row(i, r, h, &mut ids).map_err(bad)?;
+        }
+        // Field by field against this run; each message gives both values.
+        let n = opts.ctx.saturating_sub(first + 1);
+        let fields: [(&str, String, String, &str); 7] = [
+            (
+                "protocol",
+                h.protocol.clone(),
+                protocol_name(opts.protocol).into(),
+                "--protocol",
+            ),
+            ("ctx", h.ctx.to_string(), opts.ctx.to_string(), "--ctx"),
+            (
+                "first",
+                h.first.to_string(),
+                first.to_string(),
+                "first scored position, set by --protocol and --ctx",
+            ),
+            (
+                "chunks",
+                h.chunks.to_string(),
+                windows.len().to_string(),
+                "--chunks and the length of the --ppl text",
+            ),
+            (
+                "positions",
+                h.positions.to_string(),
+                (windows.len() as u128 * n as u128).to_string(),
+                "chunks x scored tokens per chunk",
+            ),
+            (
+                "vocab",
+                h.vocab.to_string(),
+                vocab.to_string(),
+                "the student's vocab_size",
+            ),
+            (
+                "tokens_fnv1a",
+                h.tokens_fnv1a.clone(),
+                token_hash(windows),
+                "hash of the evaluated tokens: another --ppl text or tokenizer",
+            ),
+        ];
+        for (field, saved, now, what) in fields {
+            if saved != now {
+                return Err(bad(format!(
+                    "saved with {field} {saved}, this run has {field} {now} ({what})"
+                )));
+            }
+        }
+        // The correct token's log-probability must match its top-k entry, or lie below the
+        // k-th when it is not among them: rows saved for other tokens do not.
+        for (c, w) in windows.iter().enumerate() {
+            if w.len() != opts.ctx {
+                return Err(bad(format!(
+                    "chunk {c} has {} tokens, ctx is {}",
+                    w.len(),
+                    opts.ctx
+                )));
+            }
+            for (j, &t) in w[first + 1..].iter().enumerate() {
+                let i = c * n + j;
+                let row = &self.rows[i];
+                if t as usize >= h.vocab {
+                    return Err(bad(format!(
+                        "record {i}: the correct token {t} is outside the vocabulary of {}",
+                        h.vocab
+                    )));
                 }
-            })
-            .collect();
-        Ok(Self { header, rows })
+                let tl = row.target_logp;
+                let fits = match row.top.iter().find(|e| e.0 == t) {
+                    Some(&(_, lp)) => (lp - tl).abs() <= 1e-4 * (1.0 + lp.abs()),
+                    None => h.k == h.vocab || tl <= row.top[h.k - 1].1 + LOGP_SLACK,
+                };
+                if !fits {
+                    return Err(bad(format!(
+                        "record {i}: log-probability {tl} of the correct token {t} disagrees with the top k (rows saved for other tokens)"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-/// Runs the teacher and keeps its top-k log-probabilities at every scored position.
+/// Runs the teacher and keeps its top-k log-probabilities at every scored position (`k` is
+/// capped at the vocabulary).
 pub fn teacher_logits(
     teacher: &Checkpoint,
     tok: &Tokenizer,
@@ -426,6 +818,9 @@ pub fn teacher_logits(
     device: Device,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<TeacherLogits, EvalError> {
+    if k == 0 {
+        return Err(EvalError::Input("--top-k must be at least 1".into()));
+    }
     let (windows, first) = make_windows(tokens, tok, opts)?;
     let engine = LayerEngine::new(teacher, device, opts.ctx);
     let total = (teacher.config().num_hidden_layers as u64 + 1) * windows.len() as u64;
@@ -441,6 +836,7 @@ pub fn teacher_logits(
     )?;
     let head = engine.load_head()?;
     let (n, v) = (opts.ctx - 1 - first, head.vocab());
+    let k = k.min(v);
     let mut rows = Vec::with_capacity(n * windows.len());
     for (w, st) in windows.iter().zip(&states) {
         let lt = head.logits(st, first);
@@ -453,16 +849,28 @@ pub fn teacher_logits(
         done += 1;
         progress(done, total);
     }
-    let header = serde_json::json!({
-        "format": "compress-teacher-logits-v1", "model": teacher.path(), "ctx": opts.ctx,
-        "chunks": windows.len(), "first": first, "k": k, "vocab": v, "positions": rows.len(),
-        "protocol": opts.protocol, "tokens_fnv1a": token_hash(&windows),
-    });
-    Ok(TeacherLogits { header, rows })
+    let header = TeacherHeader {
+        format: TEACHER_LOGITS_FORMAT.into(),
+        model: teacher.path().display().to_string(),
+        ctx: opts.ctx,
+        chunks: windows.len(),
+        first,
+        k,
+        vocab: v,
+        positions: rows.len(),
+        protocol: protocol_name(opts.protocol).into(),
+        tokens_fnv1a: token_hash(&windows),
+    };
+    Ok(TeacherLogits {
+        header,
+        rows,
+        path: std::path::PathBuf::new(),
+    })
 }
 
 /// The student's divergence from saved teacher log-probabilities (top-k: KL is a lower
-/// bound that merges the tokens outside the teacher's top k into one bucket).
+/// bound that merges the tokens outside the teacher's top k into one bucket). The saved rows
+/// are checked against this run ([`TeacherLogits::check_run`]) before the student runs.
 pub fn kl_from_saved(
     saved: &TeacherLogits,
     student: &Checkpoint,
@@ -473,26 +881,7 @@ pub fn kl_from_saved(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(PplResult, PplResult, KldResult), EvalError> {
     let (windows, first) = make_windows(tokens, tok, opts)?;
-    let h = &saved.header;
-    if h["ctx"].as_u64() != Some(opts.ctx as u64)
-        || h["chunks"].as_u64() != Some(windows.len() as u64)
-        || h["tokens_fnv1a"].as_str() != Some(token_hash(&windows).as_str())
-    {
-        return Err(EvalError::Input(format!(
-            "saved teacher logits were made for other text, ctx or chunks (file: ctx {}, chunks {}; now: ctx {}, chunks {})",
-            h["ctx"],
-            h["chunks"],
-            opts.ctx,
-            windows.len()
-        )));
-    }
-    if h["vocab"].as_u64() != Some(student.config().vocab_size as u64) {
-        return Err(EvalError::Input(format!(
-            "saved teacher logits have a vocabulary of {} tokens, the student {}",
-            h["vocab"],
-            student.config().vocab_size
-        )));
-    }
+    saved.check_run(student.config().vocab_size, &windows, first, opts)?;
     let start = std::time::Instant::now();
     let engine = LayerEngine::new(student, device, opts.ctx);
     let total = (student.config().num_hidden_layers as u64 + 1) * windows.len() as u64;

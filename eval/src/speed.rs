@@ -45,15 +45,15 @@ pub fn measure(
     let mut g = Generator::load(&engine, prompt.len() + n_gen + 1)?;
     let load = t0.elapsed().as_secs_f64();
     // One warm-up token so allocation and thread start-up are not timed.
-    g.forward(&prompt[..1]);
+    g.forward(&prompt[..1])?;
     g.reset();
     let t1 = Instant::now();
-    let mut logits = g.forward(prompt);
+    let mut logits = g.forward(prompt)?;
     let pp = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
     for _ in 0..n_gen {
         let next = model::engine::argmax(&logits);
-        logits = g.forward(&[next]);
+        logits = g.forward(&[next])?;
     }
     let tg = t2.elapsed().as_secs_f64();
     Ok(GenSpeed {

@@ -1,11 +1,11 @@
 //! One view over every checkpoint kind: an HF folder (safetensors) or a GGUF file. Tensors
 //! are addressed by their HF names, read lazily and converted to f32 one at a time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::error::{ModelError, Result};
+use crate::error::{MAX_NAME_CHARS, ModelError, Result, clip};
 use crate::gguf::{self, GgufFile};
 use crate::safetensors_io::SafetensorsSet;
 
@@ -55,27 +55,37 @@ impl std::fmt::Debug for Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens an HF folder or a `.gguf` file and validates its header and config.
+    /// Opens an HF folder or a `.gguf` file and validates its header and config, and that
+    /// the config claims no more layers, heads or vocabulary than its tensors hold.
     pub fn open(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
-        if meta.is_dir() {
+        let ckpt = if meta.is_dir() {
             let config = Config::from_file(&path.join("config.json"))?;
             let set = SafetensorsSet::open(path)?;
-            Ok(Self {
+            Self {
                 path: path.into(),
                 config,
                 source: Source::Hf(set),
-            })
+            }
         } else {
             let file = GgufFile::open(path)?;
             let config = file.config()?;
             let mut hf_to_gguf = BTreeMap::new();
             for (i, t) in file.tensors().iter().enumerate() {
                 let name = gguf::gguf_to_hf_name(&t.name).unwrap_or_else(|| t.name.clone());
-                hf_to_gguf.insert(name, i);
+                if let Some(j) = hf_to_gguf.insert(name, i) {
+                    return Err(ModelError::format(
+                        path,
+                        format!(
+                            "tensors `{}` and `{}` name the same HF tensor",
+                            clip(&file.tensors()[j].name, MAX_NAME_CHARS),
+                            clip(&t.name, MAX_NAME_CHARS)
+                        ),
+                    ));
+                }
             }
             let permute = file.arch()? != "qwen2";
-            Ok(Self {
+            Self {
                 path: path.into(),
                 config,
                 source: Source::Gguf {
@@ -83,8 +93,101 @@ impl Checkpoint {
                     hf_to_gguf,
                     permute,
                 },
+            }
+        };
+        ckpt.check_counts()?;
+        Ok(ckpt)
+    }
+
+    /// Numel of a tensor by HF name, if present.
+    fn numel_of(&self, name: &str) -> Option<u64> {
+        let shape = match &self.source {
+            Source::Hf(set) => &set.entries().get(name)?.shape,
+            Source::Gguf {
+                file, hf_to_gguf, ..
+            } => &file.tensors()[*hf_to_gguf.get(name)?].shape,
+        };
+        // Products were checked for overflow when the file was opened.
+        Some(shape.iter().map(|&d| d as u64).product())
+    }
+
+    /// Refuses a config that claims more layers, heads or vocabulary than the tensors present
+    /// can hold, before anything sized by those counts (the list of expected tensors, per-layer
+    /// state) is allocated: a `block_count` of 2^24 must not make `convert` build 150 million
+    /// names. Layers are counted in the tensor index; the widths are checked against the
+    /// element counts of the embedding and of block 0's tensors where those exist (their
+    /// exact shapes are [`Self::check_shapes`]'s and [`Self::read`]'s job).
+    fn check_counts(&self) -> Result<()> {
+        let c = &self.config;
+        let (path, key) = match &self.source {
+            Source::Hf(_) => (self.path.join("config.json"), None),
+            Source::Gguf { file, .. } => (self.path.clone(), Some(file)),
+        };
+        // The key a field was read from: the config.json key, or the GGUF metadata key.
+        let key = |field: &str| key.map_or_else(|| field.to_string(), |g| g.config_key(field));
+        let names: Vec<&str> = match &self.source {
+            Source::Hf(set) => set.entries().keys().map(String::as_str).collect(),
+            Source::Gguf { hf_to_gguf, .. } => hf_to_gguf.keys().map(String::as_str).collect(),
+        };
+        let layers: BTreeSet<usize> = names
+            .iter()
+            .filter_map(|n| {
+                n.strip_prefix("model.layers.")?
+                    .split_once('.')?
+                    .0
+                    .parse()
+                    .ok()
             })
+            .collect();
+        if c.num_hidden_layers > layers.len() {
+            return Err(ModelError::config(
+                &path,
+                format!(
+                    "`{}` = {} but the tensors hold {} layer(s)",
+                    key("num_hidden_layers"),
+                    c.num_hidden_layers,
+                    layers.len()
+                ),
+            ));
         }
+        let (h, hd) = (c.hidden_size as u64, c.head_dim() as u64);
+        let checks = [
+            ("hidden_size", "model.norm.weight", h),
+            (
+                "vocab_size",
+                "model.embed_tokens.weight",
+                c.vocab_size as u64 * h,
+            ),
+            (
+                "num_attention_heads",
+                "model.layers.0.self_attn.q_proj.weight",
+                c.num_attention_heads as u64 * hd * h,
+            ),
+            (
+                "num_key_value_heads",
+                "model.layers.0.self_attn.k_proj.weight",
+                c.num_kv_heads() as u64 * hd * h,
+            ),
+            (
+                "intermediate_size",
+                "model.layers.0.mlp.gate_proj.weight",
+                c.intermediate_size as u64 * h,
+            ),
+        ];
+        for (field, tensor, want) in checks {
+            if let Some(have) = self.numel_of(tensor)
+                && want > have
+            {
+                return Err(ModelError::config(
+                    &path,
+                    format!(
+                        "`{}` implies {want} values in `{tensor}`, which holds {have}",
+                        key(field)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Where it was opened from.
@@ -196,9 +299,29 @@ impl Checkpoint {
         }
     }
 
-    /// Reads a tensor as f32 in HF layout, checking its shape and that every value is finite.
+    /// Reads a tensor as f32 in HF layout, checking its shape (before reading anything) and
+    /// that every value is finite.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let (data, shape) = match &self.source {
+        let missing = || ModelError::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.into(),
+        };
+        let shape = match &self.source {
+            Source::Hf(set) => &set.entries().get(name).ok_or_else(missing)?.shape,
+            Source::Gguf {
+                file, hf_to_gguf, ..
+            } => &file.tensors()[*hf_to_gguf.get(name).ok_or_else(missing)?].shape,
+        };
+        // Shapes are loop bounds below (the q/k un-permutation): check them first.
+        if shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: self.path.clone(),
+                tensor: name.into(),
+                expected: expected.to_vec(),
+                found: shape.clone(),
+            });
+        }
+        let (data, _) = match &self.source {
             Source::Hf(set) => set
                 .read_f32(name)?
                 .ok_or_else(|| ModelError::MissingTensor {
@@ -227,7 +350,7 @@ impl Checkpoint {
                     } else {
                         None
                     };
-                    // A 0-dimensional tensor has no rows to permute (and fails the shape check).
+                    // A 0-dimensional tensor has no rows to permute.
                     if let Some(h) = heads
                         && let Some(&rows) = t.shape.first()
                     {
@@ -240,14 +363,6 @@ impl Checkpoint {
                 (data, t.shape.clone())
             }
         };
-        if shape != expected {
-            return Err(ModelError::ShapeMismatch {
-                path: self.path.clone(),
-                tensor: name.into(),
-                expected: expected.to_vec(),
-                found: shape,
-            });
-        }
         let bad = data.iter().filter(|v| !v.is_finite()).count();
         if bad > 0 {
             return Err(ModelError::NonFinite {

@@ -140,12 +140,31 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses and validates `config.json` text; `path` names the file in errors.
+    /// Parses and validates `config.json` text; `path` names the file in errors. RoPE
+    /// settings are read from either layout (see [`Config::from_json_str_with_origin`]).
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        Self::from_json_str_with_origin(text, path).map(|(c, _)| c)
+    }
+
+    /// As [`Config::from_json_str`], also saying where the RoPE settings came from.
+    ///
+    /// transformers 4 writes a top-level `rope_theta` and `rope_scaling`; transformers 5
+    /// (and llm-compressor, which saves through it) writes one `rope_parameters` object
+    /// holding `rope_theta`, `rope_type` and the scaling fields. Both are read; a file with
+    /// both must agree on every value both give. The result always holds the old layout
+    /// (`rope_theta`, `rope_scaling`), which both versions of transformers read back.
+    pub fn from_json_str_with_origin(text: &str, path: &Path) -> Result<(Self, RopeOrigin)> {
         // Check the family before the fields, so an unknown model gets the clearer message.
-        let raw: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))?;
-        match raw.get("model_type").and_then(|v| v.as_str()) {
+        let mut raw: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            let msg = match bare_non_finite(text) {
+                Some((key, tok)) => format!(
+                    "invalid JSON: `{key}` is {tok}, which JSON cannot hold (write a finite number)"
+                ),
+                None => format!("invalid JSON: {e}"),
+            };
+            ModelError::config(path, msg)
+        })?;
+        let model_type = match raw.get("model_type").and_then(|v| v.as_str()) {
             None => return Err(ModelError::config(path, "missing key `model_type`")),
             Some(t) if !KNOWN_MODEL_TYPES.contains(&t) => {
                 return Err(ModelError::config(
@@ -156,18 +175,28 @@ impl Config {
                     ),
                 ));
             }
-            _ => {}
-        }
+            Some(t) => t.to_string(),
+        };
+        let origin = match raw.as_object_mut() {
+            Some(map) => resolve_rope(map, &model_type).map_err(|m| ModelError::config(path, m))?,
+            None => return Err(ModelError::config(path, "the top level is not an object")),
+        };
         let cfg: Config =
             serde_json::from_value(raw).map_err(|e| ModelError::config(path, e.to_string()))?;
         cfg.validate(path)?;
-        Ok(cfg)
+        Ok((cfg, origin))
     }
 
     /// Reads and validates a `config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        Self::from_json_str(&text, path)
+        Self::from_file_with_origin(path).map(|(c, _)| c)
+    }
+
+    /// As [`Config::from_file`], also saying where the RoPE settings came from (`inspect`
+    /// reports [`RopeOrigin::theta_defaulted`]).
+    pub fn from_file_with_origin(path: &Path) -> Result<(Self, RopeOrigin)> {
+        let text = crate::io::read_text(path, crate::io::CONFIG_LIMIT)?;
+        Self::from_json_str_with_origin(&text, path)
     }
 
     /// Checks the numbers agree with each other and are of sane size.
@@ -229,15 +258,14 @@ impl Config {
         if let Some(rs) = &self.rope_scaling {
             match rs.kind() {
                 "default" => {}
-                "llama3" => {
-                    if rs.factor.is_none()
-                        || rs.low_freq_factor.is_none()
-                        || rs.high_freq_factor.is_none()
-                        || rs.original_max_position_embeddings.is_none()
-                    {
-                        return err("rope_scaling llama3 needs factor, low_freq_factor, high_freq_factor and original_max_position_embeddings".into());
-                    }
-                }
+                "llama3" => check_llama3(
+                    "rope_scaling",
+                    rs.factor,
+                    rs.low_freq_factor,
+                    rs.high_freq_factor,
+                    rs.original_max_position_embeddings.map(|v| v as f64),
+                )
+                .or_else(err)?,
                 other => return err(format!("rope_scaling type `{other}` is not supported")),
             }
         }
@@ -319,6 +347,451 @@ impl Config {
         }
         inv
     }
+}
+
+/// Where a config's RoPE settings came from, as [`Config::from_json_str_with_origin`]
+/// found them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RopeOrigin {
+    /// No `rope_theta` anywhere in the file: the HF class default (10000) was used.
+    pub theta_defaulted: bool,
+    /// The file has `rope_parameters` (transformers 5 layout).
+    pub nested: bool,
+    /// The file has a top-level `rope_theta` or `rope_scaling` (transformers 4 layout).
+    pub flat: bool,
+}
+
+/// The RoPE types the transformer implements.
+const ROPE_TYPES: &[&str] = &["default", "llama3"];
+
+/// RoPE types transformers knows that the transformer here does not implement.
+const ROPE_TYPES_UNIMPLEMENTED: &[&str] = &[
+    "linear",
+    "dynamic",
+    "yarn",
+    "longrope",
+    "proportional",
+    "su",
+    "mrope",
+];
+
+/// Keys transformers reads inside `rope_parameters` / `rope_scaling` (`RopeParameters`).
+const ROPE_KEYS: &[&str] = &[
+    "rope_theta",
+    "rope_type",
+    "type",
+    "partial_rotary_factor",
+    "factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+    "short_factor",
+    "long_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+];
+
+/// Other families' names for the RoPE base: never silently replaced by a default.
+const OTHER_THETA_KEYS: &[&str] = &[
+    "rotary_emb_base",
+    "rope_base",
+    "rotary_base",
+    "rope_freq_base",
+];
+
+/// `rope_theta` of HF's config class when the file has none (`default_theta`).
+fn hf_default_rope_theta(model_type: &str) -> Option<f64> {
+    match model_type {
+        "llama" | "mistral" | "qwen2" => Some(10_000.0),
+        _ => None,
+    }
+}
+
+/// One RoPE dict (`rope_parameters` or `rope_scaling`) as read.
+#[derive(Default)]
+struct RopeDict {
+    theta: Option<f64>,
+    /// The type and the key that named it.
+    kind: Option<(String, &'static str)>,
+    factor: Option<f64>,
+    low: Option<f64>,
+    high: Option<f64>,
+    omp: Option<f64>,
+}
+
+/// A JSON number, `null` (absent) or transformers 5's `{"__float__": "NaN"}` tag.
+fn json_number(v: &serde_json::Value, key: &str) -> std::result::Result<Option<f64>, String> {
+    use serde_json::Value;
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => Ok(n.as_f64()),
+        Value::Object(m) if m.len() == 1 => match m.get("__float__").and_then(|t| t.as_str()) {
+            Some("NaN") => Ok(Some(f64::NAN)),
+            Some("Infinity") => Ok(Some(f64::INFINITY)),
+            Some("-Infinity") => Ok(Some(f64::NEG_INFINITY)),
+            _ => Err(format!("`{key}` must be a number, found {v}")),
+        },
+        _ => Err(format!("`{key}` must be a number, found {v}")),
+    }
+}
+
+fn check_theta(key: &str, t: f64) -> std::result::Result<(), String> {
+    if t.is_finite() && t > 1.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{key}` = {t} is out of range (must be finite and > 1)"
+        ))
+    }
+}
+
+/// The llama3 fields, each present and in the range HF's validation accepts.
+fn check_llama3(
+    prefix: &str,
+    factor: Option<f64>,
+    low: Option<f64>,
+    high: Option<f64>,
+    omp: Option<f64>,
+) -> std::result::Result<(), String> {
+    let need = |name: &str, v: Option<f64>| {
+        v.ok_or_else(|| {
+            format!(
+                "`{prefix}.{name}` is missing (llama3 needs factor, low_freq_factor, \
+                 high_freq_factor and original_max_position_embeddings)"
+            )
+        })
+    };
+    let (f, lo, hi, o) = (
+        need("factor", factor)?,
+        need("low_freq_factor", low)?,
+        need("high_freq_factor", high)?,
+        need("original_max_position_embeddings", omp)?,
+    );
+    if !(f.is_finite() && f >= 1.0) {
+        return Err(format!("`{prefix}.factor` = {f} must be finite and >= 1"));
+    }
+    if !(lo.is_finite() && lo > 0.0) {
+        return Err(format!(
+            "`{prefix}.low_freq_factor` = {lo} must be finite and > 0"
+        ));
+    }
+    if !(hi.is_finite() && hi > lo) {
+        return Err(format!(
+            "`{prefix}.high_freq_factor` = {hi} must be finite and above low_freq_factor {lo}"
+        ));
+    }
+    if !(o.is_finite() && o >= 1.0) {
+        return Err(format!(
+            "`{prefix}.original_max_position_embeddings` = {o} must be a positive integer"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads one RoPE dict; `prefix` is its key, for messages.
+fn rope_dict(
+    prefix: &str,
+    m: &serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<RopeDict, String> {
+    let mut d = RopeDict::default();
+    for (k, v) in m {
+        let key = format!("{prefix}.{k}");
+        if !ROPE_KEYS.contains(&k.as_str()) {
+            return Err(format!("unknown key `{key}`"));
+        }
+        match k.as_str() {
+            "rope_theta" => {
+                d.theta = json_number(v, &key)?;
+                if let Some(t) = d.theta {
+                    check_theta(&key, t)?;
+                }
+            }
+            "rope_type" | "type" => {
+                let Some(t) = v.as_str() else {
+                    return Err(format!("`{key}` must be a string, found {v}"));
+                };
+                let name: &'static str = if k == "type" { "type" } else { "rope_type" };
+                if let Some((prev, prev_key)) = &d.kind
+                    && prev != t
+                {
+                    return Err(format!(
+                        "`{prefix}.{prev_key}` = `{prev}` conflicts with `{key}` = `{t}`"
+                    ));
+                }
+                if !ROPE_TYPES.contains(&t) {
+                    let why = if ROPE_TYPES_UNIMPLEMENTED.contains(&t) {
+                        "is not implemented here"
+                    } else {
+                        "is unknown"
+                    };
+                    return Err(format!(
+                        "`{key}` = `{t}` {why} (supported: {})",
+                        ROPE_TYPES.join(", ")
+                    ));
+                }
+                d.kind = Some((t.to_string(), name));
+            }
+            "partial_rotary_factor" => {
+                if let Some(p) = json_number(v, &key)?
+                    && p != 1.0
+                {
+                    return Err(format!("`{key}` = {p} is not supported (only 1.0)"));
+                }
+            }
+            "factor" => d.factor = json_number(v, &key)?,
+            "low_freq_factor" => d.low = json_number(v, &key)?,
+            "high_freq_factor" => d.high = json_number(v, &key)?,
+            "original_max_position_embeddings" => d.omp = json_number(v, &key)?,
+            // Fields of the types refused above; `default` and `llama3` ignore them, as HF does.
+            _ => {}
+        }
+    }
+    Ok(d)
+}
+
+/// The `rope_parameters` object: one dict, or one per layer type (which must all agree).
+fn nested_dict(
+    v: &serde_json::Value,
+) -> std::result::Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
+    use serde_json::Value;
+    let m = match v {
+        Value::Null => return Ok(None),
+        Value::Object(m) => m,
+        _ => return Err(format!("`rope_parameters` must be an object, found {v}")),
+    };
+    let per_layer = !m.is_empty() && m.values().all(|x| x.is_object());
+    if !per_layer {
+        return Ok(Some(m.clone()));
+    }
+    let mut it = m.iter();
+    let (first_key, first) = it.next().expect("not empty");
+    for (k, x) in it {
+        if x != first {
+            return Err(format!(
+                "`rope_parameters.{k}` differs from `rope_parameters.{first_key}`: RoPE that \
+                 differs per layer type is not supported"
+            ));
+        }
+    }
+    Ok(first.as_object().cloned())
+}
+
+/// Reads RoPE settings from either layout and rewrites them into `map` as the old layout
+/// (`rope_theta`, `rope_scaling`), so the struct's fields hold what the file means.
+fn resolve_rope(
+    map: &mut serde_json::Map<String, serde_json::Value>,
+    model_type: &str,
+) -> std::result::Result<RopeOrigin, String> {
+    use serde_json::{Value, json};
+    for k in OTHER_THETA_KEYS {
+        if map.contains_key(*k) {
+            return Err(format!(
+                "`{k}` is not read for model_type `{model_type}`; its RoPE base is `rope_theta`"
+            ));
+        }
+    }
+    if let Some(v) = map.get("partial_rotary_factor")
+        && let Some(p) = json_number(v, "partial_rotary_factor")?
+        && p != 1.0
+    {
+        return Err(format!(
+            "`partial_rotary_factor` = {p} is not supported (only 1.0)"
+        ));
+    }
+    let top_theta = match map.get("rope_theta") {
+        Some(v) => json_number(v, "rope_theta")?,
+        None => None,
+    };
+    if let Some(t) = top_theta {
+        check_theta("rope_theta", t)?;
+    }
+    let flat = match map.get("rope_scaling") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(rope_dict("rope_scaling", m)?),
+        Some(v) => return Err(format!("`rope_scaling` must be an object, found {v}")),
+    };
+    let nested = match map.get("rope_parameters") {
+        Some(v) => match nested_dict(v)? {
+            Some(m) => Some(rope_dict("rope_parameters", &m)?),
+            None => None,
+        },
+        None => None,
+    };
+    let origin = RopeOrigin {
+        theta_defaulted: false,
+        nested: nested.is_some(),
+        flat: top_theta.is_some() || flat.is_some(),
+    };
+
+    // Every theta the file gives must agree.
+    let thetas = [
+        ("rope_theta", top_theta),
+        (
+            "rope_scaling.rope_theta",
+            flat.as_ref().and_then(|d| d.theta),
+        ),
+        (
+            "rope_parameters.rope_theta",
+            nested.as_ref().and_then(|d| d.theta),
+        ),
+    ];
+    let mut theta: Option<(&str, f64)> = None;
+    for (key, t) in thetas {
+        let Some(t) = t else { continue };
+        match theta {
+            Some((k0, t0)) if t0 != t => {
+                return Err(format!("`{k0}` = {t0} conflicts with `{key}` = {t}"));
+            }
+            Some(_) => {}
+            None => theta = Some((key, t)),
+        }
+    }
+    let mut origin = origin;
+    let theta = match theta {
+        Some((_, t)) => t,
+        None if nested.is_some() => {
+            return Err(
+                "`rope_parameters` has no `rope_theta` and there is no top-level \
+                        `rope_theta`"
+                    .into(),
+            );
+        }
+        None => {
+            origin.theta_defaulted = true;
+            hf_default_rope_theta(model_type).ok_or_else(|| {
+                format!("missing key `rope_theta` (no HF default for model_type `{model_type}`)")
+            })?
+        }
+    };
+
+    // Scaling: the two dicts must agree on every field both give.
+    let kind_of = |d: &RopeDict| {
+        d.kind
+            .as_ref()
+            .map_or("default".to_string(), |(k, _)| k.clone())
+    };
+    let (kind, prefix) = match (&flat, &nested) {
+        (Some(f), Some(n)) => {
+            let (kf, kn) = (kind_of(f), kind_of(n));
+            if kf != kn {
+                return Err(format!(
+                    "`rope_scaling.rope_type` = `{kf}` conflicts with \
+                     `rope_parameters.rope_type` = `{kn}`"
+                ));
+            }
+            for (name, a, b) in [
+                ("factor", f.factor, n.factor),
+                ("low_freq_factor", f.low, n.low),
+                ("high_freq_factor", f.high, n.high),
+                ("original_max_position_embeddings", f.omp, n.omp),
+            ] {
+                if let (Some(a), Some(b)) = (a, b)
+                    && a != b
+                {
+                    return Err(format!(
+                        "`rope_scaling.{name}` = {a} conflicts with `rope_parameters.{name}` = {b}"
+                    ));
+                }
+            }
+            (kn, "rope_parameters")
+        }
+        (None, Some(n)) => (kind_of(n), "rope_parameters"),
+        (Some(f), None) => (kind_of(f), "rope_scaling"),
+        (None, None) => ("default".to_string(), ""),
+    };
+    let pick = |get: fn(&RopeDict) -> Option<f64>| {
+        nested
+            .as_ref()
+            .and_then(get)
+            .or_else(|| flat.as_ref().and_then(get))
+    };
+    let (factor, low, high, omp) = (
+        pick(|d| d.factor),
+        pick(|d| d.low),
+        pick(|d| d.high),
+        pick(|d| d.omp),
+    );
+
+    map.remove("rope_parameters");
+    map.insert("rope_theta".into(), json!(theta));
+    if kind == "llama3" {
+        // transformers 5 prefers a top-level `original_max_position_embeddings` (Phi-3
+        // style) to the dict's; transformers 4 reads only the dict's. They must agree.
+        let top = match map.get("original_max_position_embeddings") {
+            Some(v) => json_number(v, "original_max_position_embeddings")?,
+            None => None,
+        };
+        let omp = match (omp, top) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "`{prefix}.original_max_position_embeddings` = {a} conflicts with \
+                     `original_max_position_embeddings` = {b}"
+                ));
+            }
+            (a, b) => a.or(b),
+        };
+        check_llama3(prefix, factor, low, high, omp)?;
+        let omp = omp.expect("checked");
+        if omp.fract() != 0.0 || omp > usize::MAX as f64 {
+            return Err(format!(
+                "`{prefix}.original_max_position_embeddings` = {omp} must be a positive integer"
+            ));
+        }
+        map.insert(
+            "rope_scaling".into(),
+            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": omp as usize}),
+        );
+    } else {
+        // `default`: HF ignores any scaling fields.
+        map.remove("rope_scaling");
+    }
+    Ok(origin)
+}
+
+/// The first bare `NaN` / `Infinity` token of JSON text (Python's `json.dumps` writes them)
+/// and the dotted key it is the value of, so the parse error can name the key.
+fn bare_non_finite(text: &str) -> Option<(String, &'static str)> {
+    let b = text.as_bytes();
+    // One entry per open object or array: the key being read in it.
+    let mut stack: Vec<Option<String>> = Vec::new();
+    let mut last_string = String::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                last_string = text.get(start..i.min(b.len()))?.to_string();
+            }
+            b'{' | b'[' => stack.push(None),
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b':' => {
+                if let Some(top) = stack.last_mut() {
+                    *top = Some(last_string.clone());
+                }
+            }
+            _ => {
+                for tok in ["NaN", "-Infinity", "Infinity"] {
+                    if b[i..].starts_with(tok.as_bytes()) {
+                        let key: Vec<&str> = stack.iter().flatten().map(|s| s.as_str()).collect();
+                        return Some((key.join("."), tok));
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 #[cfg(test)]

@@ -198,6 +198,8 @@ impl<'a> LayerEngine<'a> {
 /// The whole model in memory with a KV cache: greedy generation for speed measurements.
 /// (Evaluation and calibration use the layer-by-layer path instead.)
 pub struct Generator {
+    /// The checkpoint, for error messages.
+    path: std::path::PathBuf,
     layers: Vec<DecoderLayer>,
     head: Head,
     embed: Vec<f32>,
@@ -218,6 +220,7 @@ impl Generator {
             .ckpt
             .read("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         Ok(Self {
+            path: engine.ckpt.path().to_path_buf(),
             caches: vec![KvCache::default(); layers.len()],
             layers,
             head: engine.load_head()?,
@@ -239,31 +242,47 @@ impl Generator {
     }
 
     /// Runs `tokens` after the cached ones and returns the logits of the last position.
-    pub fn forward(&mut self, tokens: &[u32]) -> Vec<f32> {
-        let h = self.hidden;
+    /// An empty slice or a token id outside the vocabulary is an error (as in
+    /// [`LayerEngine::embed`]), checked before anything runs, so the cache is unchanged.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (h, v) = (self.hidden, self.head.vocab);
+        if tokens.is_empty() {
+            return Err(ModelError::format(
+                &self.path,
+                "generation was given no tokens to run",
+            ));
+        }
         let mut x = Vec::with_capacity(tokens.len() * h);
         for &t in tokens {
-            let t = (t as usize).min(self.head.vocab - 1);
+            let t = t as usize;
+            if t >= v {
+                return Err(ModelError::format(
+                    &self.path,
+                    format!(
+                        "token id {t} is outside the vocabulary of {v} (tokenizer and model disagree)"
+                    ),
+                ));
+            }
             x.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
         }
         let mut s = tensor_from(x, [1, tokens.len(), h], &self.device);
         for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
             s = layer.forward_at(s, Positions::Cached(&self.rope, cache), &mut |_, _| {});
         }
-        self.head.logits(&s, tokens.len() - 1)
+        Ok(self.head.logits(&s, tokens.len() - 1))
     }
 
     /// Greedy decoding of `n` tokens after `prompt` (the cache is reset first).
-    pub fn generate(&mut self, prompt: &[u32], n: usize) -> Vec<u32> {
+    pub fn generate(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
         self.reset();
         let mut out = Vec::with_capacity(n);
-        let mut logits = self.forward(prompt);
+        let mut logits = self.forward(prompt)?;
         for _ in 0..n {
             let next = argmax(&logits);
             out.push(next);
-            logits = self.forward(&[next]);
+            logits = self.forward(&[next])?;
         }
-        out
+        Ok(out)
     }
 }
 
@@ -276,4 +295,36 @@ pub fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_rejects_out_of_range_and_empty_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::testkit::tiny_config();
+        cfg["num_hidden_layers"] = 1.into();
+        crate::testkit::write_hf(dir.path(), &cfg, 7, |_, _| {});
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let engine = LayerEngine::new(&ckpt, crate::default_device(), 8);
+        let mut g = Generator::load(&engine, 8).unwrap();
+        let v = ckpt.config().vocab_size as u32;
+        for bad in [vec![v], vec![3, v + 7], vec![u32::MAX]] {
+            let e = g.forward(&bad).unwrap_err().to_string();
+            assert!(
+                e.contains("outside the vocabulary of 300")
+                    && e.contains(&dir.path().display().to_string()),
+                "{e}"
+            );
+            // Checked before anything ran: the cache is untouched.
+            assert_eq!(g.cached(), 0);
+        }
+        assert!(g.forward(&[]).is_err());
+        assert!(g.generate(&[2, v], 3).is_err());
+        // In range still works, and the last id of the vocabulary is in range.
+        assert_eq!(g.forward(&[2, v - 1]).unwrap().len(), v as usize);
+        assert_eq!(g.generate(&[2, 3], 3).unwrap().len(), 3);
+    }
 }

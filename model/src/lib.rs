@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod io;
 pub mod safetensors_io;
 pub mod testkit;
 pub mod tokenizer;

@@ -1,24 +1,34 @@
 //! Hugging Face folders: `config.json` plus `model.safetensors` or a sharded
 //! `model.safetensors.index.json`, memory-mapped, tensors converted to f32 one at a time.
 //! Also a streaming safetensors writer that never holds more than one tensor.
+//!
+//! Headers are parsed here as a stream rather than by the safetensors crate, which buffers
+//! the whole JSON as a tree, keeps the last of duplicate names and quotes file content in its
+//! errors: entries are checked as they are read (dtype, at most [`MAX_DIMS`] dimensions, no
+//! duplicates) and charged to a memory budget of the file's size plus a fixed margin
+//! ([`crate::io::PARSE_MARGIN`]), so a header of a million empty tensors is refused early.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 /// The safetensors dtype of a stored tensor ([`StEntry::dtype`]).
 pub use safetensors::Dtype;
-use safetensors::SafeTensors;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::error::{ModelError, Result};
+use crate::error::{MAX_NAME_CHARS, ModelError, Result, clip};
+use crate::io::Budget;
+
+/// A shard's tensors: name -> (dtype, shape, absolute byte range).
+type ShardTable = BTreeMap<String, (Dtype, Vec<usize>, usize, usize)>;
 
 /// One memory-mapped shard and its validated tensor table.
 struct Shard {
     path: PathBuf,
     mmap: memmap2::Mmap,
-    /// name -> (dtype, shape, absolute byte range)
-    tensors: BTreeMap<String, (Dtype, Vec<usize>, usize, usize)>,
+    tensors: ShardTable,
 }
 
 /// Where a tensor lives.
@@ -48,35 +58,412 @@ impl std::fmt::Debug for SafetensorsSet {
     }
 }
 
+/// Safetensors headers above this size are refused (the reference implementation's limit).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Most dimensions of a stored tensor (far above the 1 to 4 of real checkpoints).
+pub const MAX_DIMS: usize = 64;
+/// Memory charged per header entry beyond its name and dimensions: its entries in the shard
+/// table and the set's index, and the allocator's overhead.
+const ENTRY_OVERHEAD: u64 = 256;
+
+/// A string from the header, borrowed when it has no escapes.
+struct CowStr<'de>(Cow<'de, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for CowStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = CowStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+// The visitors below read through `deserialize_any` and refuse a misplaced string with a
+// message of their own: serde's default message quotes the whole string, which in a 100 MB
+// header makes an error (and an allocation) of 100 MB.
+
+/// The error for a string where `what` belongs.
+fn misplaced_string<E: de::Error>(what: &str) -> E {
+    E::custom(format!("a string where {what} belongs"))
+}
+
+/// `__metadata__`: a map of strings to strings, checked and dropped.
+struct StrMap;
+
+impl<'de> Deserialize<'de> for StrMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`__metadata__`, a map of strings to strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<StrMap, A::Error> {
+                while m.next_entry::<CowStr, CowStr>()?.is_some() {}
+                Ok(StrMap)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<StrMap, E> {
+                Err(misplaced_string("`__metadata__`"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A non-negative integer (a dimension or an offset).
+struct Num(u64);
+
+impl<'de> Deserialize<'de> for Num {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Num;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Num, E> {
+                Ok(Num(v))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<Num, E> {
+                Err(misplaced_string("a number"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A shape of at most [`MAX_DIMS`] dimensions (a longer list is refused while it is read).
+struct Shape(Vec<usize>);
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Shape;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of dimensions")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> std::result::Result<Shape, A::Error> {
+                let mut dims = Vec::new();
+                while let Some(Num(d)) = s.next_element()? {
+                    if dims.len() == MAX_DIMS {
+                        return Err(de::Error::custom(format!(
+                            "a shape of more than {MAX_DIMS} dimensions"
+                        )));
+                    }
+                    dims.push(usize::try_from(d).map_err(de::Error::custom)?);
+                }
+                Ok(Shape(dims))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<Shape, E> {
+                Err(misplaced_string("a shape"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `data_offsets`: exactly two numbers.
+struct Offsets(u64, u64);
+
+impl<'de> Deserialize<'de> for Offsets {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Offsets;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`data_offsets`, a list of two offsets")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> std::result::Result<Offsets, A::Error> {
+                let two = (s.next_element::<Num>()?, s.next_element::<Num>()?);
+                match (two, s.next_element::<de::IgnoredAny>()?) {
+                    ((Some(Num(a)), Some(Num(b))), None) => Ok(Offsets(a, b)),
+                    _ => Err(de::Error::custom(
+                        "`data_offsets` must hold exactly two offsets",
+                    )),
+                }
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<Offsets, E> {
+                Err(misplaced_string("`data_offsets`"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One tensor's entry in the header, as written (other keys are ignored, as by the
+/// reference implementation).
+struct RawInfo<'a> {
+    dtype: CowStr<'a>,
+    shape: Shape,
+    data_offsets: Offsets,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawInfo<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RawInfo<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a tensor entry (dtype, shape, data_offsets)")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<RawInfo<'a>, A::Error> {
+                let (mut dtype, mut shape, mut offsets) = (None, None, None);
+                while let Some(CowStr(k)) = m.next_key::<CowStr>()? {
+                    let dup = match k.as_ref() {
+                        "dtype" => dtype.replace(m.next_value::<CowStr>()?).is_some(),
+                        "shape" => shape.replace(m.next_value::<Shape>()?).is_some(),
+                        "data_offsets" => offsets.replace(m.next_value::<Offsets>()?).is_some(),
+                        _ => {
+                            m.next_value::<de::IgnoredAny>()?;
+                            false
+                        }
+                    };
+                    if dup {
+                        return Err(de::Error::custom(format!("`{k}` appears twice")));
+                    }
+                }
+                match (dtype, shape, offsets) {
+                    (Some(dtype), Some(shape), Some(data_offsets)) => Ok(RawInfo {
+                        dtype,
+                        shape,
+                        data_offsets,
+                    }),
+                    _ => Err(de::Error::custom(
+                        "a tensor entry needs `dtype`, `shape` and `data_offsets`",
+                    )),
+                }
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<RawInfo<'a>, E> {
+                Err(misplaced_string("a tensor entry"))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// One tensor's entry, with its dtype known; offsets relative to the data section.
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: u64,
+    end: u64,
+}
+
+/// The dtype named `s`, `None` for unknown names (a long one is not given to serde, whose
+/// message would quote it whole).
+fn dtype_by_name(s: &str) -> Option<Dtype> {
+    if s.len() > 16 {
+        return None;
+    }
+    Dtype::deserialize(de::value::StrDeserializer::<de::value::Error>::new(s)).ok()
+}
+
+/// Reads the header's entries into a map, refusing (while reading, before they are all in
+/// memory) duplicate names, unknown dtypes and more entries than the file's budget allows.
+struct HeaderSeed {
+    budget: Budget,
+}
+
+impl<'de> Visitor<'de> for HeaderSeed {
+    type Value = BTreeMap<String, Entry>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a safetensors header (a JSON object)")
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<Self::Value, E> {
+        Err(misplaced_string("the header's object"))
+    }
+    fn visit_map<A: MapAccess<'de>>(
+        mut self,
+        mut m: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(CowStr(name)) = m.next_key::<CowStr>()? {
+            if name == "__metadata__" {
+                m.next_value::<StrMap>()?;
+                continue;
+            }
+            let shown = clip(&name, MAX_NAME_CHARS);
+            let raw: RawInfo = m.next_value()?;
+            let dtype = dtype_by_name(&raw.dtype.0).ok_or_else(|| {
+                de::Error::custom(format!(
+                    "tensor `{shown}` has unknown dtype `{}`",
+                    clip(&raw.dtype.0, MAX_NAME_CHARS)
+                ))
+            })?;
+            let cost = ENTRY_OVERHEAD + name.len() as u64 + 8 * raw.shape.0.len() as u64;
+            if !self.budget.take(cost) {
+                return Err(de::Error::custom(format!(
+                    "tensor `{shown}`: the header lists more tensors than its file can back (the parsed table would take more than {} bytes, the file's size plus 1 MiB)",
+                    self.budget.limit()
+                )));
+            }
+            if out.contains_key(name.as_ref()) {
+                return Err(de::Error::custom(format!("tensor `{shown}` appears twice")));
+            }
+            let entry = Entry {
+                dtype,
+                shape: raw.shape.0,
+                start: raw.data_offsets.0,
+                end: raw.data_offsets.1,
+            };
+            out.insert(name.into_owned(), entry);
+        }
+        Ok(out)
+    }
+}
+
+/// Parses and validates the header of the safetensors file `buf`: the entries with absolute
+/// byte ranges. Checks what the reference implementation checks (contiguous data from the
+/// start of the data section, sizes that match dtype and shape, the file's exact length),
+/// plus duplicate names, dimension bounds and the memory budget, with messages that name
+/// the tensor.
+fn parse_header(buf: &[u8], path: &Path) -> Result<ShardTable> {
+    let len = buf.len() as u64;
+    if len < 8 {
+        return Err(ModelError::format(
+            path,
+            format!(
+                "safetensors header too small: the file has {len} bytes, the header length alone takes 8"
+            ),
+        ));
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    if n > len - 8 {
+        return Err(ModelError::format(
+            path,
+            format!("safetensors header length {n} runs past the end of the {len}-byte file"),
+        ));
+    }
+    if n > MAX_HEADER_BYTES {
+        return Err(ModelError::format(
+            path,
+            format!(
+                "safetensors header of {n} bytes is over the format's {MAX_HEADER_BYTES}-byte limit"
+            ),
+        ));
+    }
+    let text = &buf[8..8 + n as usize];
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let seed = HeaderSeed {
+        budget: Budget::for_file(len),
+    };
+    let invalid =
+        |e: serde_json::Error| ModelError::format(path, format!("invalid safetensors header: {e}"));
+    let entries = (&mut de).deserialize_any(seed).map_err(invalid)?;
+    de.end().map_err(invalid)?;
+
+    let base = 8 + n;
+    let mut order: Vec<(&String, &Entry)> = entries.iter().collect();
+    order.sort_by_key(|(_, e)| (e.start, e.end));
+    let mut pos = 0u64;
+    for (name, e) in &order {
+        let name = clip(name, MAX_NAME_CHARS);
+        let fail = |msg: String| Err(ModelError::format(path, msg));
+        if e.start != pos || e.end < e.start {
+            return fail(format!(
+                "invalid offset for tensor `{name}`: data_offsets [{}, {}], where the previous tensor's data ends at {pos}",
+                e.start, e.end
+            ));
+        }
+        let bits = e.dtype.bitsize() as u64;
+        let nbits = e
+            .shape
+            .iter()
+            .try_fold(bits, |a, &d| a.checked_mul(d as u64))
+            .ok_or_else(|| {
+                ModelError::format(
+                    path,
+                    format!("tensor `{name}`: the product of its dimensions overflows"),
+                )
+            })?;
+        if nbits % 8 != 0 || nbits / 8 != e.end - e.start {
+            return fail(format!(
+                "invalid shape, data type, or offset for tensor `{name}`: its {:?} values take {nbits} bits, its data_offsets span {} bytes",
+                e.dtype,
+                e.end - e.start
+            ));
+        }
+        // A tensor of no values passes the size check whatever its dimensions, but they are
+        // loop bounds downstream: none may exceed the values the file could hold.
+        let most = (len.saturating_mul(8) / bits).max(1);
+        if nbits == 0
+            && let Some(d) = e.shape.iter().find(|&&d| d as u64 > most)
+        {
+            return fail(format!(
+                "tensor `{name}`: dimension {d} is more than the {most} {:?} values a {len}-byte file can hold",
+                e.dtype
+            ));
+        }
+        pos = e.end;
+    }
+    let end = base.saturating_add(pos);
+    if end > len {
+        return Err(ModelError::format(
+            path,
+            format!(
+                "tensor data runs past the end of the file: the header places data up to byte {end}, the file has {len} bytes"
+            ),
+        ));
+    }
+    if end < len {
+        return Err(ModelError::format(
+            path,
+            format!(
+                "{} bytes after the last tensor's data (byte {end}) are not described by the header",
+                len - end
+            ),
+        ));
+    }
+    let base = base as usize;
+    Ok(entries
+        .into_iter()
+        .map(|(name, e)| {
+            (
+                name,
+                (
+                    e.dtype,
+                    e.shape,
+                    base + e.start as usize,
+                    base + e.end as usize,
+                ),
+            )
+        })
+        .collect())
+}
+
 fn open_shard(path: &Path) -> Result<Shard> {
+    // Opening a FIFO blocks and a device has no size: only regular files are read.
+    crate::io::check_regular(path, u64::MAX)?;
     let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     // SAFETY: read-only map of a file this process does not modify.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    if mmap.len() >= 8 {
-        let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
-        if n > mmap.len() as u64 - 8 {
-            return Err(ModelError::format(
-                path,
-                format!(
-                    "safetensors header length {n} runs past the end of the {}-byte file",
-                    mmap.len()
-                ),
-            ));
-        }
-    }
-    let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-        let msg = match e {
-            safetensors::SafeTensorError::MetadataIncompleteBuffer => data_extent_problem(&mmap),
-            e => format!("invalid safetensors file: {e}"),
-        };
-        ModelError::format(path, msg)
-    })?;
-    let base = 8 + n;
-    let mut tensors = BTreeMap::new();
-    for (name, info) in meta.tensors() {
-        let (s, e) = info.data_offsets;
-        tensors.insert(name, (info.dtype, info.shape.clone(), base + s, base + e));
-    }
+    let tensors = parse_header(&mmap, path)?;
     Ok(Shard {
         path: path.into(),
         mmap,
@@ -84,31 +471,91 @@ fn open_shard(path: &Path) -> Result<Shard> {
     })
 }
 
-/// Says how the header's data offsets disagree with the file size (the safetensors crate
-/// only says "incomplete metadata"). Called after the header length was checked and the
-/// header validated, so it parses.
-fn data_extent_problem(buf: &[u8]) -> String {
-    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&buf[8..8 + n]).unwrap_or_default();
-    let end = header
-        .as_object()
-        .into_iter()
-        .flat_map(|m| m.values())
-        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
-        .max()
-        .unwrap_or(0)
-        .saturating_add(8 + n as u64);
-    let len = buf.len() as u64;
-    if end > len {
-        format!(
-            "tensor data runs past the end of the file: the header places data up to byte {end}, the file has {len} bytes"
-        )
-    } else {
-        format!(
-            "{} bytes after the last tensor's data (byte {end}) are not described by the header",
-            len - end
-        )
+/// The distinct shard files an index's `weight_map` names, read as a stream: a large index
+/// costs memory only for its distinct shard names, charged to the file's budget.
+struct ShardNames {
+    budget: Budget,
+    names: BTreeSet<String>,
+}
+
+impl<'de> de::DeserializeSeed<'de> for &mut ShardNames {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
     }
+}
+
+impl<'de> Visitor<'de> for &mut ShardNames {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("`weight_map`, a map of tensor names to shard file names")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<(), A::Error> {
+        while let Some((CowStr(_), CowStr(f))) = m.next_entry::<CowStr, CowStr>()? {
+            if f.contains('/') || f.contains('\\') || f.starts_with('.') || f.is_empty() {
+                return Err(de::Error::custom(format!(
+                    "shard name `{}` must be a plain file name",
+                    clip(&f, MAX_NAME_CHARS)
+                )));
+            }
+            if !self.names.contains(f.as_ref()) {
+                if !self.budget.take(ENTRY_OVERHEAD + f.len() as u64) {
+                    return Err(de::Error::custom(
+                        "the index names more shard files than its size allows",
+                    ));
+                }
+                self.names.insert(f.into_owned());
+            }
+        }
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<(), E> {
+        Err(misplaced_string("`weight_map`"))
+    }
+}
+
+/// The top level of an index: `weight_map` read into [`ShardNames`], other keys skipped.
+struct IndexTop<'a>(&'a mut ShardNames);
+
+impl<'de> Visitor<'de> for IndexTop<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a shard index (a JSON object)")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<bool, A::Error> {
+        let mut found = false;
+        while let Some(CowStr(k)) = m.next_key::<CowStr>()? {
+            if k == "weight_map" && !found {
+                m.next_value_seed(&mut *self.0)?;
+                found = true;
+            } else {
+                m.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<bool, E> {
+        Err(misplaced_string("the index's object"))
+    }
+}
+
+/// The shard files of `model.safetensors.index.json` at `path`, sorted.
+fn index_shards(path: &Path) -> Result<BTreeSet<String>> {
+    let text = crate::io::read_text(path, crate::io::INDEX_LIMIT)?;
+    let mut names = ShardNames {
+        budget: Budget::for_file(text.len() as u64),
+        names: BTreeSet::new(),
+    };
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let invalid = |e: serde_json::Error| ModelError::format(path, format!("invalid index: {e}"));
+    let found = (&mut de)
+        .deserialize_any(IndexTop(&mut names))
+        .map_err(invalid)?;
+    de.end().map_err(invalid)?;
+    if !found {
+        return Err(ModelError::format(path, "missing `weight_map`"));
+    }
+    Ok(names.names)
 }
 
 impl SafetensorsSet {
@@ -117,31 +564,10 @@ impl SafetensorsSet {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::format(&index_path, format!("invalid JSON: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::format(&index_path, "missing `weight_map`"))?;
-            let mut files: Vec<String> = Vec::new();
-            for f in map.values() {
-                let f = f
-                    .as_str()
-                    .ok_or_else(|| ModelError::format(&index_path, "non-string shard name"))?;
-                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-                    return Err(ModelError::format(
-                        &index_path,
-                        format!("shard name `{f}` must be a plain file name"),
-                    ));
-                }
-                if !files.iter().any(|x| x == f) {
-                    files.push(f.to_string());
-                }
-            }
-            files.sort();
-            files.into_iter().map(|f| dir.join(f)).collect()
+            index_shards(&index_path)?
+                .into_iter()
+                .map(|f| dir.join(f))
+                .collect()
         } else if single.exists() {
             vec![single]
         } else {
@@ -165,7 +591,10 @@ impl SafetensorsSet {
                 if index.insert(name.clone(), entry).is_some() {
                     return Err(ModelError::format(
                         f,
-                        format!("tensor `{name}` appears in two shards"),
+                        format!(
+                            "tensor `{}` appears in two shards",
+                            clip(name, MAX_NAME_CHARS)
+                        ),
                     ));
                 }
             }

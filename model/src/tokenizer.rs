@@ -3,11 +3,13 @@
 //! `llama` SentencePiece as BPE with byte fallback). Building the JSON (rather than the Rust
 //! objects) means the converter writes exactly the tokenizer that was evaluated.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::error::{ModelError, Result};
+use crate::checkpoint::Checkpoint;
+use crate::error::{MAX_NAME_CHARS, ModelError, Result, clip};
 use crate::gguf::GgufFile;
 
 /// Pre-tokenizers known by llama.cpp's `tokenizer.ggml.pre` name.
@@ -74,9 +76,10 @@ impl Tokenizer {
         })
     }
 
-    /// Loads an HF `tokenizer.json`.
+    /// Loads an HF `tokenizer.json` (a regular file of at most [`crate::io::TOKENIZER_LIMIT`]
+    /// bytes).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let json = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let json = crate::io::read_text(path, crate::io::TOKENIZER_LIMIT)?;
         Self::from_json(json, path)
     }
 
@@ -124,21 +127,117 @@ impl Tokenizer {
     pub fn to_json(&self) -> &str {
         &self.json
     }
+
+    /// Checks that every id this tokenizer can produce, and the config's BOS/EOS ids, index
+    /// a row of `ckpt`'s embedding (`vocab_size` rows, which `Checkpoint::check_shapes`
+    /// holds to the tensor): a model written with a larger tokenizer would read past its
+    /// embedding. Converters call it before writing.
+    pub fn check_vocab(&self, ckpt: &Checkpoint) -> Result<()> {
+        let max = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .max_by_key(|(_, id)| *id);
+        check_ids(ckpt, &self.source, max)
+    }
 }
 
-fn str_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
-    let arr = file.get_array(key).ok_or_else(|| ModelError::Tokenizer {
+/// Refuses a largest token id (`max`: the token and its id, from `source`) or config BOS/EOS
+/// ids outside `ckpt`'s vocabulary.
+fn check_ids(ckpt: &Checkpoint, source: &Path, max: Option<(String, u32)>) -> Result<()> {
+    let vocab = ckpt.config().vocab_size;
+    let (cfg_path, key) = match ckpt.gguf() {
+        Some(g) => (g.path().to_path_buf(), g.config_key("vocab_size")),
+        None => (ckpt.path().join("config.json"), "vocab_size".to_string()),
+    };
+    if let Some((token, id)) = max
+        && id as usize >= vocab
+    {
+        return Err(ModelError::Tokenizer {
+            path: source.into(),
+            msg: format!(
+                "token `{}` has id {id}, outside the model's vocabulary: `{key}` is {vocab} (in {})",
+                clip(&token, MAX_NAME_CHARS),
+                cfg_path.display()
+            ),
+        });
+    }
+    let c = ckpt.config();
+    for (name, ids) in [
+        ("bos_token_id", &c.bos_token_id),
+        ("eos_token_id", &c.eos_token_id),
+    ] {
+        let ids = match ids {
+            None => &[][..],
+            Some(crate::config::TokenIds::One(id)) => std::slice::from_ref(id),
+            Some(crate::config::TokenIds::Many(v)) => &v[..],
+        };
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            let key = match ckpt.gguf() {
+                Some(_) => format!("tokenizer.ggml.{name}"),
+                None => name.to_string(),
+            };
+            return Err(ModelError::config(
+                &cfg_path,
+                format!("`{key}` = {id} is outside the vocabulary of {vocab} tokens"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// As [`load_checked`] without building a tokenizer from GGUF metadata (its token list is
+/// checked instead), and without requiring an HF folder's `tokenizer.json` (checked when
+/// present): for commands that copy the tokenizer as it is.
+pub fn check_fits(ckpt: &Checkpoint) -> Result<()> {
+    match ckpt.gguf() {
+        Some(g) => {
+            let key = "tokenizer.ggml.tokens";
+            let last = match g.array(key) {
+                Some(a) => match a.strings() {
+                    Some(s) => a.len().checked_sub(1).and_then(|i| {
+                        let t = s.last()?.into_owned();
+                        Some((t, u32::try_from(i).unwrap_or(u32::MAX)))
+                    }),
+                    None => {
+                        return Err(ModelError::Tokenizer {
+                            path: g.path().into(),
+                            msg: format!("`{key}` is not an array of strings"),
+                        });
+                    }
+                },
+                None => None,
+            };
+            check_ids(ckpt, g.path(), last)
+        }
+        None => {
+            let tj = ckpt.path().join("tokenizer.json");
+            if !tj.exists() {
+                return check_ids(ckpt, &tj, None);
+            }
+            Tokenizer::from_file(&tj)?.check_vocab(ckpt)
+        }
+    }
+}
+
+/// Loads `ckpt`'s tokenizer ([`crate::load_tokenizer`]) and checks it fits the model's
+/// vocabulary ([`Tokenizer::check_vocab`]): for commands that write a model.
+pub fn load_checked(ckpt: &Checkpoint) -> Result<Tokenizer> {
+    let tok = crate::load_tokenizer(ckpt)?;
+    tok.check_vocab(ckpt)?;
+    Ok(tok)
+}
+
+fn str_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<Cow<'a, str>>> {
+    let arr = file.array(key).ok_or_else(|| ModelError::Tokenizer {
         path: file.path().into(),
-        msg: format!("missing `{key}`"),
+        msg: format!("missing `{key}` (or not an array)"),
     })?;
-    arr.iter()
-        .map(|v| {
-            v.as_str().ok_or_else(|| ModelError::Tokenizer {
-                path: file.path().into(),
-                msg: format!("`{key}` holds a non-string"),
-            })
-        })
-        .collect()
+    let items = arr.strings().ok_or_else(|| ModelError::Tokenizer {
+        path: file.path().into(),
+        msg: format!("`{key}` is not an array of strings"),
+    })?;
+    Ok(items.collect())
 }
 
 fn byte_level() -> Value {
@@ -186,8 +285,9 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
     let model = file.get_str("tokenizer.ggml.model").unwrap_or("");
     let tokens = str_array(file, "tokenizer.ggml.tokens")?;
     let types: Vec<i64> = file
-        .get_array("tokenizer.ggml.token_type")
-        .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
+        .array("tokenizer.ggml.token_type")
+        .and_then(|a| a.ints())
+        .map(|a| a.take(tokens.len()).collect())
         .unwrap_or_else(|| vec![1; tokens.len()]);
     let bos = file
         .get_u64("tokenizer.ggml.bos_token_id")
@@ -197,7 +297,7 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
         .map(|v| v as usize);
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     for (i, t) in tokens.iter().enumerate() {
-        vocab.insert((*t).to_string(), json!(i));
+        vocab.insert(t.to_string(), json!(i));
     }
     let mut added = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
@@ -210,9 +310,9 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
     let (default_bos, mut out) = match model {
         "gpt2" => {
             let merges: Vec<Value> = str_array(file, "tokenizer.ggml.merges")?
-                .into_iter()
+                .iter()
                 .map(|m| {
-                    let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                    let (a, b) = m.split_once(' ').unwrap_or((m.as_ref(), ""));
                     json!([a, b])
                 })
                 .collect();
@@ -233,8 +333,9 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
         }
         "llama" => {
             let scores: Vec<f64> = file
-                .get_array("tokenizer.ggml.scores")
-                .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+                .array("tokenizer.ggml.scores")
+                .and_then(|a| a.floats())
+                .map(|a| a.take(tokens.len()).collect())
                 .unwrap_or_else(|| vec![0.0; tokens.len()]);
             let merges = spm_merges(&tokens, &types, &scores);
             let add_space = file
@@ -273,7 +374,7 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
     let add_bos = file
         .get_bool("tokenizer.ggml.add_bos_token")
         .unwrap_or(default_bos);
-    if add_bos && let Some(b) = bos.and_then(|b| tokens.get(b).map(|t| (b, *t))) {
+    if add_bos && let Some(b) = bos.and_then(|b| tokens.get(b).map(|t| (b, t.as_ref()))) {
         out["post_processor"] = json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b.1, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": b.1, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
@@ -286,9 +387,12 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
 /// SentencePiece BPE merges recovered from the vocabulary: every split of a normal token into
 /// two tokens of the vocabulary is a merge, ranked by the merged token's score (highest
 /// first), which is the order in which llama.cpp's SPM tokenizer applies them.
-fn spm_merges(tokens: &[&str], types: &[i64], scores: &[f64]) -> Vec<Value> {
-    let index: std::collections::HashMap<&str, usize> =
-        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+fn spm_merges(tokens: &[Cow<'_, str>], types: &[i64], scores: &[f64]) -> Vec<Value> {
+    let index: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_ref(), i))
+        .collect();
     let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
         if types.get(id).copied().unwrap_or(1) != 1 || t.chars().count() < 2 {
@@ -309,6 +413,6 @@ fn spm_merges(tokens: &[&str], types: &[i64], scores: &[f64]) -> Vec<Value> {
     });
     merges
         .into_iter()
-        .map(|(_, _, a, b)| json!([tokens[a], tokens[b]]))
+        .map(|(_, _, a, b)| json!([tokens[a].as_ref(), tokens[b].as_ref()]))
         .collect()
 }

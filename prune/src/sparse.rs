@@ -288,7 +288,7 @@ pub fn write_sparse_bitmask(
         )));
     }
     let cfg_path = dense_dir.join("config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
+    let cfg_text = model::io::read_side_file(&cfg_path)?;
     let mut config: Value = serde_json::from_str(&cfg_text).map_err(|e| {
         PruneError::Model(model::ModelError::format(
             &cfg_path,

@@ -706,7 +706,7 @@ fn hf_tokenizer_metadata(
     let dir = ckpt.path();
     let tpath = dir.join("tokenizer.json");
     let read_json = |p: &Path| -> Result<Value> {
-        let text = std::fs::read_to_string(p).map_err(|e| model::ModelError::io(p, e))?;
+        let text = model::io::read_side_file(p)?;
         serde_json::from_str(&text).map_err(|e| ExportError::Input(format!("{}: {e}", p.display())))
     };
     let tj = read_json(&tpath)?;

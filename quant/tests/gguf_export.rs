@@ -1,5 +1,5 @@
 //! GGUF export end to end on a tiny synthetic llama: HF folder -> GGUF (several plans) ->
-//! read back through `model::Checkpoint` (gguf-rs), and GGUF -> GGUF (tokenizer keys copied).
+//! read back through `model::Checkpoint`, and GGUF -> GGUF (tokenizer keys copied).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -22,7 +22,7 @@ i=0
 for M in "$TEACHER" "$@"; do
     i=$((i + 1))
     "$BIN" eval "$M" --teacher "$TEACHER" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" \
-        --tasks piqa,arc_easy,medqa,pubmedqa,mmlu_medical --data-dir "$SHARED/data" "${LIMIT_ARGS[@]}" \
+        --tasks piqa,arc_easy,medqa,pubmedqa,mmlu_medical --data-dir "$COMPRESS_DATA" "${LIMIT_ARGS[@]}" \
         --force --json "$OUT/q$i.json" >/dev/null
     "$BIN" eval "$M" --speed --force --json "$OUT/s$i.json" >/dev/null
     python3 - "$M" "$OUT/q$i.json" "$OUT/s$i.json" <<'PY'

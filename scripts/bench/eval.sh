@@ -3,20 +3,20 @@
 # (raw test split), printed as one markdown row for BENCHMARKS.md.
 #
 # Env: CHUNKS (default 32), CTX (default 512), THREADS (optional, passed as
-# --threads), SHARED (default ../shared relative to the repo root).
+# --threads), COMPRESS_DATA (the data folder, see scripts/data-dir.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
-SHARED=${SHARED:-$ROOT/../shared}
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
+source scripts/data-dir.sh
+need_data wikitext-2-raw/wiki.test.raw
+TEXT="$COMPRESS_DATA/wikitext-2-raw/wiki.test.raw"
 CHUNKS=${CHUNKS:-32}
 CTX=${CTX:-512}
 GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-[[ -f "$TEXT" ]] || { echo "error: $TEXT not found (set SHARED)" >&2; exit 1; }
 command -v python3 >/dev/null 2>&1 || { echo "error: python3 is needed to read the reports" >&2; exit 1; }
 
 # GNU time gives peak RSS; install it if missing (needs root and apt).

@@ -8,7 +8,7 @@ OUT="${OUT:-/tmp/kld-bench}"
 source "$(dirname "$0")/lib.sh"
 T="$MODEL"
 for ty in q8_0 q4_0 q4_k_m; do "$BIN" convert "$T" "$OUT/$ty.gguf" --type "$ty" --force >/dev/null; done
-"$BIN" quant "$T" --method rtn --bits 4 --group 128 --out "$OUT/rtn-w4g128" --force >/dev/null
+"$BIN" quant "$T" --method rtn --bits 4 --group 128 --format dense --out "$OUT/rtn-w4g128" --force >/dev/null
 echo "| student | bytes | bpw | ppl ± se | KLD mean ± se | median | p99 | same top % | RMS Δp % |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for s in "$T" "$OUT/q8_0.gguf" "$OUT/q4_0.gguf" "$OUT/q4_k_m.gguf" "$OUT/rtn-w4g128"; do

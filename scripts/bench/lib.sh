@@ -1,16 +1,16 @@
 # Shared set-up of the SmolLM2 benchmarks (sourced, not run): repo root as the working
 # folder, data paths, the teacher fetched, a release build of `compress`, and `ppl`.
-#   SHARED (default ../shared next to the repo), CHUNKS (default 32), OUT (set by the caller),
+#   COMPRESS_DATA (the data folder, see scripts/data-dir.sh), CHUNKS (default 32), OUT (set by the caller),
 #   BUILD (default 1; 0 uses target/release/compress as it is, without running cargo),
 #   COMPRESS_BIN (default target/release/compress: the binary the benchmarks run).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
+source scripts/data-dir.sh
 CHUNKS="${CHUNKS:-32}"
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
-CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
+TEXT="$COMPRESS_DATA/wikitext-2-raw/wiki.test.raw"
+CALIB="$COMPRESS_DATA/wikitext-2/wiki.valid.tokens"
 MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-[[ -f "$TEXT" ]] || { echo "error: $TEXT not found (set SHARED)" >&2; exit 1; }
+need_data wikitext-2-raw/wiki.test.raw wikitext-2/wiki.valid.tokens
 bash scripts/get-smollm2.sh >/dev/null
 if [[ "${BUILD:-1}" != 0 ]]; then
     cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress

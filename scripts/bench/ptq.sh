@@ -26,7 +26,7 @@ for spec in "8 per-channel asym" "4 128 asym" "4 128 sym" "3 128 asym"; do
         if [ "$M" != rtn ]; then ARGS+=(--calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN"); fi
         DIR="$OUT/$M-w$BITS-$GROUP-$SYM"
         START=$(date +%s.%N)
-        /usr/bin/time -f "%M" -o "$OUT/rss" "$BIN" quant "$MODEL" "${ARGS[@]}" --out "$DIR" --force >/dev/null
+        /usr/bin/time -f "%M" -o "$OUT/rss" "$BIN" quant "$MODEL" "${ARGS[@]}" --format dense --out "$DIR" --force >/dev/null
         END=$(date +%s.%N)
         read -r P SE _ _ < <(ppl "$DIR")
         python3 - "$DIR" "$M" "$BITS" "$GROUP" "$SYM" "$P" "$SE" "$T_PPL" "$START" "$END" "$(tail -1 "$OUT/rss")" <<'PY'

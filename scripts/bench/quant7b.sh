@@ -14,12 +14,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"
+source scripts/data-dir.sh
+need_data wikitext-2/wiki.valid.tokens
 LAYERS="${LAYERS:-4}"
 SAMPLE_ROWS="${SAMPLE_ROWS:-512}"
 RUNS=" ${RUNS:-gptq awq wanda sparsegpt imatrix awqgguf convert} "
 want() { [[ "$RUNS" == *" $1 "* ]]; }
-CALIB="$SHARED/data/wikitext-2/wiki.valid.tokens"
+CALIB="$COMPRESS_DATA/wikitext-2/wiki.valid.tokens"
 cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
 cargo build --release -p model --example synth >/dev/null 2>&1 || cargo build --release -p model --example synth
 BIN="$ROOT/target/release/compress"
@@ -40,9 +41,9 @@ echo
 echo "| run | blocks | wall s | wall s per block | CPU s | peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
 C=(--calib "$CALIB" --calib-samples 8 --calib-len 512)
-want gptq && row "gptq W4 g128, $SAMPLE_ROWS report rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method gptq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/gptq"
+want gptq && row "gptq W4 g128, $SAMPLE_ROWS report rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method gptq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --format dense --out "$W/gptq"
 rm -rf "$W/gptq"
-want awq && row "awq W4 g128, $SAMPLE_ROWS search rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method awq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awq"
+want awq && row "awq W4 g128, $SAMPLE_ROWS search rows (dense bf16 out)" "$LAYERS" "$BIN" quant "$W/cut" --method awq --bits 4 --group 128 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --format dense --out "$W/awq"
 rm -rf "$W/awq"
 want imatrix && row "gguf:q4_0 with importance (rtn --calib)" "$LAYERS" "$BIN" quant "$W/cut" --method rtn --format gguf:q4_0 "${C[@]}" --out "$W/imat"
 rm -rf "$W/imat"

@@ -5,21 +5,21 @@
 # Perplexity of random weights is meaningless; this measures load + compute.
 #
 # Env: SHAPES (default "0.5b 1.5b 3b 7b"), CHUNKS (default 2), CTX (default
-# 512), TMPDIR (where checkpoints go, default /tmp), SHARED (default
-# ../shared relative to the repo root).
+# 512), TMPDIR (where checkpoints go, default /tmp), COMPRESS_DATA (the
+# data folder, see scripts/data-dir.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
-SHARED=${SHARED:-$ROOT/../shared}
-TEXT="$SHARED/data/wikitext-2-raw/wiki.test.raw"
+source scripts/data-dir.sh
+need_data wikitext-2-raw/wiki.test.raw
+TEXT="$COMPRESS_DATA/wikitext-2-raw/wiki.test.raw"
 SHAPES=${SHAPES:-0.5b 1.5b 3b 7b}
 CHUNKS=${CHUNKS:-2}
 CTX=${CTX:-512}
 
-[[ -f "$TEXT" ]] || { echo "error: $TEXT not found (set SHARED)" >&2; exit 1; }
 command -v python3 >/dev/null 2>&1 || { echo "error: python3 is needed to read the reports" >&2; exit 1; }
 
 # GNU time gives peak RSS; install it if missing (needs root and apt).

@@ -10,7 +10,7 @@ M="${1:-$MODEL}"
 LIMIT_ARGS=()
 [ -n "${LIMIT:-}" ] && LIMIT_ARGS=(--limit "$LIMIT")
 start=$(date +%s.%N)
-"$BIN" eval "$M" --tasks piqa,arc_easy,medqa,pubmedqa,mmlu_medical --data-dir "$SHARED/data" \
+"$BIN" eval "$M" --tasks piqa,arc_easy,medqa,pubmedqa,mmlu_medical --data-dir "$COMPRESS_DATA" \
     "${LIMIT_ARGS[@]}" --force --json "$OUT/tasks.json" >"$OUT/tasks.txt"
 end=$(date +%s.%N)
 python3 - "$OUT/tasks.json" "$start" "$end" "$M" "$(nproc)" <<'PY'

@@ -13,9 +13,9 @@
 //! the alignment. A string is a u64 byte length and UTF-8 bytes; an array is a u32 item type,
 //! a u64 length and the items.
 //!
-//! [`read_metadata`] reads the key/values back with their exact GGUF types (gguf-rs, which
-//! [`super::GgufFile`] uses, turns them into JSON and loses e.g. u32 vs i32), so a converter
-//! can copy keys from one file to another unchanged.
+//! [`read_metadata`] reads the key/values back with their exact GGUF types, copied out of
+//! the file (where [`super::GgufFile`] leaves arrays in its map), so a converter can copy keys
+//! from one file to another unchanged.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -571,9 +571,12 @@ impl Rd<'_> {
 /// Reads a GGUF file's metadata key/values in file order with their exact types. Every
 /// length is checked against the file size before anything is allocated from it.
 pub fn read_metadata(path: &Path) -> Result<Vec<(String, MetaValue)>> {
+    crate::io::check_regular(path, u64::MAX)?;
     let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     // SAFETY: read-only map of a file this process does not modify.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    // The reader's checks (duplicate keys, the memory budget) before anything is copied.
+    super::header::parse(&mmap, path)?;
     parse_metadata(&mmap, path)
 }
 
@@ -651,7 +654,7 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_through_gguf_rs_and_typed_reader() {
+    fn round_trips_through_both_readers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gguf");
         let meta = demo_metadata();
