@@ -434,7 +434,9 @@ fn hostile_teacher_logits_exit_2_with_one_line() {
     }
     // Files saved for another run: each field named with both values.
     let (vocab400, missing) = (bad.join("vocab400.bin"), root.join("missing.bin"));
-    let field_cases: Vec<(&Path, &str, &[&str], &str, &[&str])> = vec![
+    // (logits file, model, options, name in the error, needles)
+    type FieldCase<'a> = (&'a Path, &'a str, &'a [&'a str], &'a str, &'a [&'a str]);
+    let field_cases: Vec<FieldCase> = vec![
         (
             &hf,
             "student",

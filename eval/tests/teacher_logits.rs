@@ -79,8 +79,7 @@ fn join(header: &serde_json::Value, body: &[u8]) -> Vec<u8> {
 
 fn parse_err(bytes: &[u8]) -> String {
     let e = TeacherLogits::parse(bytes, Path::new("bad.logits"))
-        .err()
-        .expect("refused")
+        .unwrap_err()
         .to_string();
     assert!(
         e.starts_with("bad.logits: ") && !e.contains('\n') && e.len() <= 300,
@@ -109,7 +108,8 @@ fn round_trip_and_damaged_files() {
     let f32_at =
         |body: &mut Vec<u8>, o: usize, v: f32| body[o..o + 4].copy_from_slice(&v.to_le_bytes());
     // Values: NaN, infinities, all -inf, positive log-probabilities, unsorted, duplicates.
-    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    type Edit<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+    let cases: Vec<(Edit<'_>, &str)> = vec![
         (
             Box::new(|b| f32_at(b, 4, f32::NAN)),
             "record 0: log-probability NaN",
