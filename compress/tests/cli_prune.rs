@@ -17,6 +17,16 @@ fn compress(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `compress args` and requires success.
+fn succeeds(args: &[&str]) {
+    let r = compress(args);
+    assert!(
+        r.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
 #[test]
 fn prune_writes_a_sparse_student_and_refuses_bad_options() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,7 +39,7 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
     let out = root.join("student");
     let o = out.to_str().unwrap();
 
-    let run = compress(&[
+    succeeds(&[
         "prune",
         t,
         "--method",
@@ -47,11 +57,6 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         "--format",
         "dense,sparse",
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("prune_report.json")).unwrap()).unwrap();
     let r = &report["report"];
@@ -82,7 +87,7 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
 
     // `--dtype f32`: the weights magnitude keeps are the teacher's f32 values, bit for bit.
     let f32_out = root.join("f32");
-    let run = compress(&[
+    succeeds(&[
         "prune",
         t,
         "--method",
@@ -94,11 +99,6 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         "--out",
         f32_out.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     let (s, t32) = (
         model::Checkpoint::open(&f32_out).unwrap(),
         model::Checkpoint::open(&teacher).unwrap(),
@@ -351,12 +351,7 @@ fn pruned_zeros_survive_gguf_k_quants() {
             "f32",
         ],
     ] {
-        let r = compress(&args);
-        assert!(
-            r.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
+        succeeds(&args);
     }
     let (p, b) = (
         model::Checkpoint::open(&pruned).unwrap(),

@@ -119,7 +119,6 @@ impl PruneStage<'_> {
                     self.opts.sample_rows,
                 )));
             }
-            staged = Some(StagedRun::new(ctx.inputs.clone()));
         }
         for (si, (tap, names)) in STAGES.into_iter().enumerate() {
             let mut stats = match early.get_mut(si) {
@@ -164,14 +163,19 @@ impl PruneStage<'_> {
             }
         }
         Ok(match staged {
-            Some(mut s) => {
+            Some(s) => {
                 let block = ctx.weights.build(ctx.cfg, ctx.device);
-                if !early.is_empty() {
-                    for (tap, _) in STAGES {
-                        s.advance(&block, ctx.rope, tap, false, 0);
-                    }
+                if early.is_empty() {
+                    Outputs::Quantized(s.finish(&block, ctx.rope))
+                } else {
+                    // One pass never advanced `s` past the pruned layers: a plain forward.
+                    Outputs::Quantized(
+                        ctx.inputs
+                            .iter()
+                            .map(|x| block.forward(x.clone(), ctx.rope))
+                            .collect(),
+                    )
                 }
-                Outputs::Quantized(s.finish(&block, ctx.rope))
             }
             None => Outputs::None,
         })

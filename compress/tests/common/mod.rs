@@ -26,8 +26,9 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
 }
 
 /// Runs `compress args` and checks: exit code 2, stderr one line starting `error:` that
-/// contains `names` (a file name) and every `needle`, and no change under `root`.
-pub fn fails(root: &Path, args: &[&Path], names: &str, needles: &[&str]) {
+/// contains `names` (a file name) and every `needle`, and no change under `root`; returns
+/// the stderr.
+pub fn fails(root: &Path, args: &[&Path], names: &str, needles: &[&str]) -> String {
     let before = snapshot(root);
     let out = Command::new(env!("CARGO_BIN_EXE_compress"))
         .args(args)
@@ -63,4 +64,5 @@ pub fn fails(root: &Path, args: &[&Path], names: &str, needles: &[&str]) {
         "{cmd}: files under {} changed",
         root.display()
     );
+    err.into_owned()
 }

@@ -12,26 +12,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use super::GgufValue;
-use super::writer::MetaValue;
+use super::writer::{MetaValue, vt};
 use crate::error::{MAX_NAME_CHARS, ModelError, Result, clip};
 use crate::io::Budget;
-
-/// GGUF metadata value type ids (`enum gguf_type`).
-pub(crate) mod vt {
-    pub const U8: u32 = 0;
-    pub const I8: u32 = 1;
-    pub const U16: u32 = 2;
-    pub const I16: u32 = 3;
-    pub const U32: u32 = 4;
-    pub const I32: u32 = 5;
-    pub const F32: u32 = 6;
-    pub const BOOL: u32 = 7;
-    pub const STR: u32 = 8;
-    pub const ARRAY: u32 = 9;
-    pub const U64: u32 = 10;
-    pub const I64: u32 = 11;
-    pub const F64: u32 = 12;
-}
 
 /// The name of a metadata value type, for messages.
 pub(crate) fn type_name(ty: u32) -> &'static str {

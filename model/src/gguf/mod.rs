@@ -277,7 +277,7 @@ impl<'a> MetaArrayRef<'a> {
     }
     /// The items of a string array (invalid UTF-8 replaced), `None` for other item types.
     pub fn strings(self) -> Option<impl Iterator<Item = Cow<'a, str>> + 'a> {
-        if self.item != header::vt::STR {
+        if self.item != writer::vt::STR {
             return None;
         }
         let mut rest = self.bytes;
@@ -294,7 +294,7 @@ impl<'a> MetaArrayRef<'a> {
         let item = self.item;
         let sz = header::scalar_size(item)? as usize;
         Some(self.bytes.chunks_exact(sz).map(move |b| {
-            use header::vt;
+            use writer::vt;
             let a = |n: usize| -> [u8; 8] {
                 let mut x = [0u8; 8];
                 x[..n].copy_from_slice(&b[..n]);
@@ -321,14 +321,14 @@ impl<'a> MetaArrayRef<'a> {
         let it = self.scalars()?;
         let ok = matches!(
             self.item,
-            header::vt::U8
-                | header::vt::I8
-                | header::vt::U16
-                | header::vt::I16
-                | header::vt::U32
-                | header::vt::I32
-                | header::vt::U64
-                | header::vt::I64
+            writer::vt::U8
+                | writer::vt::I8
+                | writer::vt::U16
+                | writer::vt::I16
+                | writer::vt::U32
+                | writer::vt::I32
+                | writer::vt::U64
+                | writer::vt::I64
         );
         ok.then(|| {
             it.map(|v| match v {
@@ -340,7 +340,7 @@ impl<'a> MetaArrayRef<'a> {
     }
     /// The items of a numeric array as f64, `None` for strings and booleans.
     pub fn floats(self) -> Option<impl Iterator<Item = f64> + 'a> {
-        if self.item == header::vt::BOOL {
+        if self.item == writer::vt::BOOL {
             return None;
         }
         Some(self.scalars()?.map(|v| as_number(&v).unwrap_or(0.0)))

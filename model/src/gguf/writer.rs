@@ -67,8 +67,8 @@ pub enum MetaArray {
     F64(Vec<f64>),
 }
 
-/// GGUF metadata value type ids (`enum gguf_type`).
-mod vt {
+/// GGUF metadata value type ids (`enum gguf_type`), shared by the header parser.
+pub(crate) mod vt {
     pub const U8: u32 = 0;
     pub const I8: u32 = 1;
     pub const U16: u32 = 2;

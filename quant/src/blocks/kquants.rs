@@ -164,13 +164,11 @@ fn affine_k_keep_zeros(
             })
             .sum()
     };
-    let spans: Vec<(f32, f32)> = (0..8)
-        .map(|j| {
-            x[32 * j..32 * j + 32]
-                .iter()
-                .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)))
-        })
-        .collect();
+    let spans: [(f32, f32); 8] = std::array::from_fn(|j| {
+        x[32 * j..32 * j + 32]
+            .iter()
+            .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+    });
     // dmin/d near the plain ratio of the largest minimum to the largest scale, a power of 2;
     // d a little above the plain one too, which gives sc*z more ways to be a multiple of 2^k.
     let k0 = (max_min / max_scale).max(1.0).log2().round() as u32;
