@@ -1,13 +1,14 @@
-//! One view over every checkpoint kind: an HF folder (safetensors) or a GGUF file. Tensors
-//! are addressed by their HF names, read lazily and converted to f32 one at a time.
+//! One view over every checkpoint kind: an HF folder (safetensors, dense or compressed-tensors
+//! `pack-quantized` / `sparse-bitmask`: see [`crate::compressed`]) or a GGUF file. Tensors are
+//! addressed by their HF names, read lazily and converted to f32 one at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use crate::compressed::HfWeights;
 use crate::config::Config;
 use crate::error::{MAX_NAME_CHARS, ModelError, Result, clip};
 use crate::gguf::{self, GgufFile};
-use crate::safetensors_io::SafetensorsSet;
 
 /// What one tensor is, without reading it.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +31,7 @@ impl TensorMeta {
 }
 
 enum Source {
-    Hf(SafetensorsSet),
+    Hf(HfWeights),
     Gguf {
         file: GgufFile,
         hf_to_gguf: BTreeMap<String, usize>,
@@ -60,12 +61,14 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
         let ckpt = if meta.is_dir() {
-            let config = Config::from_file(&path.join("config.json"))?;
-            let set = SafetensorsSet::open(path)?;
+            let cfg_path = path.join("config.json");
+            let text = crate::io::read_text(&cfg_path, crate::io::CONFIG_LIMIT)?;
+            let config = Config::from_json_str(&text, &cfg_path)?;
+            let weights = HfWeights::open(path, &text, &cfg_path)?;
             Self {
                 path: path.into(),
                 config,
-                source: Source::Hf(set),
+                source: Source::Hf(weights),
             }
         } else {
             let file = GgufFile::open(path)?;
@@ -102,10 +105,10 @@ impl Checkpoint {
     /// Numel of a tensor by HF name, if present.
     fn numel_of(&self, name: &str) -> Option<u64> {
         let shape = match &self.source {
-            Source::Hf(set) => &set.entries().get(name)?.shape,
+            Source::Hf(w) => w.shape(name)?,
             Source::Gguf {
                 file, hf_to_gguf, ..
-            } => &file.tensors()[*hf_to_gguf.get(name)?].shape,
+            } => file.tensors()[*hf_to_gguf.get(name)?].shape.as_slice(),
         };
         // Products were checked for overflow when the file was opened.
         Some(shape.iter().map(|&d| d as u64).product())
@@ -126,7 +129,7 @@ impl Checkpoint {
         // The key a field was read from: the config.json key, or the GGUF metadata key.
         let key = |field: &str| key.map_or_else(|| field.to_string(), |g| g.config_key(field));
         let names: Vec<&str> = match &self.source {
-            Source::Hf(set) => set.entries().keys().map(String::as_str).collect(),
+            Source::Hf(w) => w.names().collect(),
             Source::Gguf { hf_to_gguf, .. } => hf_to_gguf.keys().map(String::as_str).collect(),
         };
         let layers: BTreeSet<usize> = names
@@ -200,10 +203,14 @@ impl Checkpoint {
         &self.config
     }
 
-    /// `safetensors` or `gguf`.
+    /// `safetensors`, `gguf`, or for a compressed-tensors folder `safetensors (FORMAT)`.
     pub fn format(&self) -> &'static str {
-        match self.source {
-            Source::Hf(_) => "safetensors",
+        match &self.source {
+            Source::Hf(w) => match w.format() {
+                None => "safetensors",
+                Some(crate::compressed::PACK_QUANTIZED) => "safetensors (pack-quantized)",
+                Some(_) => "safetensors (sparse-bitmask)",
+            },
             Source::Gguf { .. } => "gguf",
         }
     }
@@ -216,19 +223,11 @@ impl Checkpoint {
         }
     }
 
-    /// Every tensor's name, shape, storage type and size.
+    /// Every tensor's name, shape, storage type and size (a compressed linear is one tensor
+    /// `X.weight`, its type naming the format and its size that of its stored parts).
     pub fn tensors(&self) -> Vec<TensorMeta> {
         match &self.source {
-            Source::Hf(set) => set
-                .entries()
-                .iter()
-                .map(|(name, e)| TensorMeta {
-                    name: name.clone(),
-                    shape: e.shape.clone(),
-                    dtype: format!("{:?}", e.dtype),
-                    bytes: e.shape.iter().product::<usize>() as u64 * e.dtype.bitsize() as u64 / 8,
-                })
-                .collect(),
+            Source::Hf(w) => w.metas(),
             Source::Gguf {
                 file, hf_to_gguf, ..
             } => hf_to_gguf
@@ -286,7 +285,7 @@ impl Checkpoint {
     /// Whether a tensor of this HF name exists.
     pub fn has(&self, name: &str) -> bool {
         match &self.source {
-            Source::Hf(set) => set.entries().contains_key(name),
+            Source::Hf(w) => w.shape(name).is_some(),
             Source::Gguf { hf_to_gguf, .. } => hf_to_gguf.contains_key(name),
         }
     }
@@ -294,7 +293,7 @@ impl Checkpoint {
     /// Bytes of the checkpoint's weight files on disk.
     pub fn bytes_on_disk(&self) -> u64 {
         match &self.source {
-            Source::Hf(set) => set.bytes_on_disk(),
+            Source::Hf(w) => w.bytes_on_disk(),
             Source::Gguf { file, .. } => file.file_len(),
         }
     }
@@ -307,10 +306,12 @@ impl Checkpoint {
             tensor: name.into(),
         };
         let shape = match &self.source {
-            Source::Hf(set) => &set.entries().get(name).ok_or_else(missing)?.shape,
+            Source::Hf(w) => w.shape(name).ok_or_else(missing)?,
             Source::Gguf {
                 file, hf_to_gguf, ..
-            } => &file.tensors()[*hf_to_gguf.get(name).ok_or_else(missing)?].shape,
+            } => file.tensors()[*hf_to_gguf.get(name).ok_or_else(missing)?]
+                .shape
+                .as_slice(),
         };
         // Shapes are loop bounds below (the q/k un-permutation): check them first.
         if shape != expected {
@@ -318,16 +319,11 @@ impl Checkpoint {
                 path: self.path.clone(),
                 tensor: name.into(),
                 expected: expected.to_vec(),
-                found: shape.clone(),
+                found: shape.to_vec(),
             });
         }
-        let (data, _) = match &self.source {
-            Source::Hf(set) => set
-                .read_f32(name)?
-                .ok_or_else(|| ModelError::MissingTensor {
-                    path: self.path.clone(),
-                    tensor: name.into(),
-                })?,
+        let data = match &self.source {
+            Source::Hf(w) => w.read_f32(name)?.ok_or_else(missing)?,
             Source::Gguf {
                 file,
                 hf_to_gguf,
@@ -360,7 +356,7 @@ impl Checkpoint {
                         }
                     }
                 }
-                (data, t.shape.clone())
+                data
             }
         };
         let bad = data.iter().filter(|v| !v.is_finite()).count();

@@ -1,9 +1,11 @@
 //! The foundation of the toolkit: HF-mirrored [`Config`], checkpoint reading (safetensors
-//! folders and GGUF files, memory-mapped, one tensor at a time), the tokenizer, the
-//! Llama-family transformer in burn, and the layer-by-layer [`engine`] that runs one decoder
-//! block at a time over cached activations so a 7B model never has to fit in memory.
+//! folders, compressed-tensors ones included, and GGUF files, memory-mapped, one tensor at a
+//! time), the tokenizer, the Llama-family transformer in burn, and the layer-by-layer
+//! [`engine`] that runs one decoder block at a time over cached activations so a 7B model
+//! never has to fit in memory.
 
 pub mod checkpoint;
+pub mod compressed;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -620,35 +620,17 @@ impl SafetensorsSet {
 
     /// Reads a tensor as f32 and lets the kernel drop its pages.
     pub fn read_f32(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
-        use rayon::prelude::*;
         let Some(e) = self.index.get(name) else {
             return Ok(None);
         };
         let shard = &self.shards[e.shard];
-        let bytes = &shard.mmap[e.start..e.end];
-        let numel: usize = e.shape.iter().product();
-        let mut out = vec![0f32; numel];
-        match e.dtype {
-            Dtype::F32 => out
-                .par_iter_mut()
-                .zip(bytes.par_chunks_exact(4))
-                .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            Dtype::F16 => out
-                .par_iter_mut()
-                .zip(bytes.par_chunks_exact(2))
-                .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            Dtype::BF16 => out
-                .par_iter_mut()
-                .zip(bytes.par_chunks_exact(2))
-                .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            other => {
-                return Err(ModelError::UnsupportedDtype {
-                    path: shard.path.clone(),
-                    tensor: name.into(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        }
+        let Some(out) = floats_to_f32(e.dtype, &shard.mmap[e.start..e.end]) else {
+            return Err(ModelError::UnsupportedDtype {
+                path: shard.path.clone(),
+                tensor: name.into(),
+                dtype: format!("{:?}", e.dtype),
+            });
+        };
         crate::release_pages(&shard.mmap, e.start, e.end - e.start);
         Ok(Some((out, e.shape.clone())))
     }
@@ -669,6 +651,24 @@ impl SafetensorsSet {
             .get(name)
             .map(|e| self.shards[e.shard].path.as_path())
     }
+}
+
+/// Little-endian F32, F16 or BF16 values as f32; `None` for other dtypes.
+pub(crate) fn floats_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    let size = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        _ => return None,
+    };
+    let mut out = vec![0f32; bytes.len() / size];
+    let chunks = out.par_iter_mut().zip(bytes.par_chunks_exact(size));
+    match dtype {
+        Dtype::F32 => chunks.for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        Dtype::F16 => chunks.for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        _ => chunks.for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+    }
+    Some(out)
 }
 
 /// Storage dtypes the writer can produce.

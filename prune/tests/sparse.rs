@@ -1,6 +1,6 @@
-//! The compressed-tensors `sparse-bitmask` output: a decoder written here from the format's
-//! description (LSB-first packed bits per row, values located through `row_offsets`) must
-//! give back the dense tensors bit for bit, and the file must be smaller than the dense one.
+//! The compressed-tensors `sparse-bitmask` output: the model crate's decoder (LSB-first packed
+//! bits per row, values located through `row_offsets`, which it checks) must give back the
+//! dense tensors bit for bit, and the file must be smaller than the dense one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -62,31 +62,13 @@ fn decode(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
         assert_eq!(shape, &vec![rows, cols.div_ceil(8)], "{name}");
         let (odt, oshape, obytes) = part("row_offsets");
         assert_eq!((*odt, oshape.clone()), (Dtype::I64, vec![rows]));
-        let offsets = i64s(obytes);
         let (vdt, vshape, values) = part("compressed");
         assert_eq!(vshape.len(), 1);
         let es = if *vdt == Dtype::F32 { 4 } else { 2 };
-        assert_eq!(values.len(), vshape[0] * es);
-        let mut dense = vec![0u8; rows * cols * es];
-        let rb = cols.div_ceil(8);
-        let mut seen = 0;
-        for r in 0..rows {
-            // Values are located through row_offsets, so a wrong offset shows up here.
-            let mut v = offsets[r] as usize;
-            for c in 0..cols {
-                if (bytes[r * rb + c / 8] >> (c % 8)) & 1 == 1 {
-                    let at = (r * cols + c) * es;
-                    dense[at..at + es].copy_from_slice(&values[v * es..(v + 1) * es]);
-                    v += 1;
-                    seen += 1;
-                }
-            }
-            // Bits past the end of a row are zero.
-            if cols % 8 != 0 {
-                assert_eq!(bytes[r * rb + rb - 1] >> (cols % 8), 0, "{name} row {r}");
-            }
-        }
-        assert_eq!(seen, vshape[0], "{module}: bitmask bits != values");
+        // The model crate's reader: it checks the offsets, the bits past each row's end and
+        // the value count against the bitmask.
+        let dense = model::compressed::decode_bitmask(bytes, &i64s(obytes), values, es, rows, cols)
+            .unwrap_or_else(|e| panic!("{module}: {e}"));
         out.insert(format!("{module}.weight"), (*vdt, vec![rows, cols], dense));
     }
     out

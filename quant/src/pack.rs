@@ -20,7 +20,8 @@
 //! g128 = 4 x 128 + 64). Such a layer is stored with groups of `gcd(group, cols)` columns (64),
 //! each repeating its group's scale and zero point, which dequantizes to the same values.
 //! Scales are f32 so that the dequantized weights equal the dense output's bit for bit
-//! (vLLM casts them to the model dtype on load).
+//! (vLLM casts them to the model dtype on load). The model crate reads the format back
+//! (`model::compressed`), so every command takes a packed folder as input.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,10 +34,11 @@ use crate::block::LINEARS;
 use crate::pipeline::OutputSink;
 use crate::scheme::{QuantScheme, QuantizedLinear};
 
-/// Code widths the packed format is written for. 2, 4 and 8 bits divide 32, so the dense
-/// packing of compressed-tensors >= 0.19 and the 32/bits-codes-per-word packing of earlier
-/// versions agree; vLLM's kernels load 4 and 8.
-pub const PACKED_BITS: [u8; 3] = [2, 4, 8];
+/// Code widths the packed format is written for (those the model crate reads back); vLLM's
+/// kernels load 4 and 8.
+pub use model::compressed::PACKED_BITS;
+// The bit stream of codes is the model crate's, which reads it back.
+use model::compressed::{pack_codes, packed_words};
 
 /// Errors unless the packed format can store `scheme`.
 pub fn check_scheme(scheme: &QuantScheme) -> Result<(), QuantError> {
@@ -48,46 +50,6 @@ pub fn check_scheme(scheme: &QuantScheme) -> Result<(), QuantError> {
         )));
     }
     Ok(())
-}
-
-/// Number of 32-bit words holding `n` codes of `bits` bits.
-pub fn packed_words(n: usize, bits: u8) -> usize {
-    (n * bits as usize).div_ceil(32)
-}
-
-/// Packs codes (each below `2^bits`) into `out` (`packed_words(n, bits)` words) as one
-/// little-endian bit stream: code `i` occupies bits `i * bits .. (i + 1) * bits`, and a code
-/// may straddle two words. Unused high bits of the last word are zero.
-pub fn pack_codes(codes: impl IntoIterator<Item = u8>, bits: u8, out: &mut [i32]) {
-    let mask = (1u64 << bits) - 1;
-    let (mut acc, mut filled, mut w) = (0u64, 0u32, 0usize);
-    for c in codes {
-        acc |= (c as u64 & mask) << filled;
-        filled += bits as u32;
-        if filled >= 32 {
-            out[w] = acc as u32 as i32;
-            w += 1;
-            acc >>= 32;
-            filled -= 32;
-        }
-    }
-    if filled > 0 {
-        out[w] = acc as u32 as i32;
-    }
-}
-
-/// The first `n` codes of a bit stream written by [`pack_codes`].
-pub fn unpack_codes(words: &[i32], bits: u8, n: usize) -> Vec<u8> {
-    let mask = (1u64 << bits) - 1;
-    (0..n)
-        .map(|i| {
-            let bit = i * bits as usize;
-            let (w, off) = (bit / 32, bit % 32);
-            let lo = words[w] as u32 as u64;
-            let hi = words.get(w + 1).map_or(0, |&x| x as u32 as u64);
-            (((lo | hi << 32) >> off) & mask) as u8
-        })
-        .collect()
 }
 
 /// How one linear weight is stored.
@@ -496,64 +458,19 @@ mod tests {
     use super::*;
     use crate::scheme::{GroupParams, quantize_rtn};
 
-    #[test]
-    fn known_words() {
-        let mut out = [0i32; 2];
-        pack_codes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4, &mut out);
-        assert_eq!(out, [0x8765_4321u32 as i32, 9]);
-        let mut out = [0i32; 2];
-        pack_codes([1, 2, 3, 4, 0xff], 8, &mut out);
-        assert_eq!(out, [0x0403_0201, 0xff]);
-        // 3 bits: the 11th code straddles the first two words (bits 30..33).
-        let mut out = [0i32; 2];
-        pack_codes([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0b111, 1], 3, &mut out);
-        assert_eq!(out, [(0b11u32 << 30) as i32, 0b1 | 1 << 1]);
-        assert_eq!(unpack_codes(&out, 3, 12)[10..], [0b111, 1]);
-    }
-
-    #[test]
-    fn pack_then_unpack_is_identity() {
-        let mut x = 12345u32;
-        for bits in 1..=8u8 {
-            for n in [1usize, 7, 31, 32, 33, 100, 576] {
-                let codes: Vec<u8> = (0..n)
-                    .map(|_| {
-                        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                        ((x >> 16) % (1 << bits)) as u8
-                    })
-                    .collect();
-                let mut words = vec![0i32; packed_words(n, bits)];
-                pack_codes(codes.iter().copied(), bits, &mut words);
-                assert_eq!(unpack_codes(&words, bits, n), codes, "bits {bits} n {n}");
-            }
-        }
-    }
-
-    /// Dequantizes a packed linear the way compressed-tensors does.
+    /// Dequantizes a packed linear with the model crate's reader.
     fn dequant(scheme: &QuantScheme, lay: &LinearLayout, p: &PackedLinear) -> Vec<f32> {
-        let (rows, cols, g) = (lay.rows, lay.cols, lay.groups());
-        let pw = packed_words(cols, scheme.bits);
-        let zw = packed_words(rows, scheme.bits);
-        let zeros: Vec<Vec<u8>> = (0..g)
-            .map(|j| match &p.zero_point {
-                Some(z) => unpack_codes(
-                    &(0..zw).map(|w| z[w * g + j]).collect::<Vec<_>>(),
-                    scheme.bits,
-                    rows,
-                ),
-                None => vec![1 << (scheme.bits - 1); rows],
-            })
-            .collect();
-        let mut out = vec![0f32; rows * cols];
-        for r in 0..rows {
-            let codes = unpack_codes(&p.packed[r * pw..(r + 1) * pw], scheme.bits, cols);
-            for c in 0..cols {
-                let j = p.g_idx.as_ref().map_or(c / lay.group, |gi| gi[c] as usize);
-                out[r * cols + c] =
-                    (codes[c] as i32 - zeros[j][r] as i32) as f32 * p.scale[r * g + j];
-            }
-        }
-        out
+        model::compressed::dequantize_packed(&model::compressed::PackedParts {
+            bits: scheme.bits,
+            rows: lay.rows,
+            cols: lay.cols,
+            group: (!lay.channel).then_some(lay.group),
+            packed: &p.packed,
+            scale: &p.scale,
+            zero_point: p.zero_point.as_deref(),
+            g_idx: p.g_idx.as_deref(),
+        })
+        .unwrap()
     }
 
     fn weights(rows: usize, cols: usize) -> Vec<f32> {
