@@ -72,6 +72,11 @@ pub struct Args {
     /// as llm-compressor) instead of true-sequential order (q/k/v, then o_proj on pruned q/k/v, ...).
     #[arg(long)]
     pub one_pass: bool,
+    /// Unstructured / N:M: after each linear's mask is chosen, refit its kept weights to the
+    /// least-squares reconstruction of its outputs on the calibration inputs, with this many
+    /// conjugate-gradient steps (0: keep the method's weights; needs --calib, also for magnitude).
+    #[arg(long, default_value_t = 0)]
+    pub refit: usize,
     /// Structured pruning: the unit removed.
     #[arg(long, value_enum)]
     pub structured: Option<Unit>,
@@ -158,6 +163,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (a.owl, "--owl"),
             (a.damp.is_some(), "--damp"),
             (a.one_pass, "--one-pass"),
+            (a.refit > 0, "--refit"),
             (a.format.contains(&Format::Sparse), "--format sparse"),
         ] {
             if set {

@@ -115,6 +115,43 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
     assert!(a.iter().zip(&b).all(|(x, y)| *x == 0.0 || x == y));
     assert_eq!(a.iter().filter(|&&x| x == 0.0).count(), a.len() / 2);
 
+    // `--refit` with magnitude (calibration allowed then): the same zeros, kept weights moved,
+    // and the report records the steps.
+    let refit_out = root.join("refit");
+    succeeds(&[
+        "prune",
+        t,
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--dtype",
+        "f32",
+        "--calib",
+        c,
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+        "--refit",
+        "10",
+        "--out",
+        refit_out.to_str().unwrap(),
+    ]);
+    let r = model::Checkpoint::open(&refit_out)
+        .unwrap()
+        .read(name, &[64, 64])
+        .unwrap();
+    assert!(r.iter().zip(&a).all(|(x, y)| (*x == 0.0) == (*y == 0.0)));
+    assert!(
+        r.iter().zip(&a).any(|(x, y)| x != y),
+        "the refit moved no weight"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(refit_out.join("prune_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["options"]["refit"], 10);
+
     let p = |s: &str| Path::new(s).to_path_buf();
     let new_out = root.join("other");
     let no = new_out.to_str().unwrap();
@@ -228,6 +265,37 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         (
             vec!["--structured", "layers", "--count", "1", "--one-pass"],
             "--one-pass",
+            "--structured",
+        ),
+        (
+            vec![
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--refit",
+                "20",
+            ],
+            "--refit",
+            "--calib",
+        ),
+        (
+            vec![
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--calib",
+                c,
+                "--refit",
+                "100000",
+            ],
+            "--refit",
+            "beyond",
+        ),
+        (
+            vec!["--structured", "layers", "--count", "1", "--refit", "5"],
+            "--refit",
             "--structured",
         ),
         (

@@ -8,6 +8,7 @@ pub mod mask;
 pub mod method;
 pub mod owl;
 pub mod pipeline;
+pub mod refit;
 pub mod sparse;
 pub mod structured;
 

@@ -32,6 +32,9 @@ pub struct PruneOptions {
     /// Each group of linears sees inputs from the groups pruned before it in its block
     /// (true-sequential); `false`: every group's statistics come from the unpruned block.
     pub true_sequential: bool,
+    /// Conjugate-gradient steps refitting each linear's kept weights to its calibration
+    /// inputs once its mask is chosen ([`crate::refit`]); 0 leaves the method's weights.
+    pub refit: usize,
 }
 
 /// What pruning did to one linear layer.
@@ -58,6 +61,8 @@ pub struct PruneReport {
     pub block_sparsity: Vec<f64>,
     /// Calibration windows.
     pub calib_samples: usize,
+    /// Refit steps per linear (0: none).
+    pub refit: usize,
     /// Per-linear results.
     pub linears: Vec<LinearReport>,
     /// Weights in the decoder's linear layers.
@@ -104,6 +109,8 @@ impl PruneStage<'_> {
         let calibrated = !ctx.inputs.is_empty();
         let mut staged = calibrated.then(|| StagedRun::new(ctx.inputs.clone()));
         let pattern = self.pattern();
+        let refit = if calibrated { self.opts.refit } else { 0 };
+        let xtx = self.method.needs_hessian() || refit > 0;
         // One pass: every stage's statistics from the unpruned block (llm-compressor's order).
         let mut early: Vec<Option<TapStats>> = Vec::new();
         if !self.opts.true_sequential
@@ -115,7 +122,7 @@ impl PruneStage<'_> {
                     &block,
                     ctx.rope,
                     tap,
-                    self.method.needs_hessian(),
+                    xtx,
                     self.opts.sample_rows,
                 )));
             }
@@ -125,19 +132,21 @@ impl PruneStage<'_> {
                 Some(e) => e.take(),
                 None => staged.as_mut().map(|s| {
                     let block = ctx.weights.build(ctx.cfg, ctx.device);
-                    s.advance(
-                        &block,
-                        ctx.rope,
-                        tap,
-                        self.method.needs_hessian(),
-                        self.opts.sample_rows,
-                    )
+                    s.advance(&block, ctx.rope, tap, xtx, self.opts.sample_rows)
                 }),
             };
-            let prep = match stats.as_mut().and_then(|s| s.xtx.take()) {
+            let width = stats.as_ref().map_or(0, |s| s.width);
+            let raw = stats.as_mut().and_then(|s| s.xtx.take());
+            // The refit needs H itself; `prepare` consumes its copy.
+            let (raw, for_prep) = match (raw, self.method.needs_hessian()) {
+                (Some(h), true) if refit > 0 => (Some(h.clone()), Some(h)),
+                (Some(h), true) => (None, Some(h)),
+                (h, _) => (h, None),
+            };
+            let prep = match for_prep {
                 Some(h) => Some(quant::hessian::prepare(
                     h,
-                    stats.as_ref().map_or(0, |s| s.width),
+                    width,
                     &format!("model.layers.{}.{}.weight", self.layer, names[0]),
                     self.method.damp(),
                     false,
@@ -159,6 +168,17 @@ impl PruneStage<'_> {
                     hessian: prep.as_ref(),
                     pattern,
                 })?;
+                if let Some(h) = &raw {
+                    crate::refit::refit(
+                        &full,
+                        &before,
+                        &mut t.data,
+                        (rows, cols),
+                        h,
+                        self.method.damp(),
+                        refit,
+                    )?;
+                }
                 self.report(full, &before, &t.data, rows, stats.as_ref());
             }
         }
@@ -277,6 +297,7 @@ pub fn prune(
         pattern: opts.pattern,
         block_sparsity,
         calib_samples: opts.calib.len(),
+        refit: opts.refit,
         linear_params: stage.params,
         linear_zeros: stage.zeros,
         linears: stage.reports,

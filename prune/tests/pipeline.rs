@@ -75,7 +75,7 @@ fn linear(ck: &Checkpoint, l: usize, name: &str) -> (Vec<f32>, usize) {
         .into_iter()
         .find(|t| t.name == format!("model.layers.{l}.{name}.weight"))
         .unwrap();
-    let shape: Vec<usize> = meta.shape.iter().map(|&d| d as usize).collect();
+    let shape: Vec<usize> = meta.shape.to_vec();
     (ck.read(&meta.name, &shape).unwrap(), shape[1])
 }
 
@@ -94,6 +94,7 @@ fn methods_reach_the_pattern_and_keep_the_papers_ordering() {
         let mut kld = Vec::new();
         for method in [Method::Magnitude, Method::Wanda, Method::Sparsegpt] {
             let opts = PruneOptions {
+                refit: 0,
                 true_sequential: true,
                 pattern,
                 calib: if method == Method::Magnitude {
@@ -154,6 +155,7 @@ fn owl_sparsities_apply_per_block_and_average_to_the_target() {
     let mean = per_block.iter().sum::<f64>() / 3.0;
     assert!((mean - 0.5).abs() < 1e-9);
     let opts = PruneOptions {
+        refit: 0,
         true_sequential: true,
         pattern: Pattern::Unstructured { sparsity: 0.5 },
         calib,
@@ -183,6 +185,7 @@ fn one_pass_takes_every_stage_from_the_unpruned_block() {
     let mut outs = Vec::new();
     for true_sequential in [true, false] {
         let opts = PruneOptions {
+            refit: 0,
             true_sequential,
             pattern: Pattern::Unstructured { sparsity: 0.5 },
             calib: calib.clone(),
@@ -212,4 +215,57 @@ fn one_pass_takes_every_stage_from_the_unpruned_block() {
             .any(|name| mask(&outs[0], 0, name) != mask(&outs[1], 0, name)),
         "one-pass pruned block 0 exactly as true-sequential did"
     );
+}
+
+#[test]
+fn refit_keeps_every_mask_and_brings_the_student_closer_to_the_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher(&dir.path().join("teacher"));
+    let calib = windows(&t, 16, 0);
+    let held_out = windows(&t, 4, 99);
+    let reference = logits(&t, &held_out);
+    let vocab = t.config().vocab_size;
+    let layers = t.config().num_hidden_layers;
+    for method in [Method::Magnitude, Method::Wanda, Method::Sparsegpt] {
+        let mut kld = Vec::new();
+        let mut outs = Vec::new();
+        for refit in [0, 30] {
+            let opts = PruneOptions {
+                refit,
+                true_sequential: true,
+                pattern: Pattern::NofM { n: 2, m: 4 },
+                calib: calib.clone(),
+                block_sparsity: None,
+                sample_rows: 0,
+            };
+            let out = dir.path().join(format!("{method:?}-{refit}"));
+            let s = run(&t, &out, method, &opts);
+            kld.push(mean_kld(&reference, &logits(&s, &held_out), vocab));
+            outs.push(s);
+        }
+        // The refit moves kept weights only: block 0's q/k/v (same inputs either way; later
+        // stages see the refitted layers) keep their masks, and every linear its pattern.
+        for name in linears() {
+            let (a, cols) = linear(&outs[0], 0, name);
+            let (b, _) = linear(&outs[1], 0, name);
+            if name.ends_with("q_proj") || name.ends_with("k_proj") || name.ends_with("v_proj") {
+                let moved = a
+                    .iter()
+                    .zip(&b)
+                    .filter(|(x, y)| (**x == 0.0) != (**y == 0.0))
+                    .count();
+                assert_eq!(moved, 0, "{method:?} {name}: the refit changed the mask");
+                assert_ne!(a, b, "{method:?} {name}: the refit changed nothing");
+            }
+            for l in 0..layers {
+                assert!(satisfies_nm(&linear(&outs[1], l, name).0, cols, 2, 4));
+            }
+        }
+        assert!(
+            kld[1] < kld[0],
+            "{method:?}: refit KLD {} not below {}",
+            kld[1],
+            kld[0]
+        );
+    }
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Pruning table on SmolLM2-135M-Instruct: our `compress prune` (magnitude, Wanda, SparseGPT
-# at 50% unstructured, 2:4 and 4:8; Wanda 50% with OWL; structured channels, heads and
-# layers; 2:4 SparseGPT + GPTQ W4 g128 and 50% Wanda + RTN GGUF Q4_K_M), and beside them
-# llm-compressor's SparseGPT and Wanda (PyPI `llmcompressor`, in a throwaway venv) on exactly
+# at 50% unstructured, 2:4 and 4:8, Wanda and SparseGPT also with --refit; Wanda 50% with
+# OWL; structured channels, heads and layers; 2:4 SparseGPT + GPTQ W4 g128 and 50% Wanda +
+# RTN GGUF Q4_K_M), and beside them llm-compressor's SparseGPT and Wanda (PyPI `llmcompressor`, in a throwaway venv) on exactly
 # the same calibration tokens. For every row: parameters, linear sparsity (exact zeros of the
 # decoder linears, measured on the written safetensors), bytes on disk dense and sparse,
 # perplexity on wikitext-2 test (ctx 512, CHUNKS chunks) ± stderr, ratio to the teacher,
@@ -15,7 +15,8 @@
 #   default all; the teacher row always runs), NICE (default 0: niceness of the runs),
 #   BUILD (default 1; 0 skips `cargo build`, see lib.sh), RESUME (default 0; 1 keeps
 #   OUT/rows.jsonl and OUT/calib.json and skips every row already measured there, so a run
-#   cut short, or one split over several sittings, goes on where it stopped).
+#   cut short, or one split over several sittings, goes on where it stopped), REFIT (default
+#   30: the --refit steps of the refit rows).
 # Takes hours at the defaults (SparseGPT and the peer's f32 runs dominate).
 set -euo pipefail
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
@@ -128,6 +129,18 @@ for spec in "${SPECS[@]}"; do
         [[ "$M" != magnitude ]] && calib_args
         step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
             --format dense,sparse --out "$D" --force || true
+        finish "$D"
+    done
+done
+# Ours with the least-squares refit of the kept weights (--refit REFIT, default 30 steps).
+REFIT="${REFIT:-30}"
+for spec in "${SPECS[@]}"; do
+    pattern_of "$spec"
+    for M in wanda sparsegpt; do
+        begin "$M-$TAG-refit" ours "$M + refit $REFIT" "$PATL" "$M $PATL" || continue
+        calib_args
+        step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
+            --refit "$REFIT" --format dense,sparse --out "$D" --force || true
         finish "$D"
     done
 done

@@ -172,7 +172,7 @@ def table(path):
             continue
         ordered.append(r)
         peer = peers.get(r.get("pair")) if r.get("pair") else None
-        if peer is not None:
+        if peer is not None and peer not in ordered:
             ordered.append(peer)
     ordered += [p for p in peers.values() if p not in ordered]
     for r in ordered:
