@@ -60,6 +60,11 @@ pub struct Args {
     /// GPTQ: dampening as a fraction of the mean Hessian diagonal.
     #[arg(long)]
     damp: Option<f64>,
+    /// GPTQ: every group's scale and zero point from the original weights, fixed before the
+    /// column sweep (llm-compressor, AutoGPTQ `static_groups`), instead of from the
+    /// error-updated weights when the sweep reaches the group (the GPTQ paper's code).
+    #[arg(long)]
+    static_groups: bool,
     /// AWQ: skip the per-channel scale search.
     #[arg(long)]
     no_awq_scale: bool,
@@ -220,9 +225,13 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if packed {
         quant::pack::check_scheme(&scheme)?;
     }
+    if a.static_groups && a.method != "gptq" {
+        bail!("--static-groups applies to --method gptq only");
+    }
     let opts = MethodOptions {
         act_order: a.act_order,
         damp: a.damp,
+        static_groups: a.static_groups,
         no_awq_scale: a.no_awq_scale,
         no_awq_clip: a.no_awq_clip,
     };

@@ -26,6 +26,10 @@ pub struct Gptq {
     pub block: usize,
     /// Quantize columns in order of decreasing diag(H).
     pub act_order: bool,
+    /// Take every group's scale and zero point from the original weights before the column
+    /// sweep (llm-compressor's and AutoGPTQ's `static_groups`), instead of from the
+    /// error-updated weights when the sweep enters the group (the GPTQ reference code).
+    pub static_groups: bool,
 }
 
 impl Default for Gptq {
@@ -34,6 +38,7 @@ impl Default for Gptq {
             damp: 0.01,
             block: 128,
             act_order: false,
+            static_groups: false,
         }
     }
 }
@@ -79,13 +84,23 @@ pub fn gptq_prepared(
     });
 
     let mut codes = vec![0u8; rows * cols];
-    let mut params = vec![
-        GroupParams {
-            scale: 1.0,
-            zero: 0
-        };
-        rows * groups
-    ];
+    let mut params = if opts.static_groups {
+        // Groups of consecutive original columns, whatever order the sweep takes.
+        (0..rows * groups)
+            .map(|i| {
+                let (r, gi) = (i / groups, i % groups);
+                scheme.params((gi * g..((gi + 1) * g).min(cols)).map(|j| w[r * cols + j]))
+            })
+            .collect()
+    } else {
+        vec![
+            GroupParams {
+                scale: 1.0,
+                zero: 0
+            };
+            rows * groups
+        ]
+    };
     let mut g_idx = vec![0u32; cols];
     for i1 in (0..cols).step_by(opts.block) {
         let i2 = (i1 + opts.block).min(cols);
@@ -93,8 +108,12 @@ pub fn gptq_prepared(
         let mut err = Mat::<f32>::zeros(rows, count);
         for i in 0..count {
             let c = i1 + i;
-            let grp = c / g;
-            if c % g == 0 {
+            let grp = if opts.static_groups {
+                perm[c] / g
+            } else {
+                c / g
+            };
+            if !opts.static_groups && c % g == 0 {
                 // Group parameters from the error-updated weights, as the reference code does.
                 for r in 0..rows {
                     // Pruned positions count as the zeros they will be.
@@ -245,13 +264,19 @@ mod tests {
             }
             e
         };
-        for (bits, group, act) in [(4u8, Some(16), false), (3, None, true), (4, Some(16), true)] {
+        for (bits, group, act, stat) in [
+            (4u8, Some(16), false, false),
+            (3, None, true, false),
+            (4, Some(16), true, false),
+            (4, Some(16), false, true),
+            (4, Some(16), true, true),
+        ] {
             let scheme = QuantScheme::new(bits, group, false).unwrap();
-            let rtn = quantize_rtn(&scheme, "w", &w, rows, cols)
-                .unwrap()
-                .dequantize();
+            let rtn_q = quantize_rtn(&scheme, "w", &w, rows, cols).unwrap();
+            let rtn = rtn_q.dequantize();
             let opts = Gptq {
                 act_order: act,
+                static_groups: stat,
                 ..Gptq::default()
             };
             let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
@@ -259,8 +284,18 @@ mod tests {
             let (er, eg) = (out_err(&rtn), out_err(&gq.dequantize()));
             assert!(
                 eg < 0.8 * er,
-                "bits {bits} group {group:?} act {act}: gptq {eg} vs rtn {er}"
+                "bits {bits} group {group:?} act {act} static {stat}: gptq {eg} vs rtn {er}"
             );
+            if stat {
+                // Static groups: RTN's grid on the original weights, in original column order.
+                assert_eq!(gq.params, rtn_q.params, "act {act}");
+                assert!(
+                    gq.g_idx
+                        .iter()
+                        .enumerate()
+                        .all(|(c, &g)| g as usize == c / 16)
+                );
+            }
             // Every column's group index is within range and codes are within bits.
             assert!(gq.g_idx.iter().all(|&g| (g as usize) < gq.groups));
             assert!(gq.codes.iter().all(|&c| (c as i32) <= scheme.qmax()));

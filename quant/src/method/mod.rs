@@ -85,6 +85,8 @@ pub struct MethodOptions {
     pub act_order: bool,
     /// GPTQ: dampening fraction.
     pub damp: Option<f64>,
+    /// GPTQ: group parameters from the original weights ([`gptq::Gptq::static_groups`]).
+    pub static_groups: bool,
     /// AWQ: skip the scale search.
     pub no_awq_scale: bool,
     /// AWQ: skip the clipping search.
@@ -106,6 +108,7 @@ pub fn by_name(name: &str, o: &MethodOptions) -> Result<Box<dyn QuantMethod>, Qu
         "gptq" => Box::new(gptq::Gptq {
             act_order: o.act_order,
             damp: o.damp.unwrap_or(0.01),
+            static_groups: o.static_groups,
             ..gptq::Gptq::default()
         }),
         other => {
