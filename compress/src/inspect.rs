@@ -29,10 +29,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let size = eval::SizeReport::of(&ckpt);
     let tok = model::load_tokenizer(&ckpt).ok();
+    // Whether rope_theta came from HF's class default rather than the file (HF folders only;
+    // the folder opened above, so its config.json parses).
+    let cfg_json = a.model.join("config.json");
+    let theta_defaulted = a.model.is_dir()
+        && model::config::Config::from_file_with_origin(&cfg_json)
+            .is_ok_and(|(_, o)| o.theta_defaulted);
+    let theta = if theta_defaulted {
+        format!(
+            "{} (not in config.json: HF's default for this model_type)",
+            c.rope_theta
+        )
+    } else {
+        c.rope_theta.to_string()
+    };
     if a.json {
         let v = serde_json::json!({
             "path": a.model, "format": ckpt.format(), "architecture": c.architectures.first(),
-            "config": c, "tensors": tensors.len(),
+            "config": c, "rope_theta_defaulted": theta_defaulted, "tensors": tensors.len(),
             "by_dtype": by_type.iter().map(|(k, v)| (k.clone(), serde_json::json!({"count": v.0, "params": v.1, "bytes": v.2}))).collect::<serde_json::Map<_,_>>(),
             "size": size, "tokenizer": tok.as_ref().map(|t| serde_json::json!({"vocab": t.vocab_size(), "add_bos": t.add_bos})),
         });
@@ -67,7 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ),
         ),
         ("vocab", crate::grouped(c.vocab_size as u64)),
-        ("rope_theta", c.rope_theta.to_string()),
+        ("rope_theta", theta),
         ("rms_norm_eps", c.rms_norm_eps.to_string()),
         ("tied embeddings", c.tie_word_embeddings.to_string()),
         ("q/k/v bias", c.qkv_bias().to_string()),

@@ -339,3 +339,24 @@ fn get_data_fetches_from_a_mirror_and_checks_sha256() {
     assert!(!data.join("medqa/test.jsonl").exists());
     assert!(!data.join("medqa/test.jsonl.part").exists());
 }
+
+/// `inspect` says when rope_theta is HF's class default rather than the file's value (a
+/// config without it), in the table and in --json; a config that has it says nothing more.
+#[test]
+fn inspect_says_when_rope_theta_is_a_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    write_hf(&m, &tiny_config(), 1, |_, _| {});
+    let json = |m: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&["inspect", s(m), "--json"])).unwrap()
+    };
+    assert_eq!(json(&m)["rope_theta_defaulted"], false);
+    assert!(!ok(&["inspect", s(&m)]).contains("not in config.json"));
+    let cfg_path = m.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("rope_theta");
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    assert_eq!(json(&m)["rope_theta_defaulted"], true);
+    assert!(ok(&["inspect", s(&m)]).contains("not in config.json"));
+}

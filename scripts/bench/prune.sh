@@ -15,8 +15,9 @@
 #   default all; the teacher row always runs), NICE (default 0: niceness of the runs),
 #   BUILD (default 1; 0 skips `cargo build`, see lib.sh), RESUME (default 0; 1 keeps
 #   OUT/rows.jsonl and OUT/calib.json and skips every row already measured there, so a run
-#   cut short, or one split over several sittings, goes on where it stopped), REFIT (default
-#   30: the --refit steps of the refit rows).
+#   cut short, or one split over several sittings, goes on where it stopped; ROWS_FROM=FILE
+#   starts an empty OUT from rows saved elsewhere, e.g. scripts/bench/results/prune-128.jsonl),
+#   REFIT (default 30: the --refit steps of the refit rows).
 # Takes hours at the defaults (SparseGPT and the peer's f32 runs dominate).
 set -euo pipefail
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
@@ -34,6 +35,9 @@ mkdir -p "$OUT"
 if [[ "$RESUME" != 1 ]]; then
     : >"$ROWS_FILE"
     rm -f "$CALIB_IDS"
+elif [[ -n "${ROWS_FROM:-}" && ! -s "$ROWS_FILE" ]]; then
+    # Continue from rows kept elsewhere (e.g. committed under scripts/bench/results/).
+    cp "$ROWS_FROM" "$ROWS_FILE"
 fi
 CAL=(--calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN")
 
