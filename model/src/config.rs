@@ -293,16 +293,19 @@ impl Config {
         self.model_type != "qwen2" && self.attention_bias
     }
 
-    /// Parameters implied by the config (weights and biases, lm_head counted once if tied).
+    /// Parameters implied by the config (weights and biases, lm_head counted once if tied),
+    /// `u64::MAX` if more: `validate` bounds each dimension by 2^24, not their product, and
+    /// 2^24 layers of 2^24-wide blocks overflow u64 (found with the `config_json` fuzz target).
     pub fn num_params(&self) -> u64 {
+        // u128: every factor is below 2^34 after `validate`, so no term overflows.
         let (h, i, v) = (
-            self.hidden_size as u64,
-            self.intermediate_size as u64,
-            self.vocab_size as u64,
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.vocab_size as u128,
         );
         let (q, kv) = (
-            (self.num_attention_heads * self.head_dim()) as u64,
-            (self.num_kv_heads() * self.head_dim()) as u64,
+            (self.num_attention_heads as u128) * self.head_dim() as u128,
+            (self.num_kv_heads() as u128) * self.head_dim() as u128,
         );
         let mut block = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
         if self.qkv_bias() {
@@ -315,7 +318,8 @@ impl Config {
             block += 2 * i + h;
         }
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers as u64 * block + h + head
+        let total = v * h + self.num_hidden_layers as u128 * block + h + head;
+        u64::try_from(total).unwrap_or(u64::MAX)
     }
 
     /// RoPE inverse frequencies (length head_dim/2), llama3 scaling applied when configured.

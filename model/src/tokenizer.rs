@@ -401,7 +401,15 @@ fn spm_merges(tokens: &[Cow<'_, str>], types: &[i64], scores: &[f64]) -> Vec<Val
         for (k, _) in t.char_indices().skip(1) {
             let (a, b) = t.split_at(k);
             if let (Some(&ia), Some(&ib)) = (index.get(a), index.get(b)) {
-                merges.push((scores.get(id).copied().unwrap_or(0.0), id, ia, ib));
+                // A NaN score ranks last: compared as NaN it broke the sort's total order,
+                // which panics (found by the `tokenizer_gguf` fuzz target).
+                let score = scores.get(id).copied().unwrap_or(0.0);
+                let score = if score.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    score
+                };
+                merges.push((score, id, ia, ib));
             }
         }
     }

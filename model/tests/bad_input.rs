@@ -2066,6 +2066,72 @@ fn tokenizer_must_fit_the_vocabulary() {
     c.finish();
 }
 
+/// The `config_json` fuzz target: a config whose dimensions each pass `validate` (at most
+/// 2^24) but whose product does not fit u64 panicked in `Config::num_params` with overflow
+/// checks on (and wrapped without); it now saturates at `u64::MAX`.
+#[test]
+fn num_params_of_huge_valid_config_saturates() {
+    let big = 1u64 << 24;
+    let text = json!({"model_type": "llama", "vocab_size": big, "hidden_size": big,
+        "intermediate_size": big, "num_hidden_layers": big, "num_attention_heads": 1 << 14})
+    .to_string();
+    let c = model::Config::from_json_str(&text, Path::new("config.json")).unwrap();
+    assert_eq!(c.head_dim(), 1024);
+    assert_eq!(c.num_params(), u64::MAX);
+    // Counts that fit are unchanged: 2^20 layers of 2^20-wide blocks (h = i = v = 2^20,
+    // q = kv = 2^20): block 4h^2 + 3h^2 + 2h, plus 2vh + h for the untied embeddings.
+    let h = 1u64 << 20;
+    let text = json!({"model_type": "llama", "vocab_size": h, "hidden_size": h,
+        "intermediate_size": h, "num_hidden_layers": h, "num_attention_heads": 1 << 10})
+    .to_string();
+    let c = model::Config::from_json_str(&text, Path::new("config.json")).unwrap();
+    assert_eq!(c.num_params(), h * (7 * h * h + 2 * h) + 2 * h * h + h);
+}
+
+/// The `tokenizer_gguf` fuzz target: NaN entries in a SentencePiece vocabulary's
+/// `tokenizer.ggml.scores` made the merge ranking's comparison no total order, and the sort
+/// panicked ("user-provided comparison function does not correctly implement a total
+/// order"). NaN now ranks last; the tokenizer builds.
+#[test]
+fn nan_token_scores_build_a_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let letters: Vec<String> = ('a'..='p').map(String::from).collect();
+    let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    tokens.extend(letters.iter().cloned());
+    for a in &letters {
+        for b in &letters {
+            tokens.push(format!("{a}{b}"));
+        }
+    }
+    // Scores in a scrambled order (so the sort has work to do), every tenth NaN.
+    let n = tokens.len();
+    let scores: Vec<u8> = (0..n)
+        .flat_map(|i| {
+            let s = if i % 10 == 0 {
+                f32::NAN
+            } else {
+                -(((i * 37) % n) as f32)
+            };
+            s.to_le_bytes()
+        })
+        .collect();
+    let mut g = Gguf::tiny();
+    g.kvs
+        .push(("tokenizer.ggml.model".into(), Kv::Str("llama".into())));
+    g.kvs
+        .push(("tokenizer.ggml.tokens".into(), Kv::Strs(tokens)));
+    g.kvs
+        .push(("tokenizer.ggml.scores".into(), arr(6, n as u64, &scores)));
+    let p = write(tmp.path(), "nan_scores.gguf", &g.bytes());
+    let file = model::gguf::GgufFile::open(&p).unwrap();
+    let tok = catch_unwind(AssertUnwindSafe(|| model::Tokenizer::from_gguf(&file)))
+        .expect("no panic")
+        .unwrap();
+    let ids = tok.encode("abcd").unwrap();
+    // (The text's "\u{2581}" prefix is not in this vocabulary: it decodes as `<unk>`.)
+    assert!(tok.decode(&ids).unwrap().contains("abcd"), "{ids:?}");
+}
+
 /// Writes the seed corpus of the cargo-fuzz targets (see fuzz/README.md):
 /// `FUZZ_SEEDS=$PWD/fuzz/corpus cargo test -p model --test bad_input -- --ignored write_fuzz_seeds`
 #[test]
