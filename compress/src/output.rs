@@ -56,6 +56,9 @@ pub fn temp_sibling(out: &Path) -> PathBuf {
 
 /// Moves a completed temporary file or folder into place, replacing `out` if it exists.
 pub fn commit(tmp: &Path, out: &Path) -> anyhow::Result<()> {
+    // Under the lock the SIGINT/SIGTERM handler takes: it never deletes `tmp` while (or
+    // after) it is renamed into place, which would empty the finished output.
+    let mut temps = TEMPS.lock().unwrap_or_else(|e| e.into_inner());
     if out.exists() {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
@@ -77,6 +80,8 @@ pub fn commit(tmp: &Path, out: &Path) -> anyhow::Result<()> {
         std::fs::rename(tmp, out)
             .with_context(|| format!("{}: cannot rename into place", out.display()))?;
     }
+    temps.retain(|p| p != tmp);
+    COMMITTED.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 
@@ -105,6 +110,9 @@ impl Drop for TempGuard {
 /// Temporary outputs of this process, removed by the SIGINT/SIGTERM handler.
 static TEMPS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
+/// Set once an output has been moved into place.
+static COMMITTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn remove_path(p: &Path) {
     if p.is_dir() {
         std::fs::remove_dir_all(p).ok();
@@ -126,9 +134,14 @@ pub fn install_signal_handlers() {
         return;
     };
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            let temps = TEMPS.lock().map(|t| t.clone()).unwrap_or_default();
-            for p in &temps {
+        for sig in signals.forever() {
+            // Held until exit, so no commit can start after the temporaries are removed.
+            let temps = TEMPS.lock().unwrap_or_else(|e| e.into_inner());
+            if temps.is_empty() && COMMITTED.load(std::sync::atomic::Ordering::SeqCst) {
+                // Every output is complete and in place; only the summary is left to print.
+                continue;
+            }
+            for p in temps.iter() {
                 remove_path(p);
             }
             std::process::exit(128 + sig);
