@@ -141,8 +141,16 @@ pub fn install_signal_handlers() {
                 // Every output is complete and in place; only the summary is left to print.
                 continue;
             }
+            // The main thread may still be creating files in a temporary while it is
+            // removed (then the folder is not empty and stays): remove until it is gone.
             for p in temps.iter() {
-                remove_path(p);
+                for _ in 0..200 {
+                    remove_path(p);
+                    if !p.exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
             }
             std::process::exit(128 + sig);
         }
