@@ -178,7 +178,23 @@ impl Config {
             Some(t) => t.to_string(),
         };
         let origin = match raw.as_object_mut() {
-            Some(map) => resolve_rope(map, &model_type).map_err(|m| ModelError::config(path, m))?,
+            Some(map) => {
+                // transformers 5 names the storage dtype `dtype`; older files `torch_dtype`.
+                match (map.get("torch_dtype"), map.get("dtype")) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(ModelError::config(
+                            path,
+                            format!("`torch_dtype` = {a} conflicts with `dtype` = {b}"),
+                        ));
+                    }
+                    (None, Some(d)) => {
+                        let d = d.clone();
+                        map.insert("torch_dtype".into(), d);
+                    }
+                    _ => {}
+                }
+                resolve_rope(map, &model_type).map_err(|m| ModelError::config(path, m))?
+            }
             None => return Err(ModelError::config(path, "the top level is not an object")),
         };
         let cfg: Config =

@@ -70,7 +70,14 @@ fn transformers5_configs_read_as_their_transformers4_equivalents() {
         );
         assert_eq!(new.head_dim(), old.head_dim(), "{model}");
         assert_eq!(new.num_params(), old.num_params(), "{model}");
+        // transformers 5's `dtype` is read as `torch_dtype`.
+        assert_eq!(new.torch_dtype.as_deref(), Some("bfloat16"), "{model}");
+        assert_eq!(new.torch_dtype, old.torch_dtype, "{model}");
     }
+    // Both names, disagreeing: refused, naming both.
+    let mut v = raw("smollm2_135m.tf5.json");
+    v["torch_dtype"] = "float32".into();
+    expect_err(&v, &["torch_dtype", "dtype"]);
     let (llama, _) = load("llama31_8b.tf5.json");
     let rs = llama.rope_scaling.expect("llama3 scaling");
     assert_eq!(rs.kind(), "llama3");
