@@ -6,33 +6,14 @@
 //! file and the tensor or format.
 
 mod common;
+use common::ok;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use model::Checkpoint;
 use model::safetensors_io::{Dtype, PlanDtype, SafetensorsSet, StoreDtype, StreamingWriter};
 use model::testkit::{Rng, calib_text, tiny_config, write_hf};
 use serde_json::{Value, json};
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_compress"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs `compress args`, asserts success and returns stdout.
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "compress {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -8,27 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fails;
+use common::{fails, ok, run};
 use model::testkit::{calib_text, require_file, tiny_config, write_hf};
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_compress"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs `compress args`, asserts success and returns stdout.
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "compress {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()

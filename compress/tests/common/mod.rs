@@ -66,3 +66,23 @@ pub fn fails(root: &Path, args: &[&Path], names: &str, needles: &[&str]) -> Stri
     );
     err.into_owned()
 }
+
+/// Runs `compress args`.
+pub fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_compress"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs `compress args`, asserts success and returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "compress {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
