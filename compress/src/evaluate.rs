@@ -82,7 +82,7 @@ pub struct Args {
 const SPEED_TEXT: &str = "The patient is a 67-year-old man with a history of hypertension and type 2 diabetes \
 who presents with two days of progressive shortness of breath and bilateral leg swelling. ";
 
-fn read_text(path: &crate::Path) -> anyhow::Result<String> {
+pub(crate) fn read_text(path: &crate::Path) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
     String::from_utf8(bytes)
         .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))

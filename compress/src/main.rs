@@ -1,8 +1,10 @@
-//! `compress`: inspect, convert and evaluate decoder-only language models.
+//! `compress`: inspect, convert, evaluate, quantize, prune and distill decoder-only language
+//! models.
 //! Every failure prints one line naming the file and the problem and exits with code 2.
 
 mod calib;
 mod convert;
+mod distilling;
 mod evaluate;
 mod hf_folder;
 mod inspect;
@@ -16,7 +18,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Compress decoder-only language models (quantize, prune, convert) and measure what it costs.
+/// Compress decoder-only language models (quantize, prune, distill, convert) and measure what
+/// it costs.
 #[derive(Parser, Debug)]
 #[command(
     name = "compress",
@@ -43,6 +46,9 @@ enum Command {
     /// Pruning: unstructured or N:M (magnitude, Wanda, SparseGPT), or structured (heads,
     /// channels, layers) into a smaller model.
     Prune(pruning::Args),
+    /// Knowledge distillation (white-box KD: forward/reverse KL, JSD) or plain CE
+    /// fine-tuning of a student, e.g. to recover a pruned model.
+    Distill(distilling::Args),
 }
 
 /// Sets the worker thread count for all parallel work.
@@ -185,6 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => evaluate::run(a),
         Command::Quant(a) => quantize::run(a),
         Command::Prune(a) => pruning::run(a),
+        Command::Distill(a) => distilling::run(a),
     }
 }
 

@@ -1,0 +1,394 @@
+//! `compress distill --student MODEL [--teacher MODEL] --data FILE --out DIR`: trains the
+//! student on windows of the data with a white-box KD loss against the teacher's logits
+//! (forward/reverse KL, JSD; optionally mixed with CE), or with plain CE (`--loss ce`, no
+//! teacher), and writes the trained student as an HF folder with its training log.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use distill::loss::LossKind;
+use distill::schedule::{Decay, Schedule};
+use distill::{AdamWOptions, CausalLm, Divergence, LossSpec, StepLog, Trainer};
+use model::Checkpoint;
+use model::safetensors_io::{StoreDtype, StreamingWriter};
+use model::transformer::Rope;
+use serde_json::json;
+
+use crate::hf_folder::Dtype;
+use crate::output::{TempGuard, check_output, commit, temp_sibling};
+
+/// Arguments of `distill`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The student to train: an HF folder or a .gguf file (never modified), e.g. a pruned
+    /// model of the teacher's family.
+    #[arg(long)]
+    pub student: crate::Path,
+    /// The teacher (same tokenizer): needed by the KD losses, refused with --loss ce.
+    #[arg(long)]
+    pub teacher: Option<crate::Path>,
+    /// Training text (UTF-8), cut into windows of --seq-len tokens.
+    #[arg(long)]
+    pub data: crate::Path,
+    /// Output folder (HF layout: config.json, model.safetensors, tokenizer, train_log.jsonl,
+    /// distill_report.json).
+    #[arg(long)]
+    pub out: crate::Path,
+    /// The loss: KD from the teacher's logits (fkl, rkl, jsd) or plain CE on the data.
+    #[arg(long, value_enum, default_value_t = LossKind::Fkl)]
+    pub loss: LossKind,
+    /// KD: softmax temperature of teacher and student (the KD term is scaled by T²) [default: 1].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// JSD: the teacher's share of the mixture, in (0, 1) [default: 0.5].
+    #[arg(long)]
+    pub jsd_beta: Option<f64>,
+    /// KD: weight of cross-entropy on the data, added to the KD term [default: 0].
+    #[arg(long)]
+    pub ce_weight: Option<f64>,
+    /// Tokens to train on (predicted positions), rounded up to whole optimizer steps
+    /// [default: one pass over the data].
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// Tokens per training window.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Tokens per optimizer step (whole windows; gradients accumulate over micro-batches).
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
+    /// Windows per forward/backward pass (memory grows with it).
+    #[arg(long, default_value_t = 1)]
+    pub micro_batch: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Warmup as a fraction of the optimizer steps.
+    #[arg(long, default_value_t = 0.05)]
+    pub warmup: f64,
+    /// Decay after warmup.
+    #[arg(long, value_enum, default_value_t = Decay::Cosine)]
+    pub decay: Decay,
+    /// Final learning rate as a fraction of the peak.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Seed of the window order: the same seed and options give the same weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Storage type of the written weights.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The loss the options describe; options that do not apply to the loss are refused.
+fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
+    if a.loss == LossKind::Ce {
+        for (given, name) in [
+            (a.teacher.is_some(), "--teacher"),
+            (a.temperature.is_some(), "--temperature"),
+            (a.jsd_beta.is_some(), "--jsd-beta"),
+            (a.ce_weight.is_some(), "--ce-weight"),
+        ] {
+            if given {
+                bail!("{name} does not apply to --loss ce (cross-entropy on the data alone)");
+            }
+        }
+        return Ok(LossSpec {
+            divergence: None,
+            temperature: 1.0,
+            kd_weight: 0.0,
+            ce_weight: 1.0,
+        });
+    }
+    if a.teacher.is_none() {
+        bail!(
+            "--loss {:?} needs --teacher MODEL (or use --loss ce)",
+            a.loss
+        );
+    }
+    if a.jsd_beta.is_some() && a.loss != LossKind::Jsd {
+        bail!("--jsd-beta applies to --loss jsd only");
+    }
+    let t = a.temperature.unwrap_or(1.0);
+    if !(t.is_finite() && t > 0.0 && t <= 100.0) {
+        bail!("--temperature must be in (0, 100], got {t}");
+    }
+    let ce = a.ce_weight.unwrap_or(0.0);
+    if !(ce.is_finite() && (0.0..=1e3).contains(&ce)) {
+        bail!("--ce-weight must be in [0, 1000], got {ce}");
+    }
+    let divergence = match a.loss {
+        LossKind::Fkl => Divergence::Fkl,
+        LossKind::Rkl => Divergence::Rkl,
+        LossKind::Jsd => {
+            let beta = a.jsd_beta.unwrap_or(0.5);
+            if !(beta > 0.0 && beta < 1.0) {
+                bail!(
+                    "--jsd-beta must be in (0, 1), got {beta} (use --loss fkl or rkl for the ends)"
+                );
+            }
+            Divergence::Jsd { beta }
+        }
+        LossKind::Ce => unreachable!("handled above"),
+    };
+    Ok(LossSpec {
+        divergence: Some(divergence),
+        temperature: t,
+        kd_weight: 1.0,
+        ce_weight: ce,
+    })
+}
+
+/// Range checks of the numeric options, before anything is read.
+fn check_numbers(a: &Args) -> anyhow::Result<()> {
+    let bad = |ok: bool, what: String| {
+        if ok {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(what))
+        }
+    };
+    bad(
+        a.seq_len >= 2,
+        format!("--seq-len must be at least 2, got {}", a.seq_len),
+    )?;
+    bad(
+        a.batch_tokens >= a.seq_len,
+        format!(
+            "--batch-tokens ({}) must be at least --seq-len ({})",
+            a.batch_tokens, a.seq_len
+        ),
+    )?;
+    bad(
+        a.micro_batch >= 1,
+        "--micro-batch must be at least 1".into(),
+    )?;
+    bad(
+        a.max_tokens != Some(0),
+        "--max-tokens must be at least 1".into(),
+    )?;
+    bad(
+        a.lr.is_finite() && a.lr > 0.0 && a.lr <= 1.0,
+        format!("--lr must be in (0, 1], got {}", a.lr),
+    )?;
+    bad(
+        (0.0..1.0).contains(&a.warmup),
+        format!(
+            "--warmup is a fraction of the steps in [0, 1), got {}",
+            a.warmup
+        ),
+    )?;
+    bad(
+        (0.0..=1.0).contains(&a.min_lr_ratio),
+        format!("--min-lr-ratio must be in [0, 1], got {}", a.min_lr_ratio),
+    )?;
+    bad(
+        (0.0..=1.0).contains(&a.weight_decay),
+        format!("--weight-decay must be in [0, 1], got {}", a.weight_decay),
+    )?;
+    bad(
+        a.clip.is_finite() && a.clip >= 0.0,
+        format!("--clip must be a norm >= 0 (0: off), got {}", a.clip),
+    )?;
+    Ok(())
+}
+
+/// Opens a model and checks that its tensors match its config.
+fn open(path: &crate::Path, role: &str) -> anyhow::Result<Checkpoint> {
+    let ckpt = Checkpoint::open(path).with_context(|| format!("cannot open {role}"))?;
+    ckpt.check_shapes()
+        .with_context(|| format!("cannot open {role}"))?;
+    Ok(ckpt)
+}
+
+/// Refuses a window longer than a model's context.
+fn check_context(ckpt: &Checkpoint, seq_len: usize, role: &str) -> anyhow::Result<()> {
+    let max = ckpt.config().max_position_embeddings;
+    if seq_len > max {
+        bail!(
+            "--seq-len {seq_len} is beyond the {role}'s context of {max} tokens ({})",
+            ckpt.path().display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let threads = crate::set_threads(a.threads);
+    check_numbers(&a)?;
+    let spec = loss_spec(&a)?;
+    let student_ckpt = open(&a.student, "student")?;
+    let teacher_ckpt = a.teacher.as_ref().map(|t| open(t, "teacher")).transpose()?;
+    for input in [Some(&a.student), a.teacher.as_ref(), Some(&a.data)]
+        .into_iter()
+        .flatten()
+    {
+        check_output(input, &a.out, a.force)?;
+    }
+    let tok = model::tokenizer::load_checked(&student_ckpt)
+        .context("cannot build the student's tokenizer")?;
+    check_context(&student_ckpt, a.seq_len, "student")?;
+    if let Some(t) = &teacher_ckpt {
+        let ttok = model::load_tokenizer(t).context("cannot build the teacher's tokenizer")?;
+        eval::kld::check_same_vocab(t, &student_ckpt, &ttok, &tok)?;
+        check_context(t, a.seq_len, "teacher")?;
+    }
+    let text = crate::evaluate::read_text(&a.data)?;
+    let tokens = tok.encode(&text).context("cannot tokenize the data")?;
+    let windows = distill::data::windows(&tokens, a.seq_len);
+    if windows.is_empty() {
+        bail!(
+            "{}: {} tokens, fewer than one window of --seq-len {} + 1",
+            a.data.display(),
+            tokens.len(),
+            a.seq_len
+        );
+    }
+    let per_step = a.batch_tokens / a.seq_len;
+    let budget = a.max_tokens.unwrap_or((windows.len() * a.seq_len) as u64);
+    let steps = budget.div_ceil((per_step * a.seq_len) as u64);
+    if steps > 100_000_000 {
+        bail!("--max-tokens {budget}: {steps} optimizer steps is beyond any run this tool plans");
+    }
+    let steps = steps as usize;
+    let sched = Schedule {
+        peak: a.lr,
+        warmup: (a.warmup * steps as f64).round() as usize,
+        total: steps,
+        decay: a.decay,
+        min_ratio: a.min_lr_ratio,
+    };
+
+    let plain = model::default_device();
+    plain.seed(a.seed);
+    let device = plain.clone().autodiff();
+    let teacher = teacher_ckpt
+        .as_ref()
+        .map(|t| CausalLm::load(t, &plain))
+        .transpose()
+        .context("cannot load the teacher")?;
+    let teacher_rope = teacher_ckpt
+        .as_ref()
+        .map(|t| Rope::new(t.config(), a.seq_len, &plain));
+    let student = CausalLm::load(&student_ckpt, &device).context("cannot load the student")?;
+    let scfg = student_ckpt.config().clone();
+    let clip = (a.clip > 0.0).then_some(a.clip);
+    let adamw = AdamWOptions {
+        weight_decay: a.weight_decay,
+        ..AdamWOptions::default()
+    };
+    let mut trainer = Trainer::new(student, &scfg, a.seq_len, adamw, spec, clip, &device);
+
+    let tmp = temp_sibling(&a.out);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    let mut log = std::io::BufWriter::new(
+        std::fs::File::create(tmp.join("train_log.jsonl"))
+            .with_context(|| format!("{}", tmp.display()))?,
+    );
+    let order = distill::data::Order::new(windows.len(), a.seed);
+    let pb = crate::progress_bar("distill", steps as u64);
+    let mut last: Option<StepLog> = None;
+    let train_start = Instant::now();
+    for s in 0..steps {
+        let idx = order.take((s * per_step) as u64, per_step);
+        let batch: Vec<Vec<u32>> = idx.iter().map(|&i| windows[i].clone()).collect();
+        let micro: Vec<Vec<Vec<u32>>> = batch.chunks(a.micro_batch).map(<[_]>::to_vec).collect();
+        let mut teacher_fn = |inputs: &[Vec<u32>]| {
+            teacher
+                .as_ref()
+                .zip(teacher_rope.as_ref())
+                .map(|(t, r)| t.logits(inputs, r))
+        };
+        let rec = trainer.step(&micro, sched.lr(s), &mut teacher_fn);
+        serde_json::to_writer(&mut log, &rec)?;
+        writeln!(log)?;
+        let tok_s = rec.tokens as f64 / train_start.elapsed().as_secs_f64();
+        pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));
+        pb.set_position(rec.step as u64);
+        last = Some(rec);
+    }
+    pb.finish_and_clear();
+    log.flush()?;
+    drop(log);
+    let train_secs = train_start.elapsed().as_secs_f64();
+
+    let student = trainer.into_student();
+    let cfg = crate::hf_folder::write_config(&student_ckpt, StoreDtype::from(a.dtype), &tmp, None)?;
+    write_weights(&student, &cfg, &tmp.join("model.safetensors"), a.dtype)?;
+    crate::hf_folder::write_aux(&student_ckpt, &tok, &cfg, &tmp)?;
+    let last = last.expect("at least one step");
+    let report = json!({
+        "student": a.student,
+        "teacher": a.teacher,
+        "data": a.data,
+        "options": {
+            "loss": spec, "seq_len": a.seq_len, "batch_tokens": per_step * a.seq_len,
+            "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
+            "seed": a.seed, "dtype": a.dtype, "threads": threads,
+        },
+        "data_tokens": tokens.len(),
+        "windows": windows.len(),
+        "steps": steps,
+        "tokens_trained": last.tokens,
+        "final_step": last,
+        "train_seconds": train_secs,
+        "tokens_per_second": last.tokens as f64 / train_secs,
+        "seconds": start.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        tmp.join("distill_report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    commit(&tmp, &a.out)?;
+    guard.0 = None;
+    println!(
+        "distilled {} -> {}: {} steps, {} tokens in {:.0} s ({:.0} tok/s), final loss {:.4}",
+        a.student.display(),
+        a.out.display(),
+        steps,
+        crate::grouped(last.tokens),
+        train_secs,
+        last.tokens as f64 / train_secs,
+        last.loss
+    );
+    Ok(())
+}
+
+/// Writes the student's tensors in checkpoint order.
+fn write_weights(
+    student: &CausalLm,
+    cfg: &model::Config,
+    path: &std::path::Path,
+    dtype: Dtype,
+) -> anyhow::Result<()> {
+    let tensors = student.hf_tensors();
+    let plan: Vec<_> = model::checkpoint::expected_tensors(cfg)
+        .into_iter()
+        .map(|(n, s)| (n, s, StoreDtype::from(dtype)))
+        .collect();
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let mut w = StreamingWriter::create(path, plan.clone(), &meta)?;
+    for (name, _, _) in &plan {
+        let data = tensors
+            .get(name)
+            .with_context(|| format!("trained model has no tensor {name}"))?;
+        w.write_next(name, data)?;
+    }
+    w.finish()?;
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! Training and knowledge distillation on burn autodiff: the whole model as one module
+//! ([`lm::CausalLm`], built from the engine's own decoder blocks), distillation losses
+//! ([`loss`]), learning-rate schedules ([`schedule`]), training windows ([`data`]) and the
+//! loop ([`train::Trainer`]: AdamW, accumulation to a token budget, global-norm clipping).
+
+pub mod data;
+pub mod lm;
+pub mod loss;
+pub mod schedule;
+pub mod train;
+
+pub use lm::CausalLm;
+pub use loss::{Divergence, LossSpec};
+pub use train::{AdamWOptions, StepLog, Trainer};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum DistillError {
+    /// Reading a model failed.
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    /// Teacher and student cannot be paired, or an option does not fit the models.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// This crate's result.
+pub type Result<T> = std::result::Result<T, DistillError>;

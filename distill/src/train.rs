@@ -1,0 +1,223 @@
+//! The training loop: AdamW (burn's) on a [`CausalLm`] held on an autodiff device, a
+//! warmup-and-decay schedule, gradient accumulation over micro-batches up to a token budget
+//! per optimizer step, and clipping by the global gradient norm (as PyTorch's
+//! `clip_grad_norm_`; burn's own clipping works per parameter).
+
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use model::transformer::Rope;
+use serde::{Deserialize, Serialize};
+
+use crate::lm::CausalLm;
+use crate::loss::LossSpec;
+
+/// Optimizer settings (AdamW, decoupled weight decay).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWOptions {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator floor.
+    pub eps: f64,
+    /// Decoupled weight decay (applied to every trained tensor).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWOptions {
+    /// PyTorch's AdamW betas and eps; no weight decay, as transformers' `Trainer`.
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// One optimizer step's record, for the progress bar and the JSONL log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepLog {
+    /// Optimizer steps done (1-based).
+    pub step: usize,
+    /// Tokens trained on so far (predicted positions).
+    pub tokens: u64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// The minimized loss per token (weighted parts).
+    pub loss: f64,
+    /// Mean divergence per token, when distilling.
+    pub kd: Option<f64>,
+    /// Mean cross-entropy on the data per token.
+    pub ce: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Seconds this step took.
+    pub secs: f64,
+}
+
+/// A student under training with its optimizer state.
+pub struct Trainer {
+    student: Option<CausalLm>,
+    optim: ModuleOptimizer,
+    rope: Rope,
+    loss: LossSpec,
+    clip: Option<f64>,
+    device: Device,
+    steps: usize,
+    tokens: u64,
+}
+
+impl Trainer {
+    /// Starts training `student` (already on an autodiff `device`) on windows of `seq_len`
+    /// predicted tokens.
+    pub fn new(
+        student: CausalLm,
+        cfg: &model::Config,
+        seq_len: usize,
+        adamw: AdamWOptions,
+        loss: LossSpec,
+        clip: Option<f64>,
+        device: &Device,
+    ) -> Self {
+        let optim = AdamWConfig::new()
+            .with_beta_1(adamw.beta1 as f32)
+            .with_beta_2(adamw.beta2 as f32)
+            .with_epsilon(adamw.eps as f32)
+            .with_weight_decay(adamw.weight_decay as f32)
+            .init();
+        Self {
+            student: Some(student),
+            optim,
+            rope: Rope::new(cfg, seq_len, device),
+            loss,
+            clip,
+            device: device.clone(),
+            steps: 0,
+            tokens: 0,
+        }
+    }
+
+    /// The model being trained.
+    pub fn student(&self) -> &CausalLm {
+        self.student
+            .as_ref()
+            .expect("student present between steps")
+    }
+
+    /// Gives the trained model back.
+    pub fn into_student(mut self) -> CausalLm {
+        self.student.take().expect("student present between steps")
+    }
+
+    /// Optimizer steps done.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Runs one optimizer step over `micro_batches` (each a list of equally long windows of
+    /// `seq_len + 1` tokens); `teacher` gives the teacher's logits `[rows, vocab]` of a
+    /// micro-batch's first `seq_len` tokens when the loss has a KD term.
+    pub fn step(
+        &mut self,
+        micro_batches: &[Vec<Vec<u32>>],
+        lr: f64,
+        teacher: &mut dyn FnMut(&[Vec<u32>]) -> Option<Tensor<2>>,
+    ) -> StepLog {
+        let start = Instant::now();
+        let student = self.student.take().expect("student present between steps");
+        let rows: usize = micro_batches
+            .iter()
+            .flatten()
+            .map(|w| w.len().saturating_sub(1))
+            .sum();
+        let scale = 1.0 / rows.max(1) as f64;
+        let mut acc = GradientsAccumulator::<CausalLm>::new();
+        let (mut loss, mut kd, mut ce) = (0.0, 0.0, 0.0);
+        let mut has_kd = false;
+        for mb in micro_batches {
+            let inputs: Vec<Vec<u32>> = mb.iter().map(|w| w[..w.len() - 1].to_vec()).collect();
+            let targets: Vec<i64> = mb
+                .iter()
+                .flat_map(|w| w[1..].iter().map(|&t| t as i64))
+                .collect();
+            let n = targets.len();
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &self.device);
+            let t_logits = self
+                .loss
+                .divergence
+                .is_some()
+                .then(|| teacher(&inputs))
+                .flatten()
+                .map(|t| t.autodiff());
+            let logits = student.logits(&inputs, &self.rope);
+            let parts = self.loss.compute(logits, t_logits, targets, None, scale);
+            loss += parts.total.clone().into_scalar::<f64>();
+            ce += parts.ce * parts.rows * scale;
+            if let Some(k) = parts.kd {
+                has_kd = true;
+                kd += k * parts.rows * scale;
+            }
+            let grads = parts.total.backward();
+            acc.accumulate(&student, GradientsParams::from_grads(grads, &student));
+        }
+        let mut grads = acc.grads();
+        let norm = global_norm(&student, &grads);
+        if let Some(max) = self.clip
+            && norm > max
+        {
+            scale_grads(&student, &mut grads, max / (norm + 1e-6));
+        }
+        self.student = Some(self.optim.step(lr, student, grads));
+        self.steps += 1;
+        self.tokens += rows as u64;
+        StepLog {
+            step: self.steps,
+            tokens: self.tokens,
+            lr,
+            loss,
+            kd: has_kd.then_some(kd),
+            ce,
+            grad_norm: norm,
+            secs: start.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// The L2 norm of all gradients together.
+pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+    struct SumSq<'a> {
+        grads: &'a GradientsParams,
+        sum: f64,
+    }
+    impl ModuleVisitor for SumSq<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(p.id) {
+                self.sum += g.powi_scalar(2).sum().into_scalar::<f64>();
+            }
+        }
+    }
+    let mut v = SumSq { grads, sum: 0.0 };
+    module.visit(&mut v);
+    v.sum.sqrt()
+}
+
+/// Multiplies every gradient by `factor`.
+fn scale_grads<M: Module>(module: &M, grads: &mut GradientsParams, factor: f64) {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(p.id) {
+                self.grads.register::<D>(p.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    module.visit(&mut Scale { grads, factor });
+}
