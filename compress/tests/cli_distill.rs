@@ -1,0 +1,245 @@
+//! `compress distill` on tiny synthetic models: KD moves the student towards the teacher,
+//! the output is a model the other commands read, a seed repeats a run bit for bit, and
+//! bad inputs fail with one line before training.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fails, ok};
+use model::Checkpoint;
+use model::testkit::{calib_text, logits, mean_kld, tiny_config, write_hf};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    teacher: PathBuf,
+    student: PathBuf,
+    data: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let (teacher, student) = (root.join("teacher"), root.join("student"));
+    write_hf(&teacher, &tiny_config(), 1, |_, _| {});
+    write_hf(&student, &tiny_config(), 2, |_, _| {});
+    let data = root.join("train.txt");
+    std::fs::write(&data, calib_text(2500)).unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        teacher,
+        student,
+        data,
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Common training options: 32-token windows, 4 per step, a short run.
+const SMALL: [&str; 8] = [
+    "--seq-len",
+    "32",
+    "--batch-tokens",
+    "128",
+    "--max-tokens",
+    "1536",
+    "--lr",
+    "3e-3",
+];
+
+fn distill(f: &Fixture, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "distill",
+        "--student",
+        s(&f.student),
+        "--data",
+        s(&f.data),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(&SMALL);
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+/// Mean KL(teacher ‖ model) over windows of the training text.
+fn kld_to_teacher(f: &Fixture, model: &Path) -> f64 {
+    let t = Checkpoint::open(&f.teacher).unwrap();
+    let m = Checkpoint::open(model).unwrap();
+    let tok = model::load_tokenizer(&t).unwrap();
+    let ids = tok.encode(&calib_text(400)).unwrap();
+    let windows: Vec<Vec<u32>> = ids.chunks(32).take(6).map(<[u32]>::to_vec).collect();
+    mean_kld(&logits(&t, &windows), &logits(&m, &windows), 300)
+}
+
+#[test]
+fn kd_moves_the_student_towards_the_teacher_and_writes_a_readable_model() {
+    let f = fixture();
+    let out = f.root.join("kd");
+    let msg = distill(
+        &f,
+        &out,
+        &["--teacher", s(&f.teacher), "--temperature", "2"],
+    );
+    assert!(msg.contains("12 steps"), "{msg}");
+    let before = kld_to_teacher(&f, &f.student);
+    let after = kld_to_teacher(&f, &out);
+    assert!(
+        after < 0.7 * before,
+        "KL to the teacher {before:.4} -> {after:.4}"
+    );
+    // The log: one line per step, the KD term falling.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let kd: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kd"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(kd.len(), 12);
+    assert!(kd[11] < 0.7 * kd[0], "KD loss {kd:?}");
+    // The output is a model: eval reads it.
+    let eval = ok(&[
+        "eval",
+        s(&out),
+        "--ppl",
+        s(&f.data),
+        "--ctx",
+        "32",
+        "--chunks",
+        "4",
+    ]);
+    assert!(eval.contains("perplexity"), "{eval}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("distill_report.json")).unwrap()).unwrap();
+    assert_eq!(report["tokens_trained"], 1536);
+}
+
+#[test]
+fn ce_fine_tuning_lowers_the_data_loss_without_a_teacher() {
+    let f = fixture();
+    let out = f.root.join("ce");
+    distill(&f, &out, &["--loss", "ce"]);
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let ce: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ce"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(ce[ce.len() - 1] < 0.8 * ce[0], "CE {ce:?}");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_weights() {
+    let f = fixture();
+    let run = |name: &str, seed: &str| {
+        let out = f.root.join(name);
+        distill(&f, &out, &["--teacher", s(&f.teacher), "--seed", seed]);
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    let (a, b, c) = (run("a", "3"), run("b", "3"), run("c", "4"));
+    assert!(a == b, "two runs with seed 3 wrote different weights");
+    assert!(
+        a != c,
+        "seeds 3 and 4 (different window order) wrote the same weights"
+    );
+}
+
+#[test]
+fn bad_inputs_fail_before_training_with_one_line() {
+    let f = fixture();
+    let r = &f.root;
+    let out = r.join("out");
+    let (st, te, da) = (f.student.as_path(), f.teacher.as_path(), f.data.as_path());
+    let p = |x: &str| PathBuf::from(x);
+    let base = |extra: &[&str]| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = ["distill", "--student"].iter().map(|x| p(x)).collect();
+        v.extend([
+            st.to_path_buf(),
+            p("--data"),
+            da.to_path_buf(),
+            p("--out"),
+            out.clone(),
+        ]);
+        if !extra.contains(&"--seq-len") {
+            v.extend(["--seq-len", "32", "--batch-tokens", "128"].map(p));
+        }
+        v.extend(extra.iter().map(|x| p(x)));
+        v
+    };
+    let go = |args: Vec<PathBuf>, names: &str, needles: &[&str]| {
+        let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+        fails(r, &refs, names, needles);
+    };
+    // A teacher with another vocabulary.
+    let mut cfg = tiny_config();
+    cfg["vocab_size"] = 320.into();
+    let other = r.join("other");
+    write_hf(&other, &cfg, 3, |_, _| {});
+    go(base(&["--teacher", s(&other)]), "other", &["vocabulary"]);
+    // An empty data file, and one shorter than a window.
+    let empty = r.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let mut a = base(&["--teacher", s(te)]);
+    a[4] = empty.clone();
+    go(a, "empty.txt", &["fewer than one window"]);
+    // A window beyond the context (256 in the tiny config).
+    go(
+        base(&["--teacher", s(te), "--seq-len", "300"]),
+        "student",
+        &["context"],
+    );
+    // Options that do not apply, or are missing.
+    go(
+        base(&["--loss", "ce", "--teacher", s(te)]),
+        "--teacher",
+        &["--loss ce"],
+    );
+    go(
+        base(&["--loss", "ce", "--temperature", "2"]),
+        "--temperature",
+        &["--loss ce"],
+    );
+    go(base(&[]), "--teacher", &["needs"]);
+    go(
+        base(&["--teacher", s(te), "--jsd-beta", "0.5"]),
+        "--jsd-beta",
+        &["jsd"],
+    );
+    go(
+        base(&["--teacher", s(te), "--loss", "jsd", "--jsd-beta", "1"]),
+        "--jsd-beta",
+        &["(0, 1)"],
+    );
+    go(base(&["--teacher", s(te), "--lr", "NaN"]), "--lr", &[]);
+    go(
+        base(&["--teacher", s(te), "--temperature", "0"]),
+        "--temperature",
+        &[],
+    );
+    go(
+        base(&[
+            "--teacher",
+            s(te),
+            "--seq-len",
+            "64",
+            "--batch-tokens",
+            "32",
+        ]),
+        "--batch-tokens",
+        &[],
+    );
+    // The output may not be an input.
+    let mut a = base(&["--teacher", s(te)]);
+    a[6] = st.to_path_buf();
+    go(a, "student", &["input model"]);
+}
