@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use distill::loss::LossKind;
 use distill::schedule::{Decay, Schedule};
-use distill::{AdamWOptions, CausalLm, Divergence, LossSpec, StepLog, Trainer};
+use distill::{
+    AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, StepLog, Trainer,
+};
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
 use model::transformer::Rope;
@@ -81,6 +83,16 @@ pub struct Args {
     /// Seed of the window order: the same seed and options give the same weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// LoRA: train rank-R adapters on --lora-targets only, every other weight frozen; the
+    /// adapters are merged into the written model.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA: scale numerator (updates are scaled by alpha / rank) [default: 2 x rank].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// LoRA: the adapted linears of every block [default: q_proj,v_proj, PEFT's for Llama].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<LoraTarget>>,
     /// Storage type of the written weights.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
@@ -205,6 +217,36 @@ fn check_numbers(a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The LoRA settings, if --lora-rank is given; LoRA options without it are refused.
+fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<LoraOptions>> {
+    let Some(rank) = a.lora_rank else {
+        if a.lora_alpha.is_some() || a.lora_targets.is_some() {
+            bail!("--lora-alpha and --lora-targets need --lora-rank R");
+        }
+        return Ok(None);
+    };
+    let narrowest = cfg
+        .hidden_size
+        .min(cfg.intermediate_size)
+        .min(cfg.num_kv_heads() * cfg.head_dim());
+    if rank == 0 || rank > narrowest {
+        bail!("--lora-rank must be in 1..={narrowest} (the narrowest adapted width), got {rank}");
+    }
+    let alpha = a.lora_alpha.unwrap_or(2.0 * rank as f64);
+    if !(alpha.is_finite() && alpha > 0.0 && alpha <= 1e4) {
+        bail!("--lora-alpha must be in (0, 10000], got {alpha}");
+    }
+    let targets = a
+        .lora_targets
+        .clone()
+        .unwrap_or(vec![LoraTarget::QProj, LoraTarget::VProj]);
+    Ok(Some(LoraOptions {
+        rank,
+        alpha,
+        targets,
+    }))
+}
+
 /// Opens a model and checks that its tensors match its config.
 fn open(path: &crate::Path, role: &str) -> anyhow::Result<Checkpoint> {
     let ckpt = Checkpoint::open(path).with_context(|| format!("cannot open {role}"))?;
@@ -241,6 +283,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tok = model::tokenizer::load_checked(&student_ckpt)
         .context("cannot build the student's tokenizer")?;
     check_context(&student_ckpt, a.seq_len, "student")?;
+    let lora = lora_options(&a, student_ckpt.config())?;
     if let Some(t) = &teacher_ckpt {
         let ttok = model::load_tokenizer(t).context("cannot build the teacher's tokenizer")?;
         eval::kld::check_same_vocab(t, &student_ckpt, &ttok, &tok)?;
@@ -283,7 +326,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let teacher_rope = teacher_ckpt
         .as_ref()
         .map(|t| Rope::new(t.config(), a.seq_len, &plain));
-    let student = CausalLm::load(&student_ckpt, &device).context("cannot load the student")?;
+    let mut student = CausalLm::load(&student_ckpt, &device).context("cannot load the student")?;
+    if let Some(l) = &lora {
+        student = student.with_lora(l);
+    }
     let scfg = student_ckpt.config().clone();
     let clip = (a.clip > 0.0).then_some(a.clip);
     let adamw = AdamWOptions {
@@ -326,7 +372,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     drop(log);
     let train_secs = train_start.elapsed().as_secs_f64();
 
-    let student = trainer.into_student();
+    let student = trainer.into_student().merged();
     let cfg = crate::hf_folder::write_config(&student_ckpt, StoreDtype::from(a.dtype), &tmp, None)?;
     write_weights(&student, &cfg, &tmp.join("model.safetensors"), a.dtype)?;
     crate::hf_folder::write_aux(&student_ckpt, &tok, &cfg, &tmp)?;
@@ -338,7 +384,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "options": {
             "loss": spec, "seq_len": a.seq_len, "batch_tokens": per_step * a.seq_len,
             "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
-            "seed": a.seed, "dtype": a.dtype, "threads": threads,
+            "seed": a.seed, "dtype": a.dtype, "threads": threads, "lora": lora,
         },
         "data_tokens": tokens.len(),
         "windows": windows.len(),

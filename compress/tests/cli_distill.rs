@@ -141,17 +141,23 @@ fn ce_fine_tuning_lowers_the_data_loss_without_a_teacher() {
 #[test]
 fn the_same_seed_gives_the_same_weights() {
     let f = fixture();
-    let run = |name: &str, seed: &str| {
+    let run = |name: &str, seed: &str, lora: &[&str]| {
         let out = f.root.join(name);
-        distill(&f, &out, &["--teacher", s(&f.teacher), "--seed", seed]);
+        let mut args = vec!["--teacher", s(&f.teacher), "--seed", seed];
+        args.extend_from_slice(lora);
+        distill(&f, &out, &args);
         std::fs::read(out.join("model.safetensors")).unwrap()
     };
-    let (a, b, c) = (run("a", "3"), run("b", "3"), run("c", "4"));
+    let (a, b, c) = (run("a", "3", &[]), run("b", "3", &[]), run("c", "4", &[]));
     assert!(a == b, "two runs with seed 3 wrote different weights");
     assert!(
         a != c,
         "seeds 3 and 4 (different window order) wrote the same weights"
     );
+    // LoRA's random factors come from the seed too.
+    let lora = ["--lora-rank", "2"];
+    let (d, e) = (run("d", "5", &lora), run("e", "5", &lora));
+    assert!(d == e, "two LoRA runs with seed 5 wrote different weights");
 }
 
 #[test]
@@ -238,8 +244,89 @@ fn bad_inputs_fail_before_training_with_one_line() {
         "--batch-tokens",
         &[],
     );
+    // LoRA options out of range, without a rank, or naming no linear of the model.
+    go(
+        base(&["--teacher", s(te), "--lora-rank", "0"]),
+        "--lora-rank",
+        &[],
+    );
+    go(
+        base(&["--teacher", s(te), "--lora-alpha", "8"]),
+        "--lora-rank",
+        &[],
+    );
+    go(
+        base(&[
+            "--teacher",
+            s(te),
+            "--lora-rank",
+            "4",
+            "--lora-targets",
+            "q_proj,qq_proj",
+        ]),
+        "--lora-targets",
+        &["qq_proj"],
+    );
     // The output may not be an input.
     let mut a = base(&["--teacher", s(te)]);
     a[6] = st.to_path_buf();
     go(a, "student", &["input model"]);
+}
+
+/// Numerical rank of a row-major `rows x cols` matrix (Gram-Schmidt on the rows).
+fn rank(m: &[f32], rows: usize, cols: usize) -> usize {
+    let scale = m.iter().map(|&x| (x as f64).abs()).fold(0.0, f64::max);
+    let mut basis: Vec<Vec<f64>> = Vec::new();
+    for r in 0..rows {
+        let mut v: Vec<f64> = m[r * cols..(r + 1) * cols]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        for b in &basis {
+            let d: f64 = v.iter().zip(b).map(|(x, y)| x * y).sum();
+            v.iter_mut().zip(b).for_each(|(x, y)| *x -= d * y);
+        }
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if n > 1e-3 * scale * (cols as f64).sqrt() {
+            basis.push(v.into_iter().map(|x| x / n).collect());
+        }
+    }
+    basis.len()
+}
+
+#[test]
+fn lora_changes_only_its_targets_by_low_rank_updates() {
+    let f = fixture();
+    let out = f.root.join("lora");
+    distill(
+        &f,
+        &out,
+        &[
+            "--teacher",
+            s(&f.teacher),
+            "--lora-rank",
+            "3",
+            "--lora-targets",
+            "q_proj,down_proj",
+        ],
+    );
+    let before = Checkpoint::open(&f.student).unwrap();
+    let after = Checkpoint::open(&out).unwrap();
+    let mut adapted = 0;
+    for (name, shape) in before.expected_tensors() {
+        let (x, y) = (
+            before.read(&name, &shape).unwrap(),
+            after.read(&name, &shape).unwrap(),
+        );
+        if name.ends_with("q_proj.weight") || name.ends_with("down_proj.weight") {
+            let d: Vec<f32> = y.iter().zip(&x).map(|(a, b)| a - b).collect();
+            let r = rank(&d, shape[0], shape[1]);
+            assert!((1..=3).contains(&r), "{name}: update of rank {r}");
+            adapted += 1;
+        } else {
+            assert!(x == y, "{name} is not a LoRA target but changed");
+        }
+    }
+    assert_eq!(adapted, 6);
+    assert!(kld_to_teacher(&f, &out) < kld_to_teacher(&f, &f.student));
 }

@@ -1,15 +1,18 @@
 //! Training and knowledge distillation on burn autodiff: the whole model as one module
 //! ([`lm::CausalLm`], built from the engine's own decoder blocks), distillation losses
 //! ([`loss`]), learning-rate schedules ([`schedule`]), training windows ([`data`]) and the
-//! loop ([`train::Trainer`]: AdamW, accumulation to a token budget, global-norm clipping).
+//! loop ([`train::Trainer`]: AdamW, accumulation to a token budget, global-norm clipping),
+//! optionally on LoRA adapters only ([`lora`]).
 
 pub mod data;
 pub mod lm;
+pub mod lora;
 pub mod loss;
 pub mod schedule;
 pub mod train;
 
 pub use lm::CausalLm;
+pub use lora::{LoraOptions, LoraTarget};
 pub use loss::{Divergence, LossSpec};
 pub use train::{AdamWOptions, StepLog, Trainer};
 

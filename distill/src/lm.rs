@@ -160,7 +160,8 @@ impl CausalLm {
 
 /// A parameter as [`CausalLm::for_each_param`] shows it.
 pub enum ParamRef<'a> {
-    /// A matrix stored as in HF (the embedding).
+    /// A matrix stored as is (the embedding; LoRA factors, named `.lora_a` `[in, r]` and
+    /// `.lora_b` `[r, out]` after their weight).
     Plain2(&'a Param<Tensor<2>>),
     /// A linear weight, stored `[in, out]` (HF's transpose).
     Linear(&'a Param<Tensor<2>>),
@@ -206,6 +207,10 @@ enum Stored {
 /// A linear's weight and bias as [`ParamRef`]s.
 fn linear_params(f: &mut dyn FnMut(&str, ParamRef<'_>), name: &str, lin: &Linear) {
     f(&format!("{name}.weight"), ParamRef::Linear(&lin.weight));
+    if let Some(ad) = lin.weight.adapter() {
+        f(&format!("{name}.lora_a"), ParamRef::Plain2(&ad.a));
+        f(&format!("{name}.lora_b"), ParamRef::Plain2(&ad.b));
+    }
     if let Some(b) = &lin.bias {
         f(&format!("{name}.bias"), ParamRef::Vector(b));
     }

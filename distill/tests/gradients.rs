@@ -237,3 +237,113 @@ fn a_student_identical_to_its_teacher_has_zero_kd_loss_and_gradient() {
         );
     }
 }
+
+/// Adds `delta` (flattened, the parameter's shape) to the parameter `id`.
+struct AddTo {
+    id: burn::module::ParamId,
+    delta: Vec<f32>,
+}
+
+impl burn::module::ModuleMapper for AddTo {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<D>>,
+    ) -> burn::module::Param<Tensor<D>> {
+        if param.id != self.id {
+            return param;
+        }
+        let delta = self.delta.clone();
+        param.map(move |t| {
+            let d = Tensor::<1>::from_data(
+                TensorData::new(delta, [t.shape().num_elements()]),
+                &t.device(),
+            );
+            // A fresh leaf that keeps requiring gradients (an op's result would not be one).
+            (t.clone() + d.reshape(t.shape())).detach().require_grad()
+        })
+    }
+}
+
+#[test]
+fn lora_factor_gradients_match_finite_differences() {
+    use burn::module::Module;
+    let f = fixture(tiny_config());
+    let ad = Device::flex().autodiff();
+    ad.seed(11);
+    let rope = Rope::new(&f.cfg, SEQ, &ad);
+    let t_logits = teacher_logits(&f, &rope, &ad).detach();
+    let spec = kd(Divergence::Fkl);
+    let opts = distill::LoraOptions {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec![distill::LoraTarget::QProj, distill::LoraTarget::DownProj],
+    };
+    let mut student = model_from(&f.cfg, &f.student, &ad).with_lora(&opts);
+    // B starts at zero (so A's gradient is zero): move every B off zero first.
+    let mut rng = Rng(77);
+    for layer in 0..f.cfg.num_hidden_layers {
+        for ad_ in [
+            student.layers[layer]
+                .self_attn
+                .q_proj
+                .weight
+                .adapter()
+                .unwrap(),
+            student.layers[layer]
+                .mlp
+                .down_proj
+                .weight
+                .adapter()
+                .unwrap(),
+        ]
+        .map(|a| (a.b.id, a.b.val().shape().num_elements()))
+        .to_vec()
+        {
+            let delta = (0..ad_.1).map(|_| 0.05 * rng.next()).collect();
+            student = student.map(&mut AddTo { id: ad_.0, delta });
+        }
+    }
+    let loss_of =
+        |m: &CausalLm| loss_and_grads(&spec, m, Some(t_logits.clone()), &f.windows, &rope, &ad);
+    let (loss0, grads) = loss_of(&student);
+    let lora: Vec<_> = grads
+        .keys()
+        .filter(|k| k.contains(".lora_"))
+        .cloned()
+        .collect();
+    assert_eq!(lora.len(), 4 * f.cfg.num_hidden_layers, "{lora:?}");
+    // Only the factors train: frozen weights report no gradient.
+    assert_eq!(grads.len(), lora.len(), "frozen tensors have gradients");
+    let ids = {
+        let mut ids = std::collections::BTreeMap::new();
+        student.for_each_param(&mut |name, p| {
+            if let distill::lm::ParamRef::Plain2(p) = p {
+                ids.insert(name.to_string(), p.id);
+            }
+        });
+        ids
+    };
+    for name in lora {
+        let g = &grads[&name];
+        let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0, "{name}: zero gradient");
+        let eps = 1e-3 * loss0 / norm;
+        let shifted = |sign: f64| {
+            let delta = g
+                .iter()
+                .map(|&x| (sign * eps * x as f64 / norm) as f32)
+                .collect();
+            let m = student.clone().map(&mut AddTo {
+                id: ids[&name],
+                delta,
+            });
+            loss_of(&m).0
+        };
+        let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps);
+        let noise = 16.0 * loss0 * f32::EPSILON as f64 / (2.0 * eps);
+        assert!(
+            (fd - norm).abs() < 0.02 * norm + noise,
+            "{name}: directional derivative {fd:.6e} vs |grad| {norm:.6e}"
+        );
+    }
+}
