@@ -289,31 +289,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eval::kld::check_same_vocab(t, &student_ckpt, &ttok, &tok)?;
         check_context(t, a.seq_len, "teacher")?;
     }
-    let text = crate::evaluate::read_text(&a.data)?;
-    let tokens = tok.encode(&text).context("cannot tokenize the data")?;
-    let windows = distill::data::windows(&tokens, a.seq_len);
-    if windows.is_empty() {
-        bail!(
-            "{}: {} tokens, fewer than one window of --seq-len {} + 1",
-            a.data.display(),
-            tokens.len(),
-            a.seq_len
-        );
-    }
-    let per_step = a.batch_tokens / a.seq_len;
-    let budget = a.max_tokens.unwrap_or((windows.len() * a.seq_len) as u64);
-    let steps = budget.div_ceil((per_step * a.seq_len) as u64);
-    if steps > 100_000_000 {
-        bail!("--max-tokens {budget}: {steps} optimizer steps is beyond any run this tool plans");
-    }
-    let steps = steps as usize;
-    let sched = Schedule {
-        peak: a.lr,
-        warmup: (a.warmup * steps as f64).round() as usize,
-        total: steps,
-        decay: a.decay,
-        min_ratio: a.min_lr_ratio,
-    };
+    let (n_tokens, windows) = data_windows(&a, &tok)?;
+    let (per_step, sched) = schedule(&a, windows.len())?;
+    let steps = sched.total;
 
     let plain = model::default_device();
     plain.seed(a.seed);
@@ -341,42 +319,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tmp = temp_sibling(&a.out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    let mut log = std::io::BufWriter::new(
-        std::fs::File::create(tmp.join("train_log.jsonl"))
-            .with_context(|| format!("{}", tmp.display()))?,
-    );
-    let order = distill::data::Order::new(windows.len(), a.seed);
-    let pb = crate::progress_bar("distill", steps as u64);
-    let mut last: Option<StepLog> = None;
-    let train_start = Instant::now();
-    for s in 0..steps {
-        let idx = order.take((s * per_step) as u64, per_step);
-        let batch: Vec<Vec<u32>> = idx.iter().map(|&i| windows[i].clone()).collect();
-        let micro: Vec<Vec<Vec<u32>>> = batch.chunks(a.micro_batch).map(<[_]>::to_vec).collect();
-        let mut teacher_fn = |inputs: &[Vec<u32>]| {
-            teacher
-                .as_ref()
-                .zip(teacher_rope.as_ref())
-                .map(|(t, r)| t.logits(inputs, r))
-        };
-        let rec = trainer.step(&micro, sched.lr(s), &mut teacher_fn);
-        serde_json::to_writer(&mut log, &rec)?;
-        writeln!(log)?;
-        let tok_s = rec.tokens as f64 / train_start.elapsed().as_secs_f64();
-        pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));
-        pb.set_position(rec.step as u64);
-        last = Some(rec);
-    }
-    pb.finish_and_clear();
-    log.flush()?;
-    drop(log);
-    let train_secs = train_start.elapsed().as_secs_f64();
+    let teacher = teacher.as_ref().zip(teacher_rope.as_ref());
+    let (last, train_secs) =
+        train_all(&a, &mut trainer, teacher, &windows, per_step, &sched, &tmp)?;
 
     let student = trainer.into_student().merged();
     let cfg = crate::hf_folder::write_config(&student_ckpt, StoreDtype::from(a.dtype), &tmp, None)?;
     write_weights(&student, &cfg, &tmp.join("model.safetensors"), a.dtype)?;
     crate::hf_folder::write_aux(&student_ckpt, &tok, &cfg, &tmp)?;
-    let last = last.expect("at least one step");
     let report = json!({
         "student": a.student,
         "teacher": a.teacher,
@@ -386,7 +336,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
             "seed": a.seed, "dtype": a.dtype, "threads": threads, "lora": lora,
         },
-        "data_tokens": tokens.len(),
+        "data_tokens": n_tokens,
         "windows": windows.len(),
         "steps": steps,
         "tokens_trained": last.tokens,
@@ -412,6 +362,81 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         last.loss
     );
     Ok(())
+}
+
+/// The data's token count and its training windows; refuses data shorter than one window.
+fn data_windows(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<(usize, Vec<Vec<u32>>)> {
+    let text = crate::evaluate::read_text(&a.data)?;
+    let tokens = tok.encode(&text).context("cannot tokenize the data")?;
+    let windows = distill::data::windows(&tokens, a.seq_len);
+    if windows.is_empty() {
+        bail!(
+            "{}: {} tokens, fewer than one window of --seq-len {} + 1",
+            a.data.display(),
+            tokens.len(),
+            a.seq_len
+        );
+    }
+    Ok((tokens.len(), windows))
+}
+
+/// Windows per optimizer step, and the learning rate of every step for the token budget.
+fn schedule(a: &Args, n_windows: usize) -> anyhow::Result<(usize, Schedule)> {
+    let per_step = a.batch_tokens / a.seq_len;
+    let budget = a.max_tokens.unwrap_or((n_windows * a.seq_len) as u64);
+    let steps = budget.div_ceil((per_step * a.seq_len) as u64);
+    if steps > 100_000_000 {
+        bail!("--max-tokens {budget}: {steps} optimizer steps is beyond any run this tool plans");
+    }
+    let steps = steps as usize;
+    Ok((
+        per_step,
+        Schedule {
+            peak: a.lr,
+            warmup: (a.warmup * steps as f64).round() as usize,
+            total: steps,
+            decay: a.decay,
+            min_ratio: a.min_lr_ratio,
+        },
+    ))
+}
+
+/// Every optimizer step of the run, logged to `dir/train_log.jsonl` and the progress bar;
+/// returns the last step's record and the training seconds.
+fn train_all(
+    a: &Args,
+    trainer: &mut Trainer,
+    teacher: Option<(&CausalLm, &Rope)>,
+    windows: &[Vec<u32>],
+    per_step: usize,
+    sched: &Schedule,
+    dir: &std::path::Path,
+) -> anyhow::Result<(StepLog, f64)> {
+    let mut log = std::io::BufWriter::new(
+        std::fs::File::create(dir.join("train_log.jsonl"))
+            .with_context(|| format!("{}", dir.display()))?,
+    );
+    let order = distill::data::Order::new(windows.len(), a.seed);
+    let pb = crate::progress_bar("distill", sched.total as u64);
+    let mut last = None;
+    let start = Instant::now();
+    for s in 0..sched.total {
+        let idx = order.take((s * per_step) as u64, per_step);
+        let batch: Vec<Vec<u32>> = idx.iter().map(|&i| windows[i].clone()).collect();
+        let micro: Vec<Vec<Vec<u32>>> = batch.chunks(a.micro_batch).map(<[_]>::to_vec).collect();
+        let mut teacher_fn = |inputs: &[Vec<u32>]| teacher.map(|(t, r)| t.logits(inputs, r));
+        let rec = trainer.step(&micro, sched.lr(s), &mut teacher_fn);
+        serde_json::to_writer(&mut log, &rec)?;
+        writeln!(log)?;
+        let tok_s = rec.tokens as f64 / start.elapsed().as_secs_f64();
+        pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));
+        pb.set_position(rec.step as u64);
+        last = Some(rec);
+    }
+    pb.finish_and_clear();
+    log.flush()?;
+    let last = last.context("no optimizer step ran")?;
+    Ok((last, start.elapsed().as_secs_f64()))
 }
 
 /// Writes the student's tensors in checkpoint order.
