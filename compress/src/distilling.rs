@@ -10,7 +10,8 @@ use anyhow::{Context, bail};
 use distill::loss::LossKind;
 use distill::schedule::{Decay, Schedule};
 use distill::{
-    AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, StepLog, Trainer,
+    AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, MicroBatch, StepLog,
+    Trainer,
 };
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
@@ -423,7 +424,10 @@ fn train_all(
     for s in 0..sched.total {
         let idx = order.take((s * per_step) as u64, per_step);
         let batch: Vec<Vec<u32>> = idx.iter().map(|&i| windows[i].clone()).collect();
-        let micro: Vec<Vec<Vec<u32>>> = batch.chunks(a.micro_batch).map(<[_]>::to_vec).collect();
+        let micro: Vec<MicroBatch> = batch
+            .chunks(a.micro_batch)
+            .map(|c| MicroBatch::plain(c.to_vec()))
+            .collect();
         let mut teacher_fn = |inputs: &[Vec<u32>]| teacher.map(|(t, r)| t.logits(inputs, r));
         let rec = trainer.step(&micro, sched.lr(s), &mut teacher_fn);
         serde_json::to_writer(&mut log, &rec)?;

@@ -14,7 +14,7 @@ pub mod train;
 pub use lm::CausalLm;
 pub use lora::{LoraOptions, LoraTarget};
 pub use loss::{Divergence, LossSpec};
-pub use train::{AdamWOptions, StepLog, Trainer};
+pub use train::{AdamWOptions, MicroBatch, StepLog, Trainer};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,39 @@ pub struct StepLog {
     pub secs: f64,
 }
 
+/// Windows that go through one forward/backward pass together.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    /// Equally long windows: the model reads all but the last token of each and predicts
+    /// all but the first.
+    pub windows: Vec<Vec<u32>>,
+    /// Optional 0/1 weight of every predicted position (window-major): 0 leaves a position
+    /// out of the loss (a prompt's tokens in black-box distillation).
+    pub mask: Option<Vec<f32>>,
+}
+
+impl MicroBatch {
+    /// Plain windows, every position counted.
+    pub fn plain(windows: Vec<Vec<u32>>) -> Self {
+        Self {
+            windows,
+            mask: None,
+        }
+    }
+
+    /// The positions that count.
+    pub fn counted(&self) -> f64 {
+        match &self.mask {
+            Some(m) => m.iter().map(|&w| w as f64).sum(),
+            None => self
+                .windows
+                .iter()
+                .map(|w| w.len().saturating_sub(1) as f64)
+                .sum(),
+        }
+    }
+}
+
 /// A student under training with its optimizer state.
 pub struct Trainer {
     student: Option<CausalLm>,
@@ -119,34 +152,39 @@ impl Trainer {
         self.steps
     }
 
-    /// Runs one optimizer step over `micro_batches` (each a list of equally long windows of
-    /// `seq_len + 1` tokens); `teacher` gives the teacher's logits `[rows, vocab]` of a
-    /// micro-batch's first `seq_len` tokens when the loss has a KD term.
+    /// Runs one optimizer step over `micro_batches`; `teacher` gives the teacher's logits
+    /// `[rows, vocab]` of a micro-batch's inputs (every window but its last token) when the
+    /// loss has a KD term. Every counted position weighs the same, however the step is split.
     pub fn step(
         &mut self,
-        micro_batches: &[Vec<Vec<u32>>],
+        micro_batches: &[MicroBatch],
         lr: f64,
         teacher: &mut dyn FnMut(&[Vec<u32>]) -> Option<Tensor<2>>,
     ) -> StepLog {
         let start = Instant::now();
         let student = self.student.take().expect("student present between steps");
-        let rows: usize = micro_batches
-            .iter()
-            .flatten()
-            .map(|w| w.len().saturating_sub(1))
-            .sum();
-        let scale = 1.0 / rows.max(1) as f64;
+        let rows: f64 = micro_batches.iter().map(MicroBatch::counted).sum();
+        let scale = 1.0 / rows.max(1.0);
         let mut acc = GradientsAccumulator::<CausalLm>::new();
         let (mut loss, mut kd, mut ce) = (0.0, 0.0, 0.0);
         let mut has_kd = false;
         for mb in micro_batches {
-            let inputs: Vec<Vec<u32>> = mb.iter().map(|w| w[..w.len() - 1].to_vec()).collect();
+            let inputs: Vec<Vec<u32>> = mb
+                .windows
+                .iter()
+                .map(|w| w[..w.len() - 1].to_vec())
+                .collect();
             let targets: Vec<i64> = mb
+                .windows
                 .iter()
                 .flat_map(|w| w[1..].iter().map(|&t| t as i64))
                 .collect();
             let n = targets.len();
             let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &self.device);
+            let weights = mb.mask.as_ref().map(|m| {
+                assert_eq!(m.len(), n, "one mask weight per predicted position");
+                Tensor::<1>::from_data(TensorData::new(m.clone(), [n]), &self.device)
+            });
             let t_logits = self
                 .loss
                 .divergence
@@ -155,7 +193,7 @@ impl Trainer {
                 .flatten()
                 .map(|t| t.autodiff());
             let logits = student.logits(&inputs, &self.rope);
-            let parts = self.loss.compute(logits, t_logits, targets, None, scale);
+            let parts = self.loss.compute(logits, t_logits, targets, weights, scale);
             loss += parts.total.clone().into_scalar::<f64>();
             ce += parts.ce * parts.rows * scale;
             if let Some(k) = parts.kd {
@@ -174,7 +212,7 @@ impl Trainer {
         }
         self.student = Some(self.optim.step(lr, student, grads));
         self.steps += 1;
-        self.tokens += rows as u64;
+        self.tokens += rows.round() as u64;
         StepLog {
             step: self.steps,
             tokens: self.tokens,
