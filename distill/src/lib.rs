@@ -4,10 +4,12 @@
 //! loop ([`train::Trainer`]: AdamW, accumulation to a token budget, global-norm clipping),
 //! optionally on LoRA adapters only ([`lora`]).
 
+pub mod checkpoint;
 pub mod data;
 pub mod lm;
 pub mod lora;
 pub mod loss;
+pub mod pairs;
 pub mod schedule;
 pub mod train;
 

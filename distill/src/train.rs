@@ -3,6 +3,7 @@
 //! per optimizer step, and clipping by the global gradient norm (as PyTorch's
 //! `clip_grad_norm_`; burn's own clipping works per parameter).
 
+use std::path::Path;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -11,7 +12,18 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use model::transformer::Rope;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{Counters, load_tensors, save_tensors};
 use crate::lm::CausalLm;
+use crate::{DistillError, Result};
+
+/// Files of a saved training state.
+const TRAINABLE: &str = "trainable.safetensors";
+const OPTIMIZER: &str = "optimizer.bpk";
+const COUNTERS: &str = "counters.json";
+
+fn invalid(path: &Path, e: impl std::fmt::Display) -> DistillError {
+    DistillError::Invalid(format!("{}: {e}", path.display()))
+}
 use crate::loss::LossSpec;
 
 /// Optimizer settings (AdamW, decoupled weight decay).
@@ -124,7 +136,8 @@ impl Trainer {
             .with_weight_decay(adamw.weight_decay as f32)
             .init();
         Self {
-            student: Some(student),
+            // Path-derived ids: a saved optimizer record finds its parameters after a restart.
+            student: Some(student.with_stable_ids()),
             optim,
             rope: Rope::new(cfg, seq_len, device),
             loss,
@@ -150,6 +163,41 @@ impl Trainer {
     /// Optimizer steps done.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// Writes what [`Trainer::restore`] needs into the folder `dir` (created): the trainable
+    /// tensors, the AdamW record and the step counters.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| invalid(dir, e))?;
+        save_tensors(&dir.join(TRAINABLE), &self.student().trainable())?;
+        let opt = dir.join(OPTIMIZER);
+        self.optim.save(&opt).map_err(|e| invalid(&opt, e))?;
+        let c = Counters {
+            steps: self.steps,
+            tokens: self.tokens,
+        };
+        let json = serde_json::to_string(&c).expect("counters serialize");
+        std::fs::write(dir.join(COUNTERS), json).map_err(|e| invalid(dir, e))
+    }
+
+    /// Continues from a folder written by [`Trainer::save`] for the same model and options.
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        let t = dir.join(TRAINABLE);
+        let tensors = load_tensors(&t)?;
+        let student = self.student.take().expect("student present between steps");
+        self.student = Some(student.with_trainable(tensors, &t)?);
+        let opt = dir.join(OPTIMIZER);
+        self.optim = self
+            .optim
+            .clone()
+            .load(&opt)
+            .map_err(|e| invalid(&opt, e))?;
+        let cp = dir.join(COUNTERS);
+        let text = std::fs::read_to_string(&cp).map_err(|e| invalid(&cp, e))?;
+        let c: Counters = serde_json::from_str(&text).map_err(|e| invalid(&cp, e))?;
+        self.steps = c.steps;
+        self.tokens = c.tokens;
+        Ok(())
     }
 
     /// Runs one optimizer step over `micro_batches`; `teacher` gives the teacher's logits
