@@ -3,7 +3,6 @@
 //! (forward/reverse KL, JSD; optionally mixed with CE), or with plain CE (`--loss ce`, no
 //! teacher), and writes the trained student as an HF folder with its training log.
 
-use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -18,6 +17,7 @@ use model::safetensors_io::{StoreDtype, StreamingWriter};
 use model::transformer::Rope;
 use serde_json::json;
 
+use crate::distill_checkpoints as ckpts;
 use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 
@@ -94,6 +94,20 @@ pub struct Args {
     /// LoRA: the adapted linears of every block [default: q_proj,v_proj, PEFT's for Llama].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub lora_targets: Option<Vec<LoraTarget>>,
+    /// Save a checkpoint every N optimizer steps into OUT.checkpoints/checkpoint-STEP (an HF
+    /// model plus the training state); 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Checkpoints kept, the newest (0: all).
+    #[arg(long)]
+    pub save_limit: Option<usize>,
+    /// Keep OUT.checkpoints after the run completes (by default it is removed).
+    #[arg(long)]
+    pub keep_checkpoints: bool,
+    /// Continue from the newest checkpoint in OUT.checkpoints; refused when the student,
+    /// teacher, data or training options differ from the checkpointed run.
+    #[arg(long)]
+    pub resume: bool,
     /// Storage type of the written weights.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
@@ -212,6 +226,10 @@ fn check_numbers(a: &Args) -> anyhow::Result<()> {
         format!("--weight-decay must be in [0, 1], got {}", a.weight_decay),
     )?;
     bad(
+        a.save_every > 0 || (a.save_limit.is_none() && !a.keep_checkpoints),
+        "--save-limit and --keep-checkpoints need --save-every N".into(),
+    )?;
+    bad(
         a.clip.is_finite() && a.clip >= 0.0,
         format!("--clip must be a norm >= 0 (0: off), got {}", a.clip),
     )?;
@@ -317,12 +335,60 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let mut trainer = Trainer::new(student, &scfg, a.seq_len, adamw, spec, clip, &device);
 
+    let options = json!({
+        "loss": spec, "seq_len": a.seq_len, "batch_tokens": per_step * a.seq_len,
+        "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
+        "seed": a.seed, "lora": lora,
+    });
+    let print = ckpts::fingerprint(
+        &student_ckpt,
+        teacher_ckpt.as_ref(),
+        &a.data,
+        options.clone(),
+    )?;
+    let root = ckpts::root_for(&a.out);
+    let mut log = Vec::new();
+    if a.resume {
+        let (step, dir) = ckpts::resumable(&a.out, &print)?;
+        trainer
+            .restore(&dir.join("state"))
+            .with_context(|| format!("{}", dir.display()))?;
+        let text = std::fs::read_to_string(dir.join("train_log.jsonl"))
+            .with_context(|| format!("{}", dir.display()))?;
+        log = text.lines().map(|l| format!("{l}\n")).collect();
+        eprintln!("resuming from {} (step {step} of {steps})", dir.display());
+    } else if root.exists() {
+        if !a.force {
+            bail!(
+                "{}: checkpoints of an earlier run (continue it with --resume, or start over with --force)",
+                root.display()
+            );
+        }
+        std::fs::remove_dir_all(&root).with_context(|| format!("{}", root.display()))?;
+    }
+    let saver = (a.save_every > 0).then(|| ckpts::Saver {
+        root: root.clone(),
+        student: &student_ckpt,
+        tok: &tok,
+        fingerprint: &print,
+        dtype: a.dtype,
+        limit: a.save_limit.unwrap_or(1),
+    });
+
     let tmp = temp_sibling(&a.out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
     let teacher = teacher.as_ref().zip(teacher_rope.as_ref());
-    let (last, train_secs) =
-        train_all(&a, &mut trainer, teacher, &windows, per_step, &sched, &tmp)?;
+    let run = Run {
+        a: &a,
+        teacher,
+        windows: &windows,
+        per_step,
+        sched: &sched,
+        saver: saver.as_ref(),
+    };
+    let (last, train_secs) = run.train(&mut trainer, &mut log)?;
+    std::fs::write(tmp.join("train_log.jsonl"), log.concat())?;
 
     let student = trainer.into_student().merged();
     let cfg = crate::hf_folder::write_config(&student_ckpt, StoreDtype::from(a.dtype), &tmp, None)?;
@@ -332,11 +398,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "student": a.student,
         "teacher": a.teacher,
         "data": a.data,
-        "options": {
-            "loss": spec, "seq_len": a.seq_len, "batch_tokens": per_step * a.seq_len,
-            "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
-            "seed": a.seed, "dtype": a.dtype, "threads": threads, "lora": lora,
-        },
+        "options": options,
+        "dtype": a.dtype,
+        "threads": threads,
+        "resumed": a.resume,
         "data_tokens": n_tokens,
         "windows": windows.len(),
         "steps": steps,
@@ -352,6 +417,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
+    if a.save_every > 0 && !a.keep_checkpoints {
+        std::fs::remove_dir_all(&root).ok();
+    }
     println!(
         "distilled {} -> {}: {} steps, {} tokens in {:.0} s ({:.0} tok/s), final loss {:.4}",
         a.student.display(),
@@ -402,49 +470,60 @@ fn schedule(a: &Args, n_windows: usize) -> anyhow::Result<(usize, Schedule)> {
     ))
 }
 
-/// Every optimizer step of the run, logged to `dir/train_log.jsonl` and the progress bar;
-/// returns the last step's record and the training seconds.
-fn train_all(
-    a: &Args,
-    trainer: &mut Trainer,
-    teacher: Option<(&CausalLm, &Rope)>,
-    windows: &[Vec<u32>],
+/// The fixed inputs of the training loop.
+struct Run<'a> {
+    a: &'a Args,
+    teacher: Option<(&'a CausalLm, &'a Rope)>,
+    windows: &'a [Vec<u32>],
     per_step: usize,
-    sched: &Schedule,
-    dir: &std::path::Path,
-) -> anyhow::Result<(StepLog, f64)> {
-    let mut log = std::io::BufWriter::new(
-        std::fs::File::create(dir.join("train_log.jsonl"))
-            .with_context(|| format!("{}", dir.display()))?,
-    );
-    let order = distill::data::Order::new(windows.len(), a.seed);
-    let pb = crate::progress_bar("distill", sched.total as u64);
-    let mut last = None;
-    let start = Instant::now();
-    for s in 0..sched.total {
-        let idx = order.take((s * per_step) as u64, per_step);
-        let batch: Vec<Vec<u32>> = idx.iter().map(|&i| windows[i].clone()).collect();
-        let micro: Vec<MicroBatch> = batch
-            .chunks(a.micro_batch)
-            .map(|c| MicroBatch::plain(c.to_vec()))
-            .collect();
-        let mut teacher_fn = |inputs: &[Vec<u32>]| teacher.map(|(t, r)| t.logits(inputs, r));
-        let rec = trainer.step(&micro, sched.lr(s), &mut teacher_fn);
-        serde_json::to_writer(&mut log, &rec)?;
-        writeln!(log)?;
-        let tok_s = rec.tokens as f64 / start.elapsed().as_secs_f64();
-        pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));
-        pb.set_position(rec.step as u64);
-        last = Some(rec);
+    sched: &'a Schedule,
+    saver: Option<&'a ckpts::Saver<'a>>,
+}
+
+impl Run<'_> {
+    /// Every optimizer step from the trainer's current one to the end, each appended to
+    /// `log` (JSON lines) and shown on the progress bar, with checkpoints as asked; returns
+    /// the last step's record and the seconds this process trained.
+    fn train(
+        &self,
+        trainer: &mut Trainer,
+        log: &mut Vec<String>,
+    ) -> anyhow::Result<(StepLog, f64)> {
+        let (a, per_step) = (self.a, self.per_step);
+        let order = distill::data::Order::new(self.windows.len(), a.seed);
+        let pb = crate::progress_bar("distill", self.sched.total as u64);
+        pb.set_position(trainer.steps() as u64);
+        let (start, tokens0) = (Instant::now(), trainer.tokens());
+        for s in trainer.steps()..self.sched.total {
+            let idx = order.take((s * per_step) as u64, per_step);
+            let batch: Vec<Vec<u32>> = idx.iter().map(|&i| self.windows[i].clone()).collect();
+            let micro: Vec<MicroBatch> = batch
+                .chunks(a.micro_batch)
+                .map(|c| MicroBatch::plain(c.to_vec()))
+                .collect();
+            let teacher = self.teacher;
+            let mut teacher_fn = |inputs: &[Vec<u32>]| teacher.map(|(t, r)| t.logits(inputs, r));
+            let rec = trainer.step(&micro, self.sched.lr(s), &mut teacher_fn);
+            log.push(format!("{}\n", serde_json::to_string(&rec)?));
+            let tok_s = (rec.tokens - tokens0) as f64 / start.elapsed().as_secs_f64();
+            pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));
+            pb.set_position(rec.step as u64);
+            if let Some(saver) = self.saver
+                && rec.step % a.save_every == 0
+                && rec.step < self.sched.total
+            {
+                saver.save(trainer, log)?;
+            }
+        }
+        pb.finish_and_clear();
+        let last = log.last().context("no optimizer step ran")?;
+        let last: StepLog = serde_json::from_str(last.trim()).context("the training log")?;
+        Ok((last, start.elapsed().as_secs_f64()))
     }
-    pb.finish_and_clear();
-    log.flush()?;
-    let last = last.context("no optimizer step ran")?;
-    Ok((last, start.elapsed().as_secs_f64()))
 }
 
 /// Writes the student's tensors in checkpoint order.
-fn write_weights(
+pub(crate) fn write_weights(
     student: &CausalLm,
     cfg: &model::Config,
     path: &std::path::Path,

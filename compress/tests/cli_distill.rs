@@ -330,3 +330,176 @@ fn lora_changes_only_its_targets_by_low_rank_updates() {
     assert_eq!(adapted, 6);
     assert!(kld_to_teacher(&f, &out) < kld_to_teacher(&f, &f.student));
 }
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights() {
+    let f = fixture();
+    let args = |out: &Path| -> Vec<String> {
+        let v: Vec<String> = [
+            "distill",
+            "--student",
+            s(&f.student),
+            "--teacher",
+            s(&f.teacher),
+            "--data",
+            s(&f.data),
+            "--out",
+            s(out),
+            "--seq-len",
+            "32",
+            "--batch-tokens",
+            "128",
+            "--max-tokens",
+            "7680",
+            "--lr",
+            "1e-3",
+            "--save-every",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        v
+    };
+    let whole = f.root.join("whole");
+    let a: Vec<String> = args(&whole);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !f.root.join("whole.checkpoints").exists(),
+        "checkpoints kept after success"
+    );
+    let expected = std::fs::read(whole.join("model.safetensors")).unwrap();
+
+    // Killed (SIGKILL: no cleanup runs) once its second checkpoint is in place.
+    let out = f.root.join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_compress"))
+        .args(args(&out))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ck = f.root.join("killed.checkpoints/checkpoint-4");
+    let t0 = std::time::Instant::now();
+    while !ck.exists() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the run finished before it could be killed"
+    );
+    assert!(!out.exists(), "a killed run left an output");
+
+    // A resume with other options is refused, naming what differs.
+    let mut other = args(&out);
+    other.extend(["--resume".into(), "--seed".into(), "9".into()]);
+    let other: Vec<PathBuf> = other.iter().map(PathBuf::from).collect();
+    let refs: Vec<&Path> = other.iter().map(PathBuf::as_path).collect();
+    fails(
+        &f.root,
+        &refs,
+        "killed.checkpoints",
+        &["options.seed", "--resume"],
+    );
+    // A fresh run over the checkpoints is refused without --force.
+    let fresh: Vec<PathBuf> = args(&out).iter().map(PathBuf::from).collect();
+    let refs: Vec<&Path> = fresh.iter().map(PathBuf::as_path).collect();
+    fails(
+        &f.root,
+        &refs,
+        "killed.checkpoints",
+        &["--resume", "--force"],
+    );
+
+    let mut resume = args(&out);
+    resume.push("--resume".into());
+    ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let got = std::fs::read(out.join("model.safetensors")).unwrap();
+    assert!(
+        got == expected,
+        "the resumed run wrote other weights than the uninterrupted one"
+    );
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 60, "the log lost or repeated steps");
+    // Nothing stale beside the outputs: the killed run's temporary folder is gone.
+    let names: Vec<String> = std::fs::read_dir(&f.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains(".tmp-")),
+        "stale temporaries: {names:?}"
+    );
+}
+
+#[test]
+fn kept_checkpoints_are_models_and_resume_needs_one() {
+    let f = fixture();
+    let out = f.root.join("kept");
+    let none = distill_fails_args(&f, &out, &["--teacher", s(&f.teacher), "--resume"]);
+    fails(
+        &f.root,
+        &none.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+        "kept.checkpoints",
+        &["no checkpoint"],
+    );
+    distill(
+        &f,
+        &out,
+        &[
+            "--teacher",
+            s(&f.teacher),
+            "--save-every",
+            "4",
+            "--save-limit",
+            "0",
+            "--keep-checkpoints",
+        ],
+    );
+    let root = f.root.join("kept.checkpoints");
+    for step in [4, 8] {
+        let ck = root.join(format!("checkpoint-{step}"));
+        let e = ok(&[
+            "eval",
+            s(&ck),
+            "--ppl",
+            s(&f.data),
+            "--ctx",
+            "32",
+            "--chunks",
+            "2",
+        ]);
+        assert!(e.contains("perplexity"), "{e}");
+    }
+    assert!(
+        !root.join("checkpoint-12").exists(),
+        "the final step is the output, not a checkpoint"
+    );
+    let bad = distill_fails_args(
+        &f,
+        &f.root.join("x"),
+        &["--teacher", s(&f.teacher), "--keep-checkpoints"],
+    );
+    fails(
+        &f.root,
+        &bad.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+        "--save-every",
+        &[],
+    );
+}
+
+fn distill_fails_args(f: &Fixture, out: &Path, extra: &[&str]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = [
+        "distill",
+        "--student",
+        s(&f.student),
+        "--data",
+        s(&f.data),
+        "--out",
+        s(out),
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    v.extend(SMALL.iter().chain(extra).map(PathBuf::from));
+    v
+}

@@ -165,6 +165,11 @@ impl Trainer {
         self.steps
     }
 
+    /// Tokens trained on so far.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// Writes what [`Trainer::restore`] needs into the folder `dir` (created): the trainable
     /// tensors, the AdamW record and the step counters.
     pub fn save(&self, dir: &Path) -> Result<()> {
