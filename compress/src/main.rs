@@ -7,6 +7,7 @@ mod convert;
 mod distill_checkpoints;
 mod distilling;
 mod evaluate;
+mod generate;
 mod hf_folder;
 mod inspect;
 mod output;
@@ -50,6 +51,9 @@ enum Command {
     /// Knowledge distillation (white-box KD: forward/reverse KL, JSD) or plain CE
     /// fine-tuning of a student, e.g. to recover a pruned model.
     Distill(distilling::Args),
+    /// Generate responses to a JSONL file of prompts (greedy or sampled, KV cache) as JSONL
+    /// (prompt, response) pairs: training data for black-box distillation.
+    Generate(generate::Args),
 }
 
 /// Sets the worker thread count for all parallel work.
@@ -193,6 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quant(a) => quantize::run(a),
         Command::Prune(a) => pruning::run(a),
         Command::Distill(a) => distilling::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }
 
