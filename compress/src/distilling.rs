@@ -10,7 +10,7 @@ use distill::loss::LossKind;
 use distill::schedule::{Decay, Schedule};
 use distill::{
     AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, MicroBatch, StepLog,
-    Trainer,
+    Teacher, Trainer,
 };
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
@@ -502,7 +502,9 @@ impl Run<'_> {
                 .map(|c| MicroBatch::plain(c.to_vec()))
                 .collect();
             let teacher = self.teacher;
-            let mut teacher_fn = |inputs: &[Vec<u32>]| teacher.map(|(t, r)| t.logits(inputs, r));
+            let mut teacher_fn = |_: &MicroBatch, inputs: &[Vec<u32>]| {
+                teacher.map(|(t, r)| Teacher::Logits(t.logits(inputs, r)))
+            };
             let rec = trainer.step(&micro, self.sched.lr(s), &mut teacher_fn);
             log.push(format!("{}\n", serde_json::to_string(&rec)?));
             let tok_s = (rec.tokens - tokens0) as f64 / start.elapsed().as_secs_f64();

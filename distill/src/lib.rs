@@ -15,7 +15,7 @@ pub mod train;
 
 pub use lm::CausalLm;
 pub use lora::{LoraOptions, LoraTarget};
-pub use loss::{Divergence, LossSpec};
+pub use loss::{Divergence, LossSpec, Teacher};
 pub use train::{AdamWOptions, MicroBatch, StepLog, Trainer};
 
 /// Errors of this crate.

@@ -50,13 +50,13 @@ pub struct LossParts {
 }
 
 impl LossSpec {
-    /// The loss of student logits `[n, vocab]` against teacher logits (same shape; ignored
-    /// without a divergence) and the next tokens `targets` `[n]`; `weights` `[n]` (0 or 1)
-    /// leaves rows out (a prompt's tokens), and the sum is multiplied by `scale`.
+    /// The loss of student logits `[n, vocab]` against the teacher (ignored without a
+    /// divergence) and the next tokens `targets` `[n]`; `weights` `[n]` (0 or 1) leaves rows
+    /// out (a prompt's tokens), and the sum is multiplied by `scale`.
     pub fn compute(
         &self,
         student: Tensor<2>,
-        teacher: Option<Tensor<2>>,
+        teacher: Option<Teacher>,
         targets: Tensor<1, Int>,
         weights: Option<Tensor<1>>,
         scale: f64,
@@ -74,7 +74,10 @@ impl LossSpec {
         if let (Some(div), Some(teacher)) = (self.divergence, teacher) {
             let t = self.temperature;
             let s_log = log_softmax(student.div_scalar(t), 1);
-            let t_log = log_softmax(teacher.div_scalar(t), 1).detach();
+            let (s_log, t_log) = match teacher {
+                Teacher::Logits(z) => (s_log, log_softmax(z.div_scalar(t), 1).detach()),
+                Teacher::TopK { ids, logp } => bucketed(s_log, ids, logp.detach()),
+            };
             let d_rows = divergence_rows(div, s_log, t_log) * w;
             let d_sum = d_rows.sum();
             kd = Some(d_sum.clone().into_scalar::<f64>() / rows.max(1.0));
@@ -87,6 +90,66 @@ impl LossSpec {
             rows,
         }
     }
+}
+
+/// What the student is distilled towards, row by row.
+pub enum Teacher {
+    /// Full logits `[n, vocab]` (a live teacher).
+    Logits(Tensor<2>),
+    /// The teacher's `k` most probable tokens per row, `ids` `[n, k]`, with their
+    /// log-probabilities at the loss temperature, `logp` `[n, k]`; the other tokens are one
+    /// bucket (so the divergence is that of the coarsened distributions, a lower bound).
+    TopK {
+        /// Token ids.
+        ids: Tensor<2, Int>,
+        /// Log-probabilities at the temperature.
+        logp: Tensor<2>,
+    },
+}
+
+impl Teacher {
+    /// The same targets as constants of an autodiff graph.
+    pub fn autodiff(self) -> Self {
+        match self {
+            Self::Logits(z) => Self::Logits(z.autodiff()),
+            Self::TopK { ids, logp } => Self::TopK {
+                ids: ids.autodiff(),
+                logp: logp.autodiff(),
+            },
+        }
+    }
+
+    /// Reduces live logits `[n, vocab]` to their top `k` at temperature `t`: the same
+    /// coarsening a teacher cache stores, so a live run can use exactly a cached run's loss.
+    pub fn top_k_of(logits: Tensor<2>, k: usize, t: f64) -> Self {
+        let (logp, ids) = log_softmax(logits.div_scalar(t), 1).topk_with_indices(k, 1);
+        Self::TopK { ids, logp }
+    }
+}
+
+/// Student and teacher log-probabilities over the teacher's top-k tokens plus one bucket for
+/// the rest, `[n, k + 1]` each (no bucket when k covers the vocabulary).
+fn bucketed(s_log: Tensor<2>, ids: Tensor<2, Int>, t_top: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+    let vocab = s_log.dims()[1];
+    let s_top = s_log.gather(1, ids.clone());
+    if ids.dims()[1] >= vocab {
+        return (s_top, t_top);
+    }
+    // Mass below f32 resolution is not a bucket: clamped so 0 · log 0 stays 0.
+    let rest = |top: &Tensor<2>| {
+        top.clone()
+            .exp()
+            .sum_dim(1)
+            .neg()
+            .add_scalar(1.0)
+            .clamp_min(1e-30)
+            .log()
+    };
+    let (s_rest, t_rest) = (rest(&s_top), rest(&t_top));
+    (
+        Tensor::cat(vec![s_top, s_rest], 1),
+        Tensor::cat(vec![t_top, t_rest], 1),
+    )
 }
 
 /// The divergence of each row `[n]` from log-probabilities of student and teacher.

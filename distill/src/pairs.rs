@@ -86,6 +86,7 @@ pub fn pair_batches(
         out.push(MicroBatch {
             windows: vec![ids],
             mask: Some(mask),
+            index: Vec::new(),
         });
     }
     if out.is_empty() {

@@ -24,7 +24,7 @@ const COUNTERS: &str = "counters.json";
 fn invalid(path: &Path, e: impl std::fmt::Display) -> DistillError {
     DistillError::Invalid(format!("{}: {e}", path.display()))
 }
-use crate::loss::LossSpec;
+use crate::loss::{LossSpec, Teacher};
 
 /// Optimizer settings (AdamW, decoupled weight decay).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -81,6 +81,9 @@ pub struct MicroBatch {
     /// Optional 0/1 weight of every predicted position (window-major): 0 leaves a position
     /// out of the loss (a prompt's tokens in black-box distillation).
     pub mask: Option<Vec<f32>>,
+    /// Where each window sits in the training data (a teacher cache's row order); empty
+    /// when not from indexed data.
+    pub index: Vec<usize>,
 }
 
 impl MicroBatch {
@@ -89,6 +92,16 @@ impl MicroBatch {
         Self {
             windows,
             mask: None,
+            index: Vec::new(),
+        }
+    }
+
+    /// Windows `index` of the training data, every position counted.
+    pub fn indexed(windows: Vec<Vec<u32>>, index: Vec<usize>) -> Self {
+        Self {
+            windows,
+            mask: None,
+            index,
         }
     }
 
@@ -212,7 +225,7 @@ impl Trainer {
         &mut self,
         micro_batches: &[MicroBatch],
         lr: f64,
-        teacher: &mut dyn FnMut(&[Vec<u32>]) -> Option<Tensor<2>>,
+        teacher: &mut dyn FnMut(&MicroBatch, &[Vec<u32>]) -> Option<Teacher>,
     ) -> StepLog {
         let start = Instant::now();
         let student = self.student.take().expect("student present between steps");
@@ -242,9 +255,9 @@ impl Trainer {
                 .loss
                 .divergence
                 .is_some()
-                .then(|| teacher(&inputs))
+                .then(|| teacher(mb, &inputs))
                 .flatten()
-                .map(|t| t.autodiff());
+                .map(Teacher::autodiff);
             let logits = student.logits(&inputs, &self.rope);
             let parts = self.loss.compute(logits, t_logits, targets, weights, scale);
             loss += parts.total.clone().into_scalar::<f64>();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use distill::{CausalLm, Divergence, LossSpec};
+use distill::{CausalLm, Divergence, LossSpec, Teacher};
 use model::testkit::{Rng, tiny_config, write_hf};
 use model::transformer::Rope;
 use model::{Checkpoint, Config};
@@ -31,7 +31,7 @@ fn model_from(cfg: &Config, t: &BTreeMap<String, Vec<f32>>, device: &Device) -> 
 fn loss_and_grads(
     spec: &LossSpec,
     student: &CausalLm,
-    teacher: Option<Tensor<2>>,
+    teacher: Option<Teacher>,
     w: &[Vec<u32>],
     rope: &Rope,
     device: &Device,
@@ -92,16 +92,25 @@ fn teacher_logits(f: &Fixture, rope: &Rope, device: &Device) -> Tensor<2> {
 /// own direction (a directional derivative is large enough to measure in f32) and at its
 /// largest entry.
 fn check_gradients(config: serde_json::Value, spec: LossSpec) {
+    check_gradients_k(config, spec, None);
+}
+
+/// As [`check_gradients`], against the teacher's top `k` tokens plus a rest bucket when given.
+fn check_gradients_k(config: serde_json::Value, spec: LossSpec, k: Option<usize>) {
     let f = fixture(config);
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
     let (rope_p, rope_a) = (Rope::new(&f.cfg, SEQ, &plain), Rope::new(&f.cfg, SEQ, &ad));
     let t_plain = teacher_logits(&f, &rope_p, &plain);
+    let teacher_of = |z: Tensor<2>| match k {
+        Some(k) => Teacher::top_k_of(z, k, spec.temperature),
+        None => Teacher::Logits(z),
+    };
     let student = model_from(&f.cfg, &f.student, &ad);
     let (_, grads) = loss_and_grads(
         &spec,
         &student,
-        Some(t_plain.clone().autodiff()),
+        Some(teacher_of(t_plain.clone().autodiff())),
         &f.windows,
         &rope_a,
         &ad,
@@ -112,7 +121,7 @@ fn check_gradients(config: serde_json::Value, spec: LossSpec) {
         loss_and_grads(
             &spec,
             &m,
-            Some(t_plain.clone()),
+            Some(teacher_of(t_plain.clone())),
             &f.windows,
             &rope_p,
             &plain,
@@ -191,6 +200,18 @@ fn gradients_of_tied_biased_models_and_other_divergences() {
 }
 
 #[test]
+fn gradients_through_a_top_k_teacher_with_a_rest_bucket() {
+    // The cached-teacher loss: top 8 of 300 tokens plus one bucket for the rest.
+    for div in [
+        Divergence::Fkl,
+        Divergence::Rkl,
+        Divergence::Jsd { beta: 0.5 },
+    ] {
+        check_gradients_k(tiny_config(), kd(div), Some(8));
+    }
+}
+
+#[test]
 fn a_student_identical_to_its_teacher_has_zero_kd_loss_and_gradient() {
     let f = fixture(tiny_config());
     let plain = Device::flex();
@@ -213,7 +234,7 @@ fn a_student_identical_to_its_teacher_has_zero_kd_loss_and_gradient() {
         let (loss, grads) = loss_and_grads(
             &spec,
             &student,
-            Some(t_logits.clone().autodiff()),
+            Some(Teacher::Logits(t_logits.clone().autodiff())),
             &f.windows,
             &rope_a,
             &ad,
@@ -226,7 +247,7 @@ fn a_student_identical_to_its_teacher_has_zero_kd_loss_and_gradient() {
         let (loss, _) = loss_and_grads(
             &spec,
             &student,
-            Some(other.autodiff()),
+            Some(Teacher::Logits(other.autodiff())),
             &f.windows,
             &rope_a,
             &ad,
@@ -303,8 +324,16 @@ fn lora_factor_gradients_match_finite_differences() {
             student = student.map(&mut AddTo { id: ad_.0, delta });
         }
     }
-    let loss_of =
-        |m: &CausalLm| loss_and_grads(&spec, m, Some(t_logits.clone()), &f.windows, &rope, &ad);
+    let loss_of = |m: &CausalLm| {
+        loss_and_grads(
+            &spec,
+            m,
+            Some(Teacher::Logits(t_logits.clone())),
+            &f.windows,
+            &rope,
+            &ad,
+        )
+    };
     let (loss0, grads) = loss_of(&student);
     let lora: Vec<_> = grads
         .keys()

@@ -3,7 +3,8 @@
 
 use burn::tensor::Device;
 use distill::{
-    AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, MicroBatch, Trainer,
+    AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, MicroBatch, Teacher,
+    Trainer,
 };
 use model::Checkpoint;
 use model::testkit::{Rng, tiny_config, write_hf};
@@ -71,8 +72,8 @@ fn run(
         assert_eq!(tr.steps(), from);
     }
     for s in from..to {
-        tr.step(&batches(s), 1e-2 / (1 + s) as f64, &mut |w| {
-            Some(teacher.logits(w, &rope))
+        tr.step(&batches(s), 1e-2 / (1 + s) as f64, &mut |_, w| {
+            Some(Teacher::Logits(teacher.logits(w, &rope)))
         });
     }
     if let Some(p) = save {
