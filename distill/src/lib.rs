@@ -4,6 +4,7 @@
 //! loop ([`train::Trainer`]: AdamW, accumulation to a token budget, global-norm clipping),
 //! optionally on LoRA adapters only ([`lora`]).
 
+pub mod cache;
 pub mod checkpoint;
 pub mod data;
 pub mod lm;
