@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::distill_checkpoints as ckpts;
 use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
+use distill::cache::TeacherCache;
 
 /// Arguments of `distill`.
 #[derive(clap::Args, Debug)]
@@ -27,17 +28,30 @@ pub struct Args {
     /// The student to train: an HF folder or a .gguf file (never modified), e.g. a pruned
     /// model of the teacher's family.
     #[arg(long)]
-    pub student: crate::Path,
-    /// The teacher (same tokenizer): needed by the KD losses, refused with --loss ce.
+    pub student: Option<crate::Path>,
+    /// The teacher (same tokenizer), run live beside the student: needed by the KD losses
+    /// unless --teacher-cache is given; refused with --loss ce.
     #[arg(long)]
     pub teacher: Option<crate::Path>,
+    /// Only write a teacher cache to FILE and exit: the teacher's --top-k log-probabilities
+    /// at --temperature for every window of --data (no --student, no --out).
+    #[arg(long, value_name = "FILE")]
+    pub cache_teacher: Option<crate::Path>,
+    /// Distill from a teacher cache written by --cache-teacher instead of a live teacher
+    /// (same data, --seq-len and --temperature).
+    #[arg(long, value_name = "FILE")]
+    pub teacher_cache: Option<crate::Path>,
+    /// KD against the teacher's K most probable tokens per position plus one bucket for the
+    /// rest (what a cache stores) [default: all tokens live; 64 for --cache-teacher].
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Training text (UTF-8), cut into windows of --seq-len tokens.
     #[arg(long)]
     pub data: crate::Path,
     /// Output folder (HF layout: config.json, model.safetensors, tokenizer, train_log.jsonl,
     /// distill_report.json).
     #[arg(long)]
-    pub out: crate::Path,
+    pub out: Option<crate::Path>,
     /// The loss: KD from the teacher's logits (fkl, rkl, jsd) or plain CE on the data.
     #[arg(long, value_enum, default_value_t = LossKind::Fkl)]
     pub loss: LossKind,
@@ -124,6 +138,8 @@ fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
     if a.loss == LossKind::Ce {
         for (given, name) in [
             (a.teacher.is_some(), "--teacher"),
+            (a.teacher_cache.is_some(), "--teacher-cache"),
+            (a.top_k.is_some(), "--top-k"),
             (a.temperature.is_some(), "--temperature"),
             (a.jsd_beta.is_some(), "--jsd-beta"),
             (a.ce_weight.is_some(), "--ce-weight"),
@@ -139,11 +155,16 @@ fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
             ce_weight: 1.0,
         });
     }
-    if a.teacher.is_none() {
-        bail!(
-            "--loss {:?} needs --teacher MODEL (or use --loss ce)",
+    match (&a.teacher, &a.teacher_cache) {
+        (None, None) => bail!(
+            "--loss {:?} needs --teacher MODEL or --teacher-cache FILE (or use --loss ce)",
             a.loss
-        );
+        ),
+        (Some(_), Some(_)) => bail!("give --teacher or --teacher-cache, not both"),
+        (None, Some(_)) if a.top_k.is_some() => {
+            bail!("--top-k does not apply to --teacher-cache (the cache fixes k)")
+        }
+        _ => {}
     }
     if a.jsd_beta.is_some() && a.loss != LossKind::Jsd {
         bail!("--jsd-beta applies to --loss jsd only");
@@ -267,7 +288,7 @@ fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<LoraOpti
 }
 
 /// Opens a model and checks that its tensors match its config.
-fn open(path: &crate::Path, role: &str) -> anyhow::Result<Checkpoint> {
+pub(crate) fn open(path: &crate::Path, role: &str) -> anyhow::Result<Checkpoint> {
     let ckpt = Checkpoint::open(path).with_context(|| format!("cannot open {role}"))?;
     ckpt.check_shapes()
         .with_context(|| format!("cannot open {role}"))?;
@@ -275,7 +296,7 @@ fn open(path: &crate::Path, role: &str) -> anyhow::Result<Checkpoint> {
 }
 
 /// Refuses a window longer than a model's context.
-fn check_context(ckpt: &Checkpoint, seq_len: usize, role: &str) -> anyhow::Result<()> {
+pub(crate) fn check_context(ckpt: &Checkpoint, seq_len: usize, role: &str) -> anyhow::Result<()> {
     let max = ckpt.config().max_position_embeddings;
     if seq_len > max {
         bail!(
@@ -290,14 +311,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let threads = crate::set_threads(a.threads);
     check_numbers(&a)?;
+    if a.cache_teacher.is_some() {
+        return crate::distill_cache::write(&a);
+    }
     let spec = loss_spec(&a)?;
-    let student_ckpt = open(&a.student, "student")?;
-    let teacher_ckpt = a.teacher.as_ref().map(|t| open(t, "teacher")).transpose()?;
-    for input in [Some(&a.student), a.teacher.as_ref(), Some(&a.data)]
-        .into_iter()
-        .flatten()
+    let (Some(student_path), Some(out)) = (&a.student, &a.out) else {
+        bail!(
+            "training needs --student MODEL and --out DIR (or --cache-teacher FILE to only write a teacher cache)"
+        );
+    };
+    if let Some(k) = a.top_k
+        && k == 0
     {
-        check_output(input, &a.out, a.force)?;
+        bail!("--top-k must be at least 1");
+    }
+    let student_ckpt = open(student_path, "student")?;
+    let teacher_ckpt = a.teacher.as_ref().map(|t| open(t, "teacher")).transpose()?;
+    for input in [
+        Some(student_path),
+        a.teacher.as_ref(),
+        a.teacher_cache.as_ref(),
+        Some(&a.data),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        check_output(input, out, a.force)?;
     }
     let tok = model::tokenizer::load_checked(&student_ckpt)
         .context("cannot build the student's tokenizer")?;
@@ -323,6 +362,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let teacher_rope = teacher_ckpt
         .as_ref()
         .map(|t| Rope::new(t.config(), a.seq_len, &plain));
+    let cache = match &a.teacher_cache {
+        Some(p) => {
+            let c = TeacherCache::load(p)?;
+            c.check_run(
+                p,
+                &windows,
+                student_ckpt.config().vocab_size,
+                spec.temperature,
+            )?;
+            Some(c)
+        }
+        None => None,
+    };
     let mut student = CausalLm::load(&student_ckpt, &device).context("cannot load the student")?;
     if let Some(l) = &lora {
         student = student.with_lora(l);
@@ -338,7 +390,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let options = json!({
         "loss": spec, "seq_len": a.seq_len, "batch_tokens": per_step * a.seq_len,
         "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
-        "seed": a.seed, "lora": lora,
+        "seed": a.seed, "lora": lora, "top_k": a.top_k,
+        "teacher_cache": cache.as_ref().map(|c| &c.header),
     });
     let print = ckpts::fingerprint(
         &student_ckpt,
@@ -346,10 +399,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &a.data,
         options.clone(),
     )?;
-    let root = ckpts::root_for(&a.out);
+    let root = ckpts::root_for(out);
     let mut log = Vec::new();
     if a.resume {
-        let (step, dir) = ckpts::resumable(&a.out, &print)?;
+        let (step, dir) = ckpts::resumable(out, &print)?;
         trainer
             .restore(&dir.join("state"))
             .with_context(|| format!("{}", dir.display()))?;
@@ -375,10 +428,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         limit: a.save_limit.unwrap_or(1),
     });
 
-    let tmp = temp_sibling(&a.out);
+    let tmp = temp_sibling(out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    let teacher = teacher.as_ref().zip(teacher_rope.as_ref());
+    let teacher = match (&teacher, &teacher_rope, &cache) {
+        (Some(t), Some(r), _) => Source::Live(t, r, a.top_k, spec.temperature),
+        (_, _, Some(c)) => Source::Cache(c, plain.clone()),
+        _ => Source::None,
+    };
     let run = Run {
         a: &a,
         teacher,
@@ -395,7 +452,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     write_weights(&student, &cfg, &tmp.join("model.safetensors"), a.dtype)?;
     crate::hf_folder::write_aux(&student_ckpt, &tok, &cfg, &tmp)?;
     let report = json!({
-        "student": a.student,
+        "student": student_path,
         "teacher": a.teacher,
         "data": a.data,
         "options": options,
@@ -415,15 +472,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tmp.join("distill_report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    commit(&tmp, &a.out)?;
+    commit(&tmp, out)?;
     guard.0 = None;
     if a.save_every > 0 && !a.keep_checkpoints {
         std::fs::remove_dir_all(&root).ok();
     }
     println!(
         "distilled {} -> {}: {} steps, {} tokens in {:.0} s ({:.0} tok/s), final loss {:.4}",
-        a.student.display(),
-        a.out.display(),
+        student_path.display(),
+        out.display(),
         steps,
         crate::grouped(last.tokens),
         train_secs,
@@ -434,7 +491,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// The data's token count and its training windows; refuses data shorter than one window.
-fn data_windows(a: &Args, tok: &model::Tokenizer) -> anyhow::Result<(usize, Vec<Vec<u32>>)> {
+pub(crate) fn data_windows(
+    a: &Args,
+    tok: &model::Tokenizer,
+) -> anyhow::Result<(usize, Vec<Vec<u32>>)> {
     let text = crate::evaluate::read_text(&a.data)?;
     let tokens = tok.encode(&text).context("cannot tokenize the data")?;
     let windows = distill::data::windows(&tokens, a.seq_len);
@@ -470,10 +530,34 @@ fn schedule(a: &Args, n_windows: usize) -> anyhow::Result<(usize, Schedule)> {
     ))
 }
 
+/// Where the KD targets come from.
+enum Source<'a> {
+    /// No teacher (`--loss ce`).
+    None,
+    /// A live teacher, reduced to its top k when asked, at the loss temperature.
+    Live(&'a CausalLm, &'a Rope, Option<usize>, f64),
+    /// A teacher cache, its tensors built on the device.
+    Cache(&'a TeacherCache, model::Device),
+}
+
+impl Source<'_> {
+    /// The targets of a micro-batch (`inputs` are its windows without their last token).
+    fn of(&self, mb: &MicroBatch, inputs: &[Vec<u32>]) -> Option<Teacher> {
+        match self {
+            Self::None => None,
+            Self::Live(t, rope, None, _) => Some(Teacher::Logits(t.logits(inputs, rope))),
+            Self::Live(t, rope, Some(k), temp) => {
+                Some(Teacher::top_k_of(t.logits(inputs, rope), *k, *temp))
+            }
+            Self::Cache(c, device) => Some(c.teacher(&mb.index, device)),
+        }
+    }
+}
+
 /// The fixed inputs of the training loop.
 struct Run<'a> {
     a: &'a Args,
-    teacher: Option<(&'a CausalLm, &'a Rope)>,
+    teacher: Source<'a>,
     windows: &'a [Vec<u32>],
     per_step: usize,
     sched: &'a Schedule,
@@ -499,12 +583,10 @@ impl Run<'_> {
             let batch: Vec<Vec<u32>> = idx.iter().map(|&i| self.windows[i].clone()).collect();
             let micro: Vec<MicroBatch> = batch
                 .chunks(a.micro_batch)
-                .map(|c| MicroBatch::plain(c.to_vec()))
+                .zip(idx.chunks(a.micro_batch))
+                .map(|(c, i)| MicroBatch::indexed(c.to_vec(), i.to_vec()))
                 .collect();
-            let teacher = self.teacher;
-            let mut teacher_fn = |_: &MicroBatch, inputs: &[Vec<u32>]| {
-                teacher.map(|(t, r)| Teacher::Logits(t.logits(inputs, r)))
-            };
+            let mut teacher_fn = |mb: &MicroBatch, inputs: &[Vec<u32>]| self.teacher.of(mb, inputs);
             let rec = trainer.step(&micro, self.sched.lr(s), &mut teacher_fn);
             log.push(format!("{}\n", serde_json::to_string(&rec)?));
             let tok_s = (rec.tokens - tokens0) as f64 / start.elapsed().as_secs_f64();

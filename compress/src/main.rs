@@ -4,6 +4,7 @@
 
 mod calib;
 mod convert;
+mod distill_cache;
 mod distill_checkpoints;
 mod distilling;
 mod evaluate;

@@ -503,3 +503,145 @@ fn distill_fails_args(f: &Fixture, out: &Path, extra: &[&str]) -> Vec<PathBuf> {
     v.extend(SMALL.iter().chain(extra).map(PathBuf::from));
     v
 }
+
+fn log_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_teacher_cache_trains_like_the_live_teacher_at_the_same_top_k() {
+    let f = fixture();
+    let cache = f.root.join("teacher.cache");
+    let msg = ok(&[
+        "distill",
+        "--teacher",
+        s(&f.teacher),
+        "--data",
+        s(&f.data),
+        "--cache-teacher",
+        s(&cache),
+        "--seq-len",
+        "32",
+        "--top-k",
+        "16",
+        "--temperature",
+        "2",
+    ]);
+    assert!(msg.contains("top 16 of 300"), "{msg}");
+    let live = f.root.join("live");
+    distill(
+        &f,
+        &live,
+        &[
+            "--teacher",
+            s(&f.teacher),
+            "--top-k",
+            "16",
+            "--temperature",
+            "2",
+        ],
+    );
+    let cached = f.root.join("cached");
+    distill(
+        &f,
+        &cached,
+        &["--teacher-cache", s(&cache), "--temperature", "2"],
+    );
+    let (a, b) = (log_losses(&live), log_losses(&cached));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        (a[0] - b[0]).abs() < 1e-4,
+        "first step: live {} cached {}",
+        a[0],
+        b[0]
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 1e-3 * x.abs().max(1.0),
+            "live {a:?} cached {b:?}"
+        );
+    }
+    assert!(
+        b[b.len() - 1] < 0.7 * b[0],
+        "training from the cache did not lower the loss: {b:?}"
+    );
+
+    // A cache for other windows or another temperature, or beside a live teacher: refused.
+    let go = |extra: &[&str], names: &str, needles: &[&str]| {
+        let args = distill_fails_args(&f, &f.root.join("o"), extra);
+        fails(
+            &f.root,
+            &args.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+            names,
+            needles,
+        );
+    };
+    go(
+        &["--teacher-cache", s(&cache)],
+        "teacher.cache",
+        &["temperature"],
+    );
+    go(
+        &[
+            "--teacher-cache",
+            s(&cache),
+            "--temperature",
+            "2",
+            "--top-k",
+            "4",
+        ],
+        "--top-k",
+        &[],
+    );
+    go(
+        &["--teacher-cache", s(&cache), "--teacher", s(&f.teacher)],
+        "--teacher",
+        &["not both"],
+    );
+    let other = f.root.join("other.txt");
+    std::fs::write(&other, calib_text(2400)).unwrap();
+    let mut a = distill_fails_args(
+        &f,
+        &f.root.join("o"),
+        &["--teacher-cache", s(&cache), "--temperature", "2"],
+    );
+    a[4] = other.clone();
+    fails(
+        &f.root,
+        &a.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+        "teacher.cache",
+        &["windows"],
+    );
+    // Writing a cache takes no student or output.
+    let c2 = f.root.join("c2");
+    let a: Vec<PathBuf> = [
+        "distill",
+        "--teacher",
+        s(&f.teacher),
+        "--data",
+        s(&f.data),
+        "--cache-teacher",
+        s(&c2),
+        "--student",
+        s(&f.student),
+        "--seq-len",
+        "32",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    fails(
+        &f.root,
+        &a.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+        "--student",
+        &["--cache-teacher"],
+    );
+}
