@@ -29,8 +29,10 @@ fn check_args(a: &Args) -> anyhow::Result<()> {
             bail!("{name} does not apply to --cache-teacher (it only writes the teacher's cache)");
         }
     }
-    if a.loss == LossKind::Ce {
-        bail!("--loss ce does not apply to --cache-teacher (CE needs no teacher)");
+    if a.loss() == LossKind::Ce || a.mode == crate::distilling::Mode::Blackbox {
+        bail!(
+            "--cache-teacher is for white-box KD (--loss ce and --mode blackbox need no teacher logits)"
+        );
     }
     if a.teacher.is_none() {
         bail!("--cache-teacher needs --teacher MODEL");
@@ -58,7 +60,7 @@ pub fn write(a: &Args) -> anyhow::Result<()> {
     crate::distilling::check_context(&teacher, a.seq_len, "teacher")?;
     let tok =
         model::tokenizer::load_checked(&teacher).context("cannot build the teacher's tokenizer")?;
-    let (_, windows) = crate::distilling::data_windows(a, &tok)?;
+    let (_, windows) = crate::distill_loop::data_windows(a, &tok)?;
     let bytes = (windows.len() * a.seq_len * k * 8) as u64;
     let tmp = temp_sibling(path);
     let mut guard = TempGuard(Some(tmp.clone()));

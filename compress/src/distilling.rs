@@ -7,20 +7,38 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use distill::loss::LossKind;
-use distill::schedule::{Decay, Schedule};
-use distill::{
-    AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, MicroBatch, StepLog,
-    Teacher, Trainer,
-};
+use distill::schedule::Decay;
+use distill::{AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, Trainer};
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
 use model::transformer::Rope;
 use serde_json::json;
 
 use crate::distill_checkpoints as ckpts;
+use crate::distill_loop::{self as lp, Items, Run, Source};
 use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 use distill::cache::TeacherCache;
+
+/// What `--data` holds and how it is trained on.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Text; KD from the teacher's logits, or CE.
+    Whitebox,
+    /// JSONL (prompt, response) pairs; CE on the responses.
+    Blackbox,
+}
+
+impl Args {
+    /// The loss asked for, or the mode's default.
+    pub fn loss(&self) -> LossKind {
+        self.loss.unwrap_or(match self.mode {
+            Mode::Whitebox => LossKind::Fkl,
+            Mode::Blackbox => LossKind::Ce,
+        })
+    }
+}
 
 /// Arguments of `distill`.
 #[derive(clap::Args, Debug)]
@@ -52,9 +70,15 @@ pub struct Args {
     /// distill_report.json).
     #[arg(long)]
     pub out: Option<crate::Path>,
-    /// The loss: KD from the teacher's logits (fkl, rkl, jsd) or plain CE on the data.
-    #[arg(long, value_enum, default_value_t = LossKind::Fkl)]
-    pub loss: LossKind,
+    /// What the data is: text for white-box KD (the teacher's logits) or CE, or, for
+    /// black-box distillation, JSONL (prompt, response) pairs (e.g. from `compress generate`
+    /// or a hosted model) trained on with CE on the response tokens only.
+    #[arg(long, value_enum, default_value_t = Mode::Whitebox)]
+    pub mode: Mode,
+    /// The loss: KD from the teacher's logits (fkl, rkl, jsd) or plain CE on the data
+    /// [default: fkl; ce with --mode blackbox].
+    #[arg(long, value_enum)]
+    pub loss: Option<LossKind>,
     /// KD: softmax temperature of teacher and student (the KD term is scaled by T²) [default: 1].
     #[arg(long)]
     pub temperature: Option<f64>,
@@ -135,7 +159,13 @@ pub struct Args {
 
 /// The loss the options describe; options that do not apply to the loss are refused.
 fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
-    if a.loss == LossKind::Ce {
+    if a.mode == Mode::Blackbox && a.loss() != LossKind::Ce {
+        bail!(
+            "--mode blackbox trains with CE on the responses; --loss {:?} needs the teacher's logits (--mode whitebox)",
+            a.loss()
+        );
+    }
+    if a.loss() == LossKind::Ce {
         for (given, name) in [
             (a.teacher.is_some(), "--teacher"),
             (a.teacher_cache.is_some(), "--teacher-cache"),
@@ -158,7 +188,7 @@ fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
     match (&a.teacher, &a.teacher_cache) {
         (None, None) => bail!(
             "--loss {:?} needs --teacher MODEL or --teacher-cache FILE (or use --loss ce)",
-            a.loss
+            a.loss()
         ),
         (Some(_), Some(_)) => bail!("give --teacher or --teacher-cache, not both"),
         (None, Some(_)) if a.top_k.is_some() => {
@@ -166,7 +196,7 @@ fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
         }
         _ => {}
     }
-    if a.jsd_beta.is_some() && a.loss != LossKind::Jsd {
+    if a.jsd_beta.is_some() && a.loss() != LossKind::Jsd {
         bail!("--jsd-beta applies to --loss jsd only");
     }
     let t = a.temperature.unwrap_or(1.0);
@@ -177,7 +207,7 @@ fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
     if !(ce.is_finite() && (0.0..=1e3).contains(&ce)) {
         bail!("--ce-weight must be in [0, 1000], got {ce}");
     }
-    let divergence = match a.loss {
+    let divergence = match a.loss() {
         LossKind::Fkl => Divergence::Fkl,
         LossKind::Rkl => Divergence::Rkl,
         LossKind::Jsd => {
@@ -347,8 +377,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eval::kld::check_same_vocab(t, &student_ckpt, &ttok, &tok)?;
         check_context(t, a.seq_len, "teacher")?;
     }
-    let (n_tokens, windows) = data_windows(&a, &tok)?;
-    let (per_step, sched) = schedule(&a, windows.len())?;
+    let (n_tokens, items) = match a.mode {
+        Mode::Whitebox => {
+            let (n, w) = lp::data_windows(&a, &tok)?;
+            (n, Items::Windows(w))
+        }
+        Mode::Blackbox => {
+            let (n, p) = lp::data_pairs(&a, &tok)?;
+            (n, Items::Pairs(p))
+        }
+    };
+    let (per_step, sched) = lp::schedule(&a, &items)?;
     let steps = sched.total;
 
     let plain = model::default_device();
@@ -365,12 +404,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let cache = match &a.teacher_cache {
         Some(p) => {
             let c = TeacherCache::load(p)?;
-            c.check_run(
-                p,
-                &windows,
-                student_ckpt.config().vocab_size,
-                spec.temperature,
-            )?;
+            let w = items
+                .windows()
+                .context("--teacher-cache needs text --data")?;
+            c.check_run(p, w, student_ckpt.config().vocab_size, spec.temperature)?;
             Some(c)
         }
         None => None,
@@ -439,7 +476,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let run = Run {
         a: &a,
         teacher,
-        windows: &windows,
+        items: &items,
         per_step,
         sched: &sched,
         saver: saver.as_ref(),
@@ -460,7 +497,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "threads": threads,
         "resumed": a.resume,
         "data_tokens": n_tokens,
-        "windows": windows.len(),
+        "mode": a.mode,
+        "items": items.len(),
         "steps": steps,
         "tokens_trained": last.tokens,
         "final_step": last,
@@ -488,122 +526,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         last.loss
     );
     Ok(())
-}
-
-/// The data's token count and its training windows; refuses data shorter than one window.
-pub(crate) fn data_windows(
-    a: &Args,
-    tok: &model::Tokenizer,
-) -> anyhow::Result<(usize, Vec<Vec<u32>>)> {
-    let text = crate::evaluate::read_text(&a.data)?;
-    let tokens = tok.encode(&text).context("cannot tokenize the data")?;
-    let windows = distill::data::windows(&tokens, a.seq_len);
-    if windows.is_empty() {
-        bail!(
-            "{}: {} tokens, fewer than one window of --seq-len {} + 1",
-            a.data.display(),
-            tokens.len(),
-            a.seq_len
-        );
-    }
-    Ok((tokens.len(), windows))
-}
-
-/// Windows per optimizer step, and the learning rate of every step for the token budget.
-fn schedule(a: &Args, n_windows: usize) -> anyhow::Result<(usize, Schedule)> {
-    let per_step = a.batch_tokens / a.seq_len;
-    let budget = a.max_tokens.unwrap_or((n_windows * a.seq_len) as u64);
-    let steps = budget.div_ceil((per_step * a.seq_len) as u64);
-    if steps > 100_000_000 {
-        bail!("--max-tokens {budget}: {steps} optimizer steps is beyond any run this tool plans");
-    }
-    let steps = steps as usize;
-    Ok((
-        per_step,
-        Schedule {
-            peak: a.lr,
-            warmup: (a.warmup * steps as f64).round() as usize,
-            total: steps,
-            decay: a.decay,
-            min_ratio: a.min_lr_ratio,
-        },
-    ))
-}
-
-/// Where the KD targets come from.
-enum Source<'a> {
-    /// No teacher (`--loss ce`).
-    None,
-    /// A live teacher, reduced to its top k when asked, at the loss temperature.
-    Live(&'a CausalLm, &'a Rope, Option<usize>, f64),
-    /// A teacher cache, its tensors built on the device.
-    Cache(&'a TeacherCache, model::Device),
-}
-
-impl Source<'_> {
-    /// The targets of a micro-batch (`inputs` are its windows without their last token).
-    fn of(&self, mb: &MicroBatch, inputs: &[Vec<u32>]) -> Option<Teacher> {
-        match self {
-            Self::None => None,
-            Self::Live(t, rope, None, _) => Some(Teacher::Logits(t.logits(inputs, rope))),
-            Self::Live(t, rope, Some(k), temp) => {
-                Some(Teacher::top_k_of(t.logits(inputs, rope), *k, *temp))
-            }
-            Self::Cache(c, device) => Some(c.teacher(&mb.index, device)),
-        }
-    }
-}
-
-/// The fixed inputs of the training loop.
-struct Run<'a> {
-    a: &'a Args,
-    teacher: Source<'a>,
-    windows: &'a [Vec<u32>],
-    per_step: usize,
-    sched: &'a Schedule,
-    saver: Option<&'a ckpts::Saver<'a>>,
-}
-
-impl Run<'_> {
-    /// Every optimizer step from the trainer's current one to the end, each appended to
-    /// `log` (JSON lines) and shown on the progress bar, with checkpoints as asked; returns
-    /// the last step's record and the seconds this process trained.
-    fn train(
-        &self,
-        trainer: &mut Trainer,
-        log: &mut Vec<String>,
-    ) -> anyhow::Result<(StepLog, f64)> {
-        let (a, per_step) = (self.a, self.per_step);
-        let order = distill::data::Order::new(self.windows.len(), a.seed);
-        let pb = crate::progress_bar("distill", self.sched.total as u64);
-        pb.set_position(trainer.steps() as u64);
-        let (start, tokens0) = (Instant::now(), trainer.tokens());
-        for s in trainer.steps()..self.sched.total {
-            let idx = order.take((s * per_step) as u64, per_step);
-            let batch: Vec<Vec<u32>> = idx.iter().map(|&i| self.windows[i].clone()).collect();
-            let micro: Vec<MicroBatch> = batch
-                .chunks(a.micro_batch)
-                .zip(idx.chunks(a.micro_batch))
-                .map(|(c, i)| MicroBatch::indexed(c.to_vec(), i.to_vec()))
-                .collect();
-            let mut teacher_fn = |mb: &MicroBatch, inputs: &[Vec<u32>]| self.teacher.of(mb, inputs);
-            let rec = trainer.step(&micro, self.sched.lr(s), &mut teacher_fn);
-            log.push(format!("{}\n", serde_json::to_string(&rec)?));
-            let tok_s = (rec.tokens - tokens0) as f64 / start.elapsed().as_secs_f64();
-            pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));
-            pb.set_position(rec.step as u64);
-            if let Some(saver) = self.saver
-                && rec.step % a.save_every == 0
-                && rec.step < self.sched.total
-            {
-                saver.save(trainer, log)?;
-            }
-        }
-        pb.finish_and_clear();
-        let last = log.last().context("no optimizer step ran")?;
-        let last: StepLog = serde_json::from_str(last.trim()).context("the training log")?;
-        Ok((last, start.elapsed().as_secs_f64()))
-    }
 }
 
 /// Writes the student's tensors in checkpoint order.

@@ -6,6 +6,7 @@ mod calib;
 mod convert;
 mod distill_cache;
 mod distill_checkpoints;
+mod distill_loop;
 mod distilling;
 mod evaluate;
 mod generate;

@@ -56,9 +56,10 @@ pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// One training window per pair: the prompt's tokens followed by the response's (encoded
-/// separately, so the boundary is exact), cut to at most `seq_len + 1` tokens, with a mask
-/// that counts a predicted position only when its target token belongs to the response.
+/// One training window per pair: BOS when the tokenizer adds one, the prompt's tokens, then
+/// the response's (encoded separately, so the boundary is exact), cut to at most
+/// `seq_len + 1` tokens, with a mask that counts a predicted position only when its target
+/// token belongs to the response.
 /// Pairs with no response token left to predict are skipped; none left at all is an error.
 pub fn pair_batches(
     pairs: &[(String, String)],
@@ -72,7 +73,12 @@ pub fn pair_batches(
     }
     let mut out = Vec::with_capacity(pairs.len());
     for (prompt, response) in pairs {
-        let mut ids = tok.encode(prompt)?;
+        // BOS first when the tokenizer adds one, as `compress generate` conditioned on it.
+        let mut ids: Vec<u32> = match tok.bos_id {
+            Some(b) if tok.add_bos => vec![b],
+            _ => Vec::new(),
+        };
+        ids.extend(tok.encode(prompt)?);
         let n_prompt = ids.len();
         ids.extend(tok.encode(response)?);
         ids.truncate(seq_len + 1);
