@@ -54,6 +54,8 @@ set -e
 if [[ $rc == 0 && -f models/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
     echo "== scripts/check_convert.sh"
     if [[ "${CHECK_HF:-0}" == 1 ]]; then bash scripts/check_convert.sh; else SKIP_HF=1 bash scripts/check_convert.sh; fi
+    # HF PEFT loads LoRA adapters written by compress distill (needs the same torch venv).
+    if [[ "${CHECK_HF:-0}" == 1 ]]; then bash scripts/check_peft.sh; fi
 fi
 
 # Totals over every test binary; a test that skipped wrote a line to COMPRESS_SKIP_LOG.

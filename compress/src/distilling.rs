@@ -20,6 +20,18 @@ use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 use distill::cache::TeacherCache;
 
+/// What a LoRA run writes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraSave {
+    /// The student with the adapters merged into its weights.
+    Merged,
+    /// The adapters alone, in HF PEFT's layout.
+    Adapters,
+    /// The merged student, and the adapters in OUT/adapter.
+    Both,
+}
+
 /// What `--data` holds and how it is trained on.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,6 +144,11 @@ pub struct Args {
     /// LoRA: the adapted linears of every block [default: q_proj,v_proj, PEFT's for Llama].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub lora_targets: Option<Vec<LoraTarget>>,
+    /// LoRA: what OUT holds: the merged model, the adapters alone in HF PEFT's layout
+    /// (adapter_config.json, adapter_model.safetensors; the base is --student, which PEFT
+    /// loads when it is an HF folder), or both (adapters in OUT/adapter) [default: merged].
+    #[arg(long, value_enum)]
+    pub lora_save: Option<LoraSave>,
     /// Save a checkpoint every N optimizer steps into OUT.checkpoints/checkpoint-STEP (an HF
     /// model plus the training state); 0: none.
     #[arg(long, default_value_t = 0)]
@@ -290,8 +307,8 @@ fn check_numbers(a: &Args) -> anyhow::Result<()> {
 /// The LoRA settings, if --lora-rank is given; LoRA options without it are refused.
 fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<LoraOptions>> {
     let Some(rank) = a.lora_rank else {
-        if a.lora_alpha.is_some() || a.lora_targets.is_some() {
-            bail!("--lora-alpha and --lora-targets need --lora-rank R");
+        if a.lora_alpha.is_some() || a.lora_targets.is_some() || a.lora_save.is_some() {
+            bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank R");
         }
         return Ok(None);
     };
@@ -484,10 +501,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (last, train_secs) = run.train(&mut trainer, &mut log)?;
     std::fs::write(tmp.join("train_log.jsonl"), log.concat())?;
 
-    let student = trainer.into_student().merged();
-    let cfg = crate::hf_folder::write_config(&student_ckpt, StoreDtype::from(a.dtype), &tmp, None)?;
-    write_weights(&student, &cfg, &tmp.join("model.safetensors"), a.dtype)?;
-    crate::hf_folder::write_aux(&student_ckpt, &tok, &cfg, &tmp)?;
+    let trained = trainer.into_student();
+    let save = a.lora_save.unwrap_or(LoraSave::Merged);
+    if let Some(l) = &lora
+        && save != LoraSave::Merged
+    {
+        let dir = if save == LoraSave::Both {
+            tmp.join("adapter")
+        } else {
+            tmp.clone()
+        };
+        crate::peft::write_adapters(&trained, l, student_path, &dir)?;
+    }
+    if lora.is_none() || save != LoraSave::Adapters {
+        let student = trained.merged();
+        let cfg =
+            crate::hf_folder::write_config(&student_ckpt, StoreDtype::from(a.dtype), &tmp, None)?;
+        write_weights(&student, &cfg, &tmp.join("model.safetensors"), a.dtype)?;
+        crate::hf_folder::write_aux(&student_ckpt, &tok, &cfg, &tmp)?;
+    }
     let report = json!({
         "student": student_path,
         "teacher": a.teacher,

@@ -13,6 +13,7 @@ mod generate;
 mod hf_folder;
 mod inspect;
 mod output;
+mod peft;
 mod prune_structured;
 mod prune_unstructured;
 mod pruning;

@@ -645,3 +645,95 @@ fn a_teacher_cache_trains_like_the_live_teacher_at_the_same_top_k() {
         &["--cache-teacher"],
     );
 }
+
+#[test]
+fn lora_adapters_in_peft_layout_rebuild_the_merged_model() {
+    let f = fixture();
+    let out = f.root.join("both");
+    let lora = [
+        "--teacher",
+        s(&f.teacher),
+        "--lora-rank",
+        "3",
+        "--lora-alpha",
+        "6",
+        "--lora-targets",
+        "k_proj,up_proj",
+    ];
+    distill(&f, &out, &[&lora[..], &["--lora-save", "both"]].concat());
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 3);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["k_proj", "up_proj"])
+    );
+    // W_merged = W_base + (alpha / r) B A, in HF's [out, in] layout.
+    let st = safetensors_read(&out.join("adapter/adapter_model.safetensors"));
+    assert_eq!(st.len(), 3 * 2 * 2, "{:?}", st.keys().collect::<Vec<_>>());
+    let base = Checkpoint::open(&f.student).unwrap();
+    let merged = Checkpoint::open(&out).unwrap();
+    for l in 0..3 {
+        for m in ["self_attn.k_proj", "mlp.up_proj"] {
+            let key = |x: &str| format!("base_model.model.model.layers.{l}.{m}.{x}.weight");
+            let (a_shape, a) = &st[&key("lora_A")];
+            let (b_shape, b) = &st[&key("lora_B")];
+            let (r, inp, out_) = (a_shape[0], a_shape[1], b_shape[0]);
+            assert_eq!((r, b_shape[1]), (3, 3));
+            let name = format!("model.layers.{l}.{m}.weight");
+            let w0 = base.read(&name, &[out_, inp]).unwrap();
+            let w1 = merged.read(&name, &[out_, inp]).unwrap();
+            let mut worst = 0f32;
+            for o in 0..out_ {
+                for i in 0..inp {
+                    let d: f32 = (0..r).map(|k| b[o * r + k] * a[k * inp + i]).sum();
+                    worst = worst.max((w0[o * inp + i] + 2.0 * d - w1[o * inp + i]).abs());
+                }
+            }
+            assert!(
+                worst < 1e-5,
+                "{name}: merged differs from base + BA by {worst}"
+            );
+        }
+    }
+    // Adapters alone: a PEFT folder, no model.
+    let only = f.root.join("only");
+    distill(
+        &f,
+        &only,
+        &[&lora[..], &["--lora-save", "adapters"]].concat(),
+    );
+    assert!(
+        only.join("adapter_model.safetensors").exists() && !only.join("model.safetensors").exists()
+    );
+}
+
+fn safetensors_read(p: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let body = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            assert_eq!(v["dtype"], "F32");
+            let shape: Vec<usize> = v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            let [s, e] = [0, 1].map(|i| v["data_offsets"][i].as_u64().unwrap() as usize);
+            let data = body[s..e]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k.clone(), (shape, data))
+        })
+        .collect()
+}
