@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use distill::cache::TeacherCache;
 use distill::schedule::Schedule;
-use distill::{CausalLm, MicroBatch, StepLog, Teacher, Trainer};
+use distill::{CausalLm, MicroBatch, StepLog, Teacher, TeacherOut, Trainer};
 use model::transformer::Rope;
 
 use crate::distill_checkpoints as ckpts;
@@ -115,21 +115,39 @@ pub enum Source<'a> {
     /// No teacher (`--loss ce`, black-box).
     None,
     /// A live teacher, reduced to its top k when asked, at the loss temperature.
-    Live(&'a CausalLm, &'a Rope, Option<usize>, f64),
+    Live(Live<'a>),
     /// A teacher cache, its tensors built on the device.
     Cache(&'a TeacherCache, model::Device),
 }
 
+/// A teacher run beside the student.
+pub struct Live<'a> {
+    /// The teacher.
+    pub model: &'a CausalLm,
+    /// Its rotary tables.
+    pub rope: &'a Rope,
+    /// Reduce its distribution to the top k tokens (plus a bucket).
+    pub top_k: Option<usize>,
+    /// The loss temperature.
+    pub temperature: f64,
+    /// Blocks whose outputs a hidden-state loss compares, in map order.
+    pub taps: Vec<usize>,
+}
+
 impl Source<'_> {
     /// The targets of a micro-batch (`inputs` are its windows without their last token).
-    fn of(&self, mb: &MicroBatch, inputs: &[Vec<u32>]) -> Option<Teacher> {
+    fn of(&self, mb: &MicroBatch, inputs: &[Vec<u32>]) -> Option<TeacherOut> {
         match self {
             Self::None => None,
-            Self::Live(t, rope, None, _) => Some(Teacher::Logits(t.logits(inputs, rope))),
-            Self::Live(t, rope, Some(k), temp) => {
-                Some(Teacher::top_k_of(t.logits(inputs, rope), *k, *temp))
+            Self::Live(t) => {
+                let (logits, hidden) = t.model.logits_and_hidden(inputs, t.rope, &t.taps);
+                let target = match t.top_k {
+                    Some(k) => Teacher::top_k_of(logits, k, t.temperature),
+                    None => Teacher::Logits(logits),
+                };
+                Some(TeacherOut { target, hidden })
             }
-            Self::Cache(c, device) => Some(c.teacher(&mb.index, device)),
+            Self::Cache(c, device) => Some(c.teacher(&mb.index, device).into()),
         }
     }
 }
@@ -174,7 +192,7 @@ impl Run<'_> {
             pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));
             pb.set_position(rec.step as u64);
             if let Some(saver) = self.saver
-                && rec.step % a.save_every == 0
+                && rec.step.is_multiple_of(a.save_every)
                 && rec.step < self.sched.total
             {
                 saver.save(trainer, log)?;

@@ -8,14 +8,15 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use distill::loss::LossKind;
 use distill::schedule::Decay;
-use distill::{AdamWOptions, CausalLm, Divergence, LoraOptions, LoraTarget, LossSpec, Trainer};
+use distill::{AdamWOptions, CausalLm, LoraTarget, Trainer};
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
 use model::transformer::Rope;
 use serde_json::json;
 
 use crate::distill_checkpoints as ckpts;
-use crate::distill_loop::{self as lp, Items, Run, Source};
+use crate::distill_loop::{self as lp, Items, Live, Run, Source};
+use crate::distill_options::{check_numbers, hidden_options, lora_options, loss_spec};
 use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 use distill::cache::TeacherCache;
@@ -134,6 +135,19 @@ pub struct Args {
     /// Seed of the window order: the same seed and options give the same weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Add a hidden-state loss with this weight: squared error between student and teacher
+    /// block outputs (per token, mean over the hidden dimension, summed over --hidden-layers);
+    /// needs a live --teacher.
+    #[arg(long)]
+    pub hidden_weight: Option<f64>,
+    /// Hidden-state loss: STUDENT:TEACHER block pairs, 0-based (e.g. 0:1,1:3) [default: every
+    /// student block, mapped to the teacher block at the same relative depth].
+    #[arg(long, value_name = "S:T,...")]
+    pub hidden_layers: Option<String>,
+    /// Hidden-state loss between different widths: learn a linear projection of each mapped
+    /// student block to the teacher's width (needed when widths differ, refused otherwise).
+    #[arg(long)]
+    pub hidden_projection: bool,
     /// LoRA: train rank-R adapters on --lora-targets only, every other weight frozen; the
     /// adapters are merged into the written model.
     #[arg(long)]
@@ -172,166 +186,6 @@ pub struct Args {
     /// Replace an existing --out.
     #[arg(long)]
     pub force: bool,
-}
-
-/// The loss the options describe; options that do not apply to the loss are refused.
-fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
-    if a.mode == Mode::Blackbox && a.loss() != LossKind::Ce {
-        bail!(
-            "--mode blackbox trains with CE on the responses; --loss {:?} needs the teacher's logits (--mode whitebox)",
-            a.loss()
-        );
-    }
-    if a.loss() == LossKind::Ce {
-        for (given, name) in [
-            (a.teacher.is_some(), "--teacher"),
-            (a.teacher_cache.is_some(), "--teacher-cache"),
-            (a.top_k.is_some(), "--top-k"),
-            (a.temperature.is_some(), "--temperature"),
-            (a.jsd_beta.is_some(), "--jsd-beta"),
-            (a.ce_weight.is_some(), "--ce-weight"),
-        ] {
-            if given {
-                bail!("{name} does not apply to --loss ce (cross-entropy on the data alone)");
-            }
-        }
-        return Ok(LossSpec {
-            divergence: None,
-            temperature: 1.0,
-            kd_weight: 0.0,
-            ce_weight: 1.0,
-        });
-    }
-    match (&a.teacher, &a.teacher_cache) {
-        (None, None) => bail!(
-            "--loss {:?} needs --teacher MODEL or --teacher-cache FILE (or use --loss ce)",
-            a.loss()
-        ),
-        (Some(_), Some(_)) => bail!("give --teacher or --teacher-cache, not both"),
-        (None, Some(_)) if a.top_k.is_some() => {
-            bail!("--top-k does not apply to --teacher-cache (the cache fixes k)")
-        }
-        _ => {}
-    }
-    if a.jsd_beta.is_some() && a.loss() != LossKind::Jsd {
-        bail!("--jsd-beta applies to --loss jsd only");
-    }
-    let t = a.temperature.unwrap_or(1.0);
-    if !(t.is_finite() && t > 0.0 && t <= 100.0) {
-        bail!("--temperature must be in (0, 100], got {t}");
-    }
-    let ce = a.ce_weight.unwrap_or(0.0);
-    if !(ce.is_finite() && (0.0..=1e3).contains(&ce)) {
-        bail!("--ce-weight must be in [0, 1000], got {ce}");
-    }
-    let divergence = match a.loss() {
-        LossKind::Fkl => Divergence::Fkl,
-        LossKind::Rkl => Divergence::Rkl,
-        LossKind::Jsd => {
-            let beta = a.jsd_beta.unwrap_or(0.5);
-            if !(beta > 0.0 && beta < 1.0) {
-                bail!(
-                    "--jsd-beta must be in (0, 1), got {beta} (use --loss fkl or rkl for the ends)"
-                );
-            }
-            Divergence::Jsd { beta }
-        }
-        LossKind::Ce => unreachable!("handled above"),
-    };
-    Ok(LossSpec {
-        divergence: Some(divergence),
-        temperature: t,
-        kd_weight: 1.0,
-        ce_weight: ce,
-    })
-}
-
-/// Range checks of the numeric options, before anything is read.
-fn check_numbers(a: &Args) -> anyhow::Result<()> {
-    let bad = |ok: bool, what: String| {
-        if ok {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!(what))
-        }
-    };
-    bad(
-        a.seq_len >= 2,
-        format!("--seq-len must be at least 2, got {}", a.seq_len),
-    )?;
-    bad(
-        a.batch_tokens >= a.seq_len,
-        format!(
-            "--batch-tokens ({}) must be at least --seq-len ({})",
-            a.batch_tokens, a.seq_len
-        ),
-    )?;
-    bad(
-        a.micro_batch >= 1,
-        "--micro-batch must be at least 1".into(),
-    )?;
-    bad(
-        a.max_tokens != Some(0),
-        "--max-tokens must be at least 1".into(),
-    )?;
-    bad(
-        a.lr.is_finite() && a.lr > 0.0 && a.lr <= 1.0,
-        format!("--lr must be in (0, 1], got {}", a.lr),
-    )?;
-    bad(
-        (0.0..1.0).contains(&a.warmup),
-        format!(
-            "--warmup is a fraction of the steps in [0, 1), got {}",
-            a.warmup
-        ),
-    )?;
-    bad(
-        (0.0..=1.0).contains(&a.min_lr_ratio),
-        format!("--min-lr-ratio must be in [0, 1], got {}", a.min_lr_ratio),
-    )?;
-    bad(
-        (0.0..=1.0).contains(&a.weight_decay),
-        format!("--weight-decay must be in [0, 1], got {}", a.weight_decay),
-    )?;
-    bad(
-        a.save_every > 0 || (a.save_limit.is_none() && !a.keep_checkpoints),
-        "--save-limit and --keep-checkpoints need --save-every N".into(),
-    )?;
-    bad(
-        a.clip.is_finite() && a.clip >= 0.0,
-        format!("--clip must be a norm >= 0 (0: off), got {}", a.clip),
-    )?;
-    Ok(())
-}
-
-/// The LoRA settings, if --lora-rank is given; LoRA options without it are refused.
-fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<LoraOptions>> {
-    let Some(rank) = a.lora_rank else {
-        if a.lora_alpha.is_some() || a.lora_targets.is_some() || a.lora_save.is_some() {
-            bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank R");
-        }
-        return Ok(None);
-    };
-    let narrowest = cfg
-        .hidden_size
-        .min(cfg.intermediate_size)
-        .min(cfg.num_kv_heads() * cfg.head_dim());
-    if rank == 0 || rank > narrowest {
-        bail!("--lora-rank must be in 1..={narrowest} (the narrowest adapted width), got {rank}");
-    }
-    let alpha = a.lora_alpha.unwrap_or(2.0 * rank as f64);
-    if !(alpha.is_finite() && alpha > 0.0 && alpha <= 1e4) {
-        bail!("--lora-alpha must be in (0, 10000], got {alpha}");
-    }
-    let targets = a
-        .lora_targets
-        .clone()
-        .unwrap_or(vec![LoraTarget::QProj, LoraTarget::VProj]);
-    Ok(Some(LoraOptions {
-        rank,
-        alpha,
-        targets,
-    }))
 }
 
 /// Opens a model and checks that its tensors match its config.
@@ -389,6 +243,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .context("cannot build the student's tokenizer")?;
     check_context(&student_ckpt, a.seq_len, "student")?;
     let lora = lora_options(&a, student_ckpt.config())?;
+    let hidden = hidden_options(
+        &a,
+        student_ckpt.config(),
+        teacher_ckpt.as_ref().map(|t| t.config()),
+    )?;
     if let Some(t) = &teacher_ckpt {
         let ttok = model::load_tokenizer(t).context("cannot build the teacher's tokenizer")?;
         eval::kld::check_same_vocab(t, &student_ckpt, &ttok, &tok)?;
@@ -439,12 +298,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         weight_decay: a.weight_decay,
         ..AdamWOptions::default()
     };
+    if let Some((h, true)) = &hidden {
+        let width = teacher_ckpt.as_ref().map_or(0, |t| t.config().hidden_size);
+        student = student.with_projections(&vec![width; h.map.len()]);
+    }
     let mut trainer = Trainer::new(student, &scfg, a.seq_len, adamw, spec, clip, &device);
+    if let Some((h, _)) = &hidden {
+        trainer = trainer.with_hidden(h.clone());
+    }
 
     let options = json!({
         "loss": spec, "seq_len": a.seq_len, "batch_tokens": per_step * a.seq_len,
         "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
         "seed": a.seed, "lora": lora, "top_k": a.top_k,
+        "hidden": hidden.as_ref().map(|(h, p)| json!({"loss": h, "projection": p})),
         "teacher_cache": cache.as_ref().map(|c| &c.header),
     });
     let print = ckpts::fingerprint(
@@ -486,7 +353,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
     let teacher = match (&teacher, &teacher_rope, &cache) {
-        (Some(t), Some(r), _) => Source::Live(t, r, a.top_k, spec.temperature),
+        (Some(t), Some(r), _) => Source::Live(Live {
+            model: t,
+            rope: r,
+            top_k: a.top_k,
+            temperature: spec.temperature,
+            taps: hidden
+                .as_ref()
+                .map_or(Vec::new(), |(h, _)| h.map.iter().map(|m| m.1).collect()),
+        }),
         (_, _, Some(c)) => Source::Cache(c, plain.clone()),
         _ => Source::None,
     };

@@ -7,6 +7,7 @@ mod convert;
 mod distill_cache;
 mod distill_checkpoints;
 mod distill_loop;
+mod distill_options;
 mod distilling;
 mod evaluate;
 mod generate;

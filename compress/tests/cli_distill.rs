@@ -737,3 +737,104 @@ fn safetensors_read(p: &Path) -> std::collections::BTreeMap<String, (Vec<usize>,
         })
         .collect()
 }
+
+#[test]
+fn hidden_state_loss_trains_and_its_options_are_checked() {
+    let f = fixture();
+    let out = f.root.join("hid");
+    distill(
+        &f,
+        &out,
+        &["--teacher", s(&f.teacher), "--hidden-weight", "0.5"],
+    );
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let h: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["hidden"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(h[h.len() - 1] < 0.9 * h[0], "hidden-state loss {h:?}");
+    // A narrower student: the projection is needed, then trains (and is not written).
+    let mut sc = tiny_config();
+    sc["hidden_size"] = 32.into();
+    sc["num_attention_heads"] = 2.into();
+    sc["num_key_value_heads"] = 1.into();
+    let narrow = f.root.join("narrow");
+    write_hf(&narrow, &sc, 5, |_, _| {});
+    let go = |student: &Path, extra: &[&str], names: &str, needles: &[&str]| {
+        let mut v = distill_fails_args(&f, &f.root.join("o"), extra);
+        v[2] = student.to_path_buf();
+        fails(
+            &f.root,
+            &v.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+            names,
+            needles,
+        );
+    };
+    let t = s(&f.teacher);
+    go(
+        &narrow,
+        &["--teacher", t, "--hidden-weight", "1"],
+        "--hidden-projection",
+        &["32", "64"],
+    );
+    go(
+        &f.student,
+        &[
+            "--teacher",
+            t,
+            "--hidden-weight",
+            "1",
+            "--hidden-projection",
+        ],
+        "--hidden-projection",
+        &["does not apply"],
+    );
+    go(
+        &f.student,
+        &[
+            "--teacher",
+            t,
+            "--hidden-weight",
+            "1",
+            "--hidden-layers",
+            "0:3",
+        ],
+        "--hidden-layers",
+        &["0:3"],
+    );
+    go(
+        &f.student,
+        &["--teacher", t, "--hidden-layers", "0:1"],
+        "--hidden-weight",
+        &[],
+    );
+    let n_out = f.root.join("narrow-kd");
+    let mut args: Vec<String> = distill_fails_args(
+        &f,
+        &n_out,
+        &[
+            "--teacher",
+            t,
+            "--hidden-weight",
+            "1",
+            "--hidden-projection",
+            "--hidden-layers",
+            "0:0,2:2",
+        ],
+    )
+    .iter()
+    .map(|p| p.to_string_lossy().to_string())
+    .collect();
+    args[2] = s(&narrow).to_string();
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let names = Checkpoint::open(&n_out).unwrap().tensors().len();
+    assert_eq!(
+        names,
+        Checkpoint::open(&narrow).unwrap().tensors().len(),
+        "projections were written"
+    );
+}

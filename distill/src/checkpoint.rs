@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::lm::{CausalLm, values};
 use crate::{DistillError, Result};
 
+/// Tensors by name: shape and f32 values.
+pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Tracks the module path during a traversal.
 #[derive(Default)]
 struct PathStack(Vec<String>);
@@ -57,7 +60,7 @@ impl ModuleMapper for StableIds {
 /// Every trainable tensor by module path.
 struct Collect {
     path: PathStack,
-    out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    out: NamedTensors,
 }
 
 impl ModuleVisitor for Collect {
@@ -79,7 +82,7 @@ impl ModuleVisitor for Collect {
 /// Replaces trainable tensors by module path.
 struct Restore {
     path: PathStack,
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: NamedTensors,
     missing: Vec<String>,
 }
 
@@ -120,7 +123,7 @@ impl CausalLm {
     }
 
     /// Every tensor that trains, by module path: shape and values.
-    pub fn trainable(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    pub fn trainable(&self) -> NamedTensors {
         let mut v = Collect {
             path: PathStack::default(),
             out: BTreeMap::new(),
@@ -131,11 +134,7 @@ impl CausalLm {
 
     /// Sets every trainable tensor from `tensors` (by module path); all must be there with
     /// their shapes, and nothing else.
-    pub fn with_trainable(
-        self,
-        tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-        source: &Path,
-    ) -> Result<Self> {
+    pub fn with_trainable(self, tensors: NamedTensors, source: &Path) -> Result<Self> {
         let mut r = Restore {
             path: PathStack::default(),
             tensors,
@@ -169,7 +168,7 @@ pub struct Counters {
 }
 
 /// Writes `tensors` as one safetensors file (f32).
-pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+pub fn save_tensors(path: &Path, tensors: &NamedTensors) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, (shape, data))| {
@@ -184,7 +183,7 @@ pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32
 }
 
 /// Reads a file written by [`save_tensors`] (f32 tensors only; shapes checked).
-pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn load_tensors(path: &Path) -> Result<NamedTensors> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io_err(path, e))?;
     let mut out = BTreeMap::new();

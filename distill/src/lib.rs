@@ -16,8 +16,8 @@ pub mod train;
 
 pub use lm::CausalLm;
 pub use lora::{LoraOptions, LoraTarget};
-pub use loss::{Divergence, LossSpec, Teacher};
-pub use train::{AdamWOptions, MicroBatch, StepLog, Trainer};
+pub use loss::{Divergence, LossSpec, Teacher, TeacherOut};
+pub use train::{AdamWOptions, HiddenLoss, MicroBatch, StepLog, Trainer};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -27,6 +27,9 @@ pub struct CausalLm {
     pub norm: RmsNorm,
     /// `lm_head`; `None` when tied to the embedding.
     pub lm_head: Option<Linear>,
+    /// Learned projections of chosen block outputs to the teacher's width, for a hidden-state
+    /// loss between models of different widths (trained, never written with the model).
+    pub hidden_proj: Vec<Linear>,
 }
 
 impl CausalLm {
@@ -63,11 +66,34 @@ impl CausalLm {
             layers,
             norm,
             lm_head,
+            hidden_proj: Vec::new(),
         })
     }
 
-    /// Final hidden states `[batch, seq, hidden]` of equally long token windows.
-    pub fn hidden(&self, windows: &[Vec<u32>], rope: &Rope) -> Tensor<3> {
+    /// Adds one learned projection `[hidden, width]` per entry of `widths` (uniform in
+    /// ±1/sqrt(hidden), burn's default, from the device's seeded generator).
+    pub fn with_projections(mut self, widths: &[usize]) -> Self {
+        let device = self.embed_tokens.val().device();
+        let h = self.embed_tokens.val().dims()[1];
+        self.hidden_proj = widths
+            .iter()
+            .map(|&w| {
+                burn::nn::LinearConfig::new(h, w)
+                    .with_bias(false)
+                    .init(&device)
+            })
+            .collect();
+        self
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` of equally long token windows, and the
+    /// outputs of blocks `taps` (in the order given).
+    pub fn hidden(
+        &self,
+        windows: &[Vec<u32>],
+        rope: &Rope,
+        taps: &[usize],
+    ) -> (Tensor<3>, Vec<Tensor<3>>) {
         let b = windows.len();
         let s = windows.first().map_or(0, Vec::len);
         assert!(
@@ -80,21 +106,43 @@ impl CausalLm {
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * s]), &device);
         let h = table.dims()[1];
         let mut x = table.select(0, ids).reshape([b, s, h]);
-        for layer in &self.layers {
+        let mut tapped: Vec<Option<Tensor<3>>> = vec![None; taps.len()];
+        for (l, layer) in self.layers.iter().enumerate() {
             x = layer.forward(x, rope);
+            for (slot, _) in tapped.iter_mut().zip(taps).filter(|(_, t)| **t == l) {
+                *slot = Some(x.clone());
+            }
         }
-        self.norm.forward(x)
+        let tapped = tapped
+            .into_iter()
+            .map(|t| t.expect("tapped block index within the model"))
+            .collect();
+        (self.norm.forward(x), tapped)
     }
 
     /// Logits `[batch * seq, vocab]` of equally long windows, rows in window-major order.
     pub fn logits(&self, windows: &[Vec<u32>], rope: &Rope) -> Tensor<2> {
-        let x = self.hidden(windows, rope);
+        self.logits_and_hidden(windows, rope, &[]).0
+    }
+
+    /// Logits as [`Self::logits`], and the outputs of blocks `taps` as `[batch * seq, hidden]`.
+    pub fn logits_and_hidden(
+        &self,
+        windows: &[Vec<u32>],
+        rope: &Rope,
+        taps: &[usize],
+    ) -> (Tensor<2>, Vec<Tensor<2>>) {
+        let (x, tapped) = self.hidden(windows, rope, taps);
         let [b, s, h] = x.dims();
         let x = x.reshape([b * s, h]);
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed_tokens.val().transpose()),
-        }
+        };
+        (
+            logits,
+            tapped.into_iter().map(|t| t.reshape([b * s, h])).collect(),
+        )
     }
 
     /// Shows `f` every parameter with its HF name, in HF order.
@@ -134,6 +182,9 @@ impl CausalLm {
         f("model.norm.weight", ParamRef::Vector(&self.norm.gamma));
         if let Some(head) = &self.lm_head {
             linear_params(f, "lm_head", head);
+        }
+        for (i, p) in self.hidden_proj.iter().enumerate() {
+            linear_params(f, &format!("distill.hidden_proj.{i}"), p);
         }
     }
 

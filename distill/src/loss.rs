@@ -92,7 +92,27 @@ impl LossSpec {
     }
 }
 
+/// What a teacher gives a micro-batch: its targets, and the outputs of the blocks a
+/// hidden-state loss maps (`[rows, width]` each; empty without one).
+pub struct TeacherOut {
+    /// The distribution targets.
+    pub target: Teacher,
+    /// Mapped block outputs, in map order.
+    pub hidden: Vec<Tensor<2>>,
+}
+
+impl From<Teacher> for TeacherOut {
+    fn from(target: Teacher) -> Self {
+        Self {
+            target,
+            hidden: Vec::new(),
+        }
+    }
+}
+
 /// What the student is distilled towards, row by row.
+// Both variants hold tensor handles; the size difference is a few words, not data.
+#[allow(clippy::large_enum_variant)]
 pub enum Teacher {
     /// Full logits `[n, vocab]` (a live teacher).
     Logits(Tensor<2>),

@@ -24,7 +24,7 @@ const COUNTERS: &str = "counters.json";
 fn invalid(path: &Path, e: impl std::fmt::Display) -> DistillError {
     DistillError::Invalid(format!("{}: {e}", path.display()))
 }
-use crate::loss::{LossSpec, Teacher};
+use crate::loss::{LossSpec, TeacherOut};
 
 /// Optimizer settings (AdamW, decoupled weight decay).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -66,11 +66,19 @@ pub struct StepLog {
     pub kd: Option<f64>,
     /// Mean cross-entropy on the data per token.
     pub ce: f64,
+    /// Mean hidden-state squared error per token (summed over the mapped layers, averaged
+    /// over the hidden dimension), when that loss is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Seconds this step took.
     pub secs: f64,
 }
+
+/// What a training step asks of the teacher: its outputs for a micro-batch, given the
+/// windows without their last token (`None` when the loss needs no teacher).
+pub type TeacherFn<'a> = dyn FnMut(&MicroBatch, &[Vec<u32>]) -> Option<TeacherOut> + 'a;
 
 /// Windows that go through one forward/backward pass together.
 #[derive(Debug, Clone)]
@@ -128,6 +136,56 @@ pub struct Trainer {
     device: Device,
     steps: usize,
     tokens: u64,
+    hidden: Option<HiddenLoss>,
+}
+
+/// A hidden-state loss: squared error between the outputs of mapped blocks (student
+/// block, teacher block), through the student's learned projections when it has them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiddenLoss {
+    /// Weight of the term (per token, summed over the map, mean over the hidden dimension).
+    pub weight: f64,
+    /// (student block, teacher block) pairs, 0-based.
+    pub map: Vec<(usize, usize)>,
+}
+
+/// The hidden-state loss of `n` rows: the sum over rows (times `weights`) of the mean squared
+/// error per row, summed over the mapped blocks, student outputs through `student`'s
+/// projections when it has them; `[1]`.
+pub fn hidden_mse(
+    student: &CausalLm,
+    s_hidden: Vec<Tensor<2>>,
+    t_hidden: Vec<Tensor<2>>,
+    weights: Option<Tensor<1>>,
+    n: usize,
+) -> Tensor<1> {
+    assert_eq!(
+        s_hidden.len(),
+        t_hidden.len(),
+        "one teacher hidden state per mapped block"
+    );
+    let mut total: Option<Tensor<1>> = None;
+    for (j, (s, t)) in s_hidden.into_iter().zip(t_hidden).enumerate() {
+        let s = match student.hidden_proj.get(j) {
+            Some(p) => p.forward(s),
+            None => s,
+        };
+        let d = s.dims()[1];
+        let mut rows = (s - t.autodiff().detach())
+            .powi_scalar(2)
+            .sum_dim(1)
+            .reshape([n])
+            .div_scalar(d as f64);
+        if let Some(w) = &weights {
+            rows = rows * w.clone();
+        }
+        let sum = rows.sum();
+        total = Some(match total {
+            Some(t) => t + sum,
+            None => sum,
+        });
+    }
+    total.expect("a hidden-state loss maps at least one block")
 }
 
 impl Trainer {
@@ -158,6 +216,7 @@ impl Trainer {
             device: device.clone(),
             steps: 0,
             tokens: 0,
+            hidden: None,
         }
     }
 
@@ -176,6 +235,13 @@ impl Trainer {
     /// Optimizer steps done.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// Adds a hidden-state loss (the teacher closure then returns the mapped teacher blocks'
+    /// outputs, in map order).
+    pub fn with_hidden(mut self, loss: HiddenLoss) -> Self {
+        self.hidden = Some(loss);
+        self
     }
 
     /// Tokens trained on so far.
@@ -225,7 +291,7 @@ impl Trainer {
         &mut self,
         micro_batches: &[MicroBatch],
         lr: f64,
-        teacher: &mut dyn FnMut(&MicroBatch, &[Vec<u32>]) -> Option<Teacher>,
+        teacher: &mut TeacherFn<'_>,
     ) -> StepLog {
         let start = Instant::now();
         let student = self.student.take().expect("student present between steps");
@@ -234,6 +300,11 @@ impl Trainer {
         let mut acc = GradientsAccumulator::<CausalLm>::new();
         let (mut loss, mut kd, mut ce) = (0.0, 0.0, 0.0);
         let mut has_kd = false;
+        let mut hidden_sum = 0.0;
+        let taps: Vec<usize> = self
+            .hidden
+            .as_ref()
+            .map_or(Vec::new(), |h| h.map.iter().map(|m| m.0).collect());
         for mb in micro_batches {
             let inputs: Vec<Vec<u32>> = mb
                 .windows
@@ -251,15 +322,25 @@ impl Trainer {
                 assert_eq!(m.len(), n, "one mask weight per predicted position");
                 Tensor::<1>::from_data(TensorData::new(m.clone(), [n]), &self.device)
             });
-            let t_logits = self
+            let out = self
                 .loss
                 .divergence
                 .is_some()
                 .then(|| teacher(mb, &inputs))
-                .flatten()
-                .map(Teacher::autodiff);
-            let logits = student.logits(&inputs, &self.rope);
-            let parts = self.loss.compute(logits, t_logits, targets, weights, scale);
+                .flatten();
+            let (t_target, t_hidden) = match out {
+                Some(o) => (Some(o.target.autodiff()), o.hidden),
+                None => (None, Vec::new()),
+            };
+            let (logits, s_hidden) = student.logits_and_hidden(&inputs, &self.rope, &taps);
+            let mut parts = self
+                .loss
+                .compute(logits, t_target, targets, weights.clone(), scale);
+            if let Some(h) = &self.hidden {
+                let mse = hidden_mse(&student, s_hidden, t_hidden, weights, n);
+                hidden_sum += mse.clone().into_scalar::<f64>() * scale;
+                parts.total = parts.total + mse.mul_scalar(h.weight * scale);
+            }
             loss += parts.total.clone().into_scalar::<f64>();
             ce += parts.ce * parts.rows * scale;
             if let Some(k) = parts.kd {
@@ -286,6 +367,7 @@ impl Trainer {
             loss,
             kd: has_kd.then_some(kd),
             ce,
+            hidden: self.hidden.is_some().then_some(hidden_sum),
             grad_norm: norm,
             secs: start.elapsed().as_secs_f64(),
         }

@@ -376,3 +376,106 @@ fn lora_factor_gradients_match_finite_differences() {
         );
     }
 }
+
+#[test]
+fn hidden_state_loss_gradients_through_a_projection_match_finite_differences() {
+    use burn::module::Module;
+    // A narrower student (32 wide, 2 blocks) against the 64-wide, 3-block teacher.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = tiny_config();
+    sc["hidden_size"] = 32.into();
+    sc["num_attention_heads"] = 2.into();
+    sc["num_key_value_heads"] = 1.into();
+    sc["num_hidden_layers"] = 2.into();
+    let st = write_hf(&dir.path().join("s"), &sc, 3, |_, _| {});
+    write_hf(&dir.path().join("t"), &tiny_config(), 4, |_, _| {});
+    let scfg = Checkpoint::open(&dir.path().join("s"))
+        .unwrap()
+        .config()
+        .clone();
+    let tck = Checkpoint::open(&dir.path().join("t")).unwrap();
+    let ad = Device::flex().autodiff();
+    ad.seed(5);
+    let w = windows(7, 300);
+    let inputs: Vec<Vec<u32>> = w.iter().map(|x| x[..SEQ].to_vec()).collect();
+    let tg: Vec<i64> = w
+        .iter()
+        .flat_map(|x| x[1..].iter().map(|&t| t as i64))
+        .collect();
+    let n = tg.len();
+    let teacher = CausalLm::load(&tck, &ad).unwrap();
+    let (t_logits, t_hidden) =
+        teacher.logits_and_hidden(&inputs, &Rope::new(tck.config(), SEQ, &ad), &[1, 2]);
+    let (t_logits, t_hidden): (Tensor<2>, Vec<Tensor<2>>) = (
+        t_logits.detach(),
+        t_hidden.into_iter().map(|h| h.detach()).collect(),
+    );
+    let student = model_from(&scfg, &st, &ad).with_projections(&[64, 64]);
+    let rope = Rope::new(&scfg, SEQ, &ad);
+    let spec = kd(Divergence::Fkl);
+    let total = |m: &CausalLm| {
+        let (logits, hs) = m.logits_and_hidden(&inputs, &rope, &[0, 1]);
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(tg.clone(), [n]), &ad);
+        let parts = spec.compute(
+            logits,
+            Some(Teacher::Logits(t_logits.clone())),
+            targets,
+            None,
+            1.0 / n as f64,
+        );
+        let h = distill::train::hidden_mse(m, hs, t_hidden.clone(), None, n);
+        parts.total + h.mul_scalar(0.3 / n as f64)
+    };
+    let loss = total(&student);
+    let loss0 = loss.clone().into_scalar::<f64>();
+    let grads = GradientsParams::from_grads(loss.backward(), &student);
+    let named = student.hf_grads(&grads);
+    let mut ids = std::collections::BTreeMap::new();
+    student.for_each_param(&mut |name, p| {
+        let id = match p {
+            distill::lm::ParamRef::Plain2(p) | distill::lm::ParamRef::Linear(p) => p.id,
+            distill::lm::ParamRef::Vector(p) => p.id,
+        };
+        ids.insert(name.to_string(), id);
+    });
+    for name in [
+        "distill.hidden_proj.0.weight",
+        "distill.hidden_proj.1.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.input_layernorm.weight",
+    ] {
+        let g = &named[name];
+        let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0, "{name}: zero gradient");
+        let eps = 1e-3 * loss0 / norm;
+        // The mapper adds in stored layout; linear weights are stored [in, out] (HF transposed).
+        let stored = |sign: f64| -> Vec<f32> {
+            let hf: Vec<f32> = g
+                .iter()
+                .map(|&x| (sign * eps * x as f64 / norm) as f32)
+                .collect();
+            if name.ends_with("input_layernorm.weight") {
+                return hf;
+            }
+            let (rows, cols) = if name.starts_with("distill") {
+                (64, 32)
+            } else {
+                (256, 32)
+            };
+            model::transformer::transpose(&hf, rows, cols)
+        };
+        let at = |sign: f64| {
+            let m = student.clone().map(&mut AddTo {
+                id: ids[name],
+                delta: stored(sign),
+            });
+            total(&m).into_scalar::<f64>()
+        };
+        let fd = (at(1.0) - at(-1.0)) / (2.0 * eps);
+        let noise = 16.0 * loss0 * f32::EPSILON as f64 / (2.0 * eps);
+        assert!(
+            (fd - norm).abs() < 0.02 * norm + noise,
+            "{name}: {fd:.6e} vs {norm:.6e}"
+        );
+    }
+}

@@ -73,7 +73,7 @@ fn run(
     }
     for s in from..to {
         tr.step(&batches(s), 1e-2 / (1 + s) as f64, &mut |_, w| {
-            Some(Teacher::Logits(teacher.logits(w, &rope)))
+            Some(Teacher::Logits(teacher.logits(w, &rope)).into())
         });
     }
     if let Some(p) = save {
