@@ -71,7 +71,7 @@ pub fn write(a: &Args) -> anyhow::Result<()> {
         k,
         t,
         &tmp,
-        model::default_device(),
+        a.device.device()?,
         |d, _| pb.set_position(d as u64),
     )?;
     pb.finish_and_clear();

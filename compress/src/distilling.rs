@@ -21,6 +21,31 @@ use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 use distill::cache::TeacherCache;
 
+/// The device of `--device`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// burn's Flex CPU backend.
+    Cpu,
+    /// burn's CUDA backend, GPU 0.
+    Cuda,
+}
+
+impl DeviceKind {
+    /// The burn device, or an error when this build lacks the backend.
+    pub fn device(self) -> anyhow::Result<model::Device> {
+        match self {
+            Self::Cpu => Ok(model::Device::flex()),
+            #[cfg(feature = "cuda")]
+            Self::Cuda => Ok(model::Device::cuda(0)),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda => bail!(
+                "--device cuda: this build has no CUDA backend (build with `cargo build --release -p compress --features cuda`)"
+            ),
+        }
+    }
+}
+
 /// What a LoRA run writes.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -180,6 +205,10 @@ pub struct Args {
     /// Storage type of the written weights.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
+    /// Where to train: the CPU (burn's Flex backend) or the first CUDA GPU (a build with the
+    /// `cuda` feature: `cargo build --release -p compress --features cuda`).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -212,6 +241,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let threads = crate::set_threads(a.threads);
     check_numbers(&a)?;
+    a.device.device()?;
     if a.cache_teacher.is_some() {
         return crate::distill_cache::write(&a);
     }
@@ -266,7 +296,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (per_step, sched) = lp::schedule(&a, &items)?;
     let steps = sched.total;
 
-    let plain = model::default_device();
+    let plain = a.device.device()?;
     plain.seed(a.seed);
     let device = plain.clone().autodiff();
     let teacher = teacher_ckpt

@@ -267,6 +267,14 @@ fn bad_inputs_fail_before_training_with_one_line() {
         "--lora-targets",
         &["qq_proj"],
     );
+    // A device this build lacks (the default build has no CUDA backend).
+    if !cfg!(feature = "cuda") {
+        go(
+            base(&["--teacher", s(te), "--device", "cuda"]),
+            "--device cuda",
+            &["--features cuda"],
+        );
+    }
     // The output may not be an input.
     let mut a = base(&["--teacher", s(te)]);
     a[6] = st.to_path_buf();
