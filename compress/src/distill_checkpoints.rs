@@ -39,15 +39,10 @@ pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
-/// FNV-1a over a file's bytes: whether the data changed between a run and its resume.
-/// Hand-written (a few lines) because it needs no cryptographic strength.
+/// FNV-1a of a file's bytes: whether the data changed between a run and its resume.
 fn file_hash(path: &Path) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    Ok(format!("{h:016x}"))
+    Ok(format!("{:016x}", model::hash::fnv1a(bytes)))
 }
 
 /// What a model contributes to the fingerprint: where it is, its bytes and its config.

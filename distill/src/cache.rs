@@ -50,13 +50,7 @@ pub struct CacheHeader {
 
 /// FNV-1a over the windows' token ids (the cache is only valid for exactly these windows).
 pub fn windows_hash(windows: &[Vec<u32>]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for t in windows.iter().flatten() {
-        for b in t.to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
+    model::hash::windows_fnv1a(windows)
 }
 
 /// A loaded cache: its header and records.

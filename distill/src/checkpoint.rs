@@ -32,14 +32,9 @@ impl PathStack {
     }
 }
 
-/// FNV-1a of a module path: a stable 64-bit parameter id. Hand-written (five lines) because
-/// the id only has to be the same in every process, not cryptographic.
+/// A stable 64-bit parameter id: FNV-1a of the module path.
 fn path_id(path: &str) -> ParamId {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in path.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    ParamId::from(h)
+    ParamId::from(model::hash::fnv1a(path.bytes()))
 }
 
 struct StableIds(PathStack);

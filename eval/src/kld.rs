@@ -592,17 +592,8 @@ pub struct TeacherLogits {
 }
 
 fn token_hash(windows: &[Vec<u32>]) -> String {
-    // FNV-1a over the token ids: detects a file saved for other text, ctx or tokenizer.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for w in windows {
-        for &t in w {
-            for b in t.to_le_bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100000001b3);
-            }
-        }
-    }
-    format!("{h:016x}")
+    // Detects a file saved for other text, ctx or tokenizer.
+    model::hash::windows_fnv1a(windows)
 }
 
 impl TeacherLogits {

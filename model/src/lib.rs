@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod hash;
 pub mod io;
 pub mod safetensors_io;
 pub mod testkit;
