@@ -66,14 +66,24 @@ impl LossSpec {
         let w = weights.unwrap_or_else(|| Tensor::ones([n], &device));
         let rows = w.clone().sum().into_scalar::<f64>();
         let logp = log_softmax(student.clone(), 1);
-        let ce_rows = logp.gather(1, targets.unsqueeze_dim(1)).reshape([n]).neg() * w.clone();
+        let ce_rows = logp
+            .clone()
+            .gather(1, targets.unsqueeze_dim(1))
+            .reshape([n])
+            .neg()
+            * w.clone();
         let ce_sum = ce_rows.sum();
         let ce = ce_sum.clone().into_scalar::<f64>() / rows.max(1.0);
         let mut total = ce_sum.mul_scalar(self.ce_weight);
         let mut kd = None;
         if let (Some(div), Some(teacher)) = (self.divergence, teacher) {
             let t = self.temperature;
-            let s_log = log_softmax(student.div_scalar(t), 1);
+            // At T = 1 the CE term's log-probabilities are the KD term's: computed once.
+            let s_log = if t == 1.0 {
+                logp
+            } else {
+                log_softmax(student.div_scalar(t), 1)
+            };
             let (s_log, t_log) = match teacher {
                 Teacher::Logits(z) => (s_log, log_softmax(z.div_scalar(t), 1).detach()),
                 Teacher::TopK { ids, logp } => bucketed(s_log, ids, logp.detach()),

@@ -186,6 +186,14 @@ fn kd(divergence: Divergence) -> LossSpec {
 fn gradients_match_finite_differences_for_every_parameter_kind() {
     // Untied llama (attention, MLP, norms, embedding, lm_head) with forward KL + CE.
     check_gradients(tiny_config(), kd(Divergence::Fkl));
+    // At T = 1 the KD and CE terms share one log-softmax.
+    check_gradients(
+        tiny_config(),
+        LossSpec {
+            temperature: 1.0,
+            ..kd(Divergence::Fkl)
+        },
+    );
 }
 
 #[test]
