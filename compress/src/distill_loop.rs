@@ -171,12 +171,12 @@ pub struct Run<'a> {
 impl Run<'_> {
     /// Every optimizer step from the trainer's current one to the end, each appended to
     /// `log` (JSON lines) and shown on the progress bar, with checkpoints as asked; returns
-    /// the last step's record and the seconds this process trained.
+    /// the last step's record, and the seconds and tokens this process trained.
     pub fn train(
         &self,
         trainer: &mut Trainer,
         log: &mut Vec<String>,
-    ) -> anyhow::Result<(StepLog, f64)> {
+    ) -> anyhow::Result<(StepLog, f64, u64)> {
         let (a, per_step) = (self.a, self.per_step);
         let order = distill::data::Order::new(self.items.len(), a.seed);
         let pb = crate::progress_bar("distill", self.sched.total as u64);
@@ -201,6 +201,7 @@ impl Run<'_> {
         pb.finish_and_clear();
         let last = log.last().context("no optimizer step ran")?;
         let last: StepLog = serde_json::from_str(last.trim()).context("the training log")?;
-        Ok((last, start.elapsed().as_secs_f64()))
+        let here = trainer.tokens() - tokens0;
+        Ok((last, start.elapsed().as_secs_f64(), here))
     }
 }

@@ -403,7 +403,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sched: &sched,
         saver: saver.as_ref(),
     };
-    let (last, train_secs) = run.train(&mut trainer, &mut log)?;
+    let (last, train_secs, here) = run.train(&mut trainer, &mut log)?;
     std::fs::write(tmp.join("train_log.jsonl"), log.concat())?;
 
     let trained = trainer.into_student();
@@ -440,7 +440,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "tokens_trained": last.tokens,
         "final_step": last,
         "train_seconds": train_secs,
-        "tokens_per_second": last.tokens as f64 / train_secs,
+        "tokens_this_process": here,
+        "tokens_per_second": here as f64 / train_secs,
         "seconds": start.elapsed().as_secs_f64(),
     });
     std::fs::write(
@@ -452,14 +453,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.save_every > 0 && !a.keep_checkpoints {
         std::fs::remove_dir_all(&root).ok();
     }
+    let resumed = if here < last.tokens {
+        format!(" ({} after resuming)", crate::grouped(here))
+    } else {
+        String::new()
+    };
     println!(
-        "distilled {} -> {}: {} steps, {} tokens in {:.0} s ({:.0} tok/s), final loss {:.4}",
+        "distilled {} -> {}: {} steps, {} tokens{resumed} in {:.0} s ({:.0} tok/s), final loss {:.4}",
         student_path.display(),
         out.display(),
         steps,
         crate::grouped(last.tokens),
         train_secs,
-        last.tokens as f64 / train_secs,
+        here as f64 / train_secs,
         last.loss
     );
     Ok(())
