@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use distill::loss::LossKind;
 use distill::schedule::Decay;
-use distill::{AdamWOptions, CausalLm, LoraTarget, Trainer};
+use distill::schedule::Schedule;
+use distill::{AdamWOptions, CausalLm, HiddenLoss, LoraOptions, LoraTarget, LossSpec, Trainer};
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
 use model::transformer::Rope;
@@ -237,131 +238,123 @@ pub(crate) fn check_context(ckpt: &Checkpoint, seq_len: usize, role: &str) -> an
     Ok(())
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let start = Instant::now();
-    let threads = crate::set_threads(a.threads);
-    check_numbers(&a)?;
-    a.device.device()?;
-    if a.cache_teacher.is_some() {
-        return crate::distill_cache::write(&a);
-    }
-    let spec = loss_spec(&a)?;
-    let (Some(student_path), Some(out)) = (&a.student, &a.out) else {
-        bail!(
-            "training needs --student MODEL and --out DIR (or --cache-teacher FILE to only write a teacher cache)"
-        );
-    };
-    if let Some(k) = a.top_k
-        && k == 0
-    {
+/// What a training run works with, checked before any model is loaded.
+struct Plan {
+    student: Checkpoint,
+    teacher: Option<Checkpoint>,
+    tok: model::Tokenizer,
+    spec: LossSpec,
+    lora: Option<LoraOptions>,
+    hidden: Option<(HiddenLoss, bool)>,
+    items: Items,
+    n_tokens: usize,
+    per_step: usize,
+    sched: Schedule,
+}
+
+/// Every check of the options, models and data, then the data itself and the schedule.
+fn plan(a: &Args, student_path: &crate::Path, out: &crate::Path) -> anyhow::Result<Plan> {
+    let spec = loss_spec(a)?;
+    if a.top_k == Some(0) {
         bail!("--top-k must be at least 1");
     }
-    let student_ckpt = open(student_path, "student")?;
-    let teacher_ckpt = a.teacher.as_ref().map(|t| open(t, "teacher")).transpose()?;
-    for input in [
+    let student = open(student_path, "student")?;
+    let teacher = a.teacher.as_ref().map(|t| open(t, "teacher")).transpose()?;
+    let inputs = [
         Some(student_path),
         a.teacher.as_ref(),
         a.teacher_cache.as_ref(),
         Some(&a.data),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    ];
+    for input in inputs.into_iter().flatten() {
         check_output(input, out, a.force)?;
     }
-    let tok = model::tokenizer::load_checked(&student_ckpt)
-        .context("cannot build the student's tokenizer")?;
-    check_context(&student_ckpt, a.seq_len, "student")?;
-    let lora = lora_options(&a, student_ckpt.config())?;
-    let hidden = hidden_options(
-        &a,
-        student_ckpt.config(),
-        teacher_ckpt.as_ref().map(|t| t.config()),
-    )?;
-    if let Some(t) = &teacher_ckpt {
+    let tok =
+        model::tokenizer::load_checked(&student).context("cannot build the student's tokenizer")?;
+    check_context(&student, a.seq_len, "student")?;
+    let lora = lora_options(a, student.config())?;
+    let hidden = hidden_options(a, student.config(), teacher.as_ref().map(|t| t.config()))?;
+    if let Some(t) = &teacher {
         let ttok = model::load_tokenizer(t).context("cannot build the teacher's tokenizer")?;
-        eval::kld::check_same_vocab(t, &student_ckpt, &ttok, &tok)?;
+        eval::kld::check_same_vocab(t, &student, &ttok, &tok)?;
         check_context(t, a.seq_len, "teacher")?;
     }
     let (n_tokens, items) = match a.mode {
         Mode::Whitebox => {
-            let (n, w) = lp::data_windows(&a, &tok)?;
+            let (n, w) = lp::data_windows(a, &tok)?;
             (n, Items::Windows(w))
         }
         Mode::Blackbox => {
-            let (n, p) = lp::data_pairs(&a, &tok)?;
+            let (n, p) = lp::data_pairs(a, &tok)?;
             (n, Items::Pairs(p))
         }
     };
-    let (per_step, sched) = lp::schedule(&a, &items)?;
-    let steps = sched.total;
+    let (per_step, sched) = lp::schedule(a, &items)?;
+    Ok(Plan {
+        student,
+        teacher,
+        tok,
+        spec,
+        lora,
+        hidden,
+        items,
+        n_tokens,
+        per_step,
+        sched,
+    })
+}
 
-    let plain = a.device.device()?;
-    plain.seed(a.seed);
-    let device = plain.clone().autodiff();
-    let teacher = teacher_ckpt
-        .as_ref()
-        .map(|t| CausalLm::load(t, &plain))
-        .transpose()
-        .context("cannot load the teacher")?;
-    let teacher_rope = teacher_ckpt
-        .as_ref()
-        .map(|t| Rope::new(t.config(), a.seq_len, &plain));
-    let cache = match &a.teacher_cache {
-        Some(p) => {
-            let c = TeacherCache::load(p)?;
-            let w = items
-                .windows()
-                .context("--teacher-cache needs text --data")?;
-            c.check_run(p, w, student_ckpt.config().vocab_size, spec.temperature)?;
-            Some(c)
-        }
-        None => None,
-    };
-    let mut student = CausalLm::load(&student_ckpt, &device).context("cannot load the student")?;
-    if let Some(l) = &lora {
+/// The student on the autodiff `device`, with its LoRA adapters and projections, in a
+/// trainer.
+fn trainer(a: &Args, p: &Plan, device: &model::Device) -> anyhow::Result<Trainer> {
+    let mut student = CausalLm::load(&p.student, device).context("cannot load the student")?;
+    if let Some(l) = &p.lora {
         student = student.with_lora(l);
     }
-    let scfg = student_ckpt.config().clone();
-    let clip = (a.clip > 0.0).then_some(a.clip);
+    if let Some((h, true)) = &p.hidden {
+        let width = p.teacher.as_ref().map_or(0, |t| t.config().hidden_size);
+        student = student.with_projections(&vec![width; h.map.len()]);
+    }
     let adamw = AdamWOptions {
         weight_decay: a.weight_decay,
         ..AdamWOptions::default()
     };
-    if let Some((h, true)) = &hidden {
-        let width = teacher_ckpt.as_ref().map_or(0, |t| t.config().hidden_size);
-        student = student.with_projections(&vec![width; h.map.len()]);
+    let clip = (a.clip > 0.0).then_some(a.clip);
+    let mut t = Trainer::new(
+        student,
+        p.student.config(),
+        a.seq_len,
+        adamw,
+        p.spec,
+        clip,
+        device,
+    );
+    if let Some((h, _)) = &p.hidden {
+        t = t.with_hidden(h.clone());
     }
-    let mut trainer = Trainer::new(student, &scfg, a.seq_len, adamw, spec, clip, &device);
-    if let Some((h, _)) = &hidden {
-        trainer = trainer.with_hidden(h.clone());
-    }
+    Ok(t)
+}
 
-    let options = json!({
-        "loss": spec, "seq_len": a.seq_len, "batch_tokens": per_step * a.seq_len,
-        "micro_batch": a.micro_batch, "schedule": sched, "clip": clip, "adamw": adamw,
-        "seed": a.seed, "lora": lora, "top_k": a.top_k,
-        "hidden": hidden.as_ref().map(|(h, p)| json!({"loss": h, "projection": p})),
-        "teacher_cache": cache.as_ref().map(|c| &c.header),
-    });
-    let print = ckpts::fingerprint(
-        &student_ckpt,
-        teacher_ckpt.as_ref(),
-        &a.data,
-        options.clone(),
-    )?;
+/// A fresh start (refused over an earlier run's checkpoints unless --force) or, with
+/// --resume, the newest checkpoint's state; returns the log so far.
+fn begin(
+    a: &Args,
+    out: &crate::Path,
+    print: &serde_json::Value,
+    trainer: &mut Trainer,
+) -> anyhow::Result<Vec<String>> {
     let root = ckpts::root_for(out);
-    let mut log = Vec::new();
     if a.resume {
-        let (step, dir) = ckpts::resumable(out, &print)?;
+        let (step, dir) = ckpts::resumable(out, print)?;
         trainer
             .restore(&dir.join("state"))
             .with_context(|| format!("{}", dir.display()))?;
         let text = std::fs::read_to_string(dir.join("train_log.jsonl"))
             .with_context(|| format!("{}", dir.display()))?;
-        log = text.lines().map(|l| format!("{l}\n")).collect();
-        eprintln!("resuming from {} (step {step} of {steps})", dir.display());
-    } else if root.exists() {
+        eprintln!("resuming from {} (step {step})", dir.display());
+        return Ok(text.lines().map(|l| format!("{l}\n")).collect());
+    }
+    if root.exists() {
         if !a.force {
             bail!(
                 "{}: checkpoints of an earlier run (continue it with --resume, or start over with --force)",
@@ -370,10 +363,89 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         std::fs::remove_dir_all(&root).with_context(|| format!("{}", root.display()))?;
     }
+    Ok(Vec::new())
+}
+
+/// Writes the trained student into `dir`: the merged model, or LoRA adapters, or both.
+fn write_student(
+    a: &Args,
+    p: &Plan,
+    trained: CausalLm,
+    student_path: &crate::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let save = a.lora_save.unwrap_or(LoraSave::Merged);
+    if let Some(l) = &p.lora
+        && save != LoraSave::Merged
+    {
+        let at = if save == LoraSave::Both {
+            dir.join("adapter")
+        } else {
+            dir.to_path_buf()
+        };
+        crate::peft::write_adapters(&trained, l, student_path, &at)?;
+    }
+    if p.lora.is_none() || save != LoraSave::Adapters {
+        let student = trained.merged();
+        let cfg = crate::hf_folder::write_config(&p.student, StoreDtype::from(a.dtype), dir, None)?;
+        write_weights(&student, &cfg, &dir.join("model.safetensors"), a.dtype)?;
+        crate::hf_folder::write_aux(&p.student, &p.tok, &cfg, dir)?;
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let threads = crate::set_threads(a.threads);
+    check_numbers(&a)?;
+    let plain = a.device.device()?;
+    if a.cache_teacher.is_some() {
+        return crate::distill_cache::write(&a);
+    }
+    let (Some(student_path), Some(out)) = (&a.student, &a.out) else {
+        bail!(
+            "training needs --student MODEL and --out DIR (or --cache-teacher FILE to only write a teacher cache)"
+        );
+    };
+    let p = plan(&a, student_path, out)?;
+    plain.seed(a.seed);
+    let device = plain.clone().autodiff();
+    let teacher = p
+        .teacher
+        .as_ref()
+        .map(|t| CausalLm::load(t, &plain))
+        .transpose();
+    let teacher = teacher.context("cannot load the teacher")?;
+    let rope = p
+        .teacher
+        .as_ref()
+        .map(|t| Rope::new(t.config(), a.seq_len, &plain));
+    let cache = match &a.teacher_cache {
+        Some(path) => {
+            let c = TeacherCache::load(path)?;
+            let w = p
+                .items
+                .windows()
+                .context("--teacher-cache needs text --data")?;
+            c.check_run(path, w, p.student.config().vocab_size, p.spec.temperature)?;
+            Some(c)
+        }
+        None => None,
+    };
+    let mut trainer = trainer(&a, &p, &device)?;
+    let options = json!({
+        "loss": p.spec, "seq_len": a.seq_len, "batch_tokens": p.per_step * a.seq_len,
+        "micro_batch": a.micro_batch, "schedule": p.sched, "clip": (a.clip > 0.0).then_some(a.clip),
+        "weight_decay": a.weight_decay, "seed": a.seed, "lora": p.lora, "top_k": a.top_k,
+        "hidden": p.hidden.as_ref().map(|(h, pr)| json!({"loss": h, "projection": pr})),
+        "teacher_cache": cache.as_ref().map(|c| &c.header),
+    });
+    let print = ckpts::fingerprint(&p.student, p.teacher.as_ref(), &a.data, options.clone())?;
+    let mut log = begin(&a, out, &print, &mut trainer)?;
     let saver = (a.save_every > 0).then(|| ckpts::Saver {
-        root: root.clone(),
-        student: &student_ckpt,
-        tok: &tok,
+        root: ckpts::root_for(out),
+        student: &p.student,
+        tok: &p.tok,
         fingerprint: &print,
         dtype: a.dtype,
         limit: a.save_limit.unwrap_or(1),
@@ -382,13 +454,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tmp = temp_sibling(out);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}", tmp.display()))?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    let teacher = match (&teacher, &teacher_rope, &cache) {
+    let source = match (&teacher, &rope, &cache) {
         (Some(t), Some(r), _) => Source::Live(Live {
             model: t,
             rope: r,
             top_k: a.top_k,
-            temperature: spec.temperature,
-            taps: hidden
+            temperature: p.spec.temperature,
+            taps: p
+                .hidden
                 .as_ref()
                 .map_or(Vec::new(), |(h, _)| h.map.iter().map(|m| m.1).collect()),
         }),
@@ -397,51 +470,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let run = Run {
         a: &a,
-        teacher,
-        items: &items,
-        per_step,
-        sched: &sched,
+        teacher: source,
+        items: &p.items,
+        per_step: p.per_step,
+        sched: &p.sched,
         saver: saver.as_ref(),
     };
     let (last, train_secs, here) = run.train(&mut trainer, &mut log)?;
     std::fs::write(tmp.join("train_log.jsonl"), log.concat())?;
-
-    let trained = trainer.into_student();
-    let save = a.lora_save.unwrap_or(LoraSave::Merged);
-    if let Some(l) = &lora
-        && save != LoraSave::Merged
-    {
-        let dir = if save == LoraSave::Both {
-            tmp.join("adapter")
-        } else {
-            tmp.clone()
-        };
-        crate::peft::write_adapters(&trained, l, student_path, &dir)?;
-    }
-    if lora.is_none() || save != LoraSave::Adapters {
-        let student = trained.merged();
-        let cfg =
-            crate::hf_folder::write_config(&student_ckpt, StoreDtype::from(a.dtype), &tmp, None)?;
-        write_weights(&student, &cfg, &tmp.join("model.safetensors"), a.dtype)?;
-        crate::hf_folder::write_aux(&student_ckpt, &tok, &cfg, &tmp)?;
-    }
+    write_student(&a, &p, trainer.into_student(), student_path, &tmp)?;
     let report = json!({
-        "student": student_path,
-        "teacher": a.teacher,
-        "data": a.data,
-        "options": options,
-        "dtype": a.dtype,
-        "threads": threads,
-        "resumed": a.resume,
-        "data_tokens": n_tokens,
-        "mode": a.mode,
-        "items": items.len(),
-        "steps": steps,
-        "tokens_trained": last.tokens,
-        "final_step": last,
-        "train_seconds": train_secs,
-        "tokens_this_process": here,
-        "tokens_per_second": here as f64 / train_secs,
+        "student": student_path, "teacher": a.teacher, "data": a.data, "options": options,
+        "dtype": a.dtype, "threads": threads, "resumed": a.resume, "mode": a.mode,
+        "data_tokens": p.n_tokens, "items": p.items.len(), "steps": p.sched.total,
+        "tokens_trained": last.tokens, "final_step": last, "train_seconds": train_secs,
+        "tokens_this_process": here, "tokens_per_second": here as f64 / train_secs,
         "seconds": start.elapsed().as_secs_f64(),
     });
     std::fs::write(
@@ -451,7 +494,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     commit(&tmp, out)?;
     guard.0 = None;
     if a.save_every > 0 && !a.keep_checkpoints {
-        std::fs::remove_dir_all(&root).ok();
+        std::fs::remove_dir_all(ckpts::root_for(out)).ok();
     }
     let resumed = if here < last.tokens {
         format!(" ({} after resuming)", crate::grouped(here))
@@ -462,7 +505,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "distilled {} -> {}: {} steps, {} tokens{resumed} in {:.0} s ({:.0} tok/s), final loss {:.4}",
         student_path.display(),
         out.display(),
-        steps,
+        p.sched.total,
         crate::grouped(last.tokens),
         train_secs,
         here as f64 / train_secs,
