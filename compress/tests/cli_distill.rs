@@ -679,7 +679,8 @@ fn lora_adapters_in_peft_layout_rebuild_the_merged_model() {
         serde_json::json!(["k_proj", "up_proj"])
     );
     // W_merged = W_base + (alpha / r) B A, in HF's [out, in] layout.
-    let st = safetensors_read(&out.join("adapter/adapter_model.safetensors"));
+    let st =
+        distill::checkpoint::load_tensors(&out.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(st.len(), 3 * 2 * 2, "{:?}", st.keys().collect::<Vec<_>>());
     let base = Checkpoint::open(&f.student).unwrap();
     let merged = Checkpoint::open(&out).unwrap();
@@ -716,34 +717,6 @@ fn lora_adapters_in_peft_layout_rebuild_the_merged_model() {
     assert!(
         only.join("adapter_model.safetensors").exists() && !only.join("model.safetensors").exists()
     );
-}
-
-fn safetensors_read(p: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(p).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let body = &bytes[8 + n..];
-    header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            assert_eq!(v["dtype"], "F32");
-            let shape: Vec<usize> = v["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
-            let [s, e] = [0, 1].map(|i| v["data_offsets"][i].as_u64().unwrap() as usize);
-            let data = body[s..e]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (k.clone(), (shape, data))
-        })
-        .collect()
 }
 
 #[test]
