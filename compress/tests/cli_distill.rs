@@ -93,15 +93,7 @@ fn kd_moves_the_student_towards_the_teacher_and_writes_a_readable_model() {
         "KL to the teacher {before:.4} -> {after:.4}"
     );
     // The log: one line per step, the KD term falling.
-    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
-    let kd: Vec<f64> = log
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["kd"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let kd = log_field(&out, "kd");
     assert_eq!(kd.len(), 12);
     assert!(kd[11] < 0.7 * kd[0], "KD loss {kd:?}");
     // The output is a model: eval reads it.
@@ -126,15 +118,8 @@ fn ce_fine_tuning_lowers_the_data_loss_without_a_teacher() {
     let f = fixture();
     let out = f.root.join("ce");
     distill(&f, &out, &["--loss", "ce"]);
-    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
-    let ce: Vec<f64> = log
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["ce"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let ce = log_field(&out, "ce");
+
     assert!(ce[ce.len() - 1] < 0.8 * ce[0], "CE {ce:?}");
 }
 
@@ -512,12 +497,13 @@ fn distill_fails_args(f: &Fixture, out: &Path, extra: &[&str]) -> Vec<PathBuf> {
     v
 }
 
-fn log_losses(out: &Path) -> Vec<f64> {
+/// One field of every line of a run's train_log.jsonl.
+fn log_field(out: &Path, field: &str) -> Vec<f64> {
     std::fs::read_to_string(out.join("train_log.jsonl"))
         .unwrap()
         .lines()
         .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+            serde_json::from_str::<serde_json::Value>(l).unwrap()[field]
                 .as_f64()
                 .unwrap()
         })
@@ -563,7 +549,7 @@ fn a_teacher_cache_trains_like_the_live_teacher_at_the_same_top_k() {
         &cached,
         &["--teacher-cache", s(&cache), "--temperature", "2"],
     );
-    let (a, b) = (log_losses(&live), log_losses(&cached));
+    let (a, b) = (log_field(&live, "loss"), log_field(&cached, "loss"));
     assert_eq!(a.len(), b.len());
     assert!(
         (a[0] - b[0]).abs() < 1e-4,
@@ -728,15 +714,8 @@ fn hidden_state_loss_trains_and_its_options_are_checked() {
         &out,
         &["--teacher", s(&f.teacher), "--hidden-weight", "0.5"],
     );
-    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
-    let h: Vec<f64> = log
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["hidden"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let h = log_field(&out, "hidden");
+
     assert!(h[h.len() - 1] < 0.9 * h[0], "hidden-state loss {h:?}");
     // A narrower student: the projection is needed, then trains (and is not written).
     let mut sc = tiny_config();
