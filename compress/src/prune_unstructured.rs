@@ -72,8 +72,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         );
     }
-    if a.one_pass && !method.needs_calibration() {
-        bail!("--one-pass applies to calibrated methods (wanda, sparsegpt) only");
+    if a.true_sequential && !method.needs_calibration() {
+        bail!("--true-sequential applies to calibrated methods (wanda, sparsegpt) only");
     }
     if a.refit > 0 && a.calib.is_none() {
         bail!("--refit needs --calib FILE (it fits the weights to calibration inputs)");
@@ -145,7 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         calib,
         block_sparsity,
         sample_rows: a.sample_rows,
-        true_sequential: !a.one_pass,
+        true_sequential: a.true_sequential,
         refit: a.refit,
     };
     let pb = crate::progress_bar(method.name(), cfg.num_hidden_layers as u64);
@@ -183,7 +183,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let full = json!({
         "teacher": a.model, "method": method_kind, "pattern": pattern,
-        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "owl": owl, "sample_rows": a.sample_rows, "dtype": a.dtype, "true_sequential": !a.one_pass, "refit": a.refit},
+        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "owl": owl, "sample_rows": a.sample_rows, "dtype": a.dtype, "true_sequential": a.true_sequential, "refit": a.refit},
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
         "teacher_bytes": ckpt.bytes_on_disk(), "params": cfg.num_params(),
         "dense_bytes": dense.then_some(dense_bytes), "sparse": sparse_report, "report": report,

@@ -68,10 +68,11 @@ pub struct Args {
     /// SparseGPT: dampening as a fraction of the mean Hessian diagonal (0.01).
     #[arg(long)]
     pub damp: Option<f64>,
-    /// Calibrated methods: take every linear's statistics from the unpruned block (one pass,
-    /// as llm-compressor) instead of true-sequential order (q/k/v, then o_proj on pruned q/k/v, ...).
+    /// Calibrated methods: prune a block's linears in true-sequential order (q/k/v, then o_proj
+    /// on the pruned q/k/v's outputs, ...) instead of taking every linear's statistics from the
+    /// unpruned block in one pass (the default, as the Wanda and SparseGPT papers and llm-compressor).
     #[arg(long)]
-    pub one_pass: bool,
+    pub true_sequential: bool,
     /// Unstructured / N:M: after each linear's mask is chosen, refit its kept weights to the
     /// least-squares reconstruction of its outputs on the calibration inputs, with this many
     /// conjugate-gradient steps (0: keep the method's weights; needs --calib, also for magnitude).
@@ -162,7 +163,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (a.pattern.is_some(), "--pattern"),
             (a.owl, "--owl"),
             (a.damp.is_some(), "--damp"),
-            (a.one_pass, "--one-pass"),
+            (a.true_sequential, "--true-sequential"),
             (a.refit > 0, "--refit"),
             (a.format.contains(&Format::Sparse), "--format sparse"),
         ] {

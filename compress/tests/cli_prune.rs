@@ -258,13 +258,13 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         ),
         (vec!["--sparsity", "0.5"], "--method", "--structured"),
         (
-            vec!["--method", "magnitude", "--sparsity", "0.5", "--one-pass"],
-            "--one-pass",
+            vec!["--method", "magnitude", "--sparsity", "0.5", "--true-sequential"],
+            "--true-sequential",
             "calibrated",
         ),
         (
-            vec!["--structured", "layers", "--count", "1", "--one-pass"],
-            "--one-pass",
+            vec!["--structured", "layers", "--count", "1", "--true-sequential"],
+            "--true-sequential",
             "--structured",
         ),
         (

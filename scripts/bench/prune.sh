@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pruning table on SmolLM2-135M-Instruct: our `compress prune` (magnitude, Wanda, SparseGPT
-# at 50% unstructured, 2:4 and 4:8, Wanda and SparseGPT also with --refit; Wanda 50% with
+# at 50% unstructured, 2:4 and 4:8, Wanda and SparseGPT also in true-sequential order and
+# with --refit; Wanda 50% with
 # OWL; structured channels, heads and layers; 2:4 SparseGPT + GPTQ W4 g128 and 50% Wanda +
 # RTN GGUF Q4_K_M), and beside them llm-compressor's SparseGPT and Wanda (PyPI `llmcompressor`, in a throwaway venv) on exactly
 # the same calibration tokens. For every row: parameters, linear sparsity (exact zeros of the
@@ -136,15 +137,27 @@ for spec in "${SPECS[@]}"; do
         finish "$D"
     done
 done
-# Ours with the least-squares refit of the kept weights (--refit REFIT, default 30 steps).
+# Ours in true-sequential order (--true-sequential; the default is one pass per block).
+for spec in "${SPECS[@]}"; do
+    pattern_of "$spec"
+    for M in wanda sparsegpt; do
+        begin "$M-$TAG-seq" ours "$M true-sequential" "$PATL" "$M $PATL" || continue
+        calib_args
+        step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
+            --true-sequential --format dense,sparse --out "$D" --force || true
+        finish "$D"
+    done
+done
+# Ours with the least-squares refit of the kept weights (--refit REFIT, default 30 steps),
+# in true-sequential order, where the refit was first measured.
 REFIT="${REFIT:-30}"
 for spec in "${SPECS[@]}"; do
     pattern_of "$spec"
     for M in wanda sparsegpt; do
-        begin "$M-$TAG-refit" ours "$M + refit $REFIT" "$PATL" "$M $PATL" || continue
+        begin "$M-$TAG-refit" ours "$M + refit $REFIT, true-sequential" "$PATL" "$M $PATL" || continue
         calib_args
         step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
-            --refit "$REFIT" --format dense,sparse --out "$D" --force || true
+            --true-sequential --refit "$REFIT" --format dense,sparse --out "$D" --force || true
         finish "$D"
     done
 done
