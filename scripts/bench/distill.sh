@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Distillation benchmark on SmolLM2-135M-Instruct: the teacher's MLP channels pruned by 25%
 # (structured, activation importance, wiki.valid.tokens calibration), then the pruned student
-# trained three ways on the same token budget and options:
+# trained on the same token budget and options:
 #   kd    white-box KD, forward KL from the teacher's logits (lr 3e-4)
+#   kdce  the same KD term plus cross-entropy on the data, weight 1 (Hinton's soft + hard
+#         targets; lr 3e-4)
 #   ce    plain cross-entropy fine-tuning on the data, no teacher (lr 3e-4)
 #   lora  KD into LoRA adapters, rank 16 on all seven linears of every block (lr 1e-3: LoRA
 #         usually takes a higher rate than full training, its updates being low-rank)
@@ -22,7 +24,7 @@
 #   TOKENS (default 98304 = 48 steps: about 30 min of KD at ~55 tok/s on the project's
 #   2-core machine; the whole script takes about 2 h), SAVE_EVERY (default steps / 8: 7
 #   checkpoints plus the final model per run), CHUNKS (default 32), OUT (default
-#   /tmp/distill-bench), RUNS (default "kd ce lora"), SPEED (default 1; 0 skips the speed
+#   /tmp/distill-bench), RUNS (default "kd kdce ce lora"), SPEED (default 1; 0 skips the speed
 #   comparison), THREADS (default 2: the speed comparison's threads), NICE (default 0),
 #   BUILD (default 1; 0 runs target/release/compress and target/release/examples/curve as
 #   they are, see lib.sh), COMPRESS_BIN, RESUME (default 0; 1 keeps OUT and skips what is
@@ -34,7 +36,7 @@
 set -euo pipefail
 OUT="${OUT:-/tmp/distill-bench}"
 TOKENS="${TOKENS:-98304}"
-RUNS="${RUNS:-kd ce lora}"
+RUNS="${RUNS:-kd kdce ce lora}"
 SPEED="${SPEED:-1}"
 THREADS="${THREADS:-2}"
 NICE="${NICE:-0}"
@@ -119,9 +121,10 @@ LORA_TARGETS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 for R in $RUNS; do
     case "$R" in
     kd) RA=(--teacher "$TEACHER" --loss fkl --lr 3e-4) ;;
+    kdce) RA=(--teacher "$TEACHER" --loss fkl --ce-weight 1 --lr 3e-4) ;;
     ce) RA=(--loss ce --lr 3e-4) ;;
     lora) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS" --lr 1e-3) ;;
-    *) echo "error: unknown run '$R' in RUNS (kd, ce, lora)" >&2; exit 1 ;;
+    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, lora)" >&2; exit 1 ;;
     esac
     D="$OUT/$R"
     if [[ "$RESUME" == 1 && -f "$D/distill_report.json" ]]; then
