@@ -18,6 +18,7 @@ mod peft;
 mod prune_structured;
 mod prune_unstructured;
 mod pruning;
+mod quant_bnb;
 mod quantize;
 
 use std::path::PathBuf;
@@ -46,8 +47,9 @@ enum Command {
     /// Evaluate a model: perplexity (llama.cpp protocol), KL divergence (KLD) from a teacher,
     /// zero-shot tasks (--tasks), speed, energy and size.
     Eval(evaluate::Args),
-    /// Post-training quantization (RTN, AWQ, GPTQ) of the decoder's linear layers; writes a
-    /// compressed model (packed, or GGUF for a GGUF input) unless --format dense.
+    /// Post-training quantization (RTN, AWQ, GPTQ, or the bitsandbytes schemes NF4, FP4 and
+    /// int8-absmax) of the decoder's linear layers; writes a compressed model (packed, bnb, or
+    /// GGUF for a GGUF input) unless --format dense.
     Quant(quantize::Args),
     /// Pruning: unstructured or N:M (magnitude, Wanda, SparseGPT), or structured (heads,
     /// channels, layers) into a smaller model.

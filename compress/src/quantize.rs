@@ -21,10 +21,10 @@ use crate::output::{TempGuard, check_output, commit, temp_sibling};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// An HF folder or a .gguf file (the teacher; never modified).
-    model: crate::Path,
+    pub(crate) model: crate::Path,
     /// rtn, awq or gptq.
     #[arg(long, default_value = "rtn")]
-    method: String,
+    pub(crate) method: String,
     /// Bits per weight code (2 to 8).
     #[arg(long, default_value_t = 4)]
     bits: u8,
@@ -78,7 +78,7 @@ pub struct Args {
     /// format a folder holding model.gguf, or a file when it ends in .gguf (the report then
     /// goes to NAME.quant_report.json next to it).
     #[arg(long)]
-    out: crate::Path,
+    pub(crate) out: crate::Path,
     /// Output formats, comma-separated: `packed` (compressed-tensors `pack-quantized`,
     /// int32-packed codes that vLLM loads; bits 2, 4 or 8) and/or `dense` (dequantized bf16
     /// HF folder, several times larger). With both, OUT holds the dense model and OUT/packed the
@@ -87,18 +87,36 @@ pub struct Args {
     /// `--calib` is given (after AWQ scaling with `--method awq`); --bits, --group and --sym
     /// do not apply, the type decides. Default: the GGUF type closest to --bits/--sym (q4_1,
     /// q4_0, q5_1, q5_0, q6_k, q8_0) for a .gguf input or OUT (methods rtn and awq), else
-    /// `packed` (bits 2, 4, 8), else `dense`.
+    /// `packed` (bits 2, 4, 8), else `dense`. With --scheme: `bnb` (nf4 and fp4, the default;
+    /// OUT/bnb when combined with `dense`) and/or `dense`.
     #[arg(long)]
-    format: Option<String>,
+    pub(crate) format: Option<String>,
     /// gguf:TYPE only: override tensor types, PATTERN=TYPE (as `convert --tensor-type`).
     #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
     tensor_type: Vec<String>,
     /// Replace OUT if it exists.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
+    /// A data-free bitsandbytes scheme instead of an integer one: `nf4` or `fp4` (16-entry
+    /// codebook, one absmax per --block values) or `int8-absmax` (int8 codes, one absmax per
+    /// row). Written as `--format bnb` (transformers + bitsandbytes load it; nf4 and fp4) and/or
+    /// `dense`. The integer and calibration options do not apply.
+    #[arg(long, value_enum, conflicts_with_all = [
+        "bits", "group", "per_channel", "sym", "calib", "calib_samples", "calib_len", "seed",
+        "propagate", "act_order", "damp", "static_groups", "no_awq_scale", "no_awq_clip",
+        "sample_rows", "tensor_type",
+    ])]
+    pub(crate) scheme: Option<crate::quant_bnb::SchemeArg>,
+    /// --scheme nf4|fp4: values per absmax block along the flattened row-major weight (32, 64,
+    /// ..., 4096; it must divide every input width). Default 64.
+    #[arg(long)]
+    pub(crate) block: Option<usize>,
+    /// --scheme nf4|fp4: QLoRA double quantization (the absmax values to 8 bits in blocks of 256).
+    #[arg(long)]
+    pub(crate) double_quant: bool,
     /// Why the format was chosen when --format was not given (printed at the end).
     #[arg(skip)]
     default_note: Option<String>,
@@ -161,13 +179,26 @@ fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
 }
 
 /// Whether `--out` names a GGUF file (ends in `.gguf`) rather than a folder.
-fn out_is_file(out: &std::path::Path) -> bool {
+pub(crate) fn out_is_file(out: &std::path::Path) -> bool {
     out.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     crate::set_threads(a.threads);
+    if let Some(ty) = a.scheme {
+        return crate::quant_bnb::run(&a, ty);
+    }
+    if a.block.is_some() || a.double_quant {
+        bail!(
+            "{} applies to --scheme nf4|fp4 only",
+            if a.block.is_some() {
+                "--block"
+            } else {
+                "--double-quant"
+            }
+        );
+    }
     // Scheme errors (--bits 9) come first, whatever the format.
     if !a.format.as_deref().is_some_and(|f| f.contains("gguf:")) {
         QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;

@@ -1,6 +1,6 @@
 //! Post-training quantization. GGUF block quantizers (the formats themselves are declared in
 //! `model::gguf::blocks`, which the reader needs), and the weight-only methods (RTN, AWQ,
-//! GPTQ) behind one small trait.
+//! GPTQ) behind one small trait, and the data-free bitsandbytes schemes (NF4, FP4, int8-absmax).
 
 pub mod block;
 pub mod blocks;
@@ -9,6 +9,7 @@ pub mod gguf_calib;
 pub mod gguf_export;
 pub mod hessian;
 pub mod method;
+pub mod nf4;
 pub mod pack;
 pub mod pipeline;
 pub mod scheme;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::QuantError;
 use crate::block::{BlockWeights, LINEARS, output_error, weight_error};
 use crate::method::{BlockJob, Outputs, QuantMethod};
+use crate::nf4::BnbLinear;
 use crate::scheme::{QuantScheme, QuantizedLinear};
 
 /// Where quantized tensors go, in checkpoint order (embedding, blocks, norm, lm_head).
@@ -27,6 +28,19 @@ pub trait OutputSink {
         q: &QuantizedLinear,
         dequantized: &[f32],
     ) -> Result<(), QuantError>;
+    /// A linear weight in a bitsandbytes scheme (NF4, FP4, int8-absmax) with its dequantized
+    /// values; formats that cannot hold one refuse it.
+    fn bnb_linear(
+        &mut self,
+        name: &str,
+        q: &BnbLinear,
+        _dequantized: &[f32],
+    ) -> Result<(), QuantError> {
+        Err(QuantError::Input(format!(
+            "`{name}`: this output format cannot hold {} weights",
+            q.scheme.ty.name()
+        )))
+    }
     /// Completes the output.
     fn finish(self: Box<Self>) -> Result<(), QuantError>;
 }
@@ -52,6 +66,9 @@ impl OutputSink for DenseSink {
         Ok(self.0.write_next(name, data)?)
     }
     fn linear(&mut self, name: &str, _: &QuantizedLinear, deq: &[f32]) -> Result<(), QuantError> {
+        Ok(self.0.write_next(name, deq)?)
+    }
+    fn bnb_linear(&mut self, name: &str, _: &BnbLinear, deq: &[f32]) -> Result<(), QuantError> {
         Ok(self.0.write_next(name, deq)?)
     }
     fn finish(self: Box<Self>) -> Result<(), QuantError> {
