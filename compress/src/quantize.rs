@@ -111,7 +111,7 @@ pub struct Args {
     ])]
     pub(crate) scheme: Option<crate::quant_bnb::SchemeArg>,
     /// --scheme nf4|fp4: values per absmax block along the flattened row-major weight (32, 64,
-    /// ..., 4096; it must divide every input width). Default 64.
+    /// ..., 4096; every input width has to be a multiple of it). Default 64.
     #[arg(long)]
     pub(crate) block: Option<usize>,
     /// --scheme nf4|fp4: QLoRA double quantization (the absmax values to 8 bits in blocks of 256).
