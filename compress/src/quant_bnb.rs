@@ -13,7 +13,7 @@ use quant::pipeline::{DenseSink, OutputSink};
 use serde_json::json;
 
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
-use crate::quantize::{Args, out_is_file, print_sizes};
+use crate::quantize::{Args, format_list, out_is_file, print_sizes};
 
 /// `--scheme`: a bitsandbytes scheme.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,19 +66,12 @@ pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
             a.out.display()
         );
     }
-    let formats: Vec<&str> = format
-        .split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .collect();
-    for f in &formats {
-        if !["dense", "bnb"].contains(f) {
-            bail!("--format `{f}` does not apply to --scheme (supported: dense, bnb)");
-        }
-    }
-    if formats.is_empty() {
-        bail!("--format names no format (supported with --scheme: dense, bnb)");
-    }
+    let formats = format_list(
+        &format,
+        &["dense", "bnb"],
+        "does not apply to --scheme",
+        "supported",
+    )?;
     let (dense, bnb) = (formats.contains(&"dense"), formats.contains(&"bnb"));
     if bnb {
         quant::nf4::bnb::check_scheme(&scheme)?;

@@ -178,6 +178,29 @@ fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
     }
 }
 
+/// The formats of a comma-separated `--format` list, each one of `supported`; `unknown` says
+/// why another is refused and `label` introduces the supported list in the errors.
+pub(crate) fn format_list<'a>(
+    format: &'a str,
+    supported: &[&str],
+    unknown: &str,
+    label: &str,
+) -> anyhow::Result<Vec<&'a str>> {
+    let formats: Vec<&str> = format
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect();
+    let list = supported.join(", ");
+    if let Some(f) = formats.iter().find(|f| !supported.contains(f)) {
+        bail!("--format `{f}` {unknown} ({label}: {list})");
+    }
+    if formats.is_empty() {
+        bail!("--format names no format ({label}: {list})");
+    }
+    Ok(formats)
+}
+
 /// Whether `--out` names a GGUF file (ends in `.gguf`) rather than a folder.
 pub(crate) fn out_is_file(out: &std::path::Path) -> bool {
     out.extension()
@@ -237,19 +260,12 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if a.group == 0 {
         bail!("--group must be positive");
     }
-    let formats: Vec<&str> = format
-        .split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .collect();
-    for f in &formats {
-        if !["dense", "packed"].contains(f) {
-            bail!("--format `{f}` is not supported (supported: dense, packed)");
-        }
-    }
-    if formats.is_empty() {
-        bail!("--format names no format (supported: dense, packed)");
-    }
+    let formats = format_list(
+        &format,
+        &["dense", "packed"],
+        "is not supported",
+        "supported",
+    )?;
     let (dense, packed) = (formats.contains(&"dense"), formats.contains(&"packed"));
     // Groups in activation order are stored with `weight_g_idx` (GPTQ --act-order only).
     let act_order = a.act_order && a.method == "gptq";

@@ -258,12 +258,24 @@ fn prune_writes_a_sparse_student_and_refuses_bad_options() {
         ),
         (vec!["--sparsity", "0.5"], "--method", "--structured"),
         (
-            vec!["--method", "magnitude", "--sparsity", "0.5", "--true-sequential"],
+            vec![
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--true-sequential",
+            ],
             "--true-sequential",
             "calibrated",
         ),
         (
-            vec!["--structured", "layers", "--count", "1", "--true-sequential"],
+            vec![
+                "--structured",
+                "layers",
+                "--count",
+                "1",
+                "--true-sequential",
+            ],
             "--true-sequential",
             "--structured",
         ),

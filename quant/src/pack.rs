@@ -414,17 +414,7 @@ impl OutputSink for PackedSink {
                 "`{name}` is not a quantized linear of the packed format"
             ))
         })?;
-        // The packed codes must stand for exactly what the dense output holds.
-        if deq.len() != q.rows * q.cols
-            || q.dequantize()
-                .iter()
-                .zip(deq)
-                .any(|(a, b)| a.to_bits() != b.to_bits())
-        {
-            return Err(QuantError::Numerical(format!(
-                "`{name}`: the integer form does not reproduce the dequantized weights"
-            )));
-        }
+        crate::pipeline::check_reproduces(name, "integer", &q.dequantize(), deq)?;
         let p = pack_linear(&self.scheme, &lay, name, q)?;
         let module = name.strip_suffix(".weight").expect("a weight");
         self.writer

@@ -17,6 +17,27 @@ use crate::method::{BlockJob, Outputs, QuantMethod};
 use crate::nf4::BnbLinear;
 use crate::scheme::{QuantScheme, QuantizedLinear};
 
+/// Checks that a compressed form (`stored`, its dequantized values) stands for exactly what
+/// the dense output holds (`dense`), bit for bit; `form` names it in the error.
+pub(crate) fn check_reproduces(
+    name: &str,
+    form: &str,
+    stored: &[f32],
+    dense: &[f32],
+) -> Result<(), QuantError> {
+    if stored.len() != dense.len()
+        || stored
+            .iter()
+            .zip(dense)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        return Err(QuantError::Numerical(format!(
+            "`{name}`: the {form} form does not reproduce the dequantized weights"
+        )));
+    }
+    Ok(())
+}
+
 /// Where quantized tensors go, in checkpoint order (embedding, blocks, norm, lm_head).
 pub trait OutputSink {
     /// A tensor kept as is (embeddings, norms, biases, lm_head).

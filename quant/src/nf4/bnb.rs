@@ -179,17 +179,7 @@ impl OutputSink for BnbSink {
                 self.scheme.label()
             )));
         }
-        // The stored codes must stand for exactly what the dense output holds.
-        if deq.len() != q.rows * q.cols
-            || q.dequantize()
-                .iter()
-                .zip(deq)
-                .any(|(a, b)| a.to_bits() != b.to_bits())
-        {
-            return Err(QuantError::Numerical(format!(
-                "`{name}`: the 4-bit form does not reproduce the dequantized weights"
-            )));
-        }
+        crate::pipeline::check_reproduces(name, "4-bit", &q.dequantize(), deq)?;
         let module = name.strip_suffix(".weight").expect("a weight");
         let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         self.writer.write_next_raw(name, &q.packed()?)?;
