@@ -47,6 +47,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.damp.is_some() && method_kind != prune::method::Method::Sparsegpt {
         bail!("--damp applies to --method sparsegpt only");
     }
+    if a.nm_select.is_some()
+        && !(method_kind == prune::method::Method::Sparsegpt
+            && matches!(pattern, Pattern::NofM { .. }))
+    {
+        bail!("--nm-select applies to --method sparsegpt with --pattern N:M only");
+    }
+    let nm_select = a.nm_select.unwrap_or_default();
     let damp = a.damp.unwrap_or(0.01);
     if !(damp.is_finite() && damp > 0.0 && damp <= 1.0) {
         bail!("--damp {damp} must be in (0, 1]");
@@ -60,6 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let method = method_kind.build(&MethodOptions {
         damp,
+        nm_select,
         ..MethodOptions::default()
     });
     if (method.needs_calibration() || owl.is_some()) && a.calib.is_none() {
@@ -183,7 +191,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let full = json!({
         "teacher": a.model, "method": method_kind, "pattern": pattern,
-        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "owl": owl, "sample_rows": a.sample_rows, "dtype": a.dtype, "true_sequential": a.true_sequential, "refit": a.refit},
+        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "nm_select": (method_kind == prune::method::Method::Sparsegpt && matches!(pattern, Pattern::NofM { .. })).then_some(nm_select), "owl": owl, "sample_rows": a.sample_rows, "dtype": a.dtype, "true_sequential": a.true_sequential, "refit": a.refit},
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
         "teacher_bytes": ckpt.bytes_on_disk(), "params": cfg.num_params(),
         "dense_bytes": dense.then_some(dense_bytes), "sparse": sparse_report, "report": report,

@@ -68,6 +68,11 @@ pub struct Args {
     /// SparseGPT: dampening as a fraction of the mean Hessian diagonal (0.01).
     #[arg(long)]
     pub damp: Option<f64>,
+    /// SparseGPT N:M: how each group's pruned weights are chosen. exact (default): the subset
+    /// that adds the least reconstruction error, every subset tried (up to 4096 per group,
+    /// above that as saliency); saliency: the paper's per-column score w² / [H⁻¹]_cc².
+    #[arg(long, value_enum)]
+    pub nm_select: Option<prune::method::NmSelect>,
     /// Calibrated methods: prune a block's linears in true-sequential order (q/k/v, then o_proj
     /// on the pruned q/k/v's outputs, ...) instead of taking every linear's statistics from the
     /// unpruned block in one pass (the default, as the Wanda and SparseGPT papers and llm-compressor).

@@ -4,7 +4,7 @@
 
 use prune::Pattern;
 use prune::mask::{satisfies_nm, sparsity_of};
-use prune::method::{LinearJob, Method, MethodOptions};
+use prune::method::{LinearJob, Method, MethodOptions, NmSelect};
 use quant::block::TapStats;
 
 struct Case {
@@ -89,9 +89,13 @@ fn out_err(c: &Case, p: &[f32]) -> f64 {
 }
 
 fn run(c: &Case, method: Method, pattern: Pattern) -> Vec<f32> {
+    run_with(c, method, pattern, &MethodOptions::default())
+}
+
+fn run_with(c: &Case, method: Method, pattern: Pattern, o: &MethodOptions) -> Vec<f32> {
     let mut st = stats(c);
     let h = st.xtx.take().unwrap();
-    let m = method.build(&MethodOptions::default());
+    let m = method.build(o);
     let prep = quant::hessian::prepare(h, c.cols, "w", 0.01, false).unwrap();
     let mut w = c.w.clone();
     m.prune_linear(LinearJob {
@@ -142,6 +146,28 @@ fn output_error_ordering_holds_and_sparsity_is_exact() {
             assert!(p.iter().zip(&c.w).all(|(a, b)| *a == 0.0 || a == b));
         }
         assert!(sgpt.iter().zip(&c.w).any(|(a, b)| *a != 0.0 && a != b));
+    }
+}
+
+/// SparseGPT's exact N:M group selection reconstructs the layer better than the paper's
+/// per-column saliency (broken once by choosing the subset with the largest error: failed).
+#[test]
+fn exact_nm_selection_beats_the_saliency_rule() {
+    let c = case();
+    for (n, m) in [(2, 4), (4, 8), (1, 4)] {
+        let pattern = Pattern::NofM { n, m };
+        let by = |nm_select| {
+            let o = MethodOptions {
+                nm_select,
+                ..MethodOptions::default()
+            };
+            run_with(&c, Method::Sparsegpt, pattern, &o)
+        };
+        let (exact, paper) = (by(NmSelect::Exact), by(NmSelect::Saliency));
+        assert!(satisfies_nm(&exact, c.cols, n, m));
+        assert!((sparsity_of(&exact) - pattern.sparsity()).abs() < 1e-9);
+        let (ee, ep) = (out_err(&c, &exact), out_err(&c, &paper));
+        assert!(ee < ep, "{n}:{m}: exact {ee} vs saliency {ep}");
     }
 }
 

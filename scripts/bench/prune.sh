@@ -137,14 +137,33 @@ for spec in "${SPECS[@]}"; do
         finish "$D"
     done
 done
+# nm_select_of METHOD SPEC SELECT: NMS (flags) and NML (label) for SparseGPT's N:M group
+# selection (the -seq and -refit rows were measured with the paper's saliency rule, before
+# exact selection became the default).
+nm_select_of() {
+    NMS=() NML=""
+    if [[ "$1" == sparsegpt && "$2" != 50% ]]; then
+        NMS=(--nm-select "$3") NML=", $3 N:M"
+    fi
+}
+# Ours, SparseGPT N:M with the paper's per-column saliency (--nm-select saliency).
+for spec in 2:4 4:8; do
+    pattern_of "$spec"
+    begin "sparsegpt-$TAG-saliency" ours "sparsegpt, saliency N:M" "$PATL" "sparsegpt $PATL" || continue
+    calib_args
+    step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method sparsegpt "${FL[@]}" "${CALA[@]}" \
+        --nm-select saliency --format dense,sparse --out "$D" --force || true
+    finish "$D"
+done
 # Ours in true-sequential order (--true-sequential; the default is one pass per block).
 for spec in "${SPECS[@]}"; do
     pattern_of "$spec"
     for M in wanda sparsegpt; do
-        begin "$M-$TAG-seq" ours "$M true-sequential" "$PATL" "$M $PATL" || continue
+        nm_select_of "$M" "$spec" saliency
+        begin "$M-$TAG-seq" ours "$M true-sequential$NML" "$PATL" "$M $PATL" || continue
         calib_args
         step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
-            --true-sequential --format dense,sparse --out "$D" --force || true
+            "${NMS[@]}" --true-sequential --format dense,sparse --out "$D" --force || true
         finish "$D"
     done
 done
@@ -154,10 +173,11 @@ REFIT="${REFIT:-30}"
 for spec in "${SPECS[@]}"; do
     pattern_of "$spec"
     for M in wanda sparsegpt; do
-        begin "$M-$TAG-refit" ours "$M + refit $REFIT, true-sequential" "$PATL" "$M $PATL" || continue
+        nm_select_of "$M" "$spec" saliency
+        begin "$M-$TAG-refit" ours "$M + refit $REFIT, true-sequential$NML" "$PATL" "$M $PATL" || continue
         calib_args
         step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
-            --true-sequential --refit "$REFIT" --format dense,sparse --out "$D" --force || true
+            "${NMS[@]}" --true-sequential --refit "$REFIT" --format dense,sparse --out "$D" --force || true
         finish "$D"
     done
 done

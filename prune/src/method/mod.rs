@@ -25,6 +25,21 @@ pub enum Method {
     Sparsegpt,
 }
 
+/// How SparseGPT chooses which `M − N` weights of an N:M group to prune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum NmSelect {
+    /// The subset whose pruning adds the least reconstruction error in the sweep, counting
+    /// how pruning one column of the group changes the later ones (every subset is tried
+    /// where there are at most [`sparsegpt::MAX_SUBSETS`]; above that, as `saliency`).
+    #[default]
+    Exact,
+    /// The paper's rule: the `M − N` lowest w² / [H⁻¹]_cc², each column scored alone at
+    /// the start of the group (SparseGPT's reference code, llm-compressor).
+    Saliency,
+}
+
 /// Options that tune a method.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MethodOptions {
@@ -32,6 +47,8 @@ pub struct MethodOptions {
     pub damp: f64,
     /// SparseGPT: columns per block (mask selection and lazy updates).
     pub block: usize,
+    /// SparseGPT: N:M group selection.
+    pub nm_select: NmSelect,
 }
 
 impl Default for MethodOptions {
@@ -39,6 +56,7 @@ impl Default for MethodOptions {
         Self {
             damp: 0.01,
             block: 128,
+            nm_select: NmSelect::Exact,
         }
     }
 }
@@ -52,6 +70,7 @@ impl Method {
             Self::Sparsegpt => Box::new(sparsegpt::SparseGpt {
                 damp: o.damp,
                 block: o.block,
+                nm_select: o.nm_select,
             }),
         }
     }
