@@ -45,6 +45,12 @@ pub struct Args {
     /// mmlu_medical (or one MMLU subset, e.g. mmlu_anatomy).
     #[arg(long)]
     tasks: Option<String>,
+    /// Your own multiple-choice task: a JSONL file, one item per line
+    /// ({"question", "choices", "answer": index or letter, optional "context" and "lettered"};
+    /// docs/tasks.md), scored as the built-in tasks and reported under the file's stem.
+    /// Repeatable; needs no data folder.
+    #[arg(long, value_name = "FILE.jsonl")]
+    task_file: Vec<crate::Path>,
     /// Score only the first N documents of each task.
     #[arg(long)]
     limit: Option<usize>,
@@ -90,8 +96,10 @@ pub(crate) fn read_text(path: &crate::Path) -> anyhow::Result<String> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let threads = crate::set_threads(a.threads);
-    if a.ppl.is_none() && !a.speed && a.tasks.is_none() {
-        bail!("nothing to evaluate: give --ppl TEXT_FILE, --tasks LIST and/or --speed");
+    if a.ppl.is_none() && !a.speed && a.tasks.is_none() && a.task_file.is_empty() {
+        bail!(
+            "nothing to evaluate: give --ppl TEXT_FILE, --tasks LIST, --task-file FILE and/or --speed"
+        );
     }
     if (a.teacher.is_some() || a.teacher_logits.is_some()) && a.ppl.is_none() {
         bail!(
@@ -145,6 +153,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Task files, read (and so checked) before any work.
+    for f in &a.task_file {
+        eval::tasks::custom::task_file_name(f)?;
+        eval::tasks::custom::load_task_file(f)?;
+    }
     let meter = EnergyMeter::start();
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
@@ -313,19 +326,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         report["speed"] = serde_json::to_value(&speed)?;
     }
 
-    if let Some(list) = &a.tasks {
-        let names: Vec<String> = list
-            .split(',')
+    if a.tasks.is_some() || !a.task_file.is_empty() {
+        let names: Vec<String> = a
+            .tasks
+            .iter()
+            .flat_map(|list| list.split(','))
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .collect();
-        let dir = task_dir.as_ref().expect("resolved with --tasks");
         let pb = crate::progress_bar("tasks", 1);
         let results = eval::run_tasks(
             &ckpt,
             &tok,
             &names,
-            dir,
+            &a.task_file,
+            task_dir.as_deref(),
             a.limit,
             device.clone(),
             |name, done, total| {

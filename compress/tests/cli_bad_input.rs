@@ -114,6 +114,19 @@ fn corrupt_inputs_and_refused_outputs_exit_2_with_one_line() {
         "no_hidden/config.json",
         &["hidden_size"],
     );
+    // A task file with a bad line fails before the model is read.
+    let tasks = root.join("my_tasks.jsonl");
+    std::fs::write(
+        &tasks,
+        "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 5}\n",
+    )
+    .unwrap();
+    fails(
+        root,
+        &[p("eval"), &gguf, p("--task-file"), &tasks],
+        "my_tasks.jsonl:1",
+        &["`answer` 5 is out of range"],
+    );
     fails(
         root,
         &[p("convert"), &gguf, &root.join("fresh")],

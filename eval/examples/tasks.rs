@@ -61,7 +61,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         &ckpt,
         &tok,
         &names,
-        &data_dir,
+        &[],
+        Some(&data_dir),
         limit,
         model::default_device(),
         |task, done, total| {

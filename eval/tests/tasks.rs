@@ -326,7 +326,8 @@ fn obvious_task_scores_acc_one_end_to_end() {
         &ckpt,
         &tok,
         &names,
-        &s.0,
+        &[],
+        Some(&s.0),
         None,
         model::default_device(),
         |_, _, _| {},
@@ -341,7 +342,8 @@ fn obvious_task_scores_acc_one_end_to_end() {
         &ckpt,
         &tok,
         &names,
-        &s.0,
+        &[],
+        Some(&s.0),
         Some(2),
         model::default_device(),
         |_, _, _| {},
@@ -357,7 +359,8 @@ fn unknown_task_is_an_error_before_loading_anything() {
         &ckpt,
         &tok,
         &["piqa".into(), "nope".into()],
-        Path::new("/nonexistent"),
+        &[],
+        Some(Path::new("/nonexistent")),
         None,
         model::default_device(),
         |_, _, _| {},
@@ -368,4 +371,181 @@ fn unknown_task_is_an_error_before_loading_anything() {
         e.contains("unknown task `nope`") && e.contains("arc_easy") && e.contains("mmlu_medical"),
         "{e}"
     );
+}
+
+/// MedQA-format items (the `medqa/test.jsonl` layout), written for the test.
+const MEDQA_ITEMS: &[(&str, [&str; 4], &str)] = &[
+    (
+        "A 54-year-old man has crushing chest pain radiating to the left arm for 30 minutes. Which test should be done first?",
+        [
+            "Electrocardiogram",
+            "Colonoscopy",
+            "Skin biopsy",
+            "Audiometry",
+        ],
+        "A",
+    ),
+    (
+        "A 6-year-old girl has a barking cough and inspiratory stridor. Which virus most often causes this?",
+        [
+            "Parainfluenza virus",
+            "Hepatitis B virus",
+            "Rabies virus",
+            "Epstein-Barr virus",
+        ],
+        "A",
+    ),
+    (
+        "Which vitamin deficiency causes scurvy?",
+        ["Vitamin A", "Vitamin D", "Vitamin C", "Vitamin K"],
+        "C",
+    ),
+    (
+        "A patient on warfarin has an INR of 9 and no bleeding. What is given by mouth?",
+        ["Protamine", "Vitamin K", "Heparin", "Aspirin"],
+        "B",
+    ),
+    (
+        "Which organ produces insulin?",
+        ["Spleen", "Gallbladder", "Thyroid", "Pancreas"],
+        "D",
+    ),
+    (
+        "Which electrolyte disturbance causes peaked T waves on an ECG?",
+        [
+            "Hypocalcemia",
+            "Hyperkalemia",
+            "Hyponatremia",
+            "Hypomagnesemia",
+        ],
+        "B",
+    ),
+];
+
+/// A task file in the documented schema, written from MedQA items, gives exactly the prompts
+/// and the accuracy of the built-in `medqa` task on the same items (broken once by dropping
+/// the trailing newline of the lettered options in the custom template: the requests and the
+/// scores differed).
+#[test]
+fn task_file_from_medqa_scores_exactly_as_the_built_in_task() {
+    let s = Scratch::new("custom-medqa");
+    let medqa: String = MEDQA_ITEMS
+        .iter()
+        .map(|(q, o, a)| {
+            format!(
+                "{}\n",
+                serde_json::json!({"question": q, "answer_idx": a,
+                    "options": {"A": o[0], "B": o[1], "C": o[2], "D": o[3]}})
+            )
+        })
+        .collect();
+    s.write("medqa/test.jsonl", &medqa);
+    // The same items in the task-file schema, half with a letter and half with an index.
+    let recs = load_medqa(&s.0, "").unwrap();
+    let custom: String = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let answer = if i % 2 == 0 {
+                serde_json::json!(r.labels[r.gold])
+            } else {
+                serde_json::json!(r.gold)
+            };
+            format!(
+                "{}\n",
+                serde_json::json!({"question": r.question, "choices": r.options, "answer": answer})
+            )
+        })
+        .collect();
+    let file = s.0.join("my_medqa.jsonl");
+    std::fs::write(&file, custom).unwrap();
+    let mine = eval::tasks::custom::load_task_file(&file).unwrap();
+    assert_eq!(
+        mine.iter().map(|r| r.gold).collect::<Vec<_>>(),
+        recs.iter().map(|r| r.gold).collect::<Vec<_>>()
+    );
+    let Some((ckpt, tok)) = smollm2() else { return };
+    let medqa_def = eval::tasks::TASKS
+        .iter()
+        .find(|t| t.name == "medqa")
+        .unwrap();
+    let a = eval::tasks::build_requests(medqa_def, &recs, &tok, 2048).unwrap();
+    let b = eval::tasks::build_requests(&eval::tasks::custom::CUSTOM, &mine, &tok, 2048).unwrap();
+    assert_eq!(a, b, "the task file's prompts differ from medqa's");
+    let res = run_tasks(
+        &ckpt,
+        &tok,
+        &["medqa".into()],
+        std::slice::from_ref(&file),
+        Some(&s.0),
+        None,
+        model::default_device(),
+        |_, _, _| {},
+    )
+    .unwrap();
+    let (built_in, own) = (&res["medqa"], &res["my_medqa"]);
+    assert_eq!(own.n, MEDQA_ITEMS.len());
+    assert_eq!(
+        (built_in.acc, built_in.acc_norm, built_in.n),
+        (own.acc, own.acc_norm, own.n)
+    );
+}
+
+/// Bad task files: each an error naming the file and line (or the file).
+#[test]
+fn bad_task_files_name_file_line_and_problem() {
+    let s = Scratch::new("custom-bad");
+    let load = |name: &str, text: &str| {
+        s.write(name, text);
+        err_of(eval::tasks::custom::load_task_file(&s.0.join(name)))
+    };
+    let ok = r#"{"question": "q?", "choices": ["a", "b"], "answer": 1}"#;
+    for (text, needles) in [
+        (
+            format!(
+                "{ok}\n{{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 0, \"gold\": 1}}\n"
+            ),
+            vec![":2:", "unknown field `gold`"],
+        ),
+        (
+            r#"{"question": "q", "choices": ["a", "b"], "answer": 2}"#.to_string(),
+            vec![":1:", "`answer` 2 is out of range (0 to 1)"],
+        ),
+        (
+            r#"{"question": "q", "choices": ["a", "b", "c"], "answer": "D"}"#.to_string(),
+            vec![":1:", "not a letter from A to C"],
+        ),
+        (
+            r#"{"question": "q", "choices": ["a"], "answer": 0}"#.to_string(),
+            vec![":1:", "`choices` has 1 entries"],
+        ),
+        (
+            format!("{ok}\n\n{{\"choices\": [\"a\", \"b\"], \"answer\": 0}}\n"),
+            vec![":3:", "missing field `question`"],
+        ),
+        (format!("{ok}\nnot json\n"), vec![":2:"]),
+        ("\n\n".to_string(), vec!["no items"]),
+    ] {
+        let e = load("t.jsonl", &text);
+        assert!(e.contains("t.jsonl"), "{e}");
+        for n in needles {
+            assert!(e.contains(n), "{n} not in: {e}");
+        }
+    }
+    let e = err_of(eval::tasks::custom::task_file_name(Path::new(
+        "x/medqa.jsonl",
+    )));
+    assert!(e.contains("built-in task"), "{e}");
+    // Unlettered items score the option texts after a context line.
+    s.write(
+        "plain.jsonl",
+        r#"{"question": "q?", "choices": ["yes", "no"], "answer": "B", "context": "Abstract: x", "lettered": false}"#,
+    );
+    let r = &eval::tasks::custom::load_task_file(&s.0.join("plain.jsonl")).unwrap()[0];
+    assert_eq!(r.gold, 1);
+    assert_eq!(
+        eval::tasks::custom::custom_text(r),
+        "Abstract: x\nQuestion: q?\nAnswer:"
+    );
+    assert_eq!(eval::tasks::custom::custom_choices(r), vec!["yes", "no"]);
 }

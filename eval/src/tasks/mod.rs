@@ -3,6 +3,7 @@
 //! scored by the log-likelihood of `" " + choice` after the prompt; `acc` takes the most
 //! likely choice and `acc_norm` the most likely per character. See `docs/tasks.md`.
 
+pub mod custom;
 pub mod data;
 pub mod scoring;
 
@@ -188,32 +189,58 @@ pub fn macro_average(parts: &[&TaskResult]) -> TaskResult {
     }
 }
 
-/// Runs the named tasks (see [`KNOWN_TASKS`]) on `ckpt`, reading data from `data_dir`, the
-/// first `limit` documents of each task (of each subset for a group). `progress(task, done,
-/// total)` is told as each task advances. Results are keyed by task name; a group adds its
-/// macro average under its own name next to its members (`mmlu_anatomy`, ...).
+/// Runs the named tasks (see [`KNOWN_TASKS`]) on `ckpt`, reading their data from `data_dir`,
+/// and the user's task `files` ([`custom`], each reported under its file stem), the first
+/// `limit` documents of each task (of each subset for a group). `progress(task, done, total)`
+/// is told as each task advances. Results are keyed by task name; a group adds its macro
+/// average under its own name next to its members (`mmlu_anatomy`, ...).
+#[allow(clippy::too_many_arguments)]
 pub fn run_tasks(
     ckpt: &Checkpoint,
     tok: &Tokenizer,
     names: &[String],
-    data_dir: &Path,
+    files: &[PathBuf],
+    data_dir: Option<&Path>,
     limit: Option<usize>,
     device: Device,
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<BTreeMap<String, TaskResult>, EvalError> {
-    let (tasks, groups) = resolve(names)?;
+    let (tasks, groups) = if names.is_empty() && !files.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        resolve(names)?
+    };
     if limit == Some(0) {
         return Err(EvalError::Input("--limit must be at least 1".into()));
     }
     // Read every task before the model runs, so a bad file fails fast.
-    let loaded: Vec<(&TaskDef, Vec<Record>)> = tasks
-        .iter()
-        .map(|&t| load_task(t, data_dir, limit).map(|r| (t, r)))
-        .collect::<Result<_, _>>()?;
+    let mut loaded: Vec<(String, &TaskDef, Vec<Record>)> = Vec::new();
+    if !tasks.is_empty() {
+        let dir = data_dir.ok_or_else(|| {
+            EvalError::Input("the built-in tasks need the task data folder".into())
+        })?;
+        for &t in &tasks {
+            loaded.push((t.name.to_string(), t, load_task(t, dir, limit)?));
+        }
+    }
+    for f in files {
+        let name = custom::task_file_name(f)?;
+        if loaded.iter().any(|(n, _, _)| *n == name) {
+            return Err(EvalError::Input(format!(
+                "--task-file {}: another task file is also named `{name}`",
+                f.display()
+            )));
+        }
+        let mut recs = custom::load_task_file(f)?;
+        if let Some(n) = limit {
+            recs.truncate(n);
+        }
+        loaded.push((name, &custom::CUSTOM, recs));
+    }
     let cfg = ckpt.config();
     let mut head: Option<Head> = None;
     let mut out = BTreeMap::new();
-    for (def, records) in loaded {
+    for (name, def, records) in loaded {
         let start = Instant::now();
         let reqs = build_requests(def, &records, tok, cfg.max_position_embeddings)?;
         let longest = reqs.iter().map(|r| r.context.len()).max().unwrap_or(1);
@@ -223,9 +250,9 @@ pub fn run_tasks(
         }
         let head = head.as_ref().expect("loaded");
         let lls = score_requests(&engine, head, &reqs, GROUP_TOKENS, |d, t| {
-            progress(def.name, d, t)
+            progress(&name, d, t)
         })?;
-        out.insert(def.name.to_string(), result_of(def, &records, &lls, start));
+        out.insert(name, result_of(def, &records, &lls, start));
     }
     for g in groups {
         let members = GROUPS.iter().find(|(n, _)| *n == g).expect("known group").1;
