@@ -181,6 +181,13 @@ for spec in "${SPECS[@]}"; do
         finish "$D"
     done
 done
+# Ours at the peer's output precision (--dtype f32; our default output is bf16).
+if begin wanda-50-f32 ours "wanda, f32 output" "50%" "wanda 50%"; then
+    calib_args
+    step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method wanda --sparsity 0.5 "${CALA[@]}" \
+        --dtype f32 --format dense --out "$D" --force || true
+    finish "$D"
+fi
 if begin wanda-50-owl ours wanda "50% OWL" ""; then
     calib_args
     step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method wanda --sparsity 0.5 --owl "${CALA[@]}" \
