@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 use distill::loss::LossKind;
 use distill::schedule::Decay;
 use distill::schedule::Schedule;
-use distill::{AdamWOptions, CausalLm, HiddenLoss, LoraOptions, LoraTarget, LossSpec, Trainer};
+use distill::{
+    AdamWOptions, CausalLm, HiddenLoss, LoraOptions, LoraTarget, LossSpec, QatOptions, Trainer,
+};
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
 use model::transformer::Rope;
@@ -304,12 +306,20 @@ fn plan(a: &Args, student_path: &crate::Path, out: &crate::Path) -> anyhow::Resu
     })
 }
 
-/// The student on the autodiff `device`, with its LoRA adapters and projections, in a
-/// trainer.
-fn trainer(a: &Args, p: &Plan, device: &model::Device) -> anyhow::Result<Trainer> {
+/// The student on the autodiff `device`, with its LoRA adapters, fake quantization and
+/// projections, in a trainer.
+fn trainer(
+    a: &Args,
+    p: &Plan,
+    device: &model::Device,
+    qat: Option<&QatOptions>,
+) -> anyhow::Result<Trainer> {
     let mut student = CausalLm::load(&p.student, device).context("cannot load the student")?;
     if let Some(l) = &p.lora {
         student = student.with_lora(l);
+    }
+    if let Some(q) = qat {
+        student = student.with_fake_quant(q)?;
     }
     if let Some((h, true)) = &p.hidden {
         let width = p.teacher.as_ref().map_or(0, |t| t.config().hidden_size);
@@ -395,6 +405,12 @@ fn write_student(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    run_with(a, None)
+}
+
+/// Trains as `distill` does, with the student's linears behind fake quantization when `qat`
+/// is given (then `quant_report.json` is written beside the model).
+pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Result<()> {
     let start = Instant::now();
     let threads = crate::set_threads(a.threads);
     check_numbers(&a)?;
@@ -432,14 +448,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut trainer = trainer(&a, &p, &device)?;
-    let options = json!({
+    let mut trainer = trainer(&a, &p, &device, qat.map(|q| &q.opts))?;
+    let mut options = json!({
         "loss": p.spec, "seq_len": a.seq_len, "batch_tokens": p.per_step * a.seq_len,
         "micro_batch": a.micro_batch, "schedule": p.sched, "clip": (a.clip > 0.0).then_some(a.clip),
         "weight_decay": a.weight_decay, "seed": a.seed, "lora": p.lora, "top_k": a.top_k,
         "hidden": p.hidden.as_ref().map(|(h, pr)| json!({"loss": h, "projection": pr})),
         "teacher_cache": cache.as_ref().map(|c| &c.header),
     });
+    if let Some(q) = qat {
+        options["qat"] = serde_json::to_value(q.opts)?;
+    }
     let print = ckpts::fingerprint(&p.student, p.teacher.as_ref(), &a.data, options.clone())?;
     let mut log = begin(&a, out, &print, &mut trainer)?;
     let saver = (a.save_every > 0).then(|| ckpts::Saver {
@@ -478,7 +497,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let (last, train_secs, here) = run.train(&mut trainer, &mut log)?;
     std::fs::write(tmp.join("train_log.jsonl"), log.concat())?;
-    write_student(&a, &p, trainer.into_student(), student_path, &tmp)?;
+    let trained = trainer.into_student();
+    if let Some(q) = qat {
+        crate::qat::write_outputs(q, &a, &p.student, &p.tok, &trained, train_secs, &tmp)?;
+    }
+    if qat.is_none_or(|q| q.dense) {
+        write_student(&a, &p, trained, student_path, &tmp)?;
+    }
     let report = json!({
         "student": student_path, "teacher": a.teacher, "data": a.data, "options": options,
         "dtype": a.dtype, "threads": threads, "resumed": a.resume, "mode": a.mode,
@@ -501,8 +526,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         String::new()
     };
+    let verb = qat.map_or("distilled".to_string(), |q| {
+        format!("quantization-aware trained ({})", q.opts.scheme.label())
+    });
     println!(
-        "distilled {} -> {}: {} steps, {} tokens{resumed} in {:.0} s ({:.0} tok/s), final loss {:.4}",
+        "{verb} {} -> {}: {} steps, {} tokens{resumed} in {:.0} s ({:.0} tok/s), final loss {:.4}",
         student_path.display(),
         out.display(),
         p.sched.total,
@@ -511,6 +539,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         here as f64 / train_secs,
         last.loss
     );
+    if qat.is_some() {
+        println!("report: {}", out.join("quant_report.json").display());
+    }
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! `compress`: inspect, convert, evaluate, quantize, prune and distill decoder-only language
-//! models.
+//! `compress`: inspect, convert, evaluate, quantize, prune, distill and quantization-aware
+//! train decoder-only language models.
 //! Every failure prints one line naming the file and the problem and exits with code 2.
 
 mod calib;
@@ -18,6 +18,7 @@ mod peft;
 mod prune_structured;
 mod prune_unstructured;
 mod pruning;
+mod qat;
 mod quant_bnb;
 mod quantize;
 
@@ -57,6 +58,10 @@ enum Command {
     /// Knowledge distillation (white-box KD: forward/reverse KL, JSD) or plain CE
     /// fine-tuning of a student, e.g. to recover a pruned model.
     Distill(distilling::Args),
+    /// Quantization-aware training: the student's linears train behind fake quantization
+    /// (RTN's scales and zero points, frozen or learned) with a distillation loss; writes the
+    /// model on its quantization grid, dense and/or packed, with quant_report.json.
+    Qat(qat::Args),
     /// Generate responses to a JSONL file of prompts (greedy or sampled, KV cache) as JSONL
     /// (prompt, response) pairs: training data for black-box distillation.
     Generate(generate::Args),
@@ -203,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quant(a) => quantize::run(a),
         Command::Prune(a) => pruning::run(a),
         Command::Distill(a) => distilling::run(a),
+        Command::Qat(a) => qat::run(a),
         Command::Generate(a) => generate::run(a),
     }
 }

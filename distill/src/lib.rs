@@ -2,7 +2,8 @@
 //! ([`lm::CausalLm`], built from the engine's own decoder blocks), distillation losses
 //! ([`loss`]), learning-rate schedules ([`schedule`]), training windows ([`data`]) and the
 //! loop ([`train::Trainer`]: AdamW, accumulation to a token budget, global-norm clipping),
-//! optionally on LoRA adapters only ([`lora`]).
+//! optionally on LoRA adapters only ([`lora`]) or with fake-quantized linears
+//! (quantization-aware training, [`qat`]).
 
 pub mod cache;
 pub mod checkpoint;
@@ -11,12 +12,14 @@ pub mod lm;
 pub mod lora;
 pub mod loss;
 pub mod pairs;
+pub mod qat;
 pub mod schedule;
 pub mod train;
 
 pub use lm::CausalLm;
 pub use lora::{LoraOptions, LoraTarget};
 pub use loss::{Divergence, LossSpec, Teacher, TeacherOut};
+pub use qat::{QatInit, QatOptions};
 pub use train::{AdamWOptions, HiddenLoss, MicroBatch, StepLog, Trainer};
 
 /// Errors of this crate.

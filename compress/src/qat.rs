@@ -1,0 +1,231 @@
+//! `compress qat --teacher MODEL [--student MODEL] --method rtn --bits B --group G [--sym]
+//! [--learn-scales] --data FILE --out DIR`: quantization-aware training. The student's decoder
+//! linears train behind fake quantization (PTQ's scheme arithmetic, a straight-through
+//! estimator, scales frozen or learned; see `distill::qat`) with the loop, losses,
+//! checkpoints and outputs of `compress distill`; the written model is dense, its linear
+//! weights exactly on their final grids, and/or packed as `compress quant` writes it, with
+//! `quant_report.json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use distill::{CausalLm, QatInit, QatOptions};
+use model::Checkpoint;
+use model::safetensors_io::StoreDtype;
+use quant::pack::PackedSink;
+use quant::pipeline::{LinearReport, OutputSink, PtqReport};
+use quant::scheme::{QuantScheme, QuantizedLinear};
+use serde_json::json;
+
+/// Arguments of `qat`: the quantization scheme, then every training option of `distill`
+/// that applies (LoRA and the teacher-cache writer do not).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The PTQ result the scales and zero points start from: `rtn` (round-to-nearest on the
+    /// student's own weights, min/max per group). Required.
+    #[arg(long, value_enum)]
+    method: Option<QatInit>,
+    /// Bits per weight code (2 to 8).
+    #[arg(long, default_value_t = 4)]
+    bits: u8,
+    /// Input channels per scale, as `compress quant --group` (a width it does not divide gets
+    /// a shorter last group).
+    #[arg(long, default_value_t = 128, conflicts_with = "per_channel")]
+    group: usize,
+    /// One scale per output channel instead of groups.
+    #[arg(long)]
+    per_channel: bool,
+    /// Symmetric quantization (zero point 2^(bits-1)).
+    #[arg(long)]
+    sym: bool,
+    /// Train the scales too (LSQ-style; zero points stay frozen) instead of keeping RTN's.
+    #[arg(long)]
+    learn_scales: bool,
+    /// Output formats, comma-separated: `dense` (f32 by default, the weights exactly on their
+    /// grids) and/or `packed` (compressed-tensors `pack-quantized`, as `compress quant` writes
+    /// it; bits 2, 4 or 8). With both, OUT holds the dense model and OUT/packed the packed one.
+    #[arg(long, default_value = "dense")]
+    format: String,
+    /// The training options, as `compress distill`; --student defaults to --teacher.
+    #[command(flatten)]
+    train: crate::distilling::Args,
+}
+
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    let Some(init) = a.method else {
+        bail!(
+            "qat needs --method rtn, the PTQ result its scales and zero points start from (--init DIR, a quantized folder, is not supported yet)"
+        );
+    };
+    let scheme = QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
+    if a.group == 0 {
+        bail!("--group must be positive");
+    }
+    let t = &a.train;
+    for (given, name) in [
+        (t.lora_rank.is_some(), "--lora-rank"),
+        (t.lora_alpha.is_some(), "--lora-alpha"),
+        (t.lora_targets.is_some(), "--lora-targets"),
+        (t.lora_save.is_some(), "--lora-save"),
+        (t.cache_teacher.is_some(), "--cache-teacher"),
+    ] {
+        if given {
+            bail!(
+                "{name} does not apply to qat (every linear weight trains behind fake quantization)"
+            );
+        }
+    }
+    if a.train.student.is_none() {
+        a.train.student = a.train.teacher.clone();
+    }
+    if a.train.student.is_none() {
+        bail!("qat needs --teacher MODEL (the student defaults to it) or --student MODEL");
+    }
+    let formats = crate::quantize::format_list(
+        &a.format,
+        &["dense", "packed"],
+        "is not supported by qat",
+        "supported",
+    )?;
+    let packed = formats.contains(&"packed");
+    if packed {
+        quant::pack::check_scheme(&scheme)?;
+    }
+    let plan = Plan {
+        opts: QatOptions {
+            scheme,
+            init,
+            learn_scales: a.learn_scales,
+        },
+        dense: formats.contains(&"dense"),
+        packed,
+    };
+    crate::distilling::run_with(a.train, Some(&plan))
+}
+
+/// What a QAT run trains and writes.
+pub(crate) struct Plan {
+    /// The fake quantization.
+    pub opts: QatOptions,
+    /// Write the dense model (into OUT).
+    pub dense: bool,
+    /// Write the packed model (into OUT/packed beside a dense one, else OUT).
+    pub packed: bool,
+}
+
+impl Plan {
+    /// The formats written, as `compress quant` lists them.
+    fn formats(&self) -> Vec<&'static str> {
+        [(self.dense, "dense"), (self.packed, "packed")]
+            .into_iter()
+            .filter_map(|(on, f)| on.then_some(f))
+            .collect()
+    }
+}
+
+/// Writes what QAT adds to the training outputs in `dir`: `quant_report.json`, and the
+/// packed model when asked (the dense one is the trainer's usual output).
+pub(crate) fn write_outputs(
+    q: &Plan,
+    a: &crate::distilling::Args,
+    student: &Checkpoint,
+    tok: &model::Tokenizer,
+    trained: &CausalLm,
+    secs: f64,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let grids = trained.quantized_linears(&q.opts.scheme);
+    let weights = trained.hf_tensors();
+    write_report(q, student, &grids, &weights, a, secs, dir)?;
+    if !q.packed {
+        return Ok(());
+    }
+    let packed_dir = if q.dense {
+        dir.join("packed")
+    } else {
+        dir.to_path_buf()
+    };
+    std::fs::create_dir_all(&packed_dir).with_context(|| format!("{}", packed_dir.display()))?;
+    let qc = quant::pack::quantization_config(student.config(), &q.opts.scheme, false)?;
+    let extra = json!({ "quantization_config": qc });
+    let cfg = crate::hf_folder::write_config(student, StoreDtype::BF16, &packed_dir, Some(extra))?;
+    crate::hf_folder::write_aux(student, tok, &cfg, &packed_dir)?;
+    let path = packed_dir.join("model.safetensors");
+    let mut sink = PackedSink::create(&path, &cfg, q.opts.scheme, false)?;
+    for (name, shape) in model::checkpoint::expected_tensors(&cfg) {
+        let data = weights
+            .get(&name)
+            .with_context(|| format!("trained model has no tensor {name}"))?;
+        match grids.get(&name) {
+            Some(g) => sink.linear(&name, g, data)?,
+            None => sink.plain(&name, data, &shape)?,
+        }
+    }
+    Box::new(sink).finish()?;
+    Ok(())
+}
+
+/// Writes `dir/quant_report.json` for the trained student: the scheme, bits per weight and
+/// each linear's error against the student it started from, as `compress quant` reports
+/// them; refuses weights (`weights`) that are not exactly on their grids (`grids`).
+fn write_report(
+    plan: &Plan,
+    student: &Checkpoint,
+    grids: &BTreeMap<String, QuantizedLinear>,
+    weights: &BTreeMap<String, Vec<f32>>,
+    a: &crate::distilling::Args,
+    secs: f64,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let q = &plan.opts;
+    let (mut linears, mut params, mut bits) = (Vec::new(), 0u64, 0f64);
+    for (name, shape) in model::checkpoint::expected_tensors(student.config()) {
+        let Some(g) = grids.get(&name) else {
+            continue;
+        };
+        let deq = g.dequantize();
+        if deq
+            .iter()
+            .zip(&weights[&name])
+            .any(|(x, y)| x.to_bits() != y.to_bits())
+        {
+            bail!("`{name}`: the trained weights are not on their quantization grid");
+        }
+        let start = student
+            .read(&name, &shape)
+            .with_context(|| format!("{}", student.path().display()))?;
+        linears.push(LinearReport {
+            name: name.clone(),
+            weight_rel_error: quant::block::weight_error(&start, &deq),
+            output_rel_error: None,
+        });
+        let n = (g.rows * g.cols) as u64;
+        params += n;
+        bits += n as f64 * q.scheme.bits_per_weight(g.cols);
+    }
+    let report = PtqReport {
+        method: format!(
+            "qat from {}",
+            serde_json::to_value(q.init)?.as_str().unwrap_or("?")
+        ),
+        scheme: q.scheme,
+        propagate_quantized: false,
+        calib_samples: 0,
+        calib_len: 0,
+        linears,
+        quantized_params: params,
+        linear_bits_per_weight: bits / params.max(1) as f64,
+        wall_seconds: secs,
+    };
+    let full = json!({
+        "teacher": a.teacher, "student": a.student, "scheme": q.scheme,
+        "scheme_label": q.scheme.label(), "formats": plan.formats(), "dtype": a.dtype,
+        "qat": q, "report": report,
+    });
+    std::fs::write(
+        dir.join("quant_report.json"),
+        serde_json::to_string_pretty(&full)?,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! `compress qat` on tiny synthetic models: it trains from RTN's grid towards the teacher,
+//! writes a dense model whose linears hold at most 2^bits values per group (what `eval`
+//! reads) and a packed one holding the same weights, with `quant_report.json`; bad inputs
+//! fail with one line before training.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use common::{fails, ok};
+use model::Checkpoint;
+use model::testkit::{calib_text, logits, mean_kld, tiny_config, write_hf};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    teacher: PathBuf,
+    data: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let teacher = root.join("teacher");
+    write_hf(&teacher, &tiny_config(), 1, |_, _| {});
+    let data = root.join("train.txt");
+    std::fs::write(&data, calib_text(2500)).unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        teacher,
+        data,
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Short training: 32-token windows, 4 per step, 12 steps.
+const SMALL: [&str; 8] = [
+    "--seq-len",
+    "32",
+    "--batch-tokens",
+    "128",
+    "--max-tokens",
+    "1536",
+    "--lr",
+    "1e-4",
+];
+
+fn qat(f: &Fixture, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "qat",
+        "--teacher",
+        s(&f.teacher),
+        "--method",
+        "rtn",
+        "--data",
+        s(&f.data),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(&SMALL);
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+/// Mean KL(teacher ‖ model) over windows of the training text.
+fn kld_to_teacher(f: &Fixture, model: &Path) -> f64 {
+    let t = Checkpoint::open(&f.teacher).unwrap();
+    let m = Checkpoint::open(model).unwrap();
+    let tok = model::load_tokenizer(&t).unwrap();
+    let ids = tok.encode(&calib_text(400)).unwrap();
+    let windows: Vec<Vec<u32>> = ids.chunks(32).take(6).map(<[u32]>::to_vec).collect();
+    mean_kld(&logits(&t, &windows), &logits(&m, &windows), 300)
+}
+
+/// The most distinct values any group of `group` inputs of a row holds, over every decoder
+/// linear of `model`; and how many linears there are.
+fn most_values_per_group(model: &Path, group: Option<usize>) -> (usize, usize) {
+    let ckpt = Checkpoint::open(model).unwrap();
+    let (mut most, mut linears) = (0, 0);
+    for (name, shape) in ckpt.expected_tensors() {
+        if !name.contains("_proj.weight") {
+            continue;
+        }
+        linears += 1;
+        let w = ckpt.read(&name, &shape).unwrap();
+        let (rows, cols) = (shape[0], shape[1]);
+        let g = group.unwrap_or(cols);
+        for r in 0..rows {
+            for c0 in (0..cols).step_by(g) {
+                let end = (c0 + g).min(cols);
+                let set: BTreeSet<u32> = w[r * cols + c0..r * cols + end]
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                most = most.max(set.len());
+            }
+        }
+    }
+    (most, linears)
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("quant_report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn qat_trains_on_the_grid_and_writes_a_model_eval_reads() {
+    let f = fixture();
+    let out = f.root.join("qat");
+    let msg = qat(&f, &out, &["--bits", "3", "--group", "16"]);
+    assert!(
+        msg.contains("quantization-aware trained (W3 g16 asym)"),
+        "{msg}"
+    );
+    assert!(msg.contains("12 steps"), "{msg}");
+    // Every linear: at most 2^3 values in each group of 16 inputs.
+    let (most, linears) = most_values_per_group(&out, Some(16));
+    assert!((4..=8).contains(&most), "{most} values in a group");
+    assert_eq!(linears, 21);
+    let r = report(&out);
+    assert_eq!(r["scheme"]["bits"], 3);
+    assert_eq!(r["scheme"]["group"], 16);
+    assert_eq!(r["qat"]["learn_scales"], false);
+    // 3-bit codes, an f16 scale and a 3-bit zero per 16 weights.
+    let bpw = r["report"]["linear_bits_per_weight"].as_f64().unwrap();
+    assert!((bpw - (3.0 + 19.0 / 16.0)).abs() < 1e-9, "{bpw}");
+    assert_eq!(r["report"]["linears"].as_array().unwrap().len(), 21);
+    // Training moved the student towards the teacher from where RTN left it.
+    let rtn = f.root.join("rtn");
+    ok(&[
+        "quant",
+        s(&f.teacher),
+        "--method",
+        "rtn",
+        "--bits",
+        "3",
+        "--group",
+        "16",
+        "--format",
+        "dense",
+        "--out",
+        s(&rtn),
+    ]);
+    let (before, after) = (kld_to_teacher(&f, &rtn), kld_to_teacher(&f, &out));
+    assert!(
+        after < before,
+        "KL to the teacher: RTN {before:.5}, QAT {after:.5}"
+    );
+    // The output is a model: eval reads it.
+    let eval = ok(&[
+        "eval",
+        s(&out),
+        "--ppl",
+        s(&f.data),
+        "--ctx",
+        "32",
+        "--chunks",
+        "4",
+    ]);
+    assert!(eval.contains("perplexity"), "{eval}");
+
+    // Learned symmetric per-channel scales, written dense and packed: still at most 2^4
+    // values per row, and the packed model holds exactly the dense weights.
+    let out = f.root.join("lsq");
+    qat(
+        &f,
+        &out,
+        &[
+            "--bits",
+            "4",
+            "--per-channel",
+            "--sym",
+            "--learn-scales",
+            "--format",
+            "dense,packed",
+        ],
+    );
+    let (most, linears) = most_values_per_group(&out, None);
+    assert!(most <= 16 && linears == 21, "{most} values in a row");
+    let r = report(&out);
+    assert_eq!(r["qat"]["learn_scales"], true);
+    assert_eq!(r["formats"], serde_json::json!(["dense", "packed"]));
+    let (dense, packed) = (
+        Checkpoint::open(&out).unwrap(),
+        Checkpoint::open(&out.join("packed")).unwrap(),
+    );
+    let mut compared = 0;
+    for (name, shape) in dense.expected_tensors() {
+        if name.contains("_proj.weight") {
+            let (d, p) = (dense.read(&name, &shape), packed.read(&name, &shape));
+            assert!(
+                d.unwrap() == p.unwrap(),
+                "{name}: packed differs from dense"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 21);
+    let eval = ok(&[
+        "eval",
+        s(&out.join("packed")),
+        "--ppl",
+        s(&f.data),
+        "--ctx",
+        "32",
+        "--chunks",
+        "2",
+    ]);
+    assert!(eval.contains("perplexity"), "{eval}");
+}
+
+#[test]
+fn bad_inputs_fail_before_training_with_one_line() {
+    let f = fixture();
+    let r = &f.root;
+    let out = r.join("out");
+    let p = |x: &str| PathBuf::from(x);
+    let base = |extra: &[&str]| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = vec![p("qat"), p("--teacher"), f.teacher.clone()];
+        v.extend([p("--data"), f.data.clone(), p("--out"), out.clone()]);
+        if !extra.contains(&"--seq-len") {
+            v.extend(["--seq-len", "32", "--batch-tokens", "128"].map(p));
+        }
+        v.extend(extra.iter().map(|x| p(x)));
+        v
+    };
+    let go = |args: Vec<PathBuf>, names: &str, needles: &[&str]| {
+        let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+        fails(r, &refs, names, needles);
+    };
+    // Nothing to start from.
+    go(base(&[]), "--method", &["rtn", "--init"]);
+    go(base(&["--method", "gptq"]), "--method", &["gptq"]);
+    // The scheme out of range.
+    go(
+        base(&["--method", "rtn", "--bits", "9"]),
+        "--bits 9",
+        &["2 to 8"],
+    );
+    go(base(&["--method", "rtn", "--bits", "1"]), "--bits 1", &[]);
+    go(base(&["--method", "rtn", "--group", "0"]), "--group", &[]);
+    go(
+        base(&["--method", "rtn", "--group", "16", "--per-channel"]),
+        "--per-channel",
+        &[],
+    );
+    // Formats qat does not write, or that cannot hold the bits.
+    go(
+        base(&["--method", "rtn", "--format", "gguf:q4_0"]),
+        "gguf:q4_0",
+        &["qat"],
+    );
+    go(
+        base(&["--method", "rtn", "--bits", "3", "--format", "packed"]),
+        "--format packed",
+        &["2, 4 or 8"],
+    );
+    // A flag given a value, options that do not apply.
+    go(
+        base(&["--method", "rtn", "--learn-scales=yes"]),
+        "--learn-scales",
+        &["yes"],
+    );
+    go(
+        base(&["--method", "rtn", "--lora-rank", "2"]),
+        "--lora-rank",
+        &["qat"],
+    );
+    // The training checks of distill still apply.
+    go(
+        base(&["--method", "rtn", "--seq-len", "300"]),
+        "context",
+        &[],
+    );
+    go(base(&["--method", "rtn", "--lr", "0"]), "--lr", &[]);
+    // No model at all.
+    let none: Vec<PathBuf> = [
+        "qat",
+        "--method",
+        "rtn",
+        "--loss",
+        "ce",
+        "--data",
+        s(&f.data),
+        "--out",
+        s(&out),
+    ]
+    .map(p)
+    .to_vec();
+    go(none, "--teacher", &["--student"]);
+}
