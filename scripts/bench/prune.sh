@@ -181,13 +181,17 @@ for spec in "${SPECS[@]}"; do
         finish "$D"
     done
 done
-# Ours at the peer's output precision (--dtype f32; our default output is bf16).
-if begin wanda-50-f32 ours "wanda, f32 output" "50%" "wanda 50%"; then
+# Ours at the peer's output precision (--dtype f32; our default output is bf16), for the
+# settings where the bf16 rows were above the peer's.
+for spec in wanda:50% sparsegpt:4:8; do
+    M=${spec%%:*}
+    pattern_of "${spec#*:}"
+    begin "$M-$TAG-f32" ours "$M, f32 output" "$PATL" "$M $PATL" || continue
     calib_args
-    step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method wanda --sparsity 0.5 "${CALA[@]}" \
+    step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
         --dtype f32 --format dense --out "$D" --force || true
     finish "$D"
-fi
+done
 if begin wanda-50-owl ours wanda "50% OWL" ""; then
     calib_args
     step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method wanda --sparsity 0.5 --owl "${CALA[@]}" \
