@@ -21,6 +21,9 @@ mod pruning;
 mod qat;
 mod quant_bnb;
 mod quantize;
+mod report;
+mod report_plot;
+mod report_table;
 
 use std::path::PathBuf;
 
@@ -65,6 +68,9 @@ enum Command {
     /// Generate responses to a JSONL file of prompts (greedy or sampled, KV cache) as JSONL
     /// (prompt, response) pairs: training data for black-box distillation.
     Generate(generate::Args),
+    /// Compare runs: one table (Markdown, CSV, LaTeX) of size, perplexity, KLD, task accuracy,
+    /// speed and energy from their reports, and Pareto plots (SVG) of size against quality.
+    Report(report::Args),
 }
 
 /// Sets the worker thread count for all parallel work.
@@ -210,6 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Distill(a) => distilling::run(a),
         Command::Qat(a) => qat::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Report(a) => report::run(a),
     }
 }
 
