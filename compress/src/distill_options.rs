@@ -6,7 +6,9 @@ use anyhow::bail;
 use distill::loss::LossKind;
 use distill::{Divergence, HiddenLoss, LoraOptions, LoraTarget, LossSpec};
 
-use crate::distilling::{Args, Mode};
+use quant::nf4::{BnbScheme, BnbType};
+
+use crate::distilling::{Args, BaseScheme, Mode};
 
 /// The loss the options describe; options that do not apply to the loss are refused.
 pub fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
@@ -166,6 +168,30 @@ pub fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<Lora
         alpha,
         targets,
     }))
+}
+
+/// The 4-bit scheme of a QLoRA base (`None` without --base-scheme), checked against the
+/// student's widths; --block and --double-quant without it, and --base-scheme without
+/// --lora-rank, are refused.
+pub fn base_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<BnbScheme>> {
+    let Some(s) = a.base_scheme else {
+        if a.block.is_some() || a.double_quant {
+            bail!("--block and --double-quant need --base-scheme nf4 (and --lora-rank R)");
+        }
+        return Ok(None);
+    };
+    let ty = match s {
+        BaseScheme::Nf4 => BnbType::Nf4,
+    };
+    if a.lora_rank.is_none() {
+        bail!(
+            "--base-scheme {} holds the frozen base under LoRA adapters; it needs --lora-rank R",
+            ty.name()
+        );
+    }
+    let scheme = BnbScheme::new(ty, a.block, a.double_quant)?;
+    quant::nf4::stage::check_model(&scheme, cfg)?;
+    Ok(Some(scheme))
 }
 
 /// The hidden-state loss the options describe (`None` without --hidden-weight), and whether

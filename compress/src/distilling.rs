@@ -15,11 +15,14 @@ use distill::{
 use model::Checkpoint;
 use model::safetensors_io::{StoreDtype, StreamingWriter};
 use model::transformer::Rope;
+use quant::nf4::BnbScheme;
 use serde_json::json;
 
 use crate::distill_checkpoints as ckpts;
 use crate::distill_loop::{self as lp, Items, Live, Run, Source};
-use crate::distill_options::{check_numbers, hidden_options, lora_options, loss_spec};
+use crate::distill_options::{
+    base_options, check_numbers, hidden_options, lora_options, loss_spec,
+};
 use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 use distill::cache::TeacherCache;
@@ -59,6 +62,13 @@ pub enum LoraSave {
     Adapters,
     /// The merged student, and the adapters in OUT/adapter.
     Both,
+}
+
+/// `--base-scheme`: the 4-bit scheme a QLoRA base is held in.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseScheme {
+    /// NormalFloat-4 (QLoRA), as `compress quant --scheme nf4`.
+    Nf4,
 }
 
 /// What `--data` holds and how it is trained on.
@@ -191,6 +201,18 @@ pub struct Args {
     /// loads when it is an HF folder), or both (adapters in OUT/adapter) [default: merged].
     #[arg(long, value_enum)]
     pub lora_save: Option<LoraSave>,
+    /// QLoRA: hold the frozen student's decoder linears in this 4-bit scheme (packed codes and
+    /// per-block absmax, dequantized on the fly in every forward pass) while the LoRA adapters
+    /// train in f32; needs --lora-rank.
+    #[arg(long, value_enum)]
+    pub base_scheme: Option<BaseScheme>,
+    /// --base-scheme: values per absmax block (32, 64, ..., 4096; every input width has to be
+    /// a multiple of it) [default: 64].
+    #[arg(long)]
+    pub block: Option<usize>,
+    /// --base-scheme: QLoRA double quantization (the absmax values to 8 bits in blocks of 256).
+    #[arg(long)]
+    pub double_quant: bool,
     /// Save a checkpoint every N optimizer steps into OUT.checkpoints/checkpoint-STEP (an HF
     /// model plus the training state); 0: none.
     #[arg(long, default_value_t = 0)]
@@ -247,6 +269,7 @@ struct Plan {
     tok: model::Tokenizer,
     spec: LossSpec,
     lora: Option<LoraOptions>,
+    base: Option<BnbScheme>,
     hidden: Option<(HiddenLoss, bool)>,
     items: Items,
     n_tokens: usize,
@@ -275,6 +298,7 @@ fn plan(a: &Args, student_path: &crate::Path, out: &crate::Path) -> anyhow::Resu
         model::tokenizer::load_checked(&student).context("cannot build the student's tokenizer")?;
     check_context(&student, a.seq_len, "student")?;
     let lora = lora_options(a, student.config())?;
+    let base = base_options(a, student.config())?;
     let hidden = hidden_options(a, student.config(), teacher.as_ref().map(|t| t.config()))?;
     if let Some(t) = &teacher {
         let ttok = model::load_tokenizer(t).context("cannot build the teacher's tokenizer")?;
@@ -298,6 +322,7 @@ fn plan(a: &Args, student_path: &crate::Path, out: &crate::Path) -> anyhow::Resu
         tok,
         spec,
         lora,
+        base,
         hidden,
         items,
         n_tokens,
@@ -315,8 +340,10 @@ fn trainer(
     qat: Option<&QatOptions>,
 ) -> anyhow::Result<Trainer> {
     let mut student = CausalLm::load(&p.student, device).context("cannot load the student")?;
-    if let Some(l) = &p.lora {
-        student = student.with_lora(l);
+    match (&p.lora, &p.base) {
+        (Some(l), Some(b)) => student = student.with_4bit_lora(l, b)?,
+        (Some(l), None) => student = student.with_lora(l),
+        _ => {}
     }
     if let Some(q) = qat {
         student = student.with_fake_quant(q)?;
@@ -388,12 +415,32 @@ fn write_student(
     if let Some(l) = &p.lora
         && save != LoraSave::Merged
     {
-        let at = if save == LoraSave::Both {
-            dir.join("adapter")
+        let sub = if save == LoraSave::Both {
+            "adapter"
         } else {
-            dir.to_path_buf()
+            ""
         };
-        crate::peft::write_adapters(&trained, l, student_path, &at)?;
+        let at = dir.join(sub);
+        // The adapters trained against the dequantized 4-bit base, not --student: that base
+        // goes beside them, in base/ (named by its final path).
+        let base = match (&p.base, &a.out) {
+            (Some(_), Some(out)) => {
+                std::fs::create_dir_all(at.join("base"))?;
+                let cfg = crate::hf_folder::write_config(
+                    &p.student,
+                    StoreDtype::from(a.dtype),
+                    &at.join("base"),
+                    None,
+                )?;
+                let mut tensors = trained.hf_tensors();
+                tensors.extend(trained.base_4bit_weights());
+                write_tensors(&tensors, &cfg, &at.join("base/model.safetensors"), a.dtype)?;
+                crate::hf_folder::write_aux(&p.student, &p.tok, &cfg, &at.join("base"))?;
+                std::path::absolute(out.join(sub).join("base"))?
+            }
+            _ => student_path.clone(),
+        };
+        crate::peft::write_adapters(&trained, l, &base, &at)?;
     }
     if p.lora.is_none() || save != LoraSave::Adapters {
         let student = trained.merged();
@@ -456,6 +503,18 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
         "hidden": p.hidden.as_ref().map(|(h, pr)| json!({"loss": h, "projection": pr})),
         "teacher_cache": cache.as_ref().map(|c| &c.header),
     });
+    // Only present for QLoRA, so that earlier runs' checkpoints keep their fingerprint.
+    if let Some(b) = &p.base {
+        options["base_scheme"] = serde_json::to_value(b)?;
+    }
+    let bytes = trainer.student().base_4bit_bytes();
+    let base_bytes = p.base.map(|b| {
+        json!({
+            "scheme": b, "scheme_label": b.label(), "linears": bytes.linears,
+            "params": bytes.params, "resident_bytes": bytes.resident_bytes,
+            "f32_bytes": bytes.f32_bytes, "bits_per_weight": bytes.bits_per_weight(),
+        })
+    });
     if let Some(q) = qat {
         options["qat"] = serde_json::to_value(q.opts)?;
     }
@@ -504,7 +563,7 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
     if qat.is_none_or(|q| q.dense) {
         write_student(&a, &p, trained, student_path, &tmp)?;
     }
-    let report = json!({
+    let mut report = json!({
         "student": student_path, "teacher": a.teacher, "data": a.data, "options": options,
         "dtype": a.dtype, "threads": threads, "resumed": a.resume, "mode": a.mode,
         "data_tokens": p.n_tokens, "items": p.items.len(), "steps": p.sched.total,
@@ -512,6 +571,9 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
         "tokens_this_process": here, "tokens_per_second": here as f64 / train_secs,
         "seconds": start.elapsed().as_secs_f64(),
     });
+    if let Some(b) = base_bytes {
+        report["base"] = b;
+    }
     std::fs::write(
         tmp.join("distill_report.json"),
         serde_json::to_string_pretty(&report)?,
@@ -542,6 +604,15 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
     if qat.is_some() {
         println!("report: {}", out.join("quant_report.json").display());
     }
+    if let Some(b) = p.base {
+        println!(
+            "base: {} held in {} bytes ({:.3} bits per weight; {} bytes in f32)",
+            b.label(),
+            crate::grouped(bytes.resident_bytes),
+            bytes.bits_per_weight(),
+            crate::grouped(bytes.f32_bytes),
+        );
+    }
     Ok(())
 }
 
@@ -552,7 +623,16 @@ pub(crate) fn write_weights(
     path: &std::path::Path,
     dtype: Dtype,
 ) -> anyhow::Result<()> {
-    let tensors = student.hf_tensors();
+    write_tensors(&student.hf_tensors(), cfg, path, dtype)
+}
+
+/// Writes HF-named tensors in checkpoint order.
+fn write_tensors(
+    tensors: &std::collections::BTreeMap<String, Vec<f32>>,
+    cfg: &model::Config,
+    path: &std::path::Path,
+    dtype: Dtype,
+) -> anyhow::Result<()> {
     let plan: Vec<_> = model::checkpoint::expected_tensors(cfg)
         .into_iter()
         .map(|(n, s)| (n, s, StoreDtype::from(dtype)))

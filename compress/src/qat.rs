@@ -69,6 +69,9 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         (t.lora_targets.is_some(), "--lora-targets"),
         (t.lora_save.is_some(), "--lora-save"),
         (t.cache_teacher.is_some(), "--cache-teacher"),
+        (t.base_scheme.is_some(), "--base-scheme"),
+        (t.block.is_some(), "--block"),
+        (t.double_quant, "--double-quant"),
     ] {
         if given {
             bail!(

@@ -20,7 +20,10 @@ fn weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "safetensors" || x == "gguf") {
+            } else if p
+                .extension()
+                .is_some_and(|x| x == "safetensors" || x == "gguf")
+            {
                 let rel = p.strip_prefix(dir).unwrap().display().to_string();
                 out.insert(rel, std::fs::read(&p).unwrap());
             }
@@ -50,7 +53,9 @@ fn outputs_are_byte_identical_for_any_thread_count() {
         (
             "gptq",
             [
-                &["quant", t, "--method", "gptq", "--bits", "4", "--group", "64"][..],
+                &[
+                    "quant", t, "--method", "gptq", "--bits", "4", "--group", "64",
+                ][..],
                 &cal,
                 &["--format", "dense,packed"],
             ]
@@ -59,7 +64,9 @@ fn outputs_are_byte_identical_for_any_thread_count() {
         (
             "awq",
             [
-                &["quant", t, "--method", "awq", "--bits", "4", "--group", "64"][..],
+                &[
+                    "quant", t, "--method", "awq", "--bits", "4", "--group", "64",
+                ][..],
                 &cal,
             ]
             .concat(),
@@ -75,7 +82,11 @@ fn outputs_are_byte_identical_for_any_thread_count() {
         ),
         (
             "wanda",
-            [&["prune", t, "--method", "wanda", "--sparsity", "0.5"][..], &cal].concat(),
+            [
+                &["prune", t, "--method", "wanda", "--sparsity", "0.5"][..],
+                &cal,
+            ]
+            .concat(),
         ),
     ];
     for (name, args) in runs {

@@ -3,7 +3,7 @@
 //! ([`loss`]), learning-rate schedules ([`schedule`]), training windows ([`data`]) and the
 //! loop ([`train::Trainer`]: AdamW, accumulation to a token budget, global-norm clipping),
 //! optionally on LoRA adapters only ([`lora`]) or with fake-quantized linears
-//! (quantization-aware training, [`qat`]).
+//! (quantization-aware training, [`qat`]), or LoRA on a 4-bit NF4 base (QLoRA, [`qlora`]).
 
 pub mod cache;
 pub mod checkpoint;
@@ -13,6 +13,7 @@ pub mod lora;
 pub mod loss;
 pub mod pairs;
 pub mod qat;
+pub mod qlora;
 pub mod schedule;
 pub mod train;
 

@@ -258,7 +258,7 @@ enum Stored {
 /// A linear's weight and bias as [`ParamRef`]s.
 fn linear_params(f: &mut dyn FnMut(&str, ParamRef<'_>), name: &str, lin: &Linear) {
     f(&format!("{name}.weight"), ParamRef::Linear(&lin.weight));
-    if let Some(ad) = lin.weight.adapter() {
+    if let Some(ad) = crate::qlora::adapter_of(&lin.weight) {
         f(&format!("{name}.lora_a"), ParamRef::Plain2(&ad.a));
         f(&format!("{name}.lora_b"), ParamRef::Plain2(&ad.b));
     }

@@ -49,7 +49,7 @@ pub struct LoraOptions {
 
 impl CausalLm {
     /// The weight ids of the targeted linears of every block.
-    fn target_ids(&self, targets: &[LoraTarget]) -> Vec<ParamId> {
+    pub(crate) fn target_ids(&self, targets: &[LoraTarget]) -> Vec<ParamId> {
         let mut ids = Vec::new();
         for layer in &self.layers {
             let (a, m) = (&layer.self_attn, &layer.mlp);

@@ -188,7 +188,7 @@ impl Reparameterizer for Attach {
 
 impl CausalLm {
     /// The weight of every fake-quantizable linear, by HF name (`model.layers.L.X.weight`).
-    fn qat_weights(&self) -> Vec<(String, &Param<Tensor<2>>)> {
+    pub(crate) fn qat_weights(&self) -> Vec<(String, &Param<Tensor<2>>)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             let (a, m) = (&layer.self_attn, &layer.mlp);
@@ -214,9 +214,11 @@ impl CausalLm {
     pub fn with_fake_quant(self, opts: &QatOptions) -> Result<Self> {
         let mut ids = HashMap::new();
         for (name, w) in self.qat_weights() {
-            if w.adapter().is_some() {
+            if crate::qlora::adapter_of(w).is_some()
+                || w.reparameterization::<crate::qlora::Nf4Base>().is_some()
+            {
                 return Err(DistillError::Invalid(format!(
-                    "{name}: fake quantization does not combine with LoRA adapters"
+                    "{name}: fake quantization does not combine with LoRA adapters or a 4-bit base"
                 )));
             }
             let inp = w.base().dims()[0];
