@@ -4,6 +4,7 @@
 
 mod calib;
 mod convert;
+mod distill_args;
 mod distill_cache;
 mod distill_checkpoints;
 mod distill_loop;
