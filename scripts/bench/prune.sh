@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pruning table on SmolLM2-135M-Instruct: our `compress prune` (magnitude, Wanda, SparseGPT
 # at 50% unstructured, 2:4 and 4:8, Wanda and SparseGPT also in true-sequential order and
-# with --refit; Wanda 50% with
+# with --refit, SparseGPT N:M also with the paper's --nm-select saliency, Wanda 50% and
+# SparseGPT 4:8 also with f32 output (the peer's precision); Wanda 50% with
 # OWL; structured channels, heads and layers; 2:4 SparseGPT + GPTQ W4 g128 and 50% Wanda +
 # RTN GGUF Q4_K_M), and beside them llm-compressor's SparseGPT and Wanda (PyPI `llmcompressor`, in a throwaway venv) on exactly
 # the same calibration tokens. For every row: parameters, linear sparsity (exact zeros of the
