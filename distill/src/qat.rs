@@ -125,17 +125,6 @@ pub fn fake_quant(
     (q - z) * s
 }
 
-/// The HF suffixes of the fake-quantized linears of a block, in checkpoint order.
-pub const QAT_LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
 /// Attaches [`FakeQuant`] to the weights named in `ids`, initialised by RTN on their values.
 struct Attach {
     opts: QatOptions,
@@ -201,7 +190,7 @@ impl CausalLm {
                 &m.up_proj,
                 &m.down_proj,
             ];
-            for (suffix, lin) in QAT_LINEARS.iter().zip(lins) {
+            for ((suffix, _), lin) in quant::block::LINEARS.iter().zip(lins) {
                 out.push((format!("model.layers.{l}.{suffix}.weight"), &lin.weight));
             }
         }

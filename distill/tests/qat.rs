@@ -27,9 +27,9 @@ fn opts(bits: u8, group: Option<usize>, sym: bool, learn_scales: bool) -> QatOpt
 }
 
 fn is_linear(name: &str) -> bool {
-    distill::qat::QAT_LINEARS
+    quant::block::LINEARS
         .iter()
-        .any(|l| name.ends_with(&format!("{l}.weight")))
+        .any(|(l, _)| name.ends_with(&format!("{l}.weight")))
 }
 
 /// The student's tensors and config, from a tiny synthetic HF folder.

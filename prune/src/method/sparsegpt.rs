@@ -161,8 +161,12 @@ impl PruneMethod for SparseGpt {
                             (0..rows)
                                 .into_par_iter()
                                 .map(|r| {
-                                    let w: Vec<f32> = (0..m).map(|j| wm[(r, c + j)]).collect();
-                                    best_subset(&w, &ug, subs)
+                                    // m <= 63 here (`subsets`): no allocation per row.
+                                    let mut w = [0f32; 64];
+                                    for (j, v) in w[..m].iter_mut().enumerate() {
+                                        *v = wm[(r, c + j)];
+                                    }
+                                    best_subset(&w[..m], &ug, subs)
                                 })
                                 .collect()
                         }
