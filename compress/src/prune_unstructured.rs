@@ -83,16 +83,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.true_sequential && !method.needs_calibration() {
         bail!("--true-sequential applies to calibrated methods (wanda, sparsegpt) only");
     }
-    if a.refit > 0 && a.calib.is_none() {
+    let refit = a.refit.unwrap_or_else(|| method.default_refit());
+    if refit > 0 && a.calib.is_none() {
         bail!("--refit needs --calib FILE (it fits the weights to calibration inputs)");
     }
-    if a.refit > 10_000 {
+    if refit > 10_000 {
         bail!(
-            "--refit {} is beyond any use (conjugate gradients converge in at most the input width; try 20-100)",
-            a.refit
+            "--refit {refit} is beyond any use (conjugate gradients converge in at most the input width; try 20-100)"
         );
     }
-    if !method.needs_calibration() && owl.is_none() && a.refit == 0 && a.calib.is_some() {
+    if !method.needs_calibration() && owl.is_none() && refit == 0 && a.calib.is_some() {
         bail!("--calib does not apply to --method magnitude without --refit (it is data-free)");
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
@@ -154,7 +154,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         block_sparsity,
         sample_rows: a.sample_rows,
         true_sequential: a.true_sequential,
-        refit: a.refit,
+        refit,
     };
     let pb = crate::progress_bar(method.name(), cfg.num_hidden_layers as u64);
     let report = prune::pipeline::prune(
@@ -191,7 +191,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let full = json!({
         "teacher": a.model, "method": method_kind, "pattern": pattern,
-        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "nm_select": (method_kind == prune::method::Method::Sparsegpt && matches!(pattern, Pattern::NofM { .. })).then_some(nm_select), "owl": owl, "sample_rows": a.sample_rows, "dtype": a.dtype, "true_sequential": a.true_sequential, "refit": a.refit},
+        "options": {"damp": (method_kind == prune::method::Method::Sparsegpt).then_some(damp), "nm_select": (method_kind == prune::method::Method::Sparsegpt && matches!(pattern, Pattern::NofM { .. })).then_some(nm_select), "owl": owl, "sample_rows": a.sample_rows, "dtype": a.dtype, "true_sequential": a.true_sequential, "refit": refit},
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
         "teacher_bytes": ckpt.bytes_on_disk(), "params": cfg.num_params(),
         "dense_bytes": dense.then_some(dense_bytes), "sparse": sparse_report, "report": report,

@@ -81,8 +81,9 @@ pub struct Args {
     /// Unstructured / N:M: after each linear's mask is chosen, refit its kept weights to the
     /// least-squares reconstruction of its outputs on the calibration inputs, with this many
     /// conjugate-gradient steps (0: keep the method's weights; needs --calib, also for magnitude).
-    #[arg(long, default_value_t = 0)]
-    pub refit: usize,
+    /// Default: 3 for sparsegpt (its sweep only approximates these weights), 0 otherwise.
+    #[arg(long)]
+    pub refit: Option<usize>,
     /// Structured pruning: the unit removed.
     #[arg(long, value_enum)]
     pub structured: Option<Unit>,
@@ -169,7 +170,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (a.owl, "--owl"),
             (a.damp.is_some(), "--damp"),
             (a.true_sequential, "--true-sequential"),
-            (a.refit > 0, "--refit"),
+            (a.refit.is_some(), "--refit"),
             (a.format.contains(&Format::Sparse), "--format sparse"),
         ] {
             if set {

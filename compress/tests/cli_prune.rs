@@ -487,3 +487,85 @@ fn pruned_zeros_survive_gguf_k_quants() {
         }
     }
 }
+
+/// SparseGPT refits 3 steps unless told otherwise: the report says so, block 0 keeps the same
+/// zeros as `--refit 0` (its statistics come from the unpruned block either way) and every one
+/// of its linears reconstructs its outputs at least as well.
+#[test]
+fn sparsegpt_refits_by_default_and_refit_0_is_the_plain_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let teacher = root.join("teacher");
+    write_hf(&teacher, &tiny_config(), 3, |_, _| {});
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, calib_text(3000)).unwrap();
+    let (t, c) = (teacher.to_str().unwrap(), calib.to_str().unwrap());
+    let run = |name: &str, extra: &[&str]| {
+        let out = root.join(name);
+        let mut args = vec![
+            "prune",
+            t,
+            "--method",
+            "sparsegpt",
+            "--pattern",
+            "2:4",
+            "--calib",
+            c,
+            "--calib-samples",
+            "4",
+            "--calib-len",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        succeeds(&args);
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("prune_report.json")).unwrap()).unwrap();
+        (out, report)
+    };
+    let (d_out, d_rep) = run("default", &[]);
+    let (p_out, p_rep) = run("plain", &["--refit", "0"]);
+    assert_eq!(d_rep["options"]["refit"], 3);
+    assert_eq!(p_rep["options"]["refit"], 0);
+    let (d, p) = (
+        model::Checkpoint::open(&d_out).unwrap(),
+        model::Checkpoint::open(&p_out).unwrap(),
+    );
+    let mut moved = 0;
+    for (name, shape) in model::checkpoint::block_tensors(d.config(), 0) {
+        if !name.ends_with("proj.weight") {
+            continue;
+        }
+        let (a, b) = (
+            d.read(&name, &shape).unwrap(),
+            p.read(&name, &shape).unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(*x == 0.0, *y == 0.0, "{name}: the refit changed the mask");
+        }
+        moved += a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    }
+    assert!(moved > 0, "the default refit moved no weight");
+    let errs = |r: &serde_json::Value| -> Vec<(String, f64)> {
+        r["report"]["linears"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["name"].as_str().unwrap().starts_with("model.layers.0."))
+            .map(|l| {
+                let n = l["name"].as_str().unwrap().to_string();
+                (n, l["output_rel_error"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let (de, pe) = (errs(&d_rep), errs(&p_rep));
+    assert_eq!(de.len(), 7);
+    for ((n, a), (_, b)) in de.iter().zip(&pe) {
+        assert!(
+            *a <= b * 1.0001,
+            "{n}: output error {a} with the refit, {b} without"
+        );
+    }
+    assert!(de.iter().zip(&pe).any(|((_, a), (_, b))| a < &(b * 0.999)));
+}

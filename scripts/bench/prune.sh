@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pruning table on SmolLM2-135M-Instruct: our `compress prune` (magnitude, Wanda, SparseGPT
 # at 50% unstructured, 2:4 and 4:8, Wanda and SparseGPT also in true-sequential order and
-# with --refit, SparseGPT N:M also with the paper's --nm-select saliency, Wanda 50% and
+# with --refit, SparseGPT N:M also with the paper's --nm-select saliency, SparseGPT also
+# without its default refit (--refit 0), Wanda 50% and
 # SparseGPT 4:8 also with f32 output (the peer's precision); Wanda 50% with
 # OWL; structured channels, heads and layers; 2:4 SparseGPT + GPTQ W4 g128 and 50% Wanda +
 # RTN GGUF Q4_K_M), and beside them llm-compressor's SparseGPT and Wanda (PyPI `llmcompressor`, in a throwaway venv) on exactly
@@ -150,21 +151,40 @@ nm_select_of() {
 # Ours, SparseGPT N:M with the paper's per-column saliency (--nm-select saliency).
 for spec in 2:4 4:8; do
     pattern_of "$spec"
-    begin "sparsegpt-$TAG-saliency" ours "sparsegpt, saliency N:M" "$PATL" "sparsegpt $PATL" || continue
+    begin "sparsegpt-$TAG-saliency" ours "sparsegpt, saliency N:M, --refit 0" "$PATL" "sparsegpt $PATL" || continue
     calib_args
     step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method sparsegpt "${FL[@]}" "${CALA[@]}" \
-        --nm-select saliency --format dense,sparse --out "$D" --force || true
+        --nm-select saliency --refit 0 --format dense,sparse --out "$D" --force || true
     finish "$D"
 done
+# Ours, SparseGPT without its default refit (--refit 0): the sweep's own weights, as the
+# paper and llm-compressor.
+for spec in "${SPECS[@]}"; do
+    pattern_of "$spec"
+    begin "sparsegpt-$TAG-refit0" ours "sparsegpt, --refit 0" "$PATL" "sparsegpt $PATL" || continue
+    calib_args
+    step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method sparsegpt "${FL[@]}" "${CALA[@]}" \
+        --refit 0 --format dense,sparse --out "$D" --force || true
+    finish "$D"
+done
+# refit0_of METHOD: R0 (flags) and R0L (label): SparseGPT's comparison rows without its
+# default refit.
+refit0_of() {
+    R0=() R0L=""
+    if [[ "$1" == sparsegpt ]]; then
+        R0=(--refit 0) R0L=", --refit 0"
+    fi
+}
 # Ours in true-sequential order (--true-sequential; the default is one pass per block).
 for spec in "${SPECS[@]}"; do
     pattern_of "$spec"
     for M in wanda sparsegpt; do
         nm_select_of "$M" "$spec" saliency
-        begin "$M-$TAG-seq" ours "$M true-sequential$NML" "$PATL" "$M $PATL" || continue
+        refit0_of "$M"
+        begin "$M-$TAG-seq" ours "$M true-sequential$R0L$NML" "$PATL" "$M $PATL" || continue
         calib_args
         step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
-            "${NMS[@]}" --true-sequential --format dense,sparse --out "$D" --force || true
+            "${NMS[@]}" "${R0[@]}" --true-sequential --format dense,sparse --out "$D" --force || true
         finish "$D"
     done
 done
@@ -187,10 +207,11 @@ done
 for spec in wanda:50% sparsegpt:4:8; do
     M=${spec%%:*}
     pattern_of "${spec#*:}"
-    begin "$M-$TAG-f32" ours "$M, f32 output" "$PATL" "$M $PATL" || continue
+    refit0_of "$M"
+    begin "$M-$TAG-f32" ours "$M, f32 output$R0L" "$PATL" "$M $PATL" || continue
     calib_args
     step "$OUT/$KEY.log" "$BIN" prune "$MODEL" --method "$M" "${FL[@]}" "${CALA[@]}" \
-        --dtype f32 --format dense --out "$D" --force || true
+        "${R0[@]}" --dtype f32 --format dense --out "$D" --force || true
     finish "$D"
 done
 if begin wanda-50-owl ours wanda "50% OWL" ""; then

@@ -108,6 +108,11 @@ pub trait PruneMethod: Send + Sync {
     fn damp(&self) -> f64 {
         0.01
     }
+    /// Conjugate-gradient refit steps it runs by default once a linear's mask is chosen
+    /// ([`crate::refit`]; 0: none, the method's own weights are kept).
+    fn default_refit(&self) -> usize {
+        0
+    }
     /// Prunes one linear layer in place.
     fn prune_linear(&self, job: LinearJob<'_>) -> Result<(), PruneError>;
 }
