@@ -120,7 +120,7 @@ fn trainer(
     a: &Args,
     p: &Plan,
     device: &model::Device,
-    qat: Option<&QatOptions>,
+    qat: Option<(&QatOptions, Option<&crate::qat_init::PtqStart>)>,
 ) -> anyhow::Result<Trainer> {
     let mut student = CausalLm::load(&p.student, device).context("cannot load the student")?;
     match (&p.lora, &p.base) {
@@ -128,8 +128,10 @@ fn trainer(
         (Some(l), None) => student = student.with_lora(l),
         _ => {}
     }
-    if let Some(q) = qat {
-        student = student.with_fake_quant(q)?;
+    match qat {
+        Some((q, Some(start))) => student = student.with_fake_quant_from(q, &start.params)?,
+        Some((q, None)) => student = student.with_fake_quant(q)?,
+        None => {}
     }
     if let Some((h, true)) = &p.hidden {
         let width = p.teacher.as_ref().map_or(0, |t| t.config().hidden_size);
@@ -253,11 +255,25 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
             "training needs --student MODEL and --out DIR (or --cache-teacher FILE to only write a teacher cache)"
         );
     };
-    let p = plan(&a, student_path, out)?;
+    let mut p = plan(&a, student_path, out)?;
+    // QAT from GPTQ/AWQ: the PTQ start, once every option and input has been checked.
+    let ptq = match qat {
+        Some(q) => q.ptq_start(student_path, out, a.seed, a.save_every > 0)?,
+        None => None,
+    };
+    // Without checkpoints the start is a temporary, gone when the run ends either way.
+    let _ptq_guard = TempGuard(
+        ptq.as_ref()
+            .filter(|_| a.save_every == 0)
+            .map(|s| s.dir.clone()),
+    );
+    if let Some(s) = &ptq {
+        p.student = open(&s.dir, "student")?;
+    }
     plain.seed(a.seed);
     let device = plain.clone().autodiff();
     let (teacher, rope, cache) = teacher_parts(&a, &p, &plain)?;
-    let mut trainer = trainer(&a, &p, &device, qat.map(|q| &q.opts))?;
+    let mut trainer = trainer(&a, &p, &device, qat.map(|q| (&q.opts, ptq.as_ref())))?;
     let options = options_json(&a, &p, cache.as_ref(), qat)?;
     let bytes = trainer.student().base_4bit_bytes();
     let base_bytes = p.base.map(|b| {
@@ -307,7 +323,17 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
     std::fs::write(tmp.join("train_log.jsonl"), log.concat())?;
     let trained = trainer.into_student();
     if let Some(q) = qat {
-        crate::qat::write_outputs(q, &a, &p.student, &p.tok, &trained, train_secs, &tmp)?;
+        let ptq_summary = ptq.as_ref().map(|s| &s.summary);
+        crate::qat::write_outputs(
+            q,
+            &a,
+            &p.student,
+            &p.tok,
+            &trained,
+            train_secs,
+            ptq_summary,
+            &tmp,
+        )?;
     }
     if qat.is_none_or(|q| q.dense) {
         write_student(&a, &p, trained, student_path, &tmp)?;

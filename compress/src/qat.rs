@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
+
+use crate::output::{TempGuard, temp_sibling};
 use distill::{CausalLm, QatInit, QatOptions};
 use model::Checkpoint;
 use model::safetensors_io::StoreDtype;
@@ -47,6 +49,9 @@ pub struct Args {
     /// it; bits 2, 4 or 8). With both, OUT holds the dense model and OUT/packed the packed one.
     #[arg(long, default_value = "dense")]
     format: String,
+    /// Calibration of a GPTQ or AWQ start.
+    #[command(flatten)]
+    calib: crate::qat_init::CalibArgs,
     /// The training options, as `compress distill`; --student defaults to --teacher.
     #[command(flatten)]
     train: crate::distilling::Args,
@@ -55,13 +60,14 @@ pub struct Args {
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     let Some(init) = a.method else {
         bail!(
-            "qat needs --method rtn, the PTQ result its scales and zero points start from (--init DIR, a quantized folder, is not supported yet)"
+            "qat needs --method rtn|gptq|awq, the PTQ result its scales and zero points start from (--init DIR, a quantized folder, is not supported yet)"
         );
     };
     let scheme = QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
     if a.group == 0 {
         bail!("--group must be positive");
     }
+    a.calib.check(init)?;
     let t = &a.train;
     for (given, name) in [
         (t.lora_rank.is_some(), "--lora-rank"),
@@ -103,6 +109,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         },
         dense: formats.contains(&"dense"),
         packed,
+        calib: a.calib,
     };
     crate::distilling::run_with(a.train, Some(&plan))
 }
@@ -115,9 +122,50 @@ pub(crate) struct Plan {
     pub dense: bool,
     /// Write the packed model (into OUT/packed beside a dense one, else OUT).
     pub packed: bool,
+    /// Calibration of a GPTQ or AWQ start.
+    pub calib: crate::qat_init::CalibArgs,
 }
 
 impl Plan {
+    /// Runs the PTQ start of a GPTQ or AWQ init on `student`; `None` for RTN, which starts
+    /// from the student itself. With checkpoints (`resumable`) it goes into the checkpoint
+    /// folder of `out`, where a resumed run finds the same start again and which is removed
+    /// with the checkpoints; otherwise into a temporary sibling of `out` that the caller
+    /// removes when the run ends (and an interrupt removes).
+    pub fn ptq_start(
+        &self,
+        student: &Path,
+        out: &Path,
+        seed: u64,
+        resumable: bool,
+    ) -> anyhow::Result<Option<crate::qat_init::PtqStart>> {
+        if self.opts.init == QatInit::Rtn {
+            return Ok(None);
+        }
+        let (o, c) = (&self.opts, &self.calib);
+        if !resumable {
+            let name = out
+                .file_name()
+                .map_or("out".into(), |n| n.to_string_lossy());
+            let tmp = temp_sibling(&out.with_file_name(format!("{name}.ptq-start")));
+            let mut guard = TempGuard(Some(tmp.clone()));
+            let start = crate::qat_init::run(student, o.init, o.scheme, c, seed, &tmp)?;
+            guard.0 = None;
+            return Ok(Some(start));
+        }
+        let dir = crate::distill_checkpoints::root_for(out).join("ptq-start");
+        let tmp = temp_sibling(&dir);
+        let mut guard = TempGuard(Some(tmp.clone()));
+        let mut start = crate::qat_init::run(student, o.init, o.scheme, c, seed, &tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+        }
+        std::fs::rename(&tmp, &dir).with_context(|| format!("{}", dir.display()))?;
+        guard.0 = None;
+        start.dir = dir;
+        Ok(Some(start))
+    }
+
     /// The formats written, as `compress quant` lists them.
     fn formats(&self) -> Vec<&'static str> {
         [(self.dense, "dense"), (self.packed, "packed")]
@@ -136,11 +184,12 @@ pub(crate) fn write_outputs(
     tok: &model::Tokenizer,
     trained: &CausalLm,
     secs: f64,
+    ptq: Option<&serde_json::Value>,
     dir: &Path,
 ) -> anyhow::Result<()> {
     let grids = trained.quantized_linears(&q.opts.scheme);
     let weights = trained.hf_tensors();
-    write_report(q, student, &grids, &weights, a, secs, dir)?;
+    write_report(q, student, &grids, &weights, (a, secs, ptq), dir)?;
     if !q.packed {
         return Ok(());
     }
@@ -177,8 +226,7 @@ fn write_report(
     student: &Checkpoint,
     grids: &BTreeMap<String, QuantizedLinear>,
     weights: &BTreeMap<String, Vec<f32>>,
-    a: &crate::distilling::Args,
-    secs: f64,
+    (a, secs, ptq): (&crate::distilling::Args, f64, Option<&serde_json::Value>),
     dir: &Path,
 ) -> anyhow::Result<()> {
     let q = &plan.opts;
@@ -224,7 +272,7 @@ fn write_report(
     let full = json!({
         "teacher": a.teacher, "student": a.student, "scheme": q.scheme,
         "scheme_label": q.scheme.label(), "formats": plan.formats(), "dtype": a.dtype,
-        "qat": q, "report": report,
+        "qat": q, "ptq_start": ptq, "report": report,
     });
     std::fs::write(
         dir.join("quant_report.json"),

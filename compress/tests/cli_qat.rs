@@ -235,7 +235,18 @@ fn bad_inputs_fail_before_training_with_one_line() {
     };
     // Nothing to start from.
     go(base(&[]), "--method", &["rtn", "--init"]);
-    go(base(&["--method", "gptq"]), "--method", &["gptq"]);
+    go(
+        base(&["--method", "gptq"]),
+        "--method",
+        &["gptq", "--calib"],
+    );
+    go(base(&["--method", "awq"]), "--method", &["awq", "--calib"]);
+    let d = f.data.to_str().unwrap();
+    go(
+        base(&["--method", "rtn", "--calib", d]),
+        "--calib",
+        &["gptq|awq"],
+    );
     // The scheme out of range.
     go(
         base(&["--method", "rtn", "--bits", "9"]),
@@ -293,4 +304,94 @@ fn bad_inputs_fail_before_training_with_one_line() {
     .map(p)
     .to_vec();
     go(none, "--teacher", &["--student"]);
+}
+
+/// QAT from GPTQ: GPTQ runs first on the same calibration as `compress quant` draws, and
+/// with frozen scales the trained student keeps GPTQ's scales and zero points exactly (RTN's
+/// would differ: GPTQ takes them from its error-updated weights); the report names the start,
+/// and nothing of the start is left beside the output.
+#[test]
+fn qat_from_gptq_keeps_gptqs_grid() {
+    let f = fixture();
+    let calib = f.root.join("calib.txt");
+    std::fs::write(&calib, calib_text(3000)).unwrap();
+    let scheme = ["--bits", "4", "--group", "16"];
+    let cal = [
+        "--calib",
+        s(&calib),
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+    ];
+    let ptq = f.root.join("gptq");
+    let mut args = vec![
+        "quant",
+        s(&f.teacher),
+        "--method",
+        "gptq",
+        "--format",
+        "packed",
+    ];
+    args.extend_from_slice(&scheme);
+    args.extend_from_slice(&cal);
+    args.extend_from_slice(&["--out", s(&ptq)]);
+    ok(&args);
+    let out = f.root.join("qat-gptq");
+    let mut args = vec![
+        "qat",
+        "--teacher",
+        s(&f.teacher),
+        "--method",
+        "gptq",
+        "--data",
+        s(&f.data),
+        "--format",
+        "packed",
+        "--out",
+        s(&out),
+    ];
+    args.extend_from_slice(&scheme);
+    args.extend_from_slice(&cal);
+    args.extend_from_slice(&SMALL);
+    ok(&args);
+    let open = |d: &Path| model::safetensors_io::SafetensorsSet::open(d).unwrap();
+    let (a, b) = (open(&ptq), open(&out));
+    let rtn = f.root.join("rtn");
+    let mut args = vec![
+        "quant",
+        s(&f.teacher),
+        "--method",
+        "rtn",
+        "--format",
+        "packed",
+    ];
+    args.extend_from_slice(&scheme);
+    args.extend_from_slice(&["--out", s(&rtn)]);
+    ok(&args);
+    let r = open(&rtn);
+    let mut differs_from_rtn = false;
+    for l in ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"] {
+        let name = format!("model.layers.0.{l}.weight_scale");
+        let (x, y) = (
+            a.read_f32(&name).unwrap().unwrap().0,
+            b.read_f32(&name).unwrap().unwrap().0,
+        );
+        assert_eq!(x, y, "{name}: QAT's frozen scales are not GPTQ's");
+        differs_from_rtn |= r.read_f32(&name).unwrap().unwrap().0 != x;
+    }
+    assert!(
+        differs_from_rtn,
+        "GPTQ's scales equal RTN's: the test shows nothing"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("quant_report.json")).unwrap()).unwrap();
+    assert_eq!(report["ptq_start"]["method"], "gptq");
+    assert_eq!(report["ptq_start"]["calibration"]["samples"], 4);
+    let left: Vec<String> = std::fs::read_dir(&f.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("ptq-start") || n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

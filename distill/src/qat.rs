@@ -32,6 +32,10 @@ pub enum QatInit {
     /// Round-to-nearest on the student's own weights (min/max per group, as `compress quant
     /// --method rtn`).
     Rtn,
+    /// GPTQ's result: its dequantized weights as the student, its scales and zero points.
+    Gptq,
+    /// AWQ's result, likewise (its scaled norms and weights included).
+    Awq,
 }
 
 /// Quantization-aware training settings.
@@ -125,13 +129,15 @@ pub fn fake_quant(
     (q - z) * s
 }
 
-/// Attaches [`FakeQuant`] to the weights named in `ids`, initialised by RTN on their values.
-struct Attach {
+/// Attaches [`FakeQuant`] to the weights named in `ids`, initialised from `given` where it
+/// names the weight, else by RTN on their values.
+struct Attach<'a> {
     opts: QatOptions,
     ids: HashMap<ParamId, String>,
+    given: Option<&'a BTreeMap<String, QuantizedLinear>>,
 }
 
-impl Reparameterizer for Attach {
+impl Reparameterizer for Attach<'_> {
     type Reparam = FakeQuant;
 
     fn reparameterize<const D: usize>(
@@ -146,9 +152,16 @@ impl Reparameterizer for Attach {
         let device = t.device();
         let dims = t.dims();
         let (inp, out) = (dims[0], dims[1]);
-        let hf = transpose(&values(t), inp, out);
         let s = &self.opts.scheme;
-        let q = quantize_rtn(s, name, &hf, out, inp).expect("group checked before attaching");
+        let rtn;
+        let q = match self.given.and_then(|g| g.get(name)) {
+            Some(q) => q,
+            None => {
+                let hf = transpose(&values(t), inp, out);
+                rtn = quantize_rtn(s, name, &hf, out, inp).expect("group checked before attaching");
+                &rtn
+            }
+        };
         let group = s
             .group_len(name, inp)
             .expect("group checked before attaching");
@@ -201,6 +214,56 @@ impl CausalLm {
     /// from RTN on the current weights (frozen scales unless `opts.learn_scales`). Every other
     /// tensor is left as it is and keeps training. Refused for a group size of 0.
     pub fn with_fake_quant(self, opts: &QatOptions) -> Result<Self> {
+        self.attach_fake_quant(opts, None)
+    }
+
+    /// As [`Self::with_fake_quant`], with each linear's scales and zero points taken from a
+    /// PTQ result (`params`, by HF weight name; the student's weights should be its
+    /// dequantized weights, which fake quantization then reproduces exactly). Every linear
+    /// must be there, with contiguous groups of the scheme's size (no activation-order
+    /// `g_idx`).
+    pub fn with_fake_quant_from(
+        self,
+        opts: &QatOptions,
+        params: &BTreeMap<String, QuantizedLinear>,
+    ) -> Result<Self> {
+        for (name, w) in self.qat_weights() {
+            let [inp, out] = w.base().dims();
+            let bad = |m: String| Err(DistillError::Invalid(format!("{name}: {m}")));
+            let Some(q) = params.get(&name) else {
+                return bad("the PTQ result has no scales for it".into());
+            };
+            let group = opts
+                .scheme
+                .group_len(&name, inp)
+                .map_err(|e| DistillError::Invalid(e.to_string()))?;
+            if (q.rows, q.cols, q.groups) != (out, inp, inp.div_ceil(group))
+                || q.params.len() != q.rows * q.groups
+            {
+                return bad(format!(
+                    "the PTQ result is {} x {} in {} groups, the student {out} x {inp} in groups of {group}",
+                    q.rows, q.cols, q.groups
+                ));
+            }
+            if q.g_idx
+                .iter()
+                .enumerate()
+                .any(|(c, &g)| g as usize != c / group)
+            {
+                return bad(
+                    "its groups are in activation order (g_idx); QAT needs contiguous groups"
+                        .into(),
+                );
+            }
+        }
+        self.attach_fake_quant(opts, Some(params))
+    }
+
+    fn attach_fake_quant(
+        self,
+        opts: &QatOptions,
+        given: Option<&BTreeMap<String, QuantizedLinear>>,
+    ) -> Result<Self> {
         let mut ids = HashMap::new();
         for (name, w) in self.qat_weights() {
             if crate::qlora::adapter_of(w).is_some()
@@ -216,7 +279,11 @@ impl CausalLm {
                 .map_err(|e| DistillError::Invalid(e.to_string()))?;
             ids.insert(w.id, name);
         }
-        Ok(self.apply_reparameterization(Attach { opts: *opts, ids }))
+        Ok(self.apply_reparameterization(Attach {
+            opts: *opts,
+            ids,
+            given,
+        }))
     }
 
     /// Every fake-quantized linear in integer form, by HF name: the codes of its current

@@ -285,3 +285,70 @@ fn a_restored_qat_run_ends_with_the_uninterrupted_weights() {
     let resumed = train(dir.path(), &o, (2, 4), Some(&state), None).hf_tensors();
     assert!(resumed == whole, "the resumed QAT run ended elsewhere");
 }
+
+/// Given PTQ parameters are used instead of RTN's, and whose dequantized weights the student
+/// holds come back unchanged from the forward weights; a PTQ result with a missing linear or
+/// activation-order groups is refused.
+#[test]
+fn fake_quant_from_given_params_keeps_them_and_reproduces_their_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, orig) = student(dir.path());
+    let ad = Device::flex().autodiff();
+    let o = opts(4, Some(16), false, false);
+    // A grid RTN would not choose: RTN's scales stretched by 1.25, codes re-rounded on it.
+    let mut given = BTreeMap::new();
+    let mut start = orig.clone();
+    let scheme = o.scheme;
+    let m0 = CausalLm::from_fn(&cfg, |n, _| Ok(orig[n].clone()), &ad).unwrap();
+    let rtn = m0.with_fake_quant(&o).unwrap().quantized_linears(&scheme);
+    for (name, q) in &rtn {
+        let mut q = q.clone();
+        for p in q.params.iter_mut() {
+            p.scale *= 1.25;
+        }
+        let src = &orig[name];
+        q.codes = (0..q.rows * q.cols)
+            .map(|i| {
+                let p = q.params[(i / q.cols) * q.groups + q.g_idx[i % q.cols] as usize];
+                scheme.code(src[i], p)
+            })
+            .collect();
+        start.insert(name.clone(), q.dequantize());
+        given.insert(name.clone(), q);
+    }
+    let m = CausalLm::from_fn(&cfg, |n, _| Ok(start[n].clone()), &ad).unwrap();
+    let m = m.with_fake_quant_from(&o, &given).unwrap();
+    let now = m.hf_tensors();
+    let back = m.quantized_linears(&scheme);
+    for (name, q) in &given {
+        assert_eq!(
+            now[name], start[name],
+            "{name}: forward weights moved at step 0"
+        );
+        let scales = |x: &quant::scheme::QuantizedLinear| -> Vec<f32> {
+            x.params.iter().map(|p| p.scale).collect()
+        };
+        assert_eq!(
+            scales(&back[name]),
+            scales(q),
+            "{name}: not the given scales"
+        );
+        assert_ne!(scales(&rtn[name]), scales(q));
+    }
+
+    let name = given.keys().next().unwrap().clone();
+    let mut missing = given.clone();
+    missing.remove(&name);
+    let m = CausalLm::from_fn(&cfg, |n, _| Ok(start[n].clone()), &ad).unwrap();
+    let e = m
+        .with_fake_quant_from(&o, &missing)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(&name), "{e}");
+    let mut act = given.clone();
+    act.get_mut(&name).unwrap().g_idx.reverse();
+    let m = CausalLm::from_fn(&cfg, |n, _| Ok(start[n].clone()), &ad).unwrap();
+    let e = m.with_fake_quant_from(&o, &act).err().unwrap().to_string();
+    assert!(e.contains("activation order"), "{e}");
+}

@@ -1,0 +1,158 @@
+//! QAT from GPTQ or AWQ (`compress qat --method gptq|awq --calib FILE`): the PTQ method runs
+//! on the student first, as `compress quant` would run it, and QAT starts from its result:
+//! the dequantized weights (f32, so fake quantization reproduces them exactly) become the
+//! student, and each linear's scales and zero points initialise its fake quantization.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use anyhow::{Context, bail};
+use distill::QatInit;
+use model::Checkpoint;
+use model::safetensors_io::StoreDtype;
+use quant::QuantError;
+use quant::method::MethodOptions;
+use quant::pipeline::{DenseSink, OutputSink, PtqOptions};
+use quant::scheme::{QuantScheme, QuantizedLinear};
+use serde_json::{Value, json};
+
+/// The calibration a GPTQ or AWQ start draws, as `compress quant`'s flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CalibArgs {
+    /// `--method gptq|awq`: calibration text for the PTQ start (plain text, or JSONL with a
+    /// `text` field); does not apply to `--method rtn`.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration sequences for the PTQ start.
+    #[arg(long, default_value_t = 128)]
+    pub calib_samples: usize,
+    /// Tokens per calibration sequence.
+    #[arg(long, default_value_t = 512)]
+    pub calib_len: usize,
+}
+
+impl CalibArgs {
+    /// Refuses calibration flags that `init` does not use, and a GPTQ/AWQ start without them.
+    pub fn check(&self, init: QatInit) -> anyhow::Result<()> {
+        let given = self.calib.is_some() || self.calib_samples != 128 || self.calib_len != 512;
+        match init {
+            QatInit::Rtn if given => {
+                bail!("--calib, --calib-samples and --calib-len apply to --method gptq|awq only")
+            }
+            QatInit::Gptq | QatInit::Awq if self.calib.is_none() => {
+                bail!(
+                    "--method {} needs --calib FILE (its PTQ start is calibrated)",
+                    name(init)
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn name(init: QatInit) -> &'static str {
+    match init {
+        QatInit::Rtn => "rtn",
+        QatInit::Gptq => "gptq",
+        QatInit::Awq => "awq",
+    }
+}
+
+/// What the PTQ start produced.
+pub struct PtqStart {
+    /// The folder holding the dequantized student (f32).
+    pub dir: PathBuf,
+    /// Each linear's integer form, by HF weight name.
+    pub params: BTreeMap<String, QuantizedLinear>,
+    /// For the report: method, calibration and the PTQ report.
+    pub summary: Value,
+}
+
+/// Keeps each quantized linear (the dense sink beside it writes the values); shared, since
+/// the pipeline owns its sinks.
+struct Capture(Rc<RefCell<BTreeMap<String, QuantizedLinear>>>);
+
+impl OutputSink for Capture {
+    fn plain(&mut self, _: &str, _: &[f32], _: &[usize]) -> Result<(), QuantError> {
+        Ok(())
+    }
+    fn linear(&mut self, name: &str, q: &QuantizedLinear, _: &[f32]) -> Result<(), QuantError> {
+        self.0.borrow_mut().insert(name.to_string(), q.clone());
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<(), QuantError> {
+        Ok(())
+    }
+}
+
+/// Runs `init` (GPTQ or AWQ) with `scheme` on `student` and writes the dequantized result
+/// into `dir`, which must not exist. `seed` draws the calibration windows as `compress quant
+/// --seed` does.
+pub fn run(
+    student: &Path,
+    init: QatInit,
+    scheme: QuantScheme,
+    c: &CalibArgs,
+    seed: u64,
+    dir: &Path,
+) -> anyhow::Result<PtqStart> {
+    let ckpt = Checkpoint::open(student).context("cannot open the student")?;
+    ckpt.check_shapes().context("cannot open the student")?;
+    let tok = model::tokenizer::load_checked(&ckpt).context("cannot build the tokenizer")?;
+    let calib = crate::calib::windows(
+        c.calib.as_deref(),
+        c.calib_samples,
+        c.calib_len,
+        seed,
+        &tok,
+        ckpt.config(),
+    )?;
+    let method = quant::method::by_name(name(init), &MethodOptions::default())?;
+    let tmp = dir;
+    std::fs::create_dir_all(tmp).with_context(|| format!("{}", tmp.display()))?;
+    let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::F32, tmp, None)?;
+    crate::hf_folder::write_aux(&ckpt, &tok, &cfg, tmp)?;
+    let params = Rc::new(RefCell::new(BTreeMap::new()));
+    let report = {
+        let mut sinks: Vec<Box<dyn OutputSink>> = vec![
+            Box::new(DenseSink::create(
+                &tmp.join("model.safetensors"),
+                &cfg,
+                StoreDtype::F32,
+            )?),
+            Box::new(Capture(params.clone())),
+        ];
+        let pb = crate::progress_bar(name(init), cfg.num_hidden_layers as u64);
+        let opts = PtqOptions {
+            scheme,
+            calib,
+            propagate_quantized: None,
+            sample_rows: 2048,
+        };
+        let r = quant::pipeline::quantize(
+            &ckpt,
+            method.as_ref(),
+            &opts,
+            model::default_device(),
+            &mut sinks,
+            |d, _| pb.set_position(d as u64),
+        )?;
+        for s in sinks {
+            s.finish()?;
+        }
+        pb.finish_and_clear();
+        r
+    };
+    let summary = json!({
+        "method": name(init), "student": student,
+        "calibration": {"file": c.calib, "samples": c.calib_samples, "len": c.calib_len, "seed": seed},
+        "report": report,
+    });
+    Ok(PtqStart {
+        dir: dir.to_path_buf(),
+        params: params.take(),
+        summary,
+    })
+}
