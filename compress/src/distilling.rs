@@ -257,32 +257,16 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
     };
     let mut p = plan(&a, student_path, out)?;
     // QAT from GPTQ/AWQ: the PTQ start, once every option and input has been checked.
-    let ptq = match qat {
-        Some(q) => q.ptq_start(student_path, out, a.seed, a.save_every > 0)?,
-        None => None,
+    let (ptq, _ptq_guard) = match qat {
+        Some(q) => q.start(&a, student_path, out, &mut p.student)?,
+        None => (None, TempGuard(None)),
     };
-    // Without checkpoints the start is a temporary, gone when the run ends either way.
-    let _ptq_guard = TempGuard(
-        ptq.as_ref()
-            .filter(|_| a.save_every == 0)
-            .map(|s| s.dir.clone()),
-    );
-    if let Some(s) = &ptq {
-        p.student = open(&s.dir, "student")?;
-    }
     plain.seed(a.seed);
     let device = plain.clone().autodiff();
     let (teacher, rope, cache) = teacher_parts(&a, &p, &plain)?;
     let mut trainer = trainer(&a, &p, &device, qat.map(|q| (&q.opts, ptq.as_ref())))?;
     let options = options_json(&a, &p, cache.as_ref(), qat)?;
     let bytes = trainer.student().base_4bit_bytes();
-    let base_bytes = p.base.map(|b| {
-        json!({
-            "scheme": b, "scheme_label": b.label(), "linears": bytes.linears,
-            "params": bytes.params, "resident_bytes": bytes.resident_bytes,
-            "f32_bytes": bytes.f32_bytes, "bits_per_weight": bytes.bits_per_weight(),
-        })
-    });
     let print = ckpts::fingerprint(&p.student, p.teacher.as_ref(), &a.data, options.clone())?;
     let mut log = begin(&a, out, &print, &mut trainer)?;
     let saver = (a.save_every > 0).then(|| ckpts::Saver {
@@ -346,8 +330,12 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
         "tokens_this_process": here, "tokens_per_second": here as f64 / train_secs,
         "seconds": start.elapsed().as_secs_f64(),
     });
-    if let Some(b) = base_bytes {
-        report["base"] = b;
+    if let Some(b) = p.base {
+        report["base"] = json!({
+            "scheme": b, "scheme_label": b.label(), "linears": bytes.linears,
+            "params": bytes.params, "resident_bytes": bytes.resident_bytes,
+            "f32_bytes": bytes.f32_bytes, "bits_per_weight": bytes.bits_per_weight(),
+        });
     }
     std::fs::write(
         tmp.join("distill_report.json"),
@@ -358,6 +346,27 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
     if a.save_every > 0 && !a.keep_checkpoints {
         std::fs::remove_dir_all(ckpts::root_for(out)).ok();
     }
+    announce(
+        qat,
+        student_path,
+        out,
+        &p,
+        (&last, train_secs, here),
+        &bytes,
+    );
+    Ok(())
+}
+
+/// Prints what a finished run did: the trained model, its steps and tokens, and for QAT the
+/// report, for a 4-bit base its resident size.
+fn announce(
+    qat: Option<&crate::qat::Plan>,
+    student_path: &crate::Path,
+    out: &crate::Path,
+    p: &Plan,
+    (last, train_secs, here): (&distill::StepLog, f64, u64),
+    bytes: &distill::qlora::BaseBytes,
+) {
     let verb = qat.map_or("distilled".to_string(), |q| {
         format!("quantization-aware trained ({})", q.opts.scheme.label())
     });
@@ -388,7 +397,6 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
             crate::grouped(bytes.f32_bytes),
         );
     }
-    Ok(())
 }
 
 /// The run's options as recorded in the report and fingerprinted for `--resume`.

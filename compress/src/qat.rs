@@ -127,12 +127,31 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// The PTQ start of a GPTQ or AWQ init (none for RTN), with `student` (the opened
+    /// student) replaced by it, and the guard that removes a temporary start when the run
+    /// ends: without checkpoints it is not needed afterwards.
+    pub fn start(
+        &self,
+        a: &crate::distilling::Args,
+        student_path: &Path,
+        out: &Path,
+        student: &mut Checkpoint,
+    ) -> anyhow::Result<(Option<crate::qat_init::PtqStart>, TempGuard)> {
+        let resumable = a.save_every > 0;
+        let start = self.ptq_start(student_path, out, a.seed, resumable)?;
+        let guard = TempGuard(start.as_ref().filter(|_| !resumable).map(|s| s.dir.clone()));
+        if let Some(s) = &start {
+            *student = crate::distilling::open(&s.dir, "student")?;
+        }
+        Ok((start, guard))
+    }
+
     /// Runs the PTQ start of a GPTQ or AWQ init on `student`; `None` for RTN, which starts
     /// from the student itself. With checkpoints (`resumable`) it goes into the checkpoint
     /// folder of `out`, where a resumed run finds the same start again and which is removed
     /// with the checkpoints; otherwise into a temporary sibling of `out` that the caller
     /// removes when the run ends (and an interrupt removes).
-    pub fn ptq_start(
+    fn ptq_start(
         &self,
         student: &Path,
         out: &Path,

@@ -49,7 +49,7 @@ want imatrix && row "gguf:q4_0 with importance (rtn --calib)" "$LAYERS" "$BIN" q
 rm -rf "$W/imat"
 want wanda && row "prune wanda 50% (dense bf16 out)" "$LAYERS" "$BIN" prune "$W/cut" --method wanda --sparsity 0.5 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/wanda"
 rm -rf "$W/wanda"
-want sparsegpt && row "prune sparsegpt 50% (dense bf16 out)" "$LAYERS" "$BIN" prune "$W/cut" --method sparsegpt --sparsity 0.5 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/sgpt"
+want sparsegpt && row "prune sparsegpt 50%, default --refit 3 (dense bf16 out)" "$LAYERS" "$BIN" prune "$W/cut" --method sparsegpt --sparsity 0.5 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/sgpt"
 rm -rf "$W/sgpt"
 want awqgguf && row "gguf:q4_0 with AWQ scales + importance, $SAMPLE_ROWS search rows" "$LAYERS" "$BIN" quant "$W/cut" --method awq --format gguf:q4_0 "${C[@]}" --sample-rows "$SAMPLE_ROWS" --out "$W/awqg"
 rm -rf "$W/awqg" "$W/cut"
