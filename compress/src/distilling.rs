@@ -345,6 +345,9 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
     guard.0 = None;
     if a.save_every > 0 && !a.keep_checkpoints {
         std::fs::remove_dir_all(ckpts::root_for(out)).ok();
+        if let Some(s) = &ptq {
+            std::fs::remove_dir_all(&s.dir).ok();
+        }
     }
     announce(
         qat,

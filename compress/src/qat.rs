@@ -147,10 +147,11 @@ impl Plan {
     }
 
     /// Runs the PTQ start of a GPTQ or AWQ init on `student`; `None` for RTN, which starts
-    /// from the student itself. With checkpoints (`resumable`) it goes into the checkpoint
-    /// folder of `out`, where a resumed run finds the same start again and which is removed
-    /// with the checkpoints; otherwise into a temporary sibling of `out` that the caller
-    /// removes when the run ends (and an interrupt removes).
+    /// from the student itself. With checkpoints (`resumable`) it goes into `OUT.ptq-start`
+    /// beside `OUT.checkpoints`, which a resumed run writes again (the PTQ is deterministic
+    /// and the fingerprint checks it) and which is removed with the checkpoints; otherwise
+    /// into a temporary sibling of `out` that the caller removes when the run ends (and an
+    /// interrupt removes).
     fn ptq_start(
         &self,
         student: &Path,
@@ -172,7 +173,10 @@ impl Plan {
             guard.0 = None;
             return Ok(Some(start));
         }
-        let dir = crate::distill_checkpoints::root_for(out).join("ptq-start");
+        let name = out
+            .file_name()
+            .map_or("out".into(), |n| n.to_string_lossy());
+        let dir = out.with_file_name(format!("{name}.ptq-start"));
         let tmp = temp_sibling(&dir);
         let mut guard = TempGuard(Some(tmp.clone()));
         let mut start = crate::qat_init::run(student, o.init, o.scheme, c, seed, &tmp)?;

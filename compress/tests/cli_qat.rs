@@ -388,6 +388,35 @@ fn qat_from_gptq_keeps_gptqs_grid() {
         serde_json::from_slice(&std::fs::read(out.join("quant_report.json")).unwrap()).unwrap();
     assert_eq!(report["ptq_start"]["method"], "gptq");
     assert_eq!(report["ptq_start"]["calibration"]["samples"], 4);
+    // With checkpoints the start lives in OUT.ptq-start: the same student comes out, and the
+    // folder goes with the checkpoints.
+    let out2 = f.root.join("qat-gptq-ckpt");
+    let mut args = vec![
+        "qat",
+        "--teacher",
+        s(&f.teacher),
+        "--method",
+        "gptq",
+        "--data",
+        s(&f.data),
+        "--format",
+        "packed",
+        "--save-every",
+        "4",
+        "--out",
+        s(&out2),
+    ];
+    args.extend_from_slice(&scheme);
+    args.extend_from_slice(&cal);
+    args.extend_from_slice(&SMALL);
+    ok(&args);
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(
+        bytes(&out) == bytes(&out2),
+        "the checkpointed run wrote another student"
+    );
+    assert!(!f.root.join("qat-gptq-ckpt.checkpoints").exists());
+    assert!(!f.root.join("qat-gptq-ckpt.ptq-start").exists());
     let left: Vec<String> = std::fs::read_dir(&f.root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
