@@ -9,16 +9,17 @@
 # points are the perplexity of the quantized model against tokens seen, written to
 # OUT/curve.csv and drawn in OUT/curve.svg (step 0 is the PTQ start). Rows go to
 # OUT/rows.jsonl; a table is printed and saved to OUT/table.md.
-#   OUT (default /tmp/qat-bench), TOKENS (default 49152), BATCH_TOKENS (2048), SAVE_EVERY
-#   (6 steps), CALIB_SAMPLES (128) x 512 calibration tokens for GPTQ/AWQ, CHUNKS (32), ROWS
+#   OUT (default /tmp/qat-bench), TOKENS (default 98304: about 30 minutes of training on
+#   2 cores), BATCH_TOKENS (2048), SAVE_EVERY
+#   (12 steps), CALIB_SAMPLES (128) x 512 calibration tokens for GPTQ/AWQ, CHUNKS (32), ROWS
 #   (space-separated globs of row keys; default all), RESUME (1 keeps OUT/rows.jsonl and
 #   skips rows measured there), BUILD / COMPRESS_BIN (see lib.sh).
-# About 20 minutes per QAT row on 2 cores at the defaults (15 of training, 4 evaluations).
+# About 40 minutes per QAT row on 2 cores at the defaults (30 of training, 4 evaluations).
 set -euo pipefail
 OUT="${OUT:-/tmp/qat-bench}"
-TOKENS="${TOKENS:-49152}"
+TOKENS="${TOKENS:-98304}"
 BATCH_TOKENS="${BATCH_TOKENS:-2048}"
-SAVE_EVERY="${SAVE_EVERY:-6}"
+SAVE_EVERY="${SAVE_EVERY:-12}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 ROWS="${ROWS:-}"
 RESUME="${RESUME:-0}"
