@@ -169,6 +169,20 @@ pub struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Where a failed run can be continued from: the newest checkpoint, if any.
+    fn last_good(&self) -> String {
+        let Some(saver) = self.saver else {
+            return " (no checkpoint kept: --save-every N keeps them)".into();
+        };
+        match crate::distill_checkpoints::list(&saver.root).last() {
+            Some((step, dir)) => format!(
+                "; the last good checkpoint is {} (step {step}; --resume continues from it)",
+                dir.display()
+            ),
+            None => " (no checkpoint written yet)".into(),
+        }
+    }
+
     /// Every optimizer step from the trainer's current one to the end, each appended to
     /// `log` (JSON lines) and shown on the progress bar, with checkpoints as asked; returns
     /// the last step's record, and the seconds and tokens this process trained.
@@ -186,7 +200,13 @@ impl Run<'_> {
             let idx = order.take((s * per_step) as u64, per_step);
             let micro = self.items.micro_batches(&idx, a.micro_batch);
             let mut teacher_fn = |mb: &MicroBatch, inputs: &[Vec<u32>]| self.teacher.of(mb, inputs);
-            let rec = trainer.step(&micro, self.sched.lr(s), &mut teacher_fn);
+            let rec = match trainer.step(&micro, self.sched.lr(s), &mut teacher_fn) {
+                Ok(r) => r,
+                Err(e) => {
+                    pb.finish_and_clear();
+                    bail!("{e}{}", self.last_good());
+                }
+            };
             log.push(format!("{}\n", serde_json::to_string(&rec)?));
             let tok_s = (rec.tokens - tokens0) as f64 / start.elapsed().as_secs_f64();
             pb.set_message(format!("loss {:.4} {:.0} tok/s", rec.loss, tok_s));

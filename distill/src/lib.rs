@@ -32,6 +32,14 @@ pub enum DistillError {
     /// Teacher and student cannot be paired, or an option does not fit the models.
     #[error("{0}")]
     Invalid(String),
+    /// A step's loss or gradient was NaN or infinite; the step was not applied.
+    #[error("step {step}: the {what} is not finite (NaN or infinity); the step was not applied")]
+    NonFinite {
+        /// The optimizer step that failed (1-based, as logged).
+        step: usize,
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+    },
 }
 
 /// This crate's result.

@@ -287,12 +287,14 @@ impl Trainer {
     /// Runs one optimizer step over `micro_batches`; `teacher` gives the teacher's logits
     /// `[rows, vocab]` of a micro-batch's inputs (every window but its last token) when the
     /// loss has a KD term. Every counted position weighs the same, however the step is split.
+    /// A loss or gradient norm that is NaN or infinite is an error
+    /// ([`DistillError::NonFinite`]), and the model, optimizer and counters stay as they were.
     pub fn step(
         &mut self,
         micro_batches: &[MicroBatch],
         lr: f64,
         teacher: &mut TeacherFn<'_>,
-    ) -> StepLog {
+    ) -> Result<StepLog> {
         let start = Instant::now();
         let student = self.student.take().expect("student present between steps");
         let rows: f64 = micro_batches.iter().map(MicroBatch::counted).sum();
@@ -352,6 +354,16 @@ impl Trainer {
         }
         let mut grads = acc.grads();
         let norm = global_norm(&student, &grads);
+        let bad = [(loss, "loss"), (norm, "gradient norm")]
+            .into_iter()
+            .find(|(v, _)| !v.is_finite());
+        if let Some((_, what)) = bad {
+            self.student = Some(student);
+            return Err(DistillError::NonFinite {
+                step: self.steps + 1,
+                what,
+            });
+        }
         if let Some(max) = self.clip
             && norm > max
         {
@@ -360,7 +372,7 @@ impl Trainer {
         self.student = Some(self.optim.step(lr, student, grads));
         self.steps += 1;
         self.tokens += rows.round() as u64;
-        StepLog {
+        Ok(StepLog {
             step: self.steps,
             tokens: self.tokens,
             lr,
@@ -370,7 +382,7 @@ impl Trainer {
             hidden: self.hidden.is_some().then_some(hidden_sum),
             grad_norm: norm,
             secs: start.elapsed().as_secs_f64(),
-        }
+        })
     }
 }
 

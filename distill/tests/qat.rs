@@ -208,7 +208,8 @@ fn train(
     for s in from..to {
         tr.step(&batches(s), 1e-3, &mut |_, w| {
             Some(Teacher::Logits(teacher.logits(w, &rope)).into())
-        });
+        })
+        .unwrap();
     }
     if let Some(p) = save {
         tr.save(p).unwrap();

@@ -96,7 +96,7 @@ fn the_4bit_base_stays_fixed_while_the_adapters_train() {
         &ad,
     );
     for step in 0..3 {
-        tr.step(&batches(step), 1e-3, &mut |_, _| None);
+        tr.step(&batches(step), 1e-3, &mut |_, _| None).unwrap();
     }
     let s = tr.into_student();
     let base1 = s.base_4bit_weights();
@@ -204,7 +204,7 @@ fn train(
         tr.restore(r).unwrap();
     }
     for step in from..to {
-        tr.step(&batches(step), 1e-3, &mut |_, _| None);
+        tr.step(&batches(step), 1e-3, &mut |_, _| None).unwrap();
     }
     if let Some(p) = save {
         tr.save(p).unwrap();

@@ -74,7 +74,8 @@ fn run(
     for s in from..to {
         tr.step(&batches(s), 1e-2 / (1 + s) as f64, &mut |_, w| {
             Some(Teacher::Logits(teacher.logits(w, &rope)).into())
-        });
+        })
+        .unwrap();
     }
     if let Some(p) = save {
         tr.save(p).unwrap();
@@ -172,4 +173,47 @@ fn stable_ids_are_distinct_and_repeat_across_loads() {
     d.dedup();
     assert_eq!(d.len(), a.len(), "two parameters share an id");
     assert_eq!(a, b, "ids differ between two loads");
+}
+
+/// A step whose loss is not finite is refused, names its step and leaves the trainer as it
+/// was: a student diverged by an absurd learning rate fails at step 2 with step 1's weights
+/// and counters intact. (A student file holding a NaN is refused when it is loaded.)
+#[test]
+fn a_non_finite_loss_stops_the_step_and_keeps_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    write_hf(&dir.path().join("student"), &tiny_config(), 5, |_, _| {});
+    let ad = Device::flex().autodiff();
+    let trainer = |name: &str| {
+        let ckpt = Checkpoint::open(&dir.path().join(name)).unwrap();
+        let student = CausalLm::load(&ckpt, &ad).unwrap();
+        let ce = LossSpec {
+            divergence: None,
+            temperature: 1.0,
+            kd_weight: 0.0,
+            ce_weight: 1.0,
+        };
+        Trainer::new(
+            student,
+            ckpt.config(),
+            SEQ,
+            AdamWOptions::default(),
+            ce,
+            None,
+            &ad,
+        )
+    };
+    let mut tr = trainer("student");
+    tr.step(&batches(0), 1e30, &mut |_, _| None).unwrap();
+    let after1 = tr.student().hf_tensors();
+    let e = tr.step(&batches(1), 1e30, &mut |_, _| None).unwrap_err();
+    assert!(
+        matches!(e, distill::DistillError::NonFinite { step: 2, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("step 2: the "), "{e}");
+    assert_eq!(tr.steps(), 1);
+    assert!(
+        tr.student().hf_tensors() == after1,
+        "the failed step moved the weights"
+    );
 }
