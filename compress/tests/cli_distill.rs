@@ -798,3 +798,30 @@ fn hidden_state_loss_trains_and_its_options_are_checked() {
         "projections were written"
     );
 }
+
+/// A loss that is not finite stops the run at its step with one error line, nothing written:
+/// a student whose (finite, loadable) weights overflow its activations.
+#[test]
+fn a_non_finite_loss_stops_the_run_naming_the_step() {
+    let f = fixture();
+    let wild = f.root.join("wild");
+    write_hf(&wild, &tiny_config(), 2, |n, d| {
+        if n.contains("down_proj") {
+            d.iter_mut().for_each(|v| *v = 3e38);
+        }
+    });
+    let out = f.root.join("out");
+    let mut args: Vec<PathBuf> = ["distill", "--student"].map(PathBuf::from).to_vec();
+    args.push(wild.clone());
+    args.extend([
+        PathBuf::from("--loss"),
+        "ce".into(),
+        "--data".into(),
+        f.data.clone(),
+    ]);
+    args.extend(["--save-every", "1", "--out"].map(PathBuf::from));
+    args.push(out.clone());
+    args.extend(SMALL.map(PathBuf::from));
+    let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+    fails(&f.root, &refs, "step 1", &["not finite", "no checkpoint"]);
+}
