@@ -176,7 +176,7 @@ impl Run<'_> {
         };
         match crate::distill_checkpoints::list(&saver.root).last() {
             Some((step, dir)) => format!(
-                "; the last good checkpoint is {} (step {step}; --resume continues from it)",
+                "; the last good checkpoint is {} (step {step}; kept)",
                 dir.display()
             ),
             None => " (no checkpoint written yet)".into(),
