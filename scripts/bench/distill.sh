@@ -8,6 +8,8 @@
 #   ce    plain cross-entropy fine-tuning on the data, no teacher (lr 3e-4)
 #   lora  KD into LoRA adapters, rank 16 on all seven linears of every block (lr 1e-3: LoRA
 #         usually takes a higher rate than full training, its updates being low-rank)
+#   qlora the same LoRA run on a frozen NF4 base (block 64; QLoRA): its peak RSS and
+#         perplexity against lora's are issue 12's QLoRA check (RUNS="lora qlora")
 # All: wiki.valid.tokens, seq 512, 2048 tokens per step, warmup 10%, cosine decay, seed 0.
 # The teacher, the pruned student, every kept checkpoint and every final model are scored on
 # wikitext-2 test (ctx 512, CHUNKS chunks); OUT/curve.csv holds
@@ -124,7 +126,9 @@ for R in $RUNS; do
     kdce) RA=(--teacher "$TEACHER" --loss fkl --ce-weight 1 --lr 3e-4) ;;
     ce) RA=(--loss ce --lr 3e-4) ;;
     lora) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS" --lr 1e-3) ;;
-    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, lora)" >&2; exit 1 ;;
+    qlora) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS" --lr 1e-3
+        --base-scheme nf4 --block 64) ;;
+    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, lora, qlora)" >&2; exit 1 ;;
     esac
     D="$OUT/$R"
     if [[ "$RESUME" == 1 && -f "$D/distill_report.json" ]]; then
