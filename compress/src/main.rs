@@ -20,6 +20,7 @@ mod prune_structured;
 mod prune_unstructured;
 mod pruning;
 mod qat;
+mod qat_gguf;
 mod qat_init;
 mod quant_bnb;
 mod quantize;

@@ -45,8 +45,10 @@ pub struct Args {
     #[arg(long)]
     learn_scales: bool,
     /// Output formats, comma-separated: `dense` (f32 by default, the weights exactly on their
-    /// grids) and/or `packed` (compressed-tensors `pack-quantized`, as `compress quant` writes
-    /// it; bits 2, 4 or 8). With both, OUT holds the dense model and OUT/packed the packed one.
+    /// grids), `packed` (compressed-tensors `pack-quantized`, as `compress quant` writes it;
+    /// bits 2, 4 or 8) and/or `gguf:TYPE` (OUT/model.gguf; the grid is kept where TYPE's
+    /// blocks hold it: q8_0/q4_0/q5_0 for sym, q4_1/q5_1 for asym, group 32). With dense and
+    /// packed, OUT holds the dense model and OUT/packed the packed one.
     #[arg(long, default_value = "dense")]
     format: String,
     /// Calibration of a GPTQ or AWQ start.
@@ -91,12 +93,30 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if a.train.student.is_none() {
         bail!("qat needs --teacher MODEL (the student defaults to it) or --student MODEL");
     }
-    let formats = crate::quantize::format_list(
-        &a.format,
-        &["dense", "packed"],
-        "is not supported by qat",
-        "supported",
-    )?;
+    // At most one gguf:TYPE; the rest are the folder formats.
+    let (ggufs, rest): (Vec<&str>, Vec<&str>) = a
+        .format
+        .split(',')
+        .map(str::trim)
+        .partition(|f| f.starts_with("gguf:"));
+    if ggufs.len() > 1 {
+        bail!("--format names more than one gguf:TYPE");
+    }
+    let gguf = ggufs.first().map(|f| f["gguf:".len()..].to_string());
+    if let Some(t) = &gguf {
+        crate::qat_gguf::check_name(t)?;
+    }
+    let rest = rest.join(",");
+    let formats = if gguf.is_some() && rest.trim().is_empty() {
+        Vec::new()
+    } else {
+        crate::quantize::format_list(
+            &rest,
+            &["dense", "packed"],
+            "is not supported by qat",
+            "supported: dense, packed, gguf:TYPE; listed",
+        )?
+    };
     let packed = formats.contains(&"packed");
     if packed {
         quant::pack::check_scheme(&scheme)?;
@@ -109,6 +129,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         },
         dense: formats.contains(&"dense"),
         packed,
+        gguf,
         calib: a.calib,
     };
     crate::distilling::run_with(a.train, Some(&plan))
@@ -122,6 +143,8 @@ pub(crate) struct Plan {
     pub dense: bool,
     /// Write the packed model (into OUT/packed beside a dense one, else OUT).
     pub packed: bool,
+    /// Write OUT/model.gguf of this type preset.
+    pub gguf: Option<String>,
     /// Calibration of a GPTQ or AWQ start.
     pub calib: crate::qat_init::CalibArgs,
 }
@@ -190,11 +213,13 @@ impl Plan {
     }
 
     /// The formats written, as `compress quant` lists them.
-    fn formats(&self) -> Vec<&'static str> {
-        [(self.dense, "dense"), (self.packed, "packed")]
+    fn formats(&self) -> Vec<String> {
+        let mut v: Vec<String> = [(self.dense, "dense"), (self.packed, "packed")]
             .into_iter()
-            .filter_map(|(on, f)| on.then_some(f))
-            .collect()
+            .filter_map(|(on, f)| on.then(|| f.to_string()))
+            .collect();
+        v.extend(self.gguf.iter().map(|t| format!("gguf:{t}")));
+        v
     }
 }
 
@@ -212,7 +237,18 @@ pub(crate) fn write_outputs(
 ) -> anyhow::Result<()> {
     let grids = trained.quantized_linears(&q.opts.scheme);
     let weights = trained.hf_tensors();
-    write_report(q, student, &grids, &weights, (a, secs, ptq), dir)?;
+    let gguf = match &q.gguf {
+        Some(t) => Some(crate::qat_gguf::write(
+            t,
+            &q.opts.scheme,
+            student,
+            &weights,
+            &grids,
+            dir,
+        )?),
+        None => None,
+    };
+    write_report(q, student, &grids, &weights, (a, secs, ptq, gguf), dir)?;
     if !q.packed {
         return Ok(());
     }
@@ -249,7 +285,12 @@ fn write_report(
     student: &Checkpoint,
     grids: &BTreeMap<String, QuantizedLinear>,
     weights: &BTreeMap<String, Vec<f32>>,
-    (a, secs, ptq): (&crate::distilling::Args, f64, Option<&serde_json::Value>),
+    (a, secs, ptq, gguf): (
+        &crate::distilling::Args,
+        f64,
+        Option<&serde_json::Value>,
+        Option<serde_json::Value>,
+    ),
     dir: &Path,
 ) -> anyhow::Result<()> {
     let q = &plan.opts;
@@ -295,7 +336,7 @@ fn write_report(
     let full = json!({
         "teacher": a.teacher, "student": a.student, "scheme": q.scheme,
         "scheme_label": q.scheme.label(), "formats": plan.formats(), "dtype": a.dtype,
-        "qat": q, "ptq_start": ptq, "report": report,
+        "qat": q, "ptq_start": ptq, "gguf": gguf, "report": report,
     });
     std::fs::write(
         dir.join("quant_report.json"),

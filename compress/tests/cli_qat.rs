@@ -262,9 +262,19 @@ fn bad_inputs_fail_before_training_with_one_line() {
     );
     // Formats qat does not write, or that cannot hold the bits.
     go(
-        base(&["--method", "rtn", "--format", "gguf:q4_0"]),
-        "gguf:q4_0",
-        &["qat"],
+        base(&["--method", "rtn", "--format", "gguf:q9_9"]),
+        "gguf:q9_9",
+        &["q4_0"],
+    );
+    go(
+        base(&["--method", "rtn", "--format", "gguf:q4_0,gguf:q8_0"]),
+        "--format",
+        &["more than one"],
+    );
+    go(
+        base(&["--method", "rtn", "--format", "dense,bnb"]),
+        "--format `bnb`",
+        &["gguf:TYPE"],
     );
     go(
         base(&["--method", "rtn", "--bits", "3", "--format", "packed"]),
@@ -423,4 +433,46 @@ fn qat_from_gptq_keeps_gptqs_grid() {
         .filter(|n| n.contains("ptq-start") || n.contains(".tmp-"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// `--format gguf:TYPE`: where the type's blocks hold the QAT grid (W4 g32 sym in q4_0, asym
+/// in q4_1) every linear is written from its trained codes, so the file's weights are the
+/// trained ones up to the f16 rounding of the scales; a type that cannot hold it (q4_k) gets
+/// its own rounding, further from the trained weights, and the report says which.
+#[test]
+fn qat_gguf_keeps_the_grid_where_the_type_holds_it() {
+    let f = fixture();
+    let run = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let out = f.root.join(name);
+        let mut args = vec!["--bits", "4", "--group", "32"];
+        args.extend_from_slice(extra);
+        qat(&f, &out, &args);
+        assert!(out.join("model.gguf").is_file());
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("quant_report.json")).unwrap()).unwrap();
+        r["gguf"].clone()
+    };
+    let errs = |g: &serde_json::Value| -> Vec<f64> {
+        g["per_linear"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["rel_error"].as_f64().unwrap())
+            .collect()
+    };
+    let sym = run("q4_0", &["--sym", "--format", "dense,gguf:q4_0"]);
+    let asym = run("q4_1", &["--format", "gguf:q4_1"]);
+    let k = run("q4_k", &["--sym", "--format", "gguf:q4_k_m"]);
+    for g in [&sym, &asym] {
+        assert_eq!(g["linears_grid_kept"], g["linears"], "{g}");
+        assert!(errs(g).iter().all(|&e| e < 1e-3), "{:?}", errs(g));
+    }
+    assert!(!f.root.join("q4_1").join("model.safetensors").exists());
+    assert_eq!(k["linears_grid_kept"], 0);
+    let (kept, rounded) = (errs(&sym), errs(&k));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(
+        mean(&rounded) > 10.0 * mean(&kept),
+        "{rounded:?} vs {kept:?}"
+    );
 }

@@ -74,6 +74,7 @@ pub fn export_calibrated(
             return Ok(Source {
                 data: ckpt.read(hf, shape)?,
                 importance: None,
+                encoded: None,
             });
         };
         let l: usize = l
@@ -130,6 +131,7 @@ pub fn export_calibrated(
         Ok(Source {
             data: std::mem::take(&mut w.get_mut(suffix).data),
             importance: imp.remove(suffix),
+            encoded: None,
         })
     };
     export_from(ckpt, out, plan, &mut source, progress)

@@ -433,6 +433,7 @@ pub fn export(
         Ok(Source {
             data: ckpt.read(hf, shape)?,
             importance: lookup(hf, g),
+            encoded: None,
         })
     };
     export_from(ckpt, out, plan, &mut source, progress)
@@ -445,6 +446,10 @@ pub struct Source {
     pub data: Vec<f32>,
     /// One weight per input column.
     pub importance: Option<Vec<f32>>,
+    /// The tensor already encoded in the type the plan gives it (rows in HF order), written
+    /// as it is instead of rounding `data` (e.g. a quantization-aware-trained grid kept by
+    /// [`crate::blocks::legacy::encode_on_grid`]).
+    pub encoded: Option<Vec<u8>>,
 }
 
 /// As [`export`], with every tensor's values and importance from `source(hf name, gguf
@@ -507,6 +512,7 @@ pub fn export_from(
         let Source {
             mut data,
             importance,
+            mut encoded,
         } = source(&hf, &g, &shape)?;
         if data.len() != shape.iter().product::<usize>() {
             return Err(ExportError::Input(format!(
@@ -527,6 +533,10 @@ pub fn export_from(
                 let cols = if shape.len() > 1 { shape[1] } else { 1 };
                 if rows % h == 0 && (rows / h) % 2 == 0 {
                     data = permute_rows(&data, rows, cols, h);
+                    encoded = encoded.map(|e| {
+                        let per_row = e.len() / rows.max(1);
+                        permute_rows(&e, rows, per_row, h)
+                    });
                 }
             }
         }
@@ -536,10 +546,27 @@ pub fn export_from(
         } else {
             None
         };
-        let bytes = quantize(ty, &data, row_len, imp).map_err(|source| ExportError::Block {
-            tensor: g.clone(),
-            source,
-        })?;
+        let bytes = match encoded {
+            Some(e) => {
+                let want = ty
+                    .block_layout()
+                    .filter(|(n, _)| data.len().is_multiple_of(*n))
+                    .map(|(n, b)| data.len() / n * b);
+                if Some(e.len()) != want {
+                    return Err(ExportError::Input(format!(
+                        "tensor `{hf}`: {} encoded bytes, {want:?} for {} values of {}",
+                        e.len(),
+                        data.len(),
+                        ty.name()
+                    )));
+                }
+                e
+            }
+            None => quantize(ty, &data, row_len, imp).map_err(|source| ExportError::Block {
+                tensor: g.clone(),
+                source,
+            })?,
+        };
         drop(data);
         w.write_tensor(&g, &bytes)?;
         progress(&Progress {

@@ -863,10 +863,15 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> 
 }
 
 /// Applies llama.cpp's q/k row permutation (the inverse of [`unpermute_rows`]).
-pub fn permute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+pub fn permute_rows<T: Copy + Default>(
+    data: &[T],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> Vec<T> {
     let hd = rows / n_head;
     let half = hd / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {

@@ -349,6 +349,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn on_grid_blocks_keep_every_code_and_refuse_what_the_type_cannot_hold() {
+        let (rows, row_len) = (3, 64);
+        for (ty, bits, sym) in [
+            (GgmlType::Q8_0, 8, true),
+            (GgmlType::Q4_0, 4, true),
+            (GgmlType::Q5_0, 5, true),
+            (GgmlType::Q4_1, 4, false),
+            (GgmlType::Q5_1, 5, false),
+        ] {
+            let top = (1u32 << bits) - 1;
+            let codes: Vec<u8> = (0..rows * row_len)
+                .map(|i| ((i * 7 + i / 5) as u32 % (top + 1)) as u8)
+                .collect();
+            let params: Vec<(f32, i32)> = (0..rows * row_len / QK)
+                .map(|g| {
+                    let z = if sym {
+                        1 << (bits - 1)
+                    } else {
+                        (g as i32 * 3) % (top as i32 + 1)
+                    };
+                    (0.01 + 0.003 * g as f32, z)
+                })
+                .collect();
+            let bytes = encode_on_grid(ty, &codes, &params, row_len).unwrap();
+            let back = super::super::dequantize(ty, &bytes, codes.len());
+            for (i, (&q, &v)) in codes.iter().zip(&back).enumerate() {
+                let (s, z) = params[i / QK];
+                let want = if sym {
+                    f16_val(f16_bits(s)) * (q as i32 - z) as f32
+                } else {
+                    f16_val(f16_bits(s)) * q as f32 + f16_val(f16_bits(-s * z as f32))
+                };
+                assert_eq!(v, want, "{ty:?} value {i}");
+            }
+        }
+        let p = vec![(0.1f32, 8); 2];
+        assert!(encode_on_grid(GgmlType::Q4_0, &[3; 64], &p, 64).is_some());
+        // Q4_0's zero is 8; a code above 15; a type that is not a legacy one.
+        assert!(encode_on_grid(GgmlType::Q4_0, &[3; 64], &[(0.1, 7); 2], 64).is_none());
+        assert!(encode_on_grid(GgmlType::Q4_0, &[16; 64], &p, 64).is_none());
+        assert!(encode_on_grid(GgmlType::Q4_K, &[3; 64], &p, 64).is_none());
+    }
+
+    #[test]
     fn reference_rounding_details() {
         // Q4_0: the first value of largest magnitude sets d = max/-8 (here -8 -> level 0).
         let mut x = [0f32; QK];
@@ -369,4 +413,70 @@ mod tests {
         let b = Q8_0::reference(&x);
         assert_eq!((b.qs[0], b.qs[1], b.qs[2]), (127, 3, -3));
     }
+}
+
+/// The bytes of a legacy type for a weight already on a grid of 32-wide groups: `codes`
+/// (row-major `[rows, row_len]`) with one `(scale, zero)` per group in `params` (row-major
+/// `[rows, row_len / 32]`), decoding as `scale * (code - zero)`. The codes are stored as they
+/// are, so the grid is kept; the scale (and an affine type's minimum `-scale * zero`) is
+/// stored as the f16 the format holds. Symmetric types need the zero the format implies
+/// (Q8_0: 128, Q4_0: 8, Q5_0: 16) and affine ones (Q4_1, Q5_1) take any; `None` when the
+/// type is another, a zero or code does not fit it, or the shapes disagree.
+pub fn encode_on_grid(
+    ty: GgmlType,
+    codes: &[u8],
+    params: &[(f32, i32)],
+    row_len: usize,
+) -> Option<Vec<u8>> {
+    let (top, sym_zero): (u8, Option<i32>) = match ty {
+        GgmlType::Q8_0 => (255, Some(128)),
+        GgmlType::Q4_0 => (15, Some(8)),
+        GgmlType::Q5_0 => (31, Some(16)),
+        GgmlType::Q4_1 => (15, None),
+        GgmlType::Q5_1 => (31, None),
+        _ => return None,
+    };
+    if row_len == 0
+        || !row_len.is_multiple_of(QK)
+        || !codes.len().is_multiple_of(row_len)
+        || params.len() != codes.len() / QK
+        || codes.iter().any(|&c| c > top)
+        || params.iter().any(|&(s, z)| {
+            !s.is_finite() || sym_zero.is_some_and(|w| z != w) || !(0..=top as i32).contains(&z)
+        })
+    {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (q, &(s, z)) in codes.chunks_exact(QK).zip(params) {
+        let q: &[u8; QK] = q.try_into().expect("32 codes");
+        let (d, m) = (f16_bits(s), f16_bits(-s * z as f32));
+        match ty {
+            GgmlType::Q8_0 => out.extend_from_slice(bytemuck::bytes_of(&BlockQ8_0 {
+                d,
+                qs: std::array::from_fn(|j| (q[j] as i32 - 128) as i8),
+            })),
+            GgmlType::Q4_0 => out.extend_from_slice(bytemuck::bytes_of(&BlockQ4_0 {
+                d,
+                qs: pack_nibbles(q),
+            })),
+            GgmlType::Q5_0 => out.extend_from_slice(bytemuck::bytes_of(&BlockQ5_0 {
+                d,
+                qh: fifth_bits(q),
+                qs: pack_nibbles(q),
+            })),
+            GgmlType::Q4_1 => out.extend_from_slice(bytemuck::bytes_of(&BlockQ4_1 {
+                d,
+                m,
+                qs: pack_nibbles(q),
+            })),
+            _ => out.extend_from_slice(bytemuck::bytes_of(&BlockQ5_1 {
+                d,
+                m,
+                qh: fifth_bits(q),
+                qs: pack_nibbles(q),
+            })),
+        }
+    }
+    Some(out)
 }
