@@ -398,6 +398,42 @@ fn qat_from_gptq_keeps_gptqs_grid() {
         serde_json::from_slice(&std::fs::read(out.join("quant_report.json")).unwrap()).unwrap();
     assert_eq!(report["ptq_start"]["method"], "gptq");
     assert_eq!(report["ptq_start"]["calibration"]["samples"], 4);
+    // AWQ likewise: its scales, from its scaled weights, are the frozen ones.
+    let (awq, qawq) = (f.root.join("awq"), f.root.join("qat-awq"));
+    let mut args = vec![
+        "quant",
+        s(&f.teacher),
+        "--method",
+        "awq",
+        "--format",
+        "packed",
+    ];
+    args.extend_from_slice(&scheme);
+    args.extend_from_slice(&cal);
+    args.extend_from_slice(&["--out", s(&awq)]);
+    ok(&args);
+    let mut args = vec!["qat", "--teacher", s(&f.teacher), "--method", "awq"];
+    args.extend_from_slice(&[
+        "--data",
+        s(&f.data),
+        "--format",
+        "packed",
+        "--out",
+        s(&qawq),
+    ]);
+    args.extend_from_slice(&scheme);
+    args.extend_from_slice(&cal);
+    args.extend_from_slice(&SMALL);
+    ok(&args);
+    let (a, b) = (open(&awq), open(&qawq));
+    for l in ["self_attn.k_proj", "mlp.up_proj"] {
+        let name = format!("model.layers.1.{l}.weight_scale");
+        let (x, y) = (
+            a.read_f32(&name).unwrap().unwrap().0,
+            b.read_f32(&name).unwrap().unwrap().0,
+        );
+        assert_eq!(x, y, "{name}: QAT's frozen scales are not AWQ's");
+    }
     // With checkpoints the start lives in OUT.ptq-start: the same student comes out, and the
     // folder goes with the checkpoints.
     let out2 = f.root.join("qat-gptq-ckpt");
