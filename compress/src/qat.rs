@@ -24,8 +24,8 @@ use serde_json::json;
 /// that applies (LoRA and the teacher-cache writer do not).
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The PTQ result the scales and zero points start from: `rtn` (round-to-nearest on the
-    /// student's own weights, min/max per group). Required.
+    /// The PTQ result training starts from: `rtn` (round-to-nearest on the student's own
+    /// weights), `gptq` or `awq` (run first on `--calib`). Required.
     #[arg(long, value_enum)]
     method: Option<QatInit>,
     /// Bits per weight code (2 to 8).
@@ -41,7 +41,7 @@ pub struct Args {
     /// Symmetric quantization (zero point 2^(bits-1)).
     #[arg(long)]
     sym: bool,
-    /// Train the scales too (LSQ-style; zero points stay frozen) instead of keeping RTN's.
+    /// Train the scales too (LSQ-style; zero points stay frozen) instead of keeping the start's.
     #[arg(long)]
     learn_scales: bool,
     /// Output formats, comma-separated: `dense` (f32 by default, the weights exactly on their
