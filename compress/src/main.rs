@@ -65,8 +65,9 @@ enum Command {
     /// fine-tuning of a student, e.g. to recover a pruned model.
     Distill(distilling::Args),
     /// Quantization-aware training: the student's linears train behind fake quantization
-    /// (RTN's scales and zero points, frozen or learned) with a distillation loss; writes the
-    /// model on its quantization grid, dense and/or packed, with quant_report.json.
+    /// (scales and zero points from RTN, GPTQ or AWQ, frozen or learned) with a distillation
+    /// loss; writes the model on its quantization grid, dense, packed and/or GGUF, with
+    /// quant_report.json.
     Qat(qat::Args),
     /// Generate responses to a JSONL file of prompts (greedy or sampled, KV cache) as JSONL
     /// (prompt, response) pairs: training data for black-box distillation.
