@@ -115,36 +115,21 @@ pub fn run(
     let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::F32, tmp, None)?;
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, tmp)?;
     let params = Rc::new(RefCell::new(BTreeMap::new()));
-    let report = {
-        let mut sinks: Vec<Box<dyn OutputSink>> = vec![
-            Box::new(DenseSink::create(
-                &tmp.join("model.safetensors"),
-                &cfg,
-                StoreDtype::F32,
-            )?),
-            Box::new(Capture(params.clone())),
-        ];
-        let pb = crate::progress_bar(name(init), cfg.num_hidden_layers as u64);
-        let opts = PtqOptions {
-            scheme,
-            calib,
-            propagate_quantized: None,
-            sample_rows: 2048,
-        };
-        let r = quant::pipeline::quantize(
-            &ckpt,
-            method.as_ref(),
-            &opts,
-            model::default_device(),
-            &mut sinks,
-            |d, _| pb.set_position(d as u64),
-        )?;
-        for s in sinks {
-            s.finish()?;
-        }
-        pb.finish_and_clear();
-        r
+    let sinks: Vec<Box<dyn OutputSink>> = vec![
+        Box::new(DenseSink::create(
+            &tmp.join("model.safetensors"),
+            &cfg,
+            StoreDtype::F32,
+        )?),
+        Box::new(Capture(params.clone())),
+    ];
+    let opts = PtqOptions {
+        scheme,
+        calib,
+        propagate_quantized: None,
+        sample_rows: 2048,
     };
+    let report = crate::quantize::run_ptq(&ckpt, method.as_ref(), &opts, sinks, name(init))?;
     let summary = json!({
         "method": name(init), "student": student,
         "calibration": {"file": c.calib, "samples": c.calib_samples, "len": c.calib_len, "seed": seed},

@@ -312,7 +312,6 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         tmp.clone()
     };
     let mut sinks: Vec<Box<dyn OutputSink>> = Vec::new();
-    let mut cfg = None;
     if dense {
         let c = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &tmp, None)?;
         crate::hf_folder::write_aux(&ckpt, &tok, &c, &tmp)?;
@@ -321,7 +320,6 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             &c,
             StoreDtype::BF16,
         )?));
-        cfg = Some(c);
     }
     if packed {
         std::fs::create_dir_all(&packed_dir)
@@ -336,29 +334,14 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             scheme,
             act_order,
         )?));
-        cfg = Some(c);
     }
-    let cfg = cfg.expect("a format");
-
-    let pb = crate::progress_bar(&a.method, cfg.num_hidden_layers as u64);
     let popts = PtqOptions {
         scheme,
         calib,
         propagate_quantized: a.propagate.as_deref().map(|p| p == "quantized"),
         sample_rows: a.sample_rows,
     };
-    let report = quant::pipeline::quantize(
-        &ckpt,
-        method.as_ref(),
-        &popts,
-        model::default_device(),
-        &mut sinks,
-        |d, _| pb.set_position(d as u64),
-    )?;
-    for s in sinks {
-        s.finish()?;
-    }
-    pb.finish_and_clear();
+    let report = run_ptq(&ckpt, method.as_ref(), &popts, sinks, &a.method)?;
     let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let out_ckpt_bytes = if dense {
         size(tmp.join("model.safetensors"))
@@ -461,6 +444,31 @@ pub(crate) fn print_sizes(input: u64, outputs: &[(u64, &str)]) {
         crate::grouped(input),
         outs.join(", ")
     );
+}
+
+/// Runs the PTQ pipeline over `ckpt` into `sinks` with a progress bar labelled `label`, and
+/// completes the sinks (what `compress quant` and QAT's GPTQ/AWQ start share).
+pub(crate) fn run_ptq(
+    ckpt: &Checkpoint,
+    method: &dyn quant::method::QuantMethod,
+    opts: &PtqOptions,
+    mut sinks: Vec<Box<dyn OutputSink>>,
+    label: &str,
+) -> anyhow::Result<quant::pipeline::PtqReport> {
+    let pb = crate::progress_bar(label, ckpt.config().num_hidden_layers as u64);
+    let report = quant::pipeline::quantize(
+        ckpt,
+        method,
+        opts,
+        model::default_device(),
+        &mut sinks,
+        |d, _| pb.set_position(d as u64),
+    )?;
+    for s in sinks {
+        s.finish()?;
+    }
+    pb.finish_and_clear();
+    Ok(report)
 }
 
 /// Reads `--calib` into windows (none without it).

@@ -334,52 +334,41 @@ fn qat_from_gptq_keeps_gptqs_grid() {
         "--calib-len",
         "32",
     ];
-    let ptq = f.root.join("gptq");
-    let mut args = vec![
-        "quant",
-        s(&f.teacher),
-        "--method",
-        "gptq",
-        "--format",
-        "packed",
-    ];
-    args.extend_from_slice(&scheme);
-    args.extend_from_slice(&cal);
-    args.extend_from_slice(&["--out", s(&ptq)]);
-    ok(&args);
-    let out = f.root.join("qat-gptq");
-    let mut args = vec![
-        "qat",
-        "--teacher",
-        s(&f.teacher),
-        "--method",
-        "gptq",
-        "--data",
-        s(&f.data),
-        "--format",
-        "packed",
-        "--out",
-        s(&out),
-    ];
-    args.extend_from_slice(&scheme);
-    args.extend_from_slice(&cal);
-    args.extend_from_slice(&SMALL);
-    ok(&args);
+    // `compress quant` (calibrated unless rtn) and `compress qat`, packed W4 g16, into `name`.
+    let quant = |method: &str, name: &str| -> PathBuf {
+        let out = f.root.join(name);
+        let mut args = vec![
+            "quant",
+            s(&f.teacher),
+            "--method",
+            method,
+            "--format",
+            "packed",
+        ];
+        args.extend_from_slice(&scheme);
+        if method != "rtn" {
+            args.extend_from_slice(&cal);
+        }
+        args.extend_from_slice(&["--out", s(&out)]);
+        ok(&args);
+        out
+    };
+    let train = |method: &str, name: &str, extra: &[&str]| -> PathBuf {
+        let out = f.root.join(name);
+        let mut args = vec!["qat", "--teacher", s(&f.teacher), "--method", method];
+        args.extend_from_slice(&["--data", s(&f.data), "--format", "packed", "--out", s(&out)]);
+        args.extend_from_slice(&scheme);
+        args.extend_from_slice(&cal);
+        args.extend_from_slice(&SMALL);
+        args.extend_from_slice(extra);
+        ok(&args);
+        out
+    };
+    let ptq = quant("gptq", "gptq");
+    let out = train("gptq", "qat-gptq", &[]);
     let open = |d: &Path| model::safetensors_io::SafetensorsSet::open(d).unwrap();
     let (a, b) = (open(&ptq), open(&out));
-    let rtn = f.root.join("rtn");
-    let mut args = vec![
-        "quant",
-        s(&f.teacher),
-        "--method",
-        "rtn",
-        "--format",
-        "packed",
-    ];
-    args.extend_from_slice(&scheme);
-    args.extend_from_slice(&["--out", s(&rtn)]);
-    ok(&args);
-    let r = open(&rtn);
+    let r = open(&quant("rtn", "rtn"));
     let mut differs_from_rtn = false;
     for l in ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"] {
         let name = format!("model.layers.0.{l}.weight_scale");
@@ -399,33 +388,10 @@ fn qat_from_gptq_keeps_gptqs_grid() {
     assert_eq!(report["ptq_start"]["method"], "gptq");
     assert_eq!(report["ptq_start"]["calibration"]["samples"], 4);
     // AWQ likewise: its scales, from its scaled weights, are the frozen ones.
-    let (awq, qawq) = (f.root.join("awq"), f.root.join("qat-awq"));
-    let mut args = vec![
-        "quant",
-        s(&f.teacher),
-        "--method",
-        "awq",
-        "--format",
-        "packed",
-    ];
-    args.extend_from_slice(&scheme);
-    args.extend_from_slice(&cal);
-    args.extend_from_slice(&["--out", s(&awq)]);
-    ok(&args);
-    let mut args = vec!["qat", "--teacher", s(&f.teacher), "--method", "awq"];
-    args.extend_from_slice(&[
-        "--data",
-        s(&f.data),
-        "--format",
-        "packed",
-        "--out",
-        s(&qawq),
-    ]);
-    args.extend_from_slice(&scheme);
-    args.extend_from_slice(&cal);
-    args.extend_from_slice(&SMALL);
-    ok(&args);
-    let (a, b) = (open(&awq), open(&qawq));
+    let (a, b) = (
+        open(&quant("awq", "awq")),
+        open(&train("awq", "qat-awq", &[])),
+    );
     for l in ["self_attn.k_proj", "mlp.up_proj"] {
         let name = format!("model.layers.1.{l}.weight_scale");
         let (x, y) = (
@@ -436,26 +402,7 @@ fn qat_from_gptq_keeps_gptqs_grid() {
     }
     // With checkpoints the start lives in OUT.ptq-start: the same student comes out, and the
     // folder goes with the checkpoints.
-    let out2 = f.root.join("qat-gptq-ckpt");
-    let mut args = vec![
-        "qat",
-        "--teacher",
-        s(&f.teacher),
-        "--method",
-        "gptq",
-        "--data",
-        s(&f.data),
-        "--format",
-        "packed",
-        "--save-every",
-        "4",
-        "--out",
-        s(&out2),
-    ];
-    args.extend_from_slice(&scheme);
-    args.extend_from_slice(&cal);
-    args.extend_from_slice(&SMALL);
-    ok(&args);
+    let out2 = train("gptq", "qat-gptq-ckpt", &["--save-every", "4"]);
     let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(
         bytes(&out) == bytes(&out2),

@@ -19,6 +19,17 @@ BIN="${COMPRESS_BIN:-$ROOT/target/release/compress}"
 [[ -x "$BIN" ]] || { echo "error: $BIN not built (BUILD=0)" >&2; exit 1; }
 mkdir -p "$OUT"
 
+# want KEY: whether ROWS (space-separated globs of row keys; empty: all) selects row KEY.
+want() {
+    [[ -z "${ROWS:-}" ]] && return 0
+    local g
+    for g in $ROWS; do
+        # shellcheck disable=SC2053
+        [[ "$1" == $g ]] && return 0
+    done
+    return 1
+}
+
 # ppl MODEL -> "perplexity stderr bytes bits_per_weight" on TEXT, ctx 512, CHUNKS chunks.
 ppl() {
     "$BIN" eval "$1" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --force --json "$OUT/eval.json" >/dev/null

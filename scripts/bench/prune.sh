@@ -44,17 +44,6 @@ elif [[ -n "${ROWS_FROM:-}" && ! -s "$ROWS_FILE" ]]; then
 fi
 CAL=(--calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN")
 
-# want KEY: whether ROWS selects the row.
-want() {
-    [[ -z "$ROWS" ]] && return 0
-    local g
-    for g in $ROWS; do
-        # shellcheck disable=SC2053
-        [[ "$1" == $g ]] && return 0
-    done
-    return 1
-}
-
 # begin KEY TOOL METHOD PATTERN PAIR: starts a row (false when ROWS leaves it out). The row's
 # folder is $D; its step times go to $TIMES; PAIR links one of our rows to its peer row.
 begin() {

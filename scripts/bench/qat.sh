@@ -33,15 +33,6 @@ fi
 [[ -f "$CURVE" ]] || echo "key,step,tokens,perplexity,stderr" >"$CURVE"
 CAL=(--calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len 512)
 
-want() {
-    [[ -z "$ROWS" ]] && return 0
-    local g
-    for g in $ROWS; do
-        # shellcheck disable=SC2053
-        [[ "$1" == $g ]] && return 0
-    done
-    return 1
-}
 measured() { python3 -c "import json,sys;sys.exit(0 if any(json.loads(l)['key']==sys.argv[2] for l in open(sys.argv[1]) if l.strip()) else 1)" "$ROWS_FILE" "$1"; }
 begin() {
     want "$1" || return 1
