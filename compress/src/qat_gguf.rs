@@ -69,7 +69,10 @@ pub fn write(
                 encoded,
             })
         };
-    let report = export_from(student, &file, &plan, &mut source, &mut |_| {})?;
+    let pb = crate::progress_bar("gguf", student.expected_tensors().len() as u64);
+    let mut progress = |p: &quant::gguf_export::Progress| pb.set_position(p.index as u64);
+    let report = export_from(student, &file, &plan, &mut source, &mut progress)?;
+    pb.finish_and_clear();
     // Each linear as the file holds it, against the trained weights.
     let back = Checkpoint::open(&file).with_context(|| format!("{}", file.display()))?;
     let mut linears = Vec::new();
