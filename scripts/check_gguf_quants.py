@@ -31,7 +31,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 REPO = Path(__file__).resolve().parent.parent
-TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "F16", "BF16"]
 
 
 def make_input(rng: np.random.Generator, rows: int, row_len: int) -> np.ndarray:

@@ -51,7 +51,7 @@ except ImportError as e:  # handled in main()
     IMPORT_ERROR = e
 
 SEED = 20240601
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1"]
 FLOAT_TYPES = ("F32", "F16", "BF16")
 N_BLOCKS = 2
@@ -105,7 +105,7 @@ def rand_f16(rng: np.random.Generator, n: int, lo: float, hi: float, signed: boo
 
 
 def random_kquant_blocks(rng: np.random.Generator, name: str, n_blocks: int) -> bytes:
-    """Random K-quant blocks (gguf-py 0.19.0 cannot quantize K-quants) with sane f16 scales."""
+    """Random K-quant and IQ4_NL blocks (gguf-py 0.19.0 cannot quantize them) with sane f16 scales."""
     out = bytearray()
     for _ in range(n_blocks):
         if name in ("Q4_K", "Q5_K"):
@@ -124,6 +124,11 @@ def random_kquant_blocks(rng: np.random.Generator, name: str, n_blocks: int) -> 
             scales = rng.integers(-128, 128, size=16, dtype=np.int8)
             d = rand_f16(rng, 1, 1e-3, 1e-1, signed=True)
             blk = ql.tobytes() + qh.tobytes() + scales.tobytes() + d.tobytes()
+        elif name == "IQ4_NL":
+            # block_iq4_nl: d f16, qs[16] (4-bit codebook indices)                 -> 18 B
+            d = rand_f16(rng, 1, 1e-3, 1e-1, signed=True)
+            qs = rng.integers(0, 256, size=16, dtype=np.uint8)
+            blk = d.tobytes() + qs.tobytes()
         else:
             raise ValueError(name)
         assert len(blk) == GGML_QUANT_SIZES[T[name]][1], (name, len(blk))

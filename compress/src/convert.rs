@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     force: bool,
     /// GGUF output only: the type preset (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
-    /// q4_k_m, q5_k_m, f16, f32, bf16).
+    /// q4_k_m, q5_k_m, iq4_nl, f16, f32, bf16).
     #[arg(long = "type", default_value = "q8_0")]
     gguf_type: String,
     /// GGUF output only: override tensor types, PATTERN=TYPE (e.g. ffn_down=q6_k,
@@ -102,7 +102,7 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
     check_output(&a.model, &a.out, a.force)?;
     model::tokenizer::check_fits(&ckpt).context("cannot write the tokenizer")?;
     let cfg = ckpt.config();
-    let mut plan = TypePlan::preset(&a.gguf_type, cfg.num_hidden_layers, cfg.tie_word_embeddings)?;
+    let mut plan = TypePlan::for_model(&a.gguf_type, cfg, cfg.tie_word_embeddings)?;
     for r in a.tensor_type.iter().rev() {
         plan = plan.with_rule(r)?;
     }

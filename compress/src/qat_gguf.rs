@@ -40,7 +40,7 @@ pub fn write(
 ) -> anyhow::Result<Value> {
     let cfg = student.config();
     let tied = cfg.tie_word_embeddings && !student.has("lm_head.weight");
-    let plan = TypePlan::preset(name, cfg.num_hidden_layers, tied)?;
+    let plan = TypePlan::for_model(name, cfg, tied)?;
     let file = dir.join("model.gguf");
     let mut kept = Vec::new();
     let mut source =

@@ -520,7 +520,7 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
     };
     let tok = model::tokenizer::load_checked(&ckpt).context("cannot build the tokenizer")?;
     let cfg = ckpt.config();
-    let mut plan = TypePlan::preset(&ty, cfg.num_hidden_layers, cfg.tie_word_embeddings)?;
+    let mut plan = TypePlan::for_model(&ty, cfg, cfg.tie_word_embeddings)?;
     for r in a.tensor_type.iter().rev() {
         plan = plan.with_rule(r)?;
     }
@@ -634,7 +634,7 @@ pub(crate) fn larger_than_input(
         .iter()
         .filter(|p| !["f32", "f16", "bf16"].contains(p))
         .filter_map(|p| {
-            let plan = TypePlan::preset(p, cfg.num_hidden_layers, cfg.tie_word_embeddings).ok()?;
+            let plan = TypePlan::for_model(p, cfg, cfg.tie_word_embeddings).ok()?;
             Some((overhead + planned_tensor_bytes(ckpt, &plan)?, *p))
         })
         .filter(|(b, _)| (*b as f64) < 0.99 * input as f64)

@@ -62,6 +62,7 @@ fn dequantize_matches_gguf_py_bit_exactly() {
     }
     for t in [
         "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
+        "IQ4_NL",
     ] {
         assert!(seen.iter().any(|s| s == t), "no fixture for {t}");
     }

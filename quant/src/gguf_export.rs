@@ -77,6 +77,7 @@ pub struct TypeRule {
 /// | `f32`, `f16`, `bf16` | that type | same | same | 0, 1, 32 |
 /// | `q8_0` | Q8_0 | Q8_0 | Q8_0 | 7 |
 /// | `q4_0`, `q4_1`, `q5_0`, `q5_1` | that type | Q6_K | default | 2, 3, 8, 9 |
+/// | `iq4_nl` | IQ4_NL | Q6_K | `attn_v` Q5_K when `gqa` >= 4, else default | 25 |
 /// | `q4_k`, `q5_k` | Q4_K, Q5_K | Q6_K | default | 14, 16 (llama.cpp's `_S` ids) |
 /// | `q6_k` | Q6_K | Q6_K | Q6_K | 18 |
 /// | `q4_k_m` | Q4_K | Q6_K | Q6_K where `more(i)`, else Q4_K | 15 |
@@ -102,7 +103,7 @@ pub struct TypePlan {
 /// The preset names [`TypePlan::preset`] accepts.
 pub const PRESETS: &[&str] = &[
     "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m",
-    "q5_k_m",
+    "q5_k_m", "iq4_nl",
 ];
 
 /// llama.cpp's `use_more_bits(i, n)`.
@@ -180,9 +181,16 @@ impl TypePlan {
         }
     }
 
+    /// [`Self::preset`] for the model `cfg` describes; `tied` when it has no separate
+    /// `output.weight`.
+    pub fn for_model(name: &str, cfg: &model::Config, tied: bool) -> Result<Self> {
+        let gqa = cfg.num_attention_heads / cfg.num_kv_heads().max(1);
+        Self::preset(name, cfg.num_hidden_layers, tied, gqa)
+    }
+
     /// A named preset (see the table above) for a model with `n_layers` blocks; `tied` when
-    /// there is no separate `output.weight`.
-    pub fn preset(name: &str, n_layers: usize, tied: bool) -> Result<Self> {
+    /// there is no separate `output.weight`; `gqa` is attention heads per key/value head.
+    pub fn preset(name: &str, n_layers: usize, tied: bool, gqa: usize) -> Result<Self> {
         let lname = name.to_ascii_lowercase();
         let unknown = || {
             ExportError::Input(format!(
@@ -213,11 +221,18 @@ impl TypePlan {
                 | GgmlType::Q5_1
                 | GgmlType::Q4_K
                 | GgmlType::Q5_K
+                | GgmlType::IQ4_NL
         );
         if low_bit {
             plan.rules.push(TypeRule {
                 pattern: output.into(),
                 ty: GgmlType::Q6_K,
+            });
+        }
+        if ty == GgmlType::IQ4_NL && gqa >= 4 {
+            plan.rules.push(TypeRule {
+                pattern: "attn_v.weight".into(),
+                ty: GgmlType::Q5_K,
             });
         }
         if mixed {
@@ -301,6 +316,7 @@ fn file_type_of(ty: GgmlType) -> u32 {
         GgmlType::Q5_K => 16,
         GgmlType::Q6_K => 18,
         GgmlType::BF16 => 32,
+        GgmlType::IQ4_NL => 25,
         GgmlType::Other(..) => 0,
     }
 }
@@ -953,7 +969,7 @@ mod tests {
 
     #[test]
     fn presets_and_fallbacks() {
-        let p = TypePlan::preset("q4_k_m", 30, true).unwrap();
+        let p = TypePlan::preset("q4_k_m", 30, true, 1).unwrap();
         assert_eq!(p.file_type, 15);
         assert_eq!(
             p.type_for("token_embd.weight", &[49152, 576]),
@@ -980,7 +996,7 @@ mod tests {
             GgmlType::Q8_0
         );
         assert_eq!(p.type_for("blk.0.attn_norm.weight", &[576]), GgmlType::F32);
-        let q = TypePlan::preset("Q4_0", 30, false).unwrap();
+        let q = TypePlan::preset("Q4_0", 30, false, 1).unwrap();
         assert_eq!(q.type_for("output.weight", &[32000, 4096]), GgmlType::Q6_K);
         assert_eq!(
             q.type_for("token_embd.weight", &[32000, 4096]),
@@ -995,7 +1011,28 @@ mod tests {
             r.type_for("blk.2.ffn_down.weight", &[4096, 11008]),
             GgmlType::Q8_0
         );
-        assert!(TypePlan::preset("q3_k", 30, false).is_err());
+        assert!(TypePlan::preset("q3_k", 30, false, 1).is_err());
+        // iq4_nl: llama.cpp's mix (output Q6_K; attn_v Q5_K only with 4+ heads per kv head).
+        let n = TypePlan::preset("iq4_nl", 30, true, 3).unwrap();
+        assert_eq!(n.file_type, 25);
+        assert_eq!(
+            n.type_for("blk.1.attn_v.weight", &[192, 576]),
+            GgmlType::IQ4_NL
+        );
+        assert_eq!(
+            n.type_for("token_embd.weight", &[49152, 576]),
+            GgmlType::Q8_0
+        );
+        let g = TypePlan::preset("iq4_nl", 32, false, 4).unwrap();
+        assert_eq!(
+            g.type_for("blk.1.attn_v.weight", &[1024, 4096]),
+            GgmlType::Q5_K
+        );
+        assert_eq!(
+            g.type_for("blk.1.attn_k.weight", &[1024, 4096]),
+            GgmlType::IQ4_NL
+        );
+        assert_eq!(g.type_for("output.weight", &[32000, 4096]), GgmlType::Q6_K);
         assert!(TypePlan::uniform(GgmlType::F16).with_rule("x=q9").is_err());
         assert_eq!(fallback_type(GgmlType::Q4_0, 48), GgmlType::F16);
         assert_eq!(fallback_type(GgmlType::Q5_K, 576), GgmlType::Q5_1);

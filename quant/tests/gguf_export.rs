@@ -54,7 +54,7 @@ fn hf_to_gguf_round_trips() {
     let r = run_export(
         &hf,
         &f32_path,
-        &TypePlan::preset("f32", 3, false).unwrap(),
+        &TypePlan::preset("f32", 3, false, 1).unwrap(),
         None,
     );
     assert_eq!(r.tensors.len(), orig.len());
@@ -98,7 +98,7 @@ fn hf_to_gguf_round_trips() {
         ("q6_k", 0.03),
     ] {
         let path = dir.path().join(format!("{preset}.gguf"));
-        let plan = TypePlan::preset(preset, 3, false).unwrap();
+        let plan = TypePlan::preset(preset, 3, false, 1).unwrap();
         let r = run_export(&hf, &path, &plan, None);
         let ck = Checkpoint::open(&path).unwrap();
         let g = ck.gguf().unwrap();
@@ -134,7 +134,7 @@ fn hf_to_gguf_round_trips() {
     run_export(
         &f32_path,
         &again,
-        &TypePlan::preset("q8_0", 3, false).unwrap(),
+        &TypePlan::preset("q8_0", 3, false, 1).unwrap(),
         None,
     );
     let tok = |p: &Path| -> Vec<(String, MetaValue)> {
@@ -168,7 +168,7 @@ fn importance_and_tied_embeddings() {
         );
     }
     imp.insert("lm_head.weight".to_string(), w.clone());
-    let plan = TypePlan::preset("q4_0", 3, true).unwrap();
+    let plan = TypePlan::preset("q4_0", 3, true, 1).unwrap();
     let plain = dir.path().join("plain.gguf");
     let weighted = dir.path().join("weighted.gguf");
     run_export(&hf, &plain, &plan, None);
@@ -224,7 +224,7 @@ fn calibrated_export_uses_importance_and_folds_awq_scales() {
     let hf = dir.path().join("hf");
     let orig = write_tiny_hf(&hf, false);
     let ckpt = Checkpoint::open(&hf).unwrap();
-    let plan = TypePlan::preset("q4_0", 3, false).unwrap();
+    let plan = TypePlan::preset("q4_0", 3, false, 1).unwrap();
     let mut rng = Rng(7);
     let windows: Vec<Vec<u32>> = (0..4)
         .map(|_| {

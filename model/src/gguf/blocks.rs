@@ -133,6 +133,23 @@ pub struct BlockQ6K {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 
+/// IQ4_NL's codebook (llama.cpp `kvalues_iq4nl`): 16 non-uniform int8 levels, denser near 0,
+/// which a block's f16 scale multiplies.
+pub const IQ4_NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// `block_iq4_nl`: 32 4-bit indices into [`IQ4_NL_VALUES`] and one f16 scale.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BlockIQ4NL {
+    /// Scale.
+    pub d: u16,
+    /// Low nibbles index values 0..16, high nibbles 16..32.
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
+
 #[inline]
 fn h(bits: u16) -> f32 {
     f16::from_bits(bits).to_f32()
@@ -155,6 +172,17 @@ impl GgmlBlock for BlockQ4_0 {
         for (j, &q) in self.qs.iter().enumerate() {
             out[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
             out[j + QK / 2] = ((q >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+impl GgmlBlock for BlockIQ4NL {
+    const BLOCK: usize = QK;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = h(self.d);
+        for (j, &q) in self.qs.iter().enumerate() {
+            out[j] = d * IQ4_NL_VALUES[(q & 0x0f) as usize] as f32;
+            out[j + QK / 2] = d * IQ4_NL_VALUES[(q >> 4) as usize] as f32;
         }
     }
 }

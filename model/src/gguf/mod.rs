@@ -33,6 +33,7 @@ pub enum GgmlType {
     Q5_K,
     Q6_K,
     BF16,
+    IQ4_NL,
     /// A valid GGML type this crate cannot dequantize (id and name kept for messages).
     Other(u32, &'static str),
 }
@@ -53,6 +54,7 @@ impl GgmlType {
             13 => Q5_K,
             14 => Q6_K,
             30 => BF16,
+            20 => IQ4_NL,
             9 => Other(9, "Q8_1"),
             10 => Other(10, "Q2_K"),
             11 => Other(11, "Q3_K"),
@@ -61,7 +63,6 @@ impl GgmlType {
             17 => Other(17, "IQ2_XS"),
             18 => Other(18, "IQ3_XXS"),
             19 => Other(19, "IQ1_S"),
-            20 => Other(20, "IQ4_NL"),
             21 => Other(21, "IQ3_S"),
             22 => Other(22, "IQ2_S"),
             23 => Other(23, "IQ4_XS"),
@@ -93,6 +94,7 @@ impl GgmlType {
             Q5_K => 13,
             Q6_K => 14,
             BF16 => 30,
+            IQ4_NL => 20,
             Other(id, _) => id,
         }
     }
@@ -112,6 +114,7 @@ impl GgmlType {
             Q5_K => "Q5_K",
             Q6_K => "Q6_K",
             BF16 => "BF16",
+            IQ4_NL => "IQ4_NL",
             Other(_, n) => n,
         }
     }
@@ -125,6 +128,7 @@ impl GgmlType {
             F16 | BF16 => (1, 2),
             Q8_0 => (QK, sz()),
             Q4_0 => (QK, std::mem::size_of::<BlockQ4_0>()),
+            IQ4_NL => (QK, std::mem::size_of::<BlockIQ4NL>()),
             Q4_1 => (QK, std::mem::size_of::<BlockQ4_1>()),
             Q5_0 => (QK, std::mem::size_of::<BlockQ5_0>()),
             Q5_1 => (QK, std::mem::size_of::<BlockQ5_1>()),
@@ -155,6 +159,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
             .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         GgmlType::Q8_0 => dequantize_blocks::<BlockQ8_0>(bytes, out),
         GgmlType::Q4_0 => dequantize_blocks::<BlockQ4_0>(bytes, out),
+        GgmlType::IQ4_NL => dequantize_blocks::<BlockIQ4NL>(bytes, out),
         GgmlType::Q4_1 => dequantize_blocks::<BlockQ4_1>(bytes, out),
         GgmlType::Q5_0 => dequantize_blocks::<BlockQ5_0>(bytes, out),
         GgmlType::Q5_1 => dequantize_blocks::<BlockQ5_1>(bytes, out),

@@ -10,8 +10,11 @@
 //!   search over symmetric scales, then 8-bit sub-scales): the semantics of ggml's reference
 //!   quantizers, written from their description. gguf-py cannot quantize these, so they are
 //!   checked by round-trip error and by gguf-py dequantizing our bytes to our values.
+//! * IQ4_NL ([`iq4nl`]): 32 indices into a fixed non-uniform codebook and an f16 scale, found by
+//!   a weighted scale search (the closest GGUF type to NF4); checked the same way.
 //!
-//! **Pruned tensors** (at least 1/8 exact zeros) keep every zero exactly in every type: the
+//! **Pruned tensors** (at least 1/8 exact zeros) keep every zero exactly in every type but
+//! IQ4_NL (whose codebook has no zero level; see [`iq4nl`]): the
 //! symmetric types do so by construction; Q4_1/Q5_1 use an integer zero point with a scale
 //! short enough that the minimum is exact, and Q4_K/Q5_K a zero point per sub-block with
 //! `dmin = d * 2^k` ([`kquants`]). Dense tensors are untouched by this.
@@ -23,6 +26,7 @@
 //! error never exceeds that of plain rounding. [`quantize`] floors the weights at 1e-3 of
 //! their row mean so a column calibration never saw still gets a sane code.
 
+pub mod iq4nl;
 pub mod kquants;
 pub mod legacy;
 
@@ -177,6 +181,7 @@ pub const QUANTIZABLE: &[GgmlType] = &[
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
 ];
 
 /// f32 to bf16 bits as ggml (`ggml_compute_fp32_to_bf16`) and gguf-py: round to nearest
@@ -286,6 +291,7 @@ pub fn quantize(
         GgmlType::Q4_K => rows_of::<kquants::Q4K>(data, row_len, imp, keep_zeros),
         GgmlType::Q5_K => rows_of::<kquants::Q5K>(data, row_len, imp, keep_zeros),
         GgmlType::Q6_K => rows_of::<kquants::Q6K>(data, row_len, imp, keep_zeros),
+        GgmlType::IQ4_NL => rows_of::<iq4nl::IQ4NL>(data, row_len, imp, keep_zeros),
         _ => return Err(BlockError::Unsupported(ty.name())),
     })
 }
@@ -523,6 +529,7 @@ mod tests {
             (GgmlType::Q4_0, 0.12),
             (GgmlType::Q4_1, 0.12),
             (GgmlType::Q4_K, 0.09),
+            (GgmlType::IQ4_NL, 0.11),
         ] {
             let q = quantize(ty, &x, row, None).unwrap();
             let (blk, bsz) = ty.block_layout().unwrap();
