@@ -194,6 +194,21 @@ pub struct Args {
     /// --base-scheme: QLoRA double quantization (the absmax values to 8 bits in blocks of 256).
     #[arg(long)]
     pub double_quant: bool,
+    /// Quantize the trained student again with `compress quant --method METHOD` (adapters
+    /// merged first; e.g. after QLoRA): OUT then holds the quantized model (quant's default
+    /// format: packed for 2, 4 and 8 bits, else dense) and its quant_report.json; gptq and awq
+    /// calibrate on --data in windows of --seq-len.
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub requant: Option<crate::requant::RequantMethod>,
+    /// --requant: bits per weight code [default: 4].
+    #[arg(long)]
+    pub requant_bits: Option<u8>,
+    /// --requant: input channels per scale [default: 128].
+    #[arg(long)]
+    pub requant_group: Option<usize>,
+    /// --requant: symmetric (no zero point).
+    #[arg(long)]
+    pub requant_sym: bool,
     /// Save a checkpoint every N optimizer steps into OUT.checkpoints/checkpoint-STEP (an HF
     /// model plus the training state); 0: none.
     #[arg(long, default_value_t = 0)]

@@ -246,6 +246,7 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
     let start = Instant::now();
     let threads = crate::set_threads(a.threads);
     check_numbers(&a)?;
+    let requant = crate::requant::plan(&a)?;
     let plain = a.device.device()?;
     if a.cache_teacher.is_some() {
         return crate::distill_cache::write(&a);
@@ -319,7 +320,13 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
             &tmp,
         )?;
     }
-    if qat.is_none_or(|q| q.dense) {
+    let mut requantized = None;
+    if let Some(rq) = requant {
+        let merged = tmp.join(".merged");
+        std::fs::create_dir_all(&merged)?;
+        write_student(&a, &p, trained, student_path, &merged)?;
+        requantized = Some(rq.run(&merged, &tmp)?);
+    } else if qat.is_none_or(|q| q.dense) {
         write_student(&a, &p, trained, student_path, &tmp)?;
     }
     let mut report = json!({
@@ -330,6 +337,9 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
         "tokens_this_process": here, "tokens_per_second": here as f64 / train_secs,
         "seconds": start.elapsed().as_secs_f64(),
     });
+    if let Some(r) = requantized {
+        report["requant"] = r;
+    }
     if let Some(b) = p.base {
         report["base"] = json!({
             "scheme": b, "scheme_label": b.label(), "linears": bytes.linears,

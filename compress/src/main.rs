@@ -27,6 +27,7 @@ mod quantize;
 mod report;
 mod report_plot;
 mod report_table;
+mod requant;
 
 use std::path::PathBuf;
 

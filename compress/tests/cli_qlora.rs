@@ -281,3 +281,134 @@ fn bad_qlora_options_fail_with_one_line() {
     let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
     fails(tmp.path(), &refs, "--base-scheme", &["qat"]);
 }
+
+/// `--requant gptq`: OUT holds what `compress quant --method gptq` makes of the merged student
+/// (the same bytes), the adapters beside it, and no temporary folders.
+#[test]
+fn requant_writes_what_compress_quant_makes_of_the_merged_student() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = student(tmp.path());
+    let data = tmp.path().join("train.txt");
+    std::fs::write(&data, calib_text(1500)).unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--student",
+            s(&src),
+            "--loss",
+            "ce",
+            "--data",
+            s(&data),
+            "--seq-len",
+            "32",
+            "--batch-tokens",
+            "64",
+            "--max-tokens",
+            "128",
+            "--lr",
+            "1e-3",
+            "--lora-rank",
+            "4",
+            "--base-scheme",
+            "nf4",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        ok(&args)
+    };
+    let merged = tmp.path().join("merged");
+    run(&merged, &[]);
+    let by_hand = tmp.path().join("by-hand");
+    ok(&[
+        "quant",
+        s(&merged),
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group",
+        "32",
+        "--calib",
+        s(&data),
+        "--calib-len",
+        "32",
+        "--out",
+        s(&by_hand),
+    ]);
+    let out = tmp.path().join("requant");
+    let extra = [
+        "--requant",
+        "gptq",
+        "--requant-group",
+        "32",
+        "--lora-save",
+        "both",
+    ];
+    run(&out, &extra);
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(read(&out) == read(&by_hand), "requantized weights differ");
+    let q = json(&out.join("quant_report.json"));
+    assert_eq!(q["report"]["method"], "gptq", "{q}");
+    let cfg = json(&out.join("config.json"));
+    assert!(cfg.get("quantization_config").is_some(), "{cfg}");
+    let r = json(&out.join("distill_report.json"));
+    assert_eq!(r["requant"]["method"], "gptq", "{r}");
+    assert_eq!(r["requant"]["bits"], 4, "{r}");
+    assert!(out.join("adapter/adapter_config.json").is_file());
+    assert!(out.join("train_log.jsonl").is_file());
+    for gone in [".merged", ".requant"] {
+        assert!(!out.join(gone).exists(), "{gone} left in OUT");
+    }
+}
+
+#[test]
+fn bad_requant_options_fail_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = student(tmp.path());
+    let data = tmp.path().join("train.txt");
+    std::fs::write(&data, calib_text(300)).unwrap();
+    let out = tmp.path().join("o");
+    let check = |cmd: &str, extra: &[&str], needles: &[&str]| {
+        let mut args: Vec<PathBuf> = [cmd, "--student", s(&src), "--data", s(&data)]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        args.extend(["--seq-len", "32", "--out", s(&out)].map(PathBuf::from));
+        args.extend(extra.iter().map(PathBuf::from));
+        let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+        fails(tmp.path(), &refs, needles[0], &needles[1..]);
+    };
+    let ce = ["--loss", "ce"];
+    check(
+        "distill",
+        &[&ce[..], &["--requant-bits", "3"]].concat(),
+        &["--requant-bits", "--requant"],
+    );
+    check(
+        "distill",
+        &[&ce[..], &["--requant", "rtn", "--requant-bits", "9"]].concat(),
+        &["--requant-bits 9"],
+    );
+    check(
+        "distill",
+        &[
+            &ce[..],
+            &[
+                "--requant",
+                "rtn",
+                "--lora-rank",
+                "4",
+                "--lora-save",
+                "adapters",
+            ],
+        ]
+        .concat(),
+        &["--requant", "--lora-save adapters"],
+    );
+    check(
+        "qat",
+        &["--method", "rtn", "--requant", "rtn"],
+        &["--requant", "qat"],
+    );
+}
