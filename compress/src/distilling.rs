@@ -432,6 +432,10 @@ fn options_json(
     }
     if let Some(q) = qat {
         options["qat"] = serde_json::to_value(q.opts)?;
+        // Only when set, so that earlier runs' checkpoints keep their fingerprint.
+        if q.calib.gptq_latent {
+            options["qat_start"] = json!("gptq unrounded");
+        }
     }
     Ok(options)
 }

@@ -31,6 +31,11 @@ pub struct CalibArgs {
     /// Tokens per calibration sequence.
     #[arg(long, default_value_t = 512)]
     pub calib_len: usize,
+    /// `--method gptq`: start the latent weights at GPTQ's unrounded, error-updated values
+    /// (each still rounds to GPTQ's code, so step 0 is GPTQ's model) instead of at its
+    /// dequantized grid points, the middles of their rounding bins.
+    #[arg(long)]
+    pub gptq_latent: bool,
 }
 
 impl CalibArgs {
@@ -40,6 +45,9 @@ impl CalibArgs {
         match init {
             QatInit::Rtn if given => {
                 bail!("--calib, --calib-samples and --calib-len apply to --method gptq|awq only")
+            }
+            QatInit::Rtn | QatInit::Awq if self.gptq_latent => {
+                bail!("--gptq-latent applies to --method gptq only")
             }
             QatInit::Gptq | QatInit::Awq if self.calib.is_none() => {
                 bail!(
@@ -79,11 +87,37 @@ impl OutputSink for Capture {
         Ok(())
     }
     fn linear(&mut self, name: &str, q: &QuantizedLinear, _: &[f32]) -> Result<(), QuantError> {
-        self.0.borrow_mut().insert(name.to_string(), q.clone());
+        // The integer form only: the latent values go to the start's weights.
+        let kept = QuantizedLinear {
+            rows: q.rows,
+            cols: q.cols,
+            codes: q.codes.clone(),
+            params: q.params.clone(),
+            groups: q.groups,
+            g_idx: q.g_idx.clone(),
+            latent: None,
+        };
+        self.0.borrow_mut().insert(name.to_string(), kept);
         Ok(())
     }
     fn finish(self: Box<Self>) -> Result<(), QuantError> {
         Ok(())
+    }
+}
+
+/// The start's weights: each linear's latent values where the method kept them, else its
+/// dequantized ones.
+struct StartWeights(DenseSink);
+
+impl OutputSink for StartWeights {
+    fn plain(&mut self, name: &str, data: &[f32], shape: &[usize]) -> Result<(), QuantError> {
+        self.0.plain(name, data, shape)
+    }
+    fn linear(&mut self, name: &str, q: &QuantizedLinear, deq: &[f32]) -> Result<(), QuantError> {
+        self.0.linear(name, q, q.latent.as_deref().unwrap_or(deq))
+    }
+    fn finish(self: Box<Self>) -> Result<(), QuantError> {
+        Box::new(self.0).finish()
     }
 }
 
@@ -109,18 +143,22 @@ pub fn run(
         &tok,
         ckpt.config(),
     )?;
-    let method = quant::method::by_name(name(init), &MethodOptions::default())?;
+    let mopts = MethodOptions {
+        keep_latent: c.gptq_latent,
+        ..MethodOptions::default()
+    };
+    let method = quant::method::by_name(name(init), &mopts)?;
     let tmp = dir;
     std::fs::create_dir_all(tmp).with_context(|| format!("{}", tmp.display()))?;
     let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::F32, tmp, None)?;
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, tmp)?;
     let params = Rc::new(RefCell::new(BTreeMap::new()));
     let sinks: Vec<Box<dyn OutputSink>> = vec![
-        Box::new(DenseSink::create(
+        Box::new(StartWeights(DenseSink::create(
             &tmp.join("model.safetensors"),
             &cfg,
             StoreDtype::F32,
-        )?),
+        )?)),
         Box::new(Capture(params.clone())),
     ];
     let opts = PtqOptions {
@@ -133,6 +171,7 @@ pub fn run(
     let summary = json!({
         "method": name(init), "student": student,
         "calibration": {"file": c.calib, "samples": c.calib_samples, "len": c.calib_len, "seed": seed},
+        "latent": if c.gptq_latent { "gptq unrounded" } else { "dequantized" },
         "report": report,
     });
     Ok(PtqStart {

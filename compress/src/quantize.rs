@@ -279,6 +279,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         act_order: a.act_order,
         damp: a.damp,
         static_groups: a.static_groups,
+        keep_latent: false,
         no_awq_scale: a.no_awq_scale,
         no_awq_clip: a.no_awq_clip,
     };

@@ -418,6 +418,78 @@ fn qat_from_gptq_keeps_gptqs_grid() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// `--gptq-latent`: the latent weights start at GPTQ's unrounded values, which still round to
+/// GPTQ's codes (with a vanishing learning rate the packed student is GPTQ's, byte for byte),
+/// and training from there differs from training from the grid points.
+#[test]
+fn qat_from_gptqs_unrounded_weights_starts_at_gptqs_model() {
+    let f = fixture();
+    let calib = f.root.join("calib.txt");
+    std::fs::write(&calib, calib_text(3000)).unwrap();
+    let common = [
+        "--bits",
+        "4",
+        "--group",
+        "16",
+        "--format",
+        "packed",
+        "--calib",
+        s(&calib),
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+    ];
+    let ptq = f.root.join("gptq");
+    let mut args = vec!["quant", s(&f.teacher), "--method", "gptq", "--out", s(&ptq)];
+    args.extend_from_slice(&common);
+    ok(&args);
+    let train = |name: &str, lr: &str, latent: bool| -> PathBuf {
+        let out = f.root.join(name);
+        let mut args = vec!["qat", "--teacher", s(&f.teacher), "--method", "gptq"];
+        args.extend_from_slice(&["--data", s(&f.data), "--out", s(&out), "--lr", lr]);
+        args.extend_from_slice(&["--seq-len", "32", "--batch-tokens", "128"]);
+        args.extend_from_slice(&["--max-tokens", "1536"]);
+        args.extend_from_slice(&common);
+        if latent {
+            args.push("--gptq-latent");
+        }
+        ok(&args);
+        out
+    };
+    let packed = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    let still = train("still", "1e-12", true);
+    assert!(packed(&still) == packed(&ptq), "step 0 is not GPTQ's model");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(still.join("quant_report.json")).unwrap()).unwrap();
+    assert_eq!(report["ptq_start"]["latent"], "gptq unrounded");
+    let (latent, grid) = (train("latent", "1e-3", true), train("grid", "1e-3", false));
+    assert!(
+        packed(&latent) != packed(&grid),
+        "the latent start changed nothing"
+    );
+    assert!(packed(&latent) != packed(&ptq), "training changed nothing");
+    // Only GPTQ keeps unrounded weights.
+    let out = f.root.join("x");
+    let args: Vec<PathBuf> = [
+        "qat",
+        "--teacher",
+        s(&f.teacher),
+        "--method",
+        "rtn",
+        "--gptq-latent",
+        "--data",
+        s(&f.data),
+        "--out",
+        s(&out),
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+    fails(&f.root, &refs, "--gptq-latent", &["gptq"]);
+}
+
 /// `--format gguf:TYPE`: where the type's blocks hold the QAT grid (W4 g32 sym in q4_0, asym
 /// in q4_1) every linear is written from its trained codes, so the file's weights are the
 /// trained ones up to the f16 rounding of the scales; a type that cannot hold it (q4_k) gets

@@ -325,6 +325,7 @@ impl CausalLm {
                 params,
                 groups,
                 g_idx,
+                latent: None,
             };
             out.insert(name, q);
         }

@@ -507,6 +507,7 @@ mod tests {
             params,
             groups: 2,
             g_idx,
+            latent: None,
         };
         let lay = LinearLayout::new(&s, "w", rows, cols, true).unwrap();
         let p = pack_linear(&s, &lay, "w", &q).unwrap();

@@ -159,6 +159,10 @@ pub struct QuantizedLinear {
     pub groups: usize,
     /// Group of each input column.
     pub g_idx: Vec<u32>,
+    /// The unrounded values the codes were rounded from (`rows * cols`, row-major), when the
+    /// method keeps them: GPTQ with `keep_latent` (its error-updated weights; each code is
+    /// `scheme.code(latent, params)`), where QAT can start its latent weights.
+    pub latent: Option<Vec<f32>>,
 }
 
 impl QuantizedLinear {
@@ -217,6 +221,7 @@ pub fn quantize_rtn(
         params,
         groups,
         g_idx: (0..cols).map(|c| (c / g) as u32).collect(),
+        latent: None,
     })
 }
 

@@ -14,6 +14,8 @@
 #   (12 steps), CALIB_SAMPLES (128) x 512 calibration tokens for GPTQ/AWQ, CHUNKS (32), ROWS
 #   (space-separated globs of row keys; default all), RESUME (1 keeps OUT/rows.jsonl and
 #   skips rows measured there), BUILD / COMPRESS_BIN (see lib.sh).
+# Rows `qat-gptq-latent-*` start from GPTQ's unrounded weights (`--gptq-latent`), the others
+# from the dequantized PTQ model.
 # About 40 minutes per QAT row on 2 cores at the defaults (30 of training, 4 evaluations).
 set -euo pipefail
 OUT="${OUT:-/tmp/qat-bench}"
@@ -83,12 +85,15 @@ for spec in rtn:3 gptq:3 awq:3 gptq:4; do
 done
 
 # QAT rows.
-for spec in rtn:3:frozen rtn:3:learned gptq:3:frozen gptq:3:learned gptq:4:frozen; do
-    IFS=: read -r M B S <<<"$spec"
-    KEY="qat-$M-w$B-$S"
+for spec in rtn:3:frozen rtn:3:learned gptq:3:frozen gptq:3:learned gptq:4:frozen \
+    gptq-latent:3:frozen gptq-latent:3:learned gptq-latent:4:frozen; do
+    IFS=: read -r V B S <<<"$spec"
+    KEY="qat-$V-w$B-$S"
     begin "$KEY" || continue
+    M=${V%-latent}
     C=()
     [[ "$M" != rtn ]] && C=("${CAL[@]}")
+    [[ "$V" == *-latent ]] && C+=(--gptq-latent)
     L=()
     [[ "$S" == learned ]] && L=(--learn-scales)
     D="$OUT/$KEY"
@@ -99,7 +104,7 @@ for spec in rtn:3:frozen rtn:3:learned gptq:3:frozen gptq:3:learned gptq:4:froze
     cp "$OUT/time" "$OUT/$KEY.time"
     read -r P SE < <(evaluate "$D")
     cp "$OUT/$KEY.time" "$OUT/time"
-    record "$KEY" qat "$B" "$M" "QAT from $M W$B g128, $S scales" "$P" "$SE" "$TOKENS"
+    record "$KEY" qat "$B" "$V" "QAT from $V W$B g128, $S scales" "$P" "$SE" "$TOKENS"
     # The curve: the PTQ start at step 0, every kept checkpoint, the final model.
     read -r P0 SE0 < <(ptq_ppl "ptq-$M-w$B") || true
     [[ -n "${P0:-}" ]] && echo "$KEY,0,0,$P0,$SE0" >>"$CURVE"

@@ -30,6 +30,9 @@ pub struct Gptq {
     /// sweep (llm-compressor's and AutoGPTQ's `static_groups`), instead of from the
     /// error-updated weights when the sweep enters the group (the GPTQ reference code).
     pub static_groups: bool,
+    /// Keep each linear's unrounded error-updated weights in [`QuantizedLinear::latent`]
+    /// (QAT from GPTQ starts there; one f32 copy of the weights more).
+    pub keep_latent: bool,
 }
 
 impl Default for Gptq {
@@ -39,6 +42,7 @@ impl Default for Gptq {
             block: 128,
             act_order: false,
             static_groups: false,
+            keep_latent: false,
         }
     }
 }
@@ -102,6 +106,7 @@ pub fn gptq_prepared(
         ]
     };
     let mut g_idx = vec![0u32; cols];
+    let mut latent = opts.keep_latent.then(|| vec![0f32; rows * cols]);
     for i1 in (0..cols).step_by(opts.block) {
         let i2 = (i1 + opts.block).min(cols);
         let count = i2 - i1;
@@ -133,6 +138,11 @@ pub fn gptq_prepared(
                     _ => scheme.code(x, p),
                 };
                 codes[r * cols + perm[c]] = code;
+                if let Some(l) = latent.as_mut() {
+                    // A pruned weight's latent value is the zero it stays.
+                    let kept = pruned.as_ref().is_none_or(|m| !m[r * cols + c]);
+                    l[r * cols + perm[c]] = if kept { x } else { 0.0 };
+                }
                 err[(r, i)] = (x - QuantScheme::value(code, p)) / d;
             }
             update_within_block(&mut wm, &err, u, i1, i, count);
@@ -146,6 +156,7 @@ pub fn gptq_prepared(
         params,
         groups,
         g_idx,
+        latent,
     })
 }
 

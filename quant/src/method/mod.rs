@@ -87,6 +87,8 @@ pub struct MethodOptions {
     pub damp: Option<f64>,
     /// GPTQ: group parameters from the original weights ([`gptq::Gptq::static_groups`]).
     pub static_groups: bool,
+    /// GPTQ: keep the unrounded weights ([`gptq::Gptq::keep_latent`]).
+    pub keep_latent: bool,
     /// AWQ: skip the scale search.
     pub no_awq_scale: bool,
     /// AWQ: skip the clipping search.
@@ -109,6 +111,7 @@ pub fn by_name(name: &str, o: &MethodOptions) -> Result<Box<dyn QuantMethod>, Qu
             act_order: o.act_order,
             damp: o.damp.unwrap_or(0.01),
             static_groups: o.static_groups,
+            keep_latent: o.keep_latent,
             ..gptq::Gptq::default()
         }),
         other => {
