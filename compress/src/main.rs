@@ -89,6 +89,26 @@ pub(crate) fn set_threads(n: Option<usize>) -> usize {
     rayon::current_num_threads()
 }
 
+/// Runs a block-by-block stage that writes into `sinks` behind a progress bar of `blocks`
+/// steps labelled `label`, then finishes the sinks, so their files are complete on return.
+pub(crate) fn drive_sinks<R, E: Into<anyhow::Error>>(
+    label: &str,
+    blocks: usize,
+    mut sinks: Vec<Box<dyn quant::pipeline::OutputSink>>,
+    stage: impl FnOnce(
+        &mut Vec<Box<dyn quant::pipeline::OutputSink>>,
+        &mut dyn FnMut(usize, usize),
+    ) -> Result<R, E>,
+) -> anyhow::Result<R> {
+    let pb = progress_bar(label, blocks as u64);
+    let report = stage(&mut sinks, &mut |d, _| pb.set_position(d as u64)).map_err(Into::into)?;
+    for s in sinks {
+        s.finish()?;
+    }
+    pb.finish_and_clear();
+    Ok(report)
+}
+
 /// A progress bar on stderr: redrawn on a terminal, a plain line every few seconds otherwise
 /// (logs, CI). Its ETA appears only once there is evidence for it (see [`eta_text`]).
 pub(crate) fn progress_bar(msg: &str, total: u64) -> indicatif::ProgressBar {

@@ -130,7 +130,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dense_dir)?;
     let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::from(a.dtype), &dense_dir, None)?;
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &dense_dir)?;
-    let mut sinks: Vec<Box<dyn OutputSink>> = vec![Box::new(DenseSink::create(
+    let sinks: Vec<Box<dyn OutputSink>> = vec![Box::new(DenseSink::create(
         &dense_dir.join("model.safetensors"),
         &cfg,
         StoreDtype::from(a.dtype),
@@ -156,19 +156,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         true_sequential: a.true_sequential,
         refit,
     };
-    let pb = crate::progress_bar(method.name(), cfg.num_hidden_layers as u64);
-    let report = prune::pipeline::prune(
-        &ckpt,
-        method.as_ref(),
-        &popts,
-        model::default_device(),
-        &mut sinks,
-        |d, _| pb.set_position(d as u64),
-    )?;
-    for s in sinks {
-        s.finish()?;
-    }
-    pb.finish_and_clear();
+    let report = crate::drive_sinks(method.name(), cfg.num_hidden_layers, sinks, |sinks, p| {
+        prune::pipeline::prune(
+            &ckpt,
+            method.as_ref(),
+            &popts,
+            model::default_device(),
+            sinks,
+            p,
+        )
+    })?;
     let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let dense_bytes = size(dense_dir.join("model.safetensors"));
     let sparse_report = if sparse {

@@ -114,18 +114,10 @@ pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
         cfg = Some(c);
     }
     let cfg = cfg.expect("a format");
-    let pb = crate::progress_bar(scheme.ty.name(), cfg.num_hidden_layers as u64);
-    let report = quant::nf4::stage::quantize_model(
-        &ckpt,
-        scheme,
-        model::default_device(),
-        &mut sinks,
-        |d, _| pb.set_position(d as u64),
-    )?;
-    for s in sinks {
-        s.finish()?;
-    }
-    pb.finish_and_clear();
+    let blocks = cfg.num_hidden_layers;
+    let report = crate::drive_sinks(scheme.ty.name(), blocks, sinks, |sinks, progress| {
+        quant::nf4::stage::quantize_model(&ckpt, scheme, model::default_device(), sinks, progress)
+    })?;
     let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let dense_bytes = dense.then(|| size(tmp.join("model.safetensors")));
     let bnb_bytes = bnb.then(|| size(bnb_dir.join("model.safetensors")));

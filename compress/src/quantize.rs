@@ -453,23 +453,13 @@ pub(crate) fn run_ptq(
     ckpt: &Checkpoint,
     method: &dyn quant::method::QuantMethod,
     opts: &PtqOptions,
-    mut sinks: Vec<Box<dyn OutputSink>>,
+    sinks: Vec<Box<dyn OutputSink>>,
     label: &str,
 ) -> anyhow::Result<quant::pipeline::PtqReport> {
-    let pb = crate::progress_bar(label, ckpt.config().num_hidden_layers as u64);
-    let report = quant::pipeline::quantize(
-        ckpt,
-        method,
-        opts,
-        model::default_device(),
-        &mut sinks,
-        |d, _| pb.set_position(d as u64),
-    )?;
-    for s in sinks {
-        s.finish()?;
-    }
-    pb.finish_and_clear();
-    Ok(report)
+    let blocks = ckpt.config().num_hidden_layers;
+    crate::drive_sinks(label, blocks, sinks, |sinks, progress| {
+        quant::pipeline::quantize(ckpt, method, opts, model::default_device(), sinks, progress)
+    })
 }
 
 /// Reads `--calib` into windows (none without it).

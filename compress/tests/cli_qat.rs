@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::{fails, ok};
+use common::{fails, fails_str, ok};
 use model::Checkpoint;
 use model::testkit::{calib_text, logits, mean_kld, tiny_config, write_hf};
 
@@ -471,7 +471,7 @@ fn qat_from_gptqs_unrounded_weights_starts_at_gptqs_model() {
     assert!(packed(&latent) != packed(&ptq), "training changed nothing");
     // Only GPTQ keeps unrounded weights.
     let out = f.root.join("x");
-    let args: Vec<PathBuf> = [
+    let args = [
         "qat",
         "--teacher",
         s(&f.teacher),
@@ -482,12 +482,8 @@ fn qat_from_gptqs_unrounded_weights_starts_at_gptqs_model() {
         s(&f.data),
         "--out",
         s(&out),
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .collect();
-    let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
-    fails(&f.root, &refs, "--gptq-latent", &["gptq"]);
+    ];
+    fails_str(&f.root, &args, "--gptq-latent", &["gptq"]);
 }
 
 /// `--format gguf:TYPE`: where the type's blocks hold the QAT grid (W4 g32 sym in q4_0, asym

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{fails, ok};
+use common::{fails, fails_str, ok};
 use distill::lm::values;
 use distill::{CausalLm, LoraOptions, LoraTarget};
 use model::Checkpoint;
@@ -370,14 +370,10 @@ fn bad_requant_options_fail_with_one_line() {
     std::fs::write(&data, calib_text(300)).unwrap();
     let out = tmp.path().join("o");
     let check = |cmd: &str, extra: &[&str], needles: &[&str]| {
-        let mut args: Vec<PathBuf> = [cmd, "--student", s(&src), "--data", s(&data)]
-            .iter()
-            .map(PathBuf::from)
-            .collect();
-        args.extend(["--seq-len", "32", "--out", s(&out)].map(PathBuf::from));
-        args.extend(extra.iter().map(PathBuf::from));
-        let refs: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
-        fails(tmp.path(), &refs, needles[0], &needles[1..]);
+        let mut args = vec![cmd, "--student", s(&src), "--data", s(&data)];
+        args.extend(["--seq-len", "32", "--out", s(&out)]);
+        args.extend(extra);
+        fails_str(tmp.path(), &args, needles[0], &needles[1..]);
     };
     let ce = ["--loss", "ce"];
     check(

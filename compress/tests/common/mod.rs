@@ -25,6 +25,13 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     out
 }
 
+/// [`fails`] with UTF-8 arguments.
+#[allow(dead_code)]
+pub fn fails_str(root: &Path, args: &[&str], names: &str, needles: &[&str]) -> String {
+    let paths: Vec<&Path> = args.iter().map(Path::new).collect();
+    fails(root, &paths, names, needles)
+}
+
 /// Runs `compress args` and checks: exit code 2, stderr one line starting `error:` that
 /// contains `names` (a file name) and every `needle`, and no change under `root`; returns
 /// the stderr.
