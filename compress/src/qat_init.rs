@@ -78,16 +78,21 @@ pub struct PtqStart {
     pub summary: Value,
 }
 
-/// Keeps each quantized linear (the dense sink beside it writes the values); shared, since
-/// the pipeline owns its sinks.
-struct Capture(Rc<RefCell<BTreeMap<String, QuantizedLinear>>>);
+/// The start: its weights (each linear's latent values where the method kept them, else its
+/// dequantized ones) into the dense model, and each linear's integer form into a map shared
+/// with the caller, since the pipeline owns its sinks.
+struct Start {
+    dense: DenseSink,
+    params: Rc<RefCell<BTreeMap<String, QuantizedLinear>>>,
+}
 
-impl OutputSink for Capture {
-    fn plain(&mut self, _: &str, _: &[f32], _: &[usize]) -> Result<(), QuantError> {
-        Ok(())
+impl OutputSink for Start {
+    fn plain(&mut self, name: &str, data: &[f32], shape: &[usize]) -> Result<(), QuantError> {
+        self.dense.plain(name, data, shape)
     }
-    fn linear(&mut self, name: &str, q: &QuantizedLinear, _: &[f32]) -> Result<(), QuantError> {
-        // The integer form only: the latent values go to the start's weights.
+    fn linear(&mut self, name: &str, q: &QuantizedLinear, deq: &[f32]) -> Result<(), QuantError> {
+        self.dense
+            .linear(name, q, q.latent.as_deref().unwrap_or(deq))?;
         let kept = QuantizedLinear {
             rows: q.rows,
             cols: q.cols,
@@ -97,27 +102,11 @@ impl OutputSink for Capture {
             g_idx: q.g_idx.clone(),
             latent: None,
         };
-        self.0.borrow_mut().insert(name.to_string(), kept);
+        self.params.borrow_mut().insert(name.to_string(), kept);
         Ok(())
     }
     fn finish(self: Box<Self>) -> Result<(), QuantError> {
-        Ok(())
-    }
-}
-
-/// The start's weights: each linear's latent values where the method kept them, else its
-/// dequantized ones.
-struct StartWeights(DenseSink);
-
-impl OutputSink for StartWeights {
-    fn plain(&mut self, name: &str, data: &[f32], shape: &[usize]) -> Result<(), QuantError> {
-        self.0.plain(name, data, shape)
-    }
-    fn linear(&mut self, name: &str, q: &QuantizedLinear, deq: &[f32]) -> Result<(), QuantError> {
-        self.0.linear(name, q, q.latent.as_deref().unwrap_or(deq))
-    }
-    fn finish(self: Box<Self>) -> Result<(), QuantError> {
-        Box::new(self.0).finish()
+        Box::new(self.dense).finish()
     }
 }
 
@@ -153,14 +142,10 @@ pub fn run(
     let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::F32, tmp, None)?;
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, tmp)?;
     let params = Rc::new(RefCell::new(BTreeMap::new()));
-    let sinks: Vec<Box<dyn OutputSink>> = vec![
-        Box::new(StartWeights(DenseSink::create(
-            &tmp.join("model.safetensors"),
-            &cfg,
-            StoreDtype::F32,
-        )?)),
-        Box::new(Capture(params.clone())),
-    ];
+    let sinks: Vec<Box<dyn OutputSink>> = vec![Box::new(Start {
+        dense: DenseSink::create(&tmp.join("model.safetensors"), &cfg, StoreDtype::F32)?,
+        params: params.clone(),
+    })];
     let opts = PtqOptions {
         scheme,
         calib,

@@ -19,6 +19,7 @@
 use model::gguf::GgmlType;
 use model::gguf::blocks::{BlockIQ4NL, IQ4_NL_VALUES, QK};
 
+use super::legacy::{inv, pack_nibbles, signed_absmax};
 use super::{BlockQuantizer, better, f16_bits, f16_val};
 
 /// Steps of the scale search on each side of `max -> -127`.
@@ -42,21 +43,10 @@ fn nearest(v: f32) -> u8 {
     MIDS.partition_point(|&m| m <= v) as u8
 }
 
-/// Packs 32 indices into nibbles: low nibbles values 0..16, high nibbles 16..32.
-fn pack(q: &[u8; QK]) -> [u8; QK / 2] {
-    std::array::from_fn(|j| q[j] | (q[j + QK / 2] << 4))
-}
-
 /// The weighted scale search described above; returns the scale (f32, before f16 rounding).
 fn search(x: &[f32], w: &[f32]) -> f32 {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < 1e-30 {
+    let max = signed_absmax(x);
+    if max.abs() < 1e-30 {
         return 0.0;
     }
     let (mut best_d, mut best) = (0f32, 0f32);
@@ -79,16 +69,11 @@ fn search(x: &[f32], w: &[f32]) -> f32 {
 /// The block for scale `d` (rounded to f16), every value to its nearest level under it.
 fn encode(x: &[f32], d: f32) -> BlockIQ4NL {
     let bits = f16_bits(d);
-    let ds = f16_val(bits);
-    let id = if ds != 0.0 && ds.is_finite() {
-        1.0 / ds
-    } else {
-        0.0
-    };
+    let id = inv(f16_val(bits));
     let q: [u8; QK] = std::array::from_fn(|j| nearest(x[j] * id));
     BlockIQ4NL {
         d: bits,
-        qs: pack(&q),
+        qs: pack_nibbles(&q),
     }
 }
 

@@ -20,7 +20,7 @@ use super::{
 };
 
 /// First value of largest magnitude, and that magnitude.
-fn signed_absmax(x: &[f32]) -> f32 {
+pub(super) fn signed_absmax(x: &[f32]) -> f32 {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if amax < v.abs() {
@@ -39,12 +39,12 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 }
 
 #[inline]
-fn inv(d: f32) -> f32 {
+pub(super) fn inv(d: f32) -> f32 {
     if d != 0.0 { 1.0 / d } else { 0.0 }
 }
 
 /// Packs 32 levels of 0..16 into nibbles: low nibbles values 0..16, high nibbles 16..32.
-fn pack_nibbles(q: &[u8; QK]) -> [u8; QK / 2] {
+pub(super) fn pack_nibbles(q: &[u8; QK]) -> [u8; QK / 2] {
     std::array::from_fn(|j| (q[j] & 0x0f) | ((q[j + QK / 2] & 0x0f) << 4))
 }
 
