@@ -13,7 +13,8 @@
 #   2 cores), BATCH_TOKENS (2048), SAVE_EVERY
 #   (12 steps), CALIB_SAMPLES (128) x 512 calibration tokens for GPTQ/AWQ, CHUNKS (32), ROWS
 #   (space-separated globs of row keys; default all), RESUME (1 keeps OUT/rows.jsonl and
-#   skips rows measured there), BUILD / COMPRESS_BIN (see lib.sh).
+#   skips rows measured there), KEEP_CHECKPOINTS (default 0: a row's scored checkpoints, ~2 GB
+#   each, are deleted), BUILD / COMPRESS_BIN (see lib.sh).
 # Rows `qat-gptq-latent-*` start from GPTQ's unrounded weights (`--gptq-latent`), the others
 # from the dequantized PTQ model.
 # About 40 minutes per QAT row on 2 cores at the defaults (30 of training, 4 evaluations).
@@ -25,6 +26,7 @@ SAVE_EVERY="${SAVE_EVERY:-12}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 ROWS="${ROWS:-}"
 RESUME="${RESUME:-0}"
+KEEP_CHECKPOINTS="${KEEP_CHECKPOINTS:-0}"
 source "$(dirname "$0")/lib.sh"
 ROWS_FILE="$OUT/rows.jsonl"
 CURVE="$OUT/curve.csv"
@@ -115,6 +117,8 @@ for spec in rtn:3:frozen rtn:3:learned gptq:3:frozen gptq:3:learned gptq:4:froze
     done
     STEPS=$(python3 -c "import json;print(json.load(open('$D/distill_report.json'))['steps'])")
     grep -q "^$KEY,$STEPS," "$CURVE" || echo "$KEY,$STEPS,$TOKENS,$P,$SE" >>"$CURVE"
+    # Scored checkpoints hold the f32 student plus AdamW state (~2 GB each here): drop them.
+    [[ "$KEEP_CHECKPOINTS" == 1 ]] || rm -rf "$D.checkpoints" "$D.ptq-start"
 done
 
 python3 "$ROOT/scripts/bench/qat_plot.py" "$ROWS_FILE" "$CURVE" "$OUT/curve.svg" | tee "$OUT/table.md"
