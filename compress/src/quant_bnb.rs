@@ -1,6 +1,6 @@
 //! `compress quant MODEL --scheme nf4|fp4|int8-absmax [--block 64] [--double-quant]`: the
 //! data-free bitsandbytes schemes (see `quant::nf4` and docs/nf4.md), written as the layout
-//! transformers loads with bitsandbytes (`bnb`, the default for nf4 and fp4) and/or as a dense
+//! transformers loads with bitsandbytes (`bnb`, the default) and/or as a dense
 //! bf16 HF folder, with `quant_report.json`.
 
 use anyhow::{Context, bail};
@@ -49,10 +49,6 @@ pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
     }
     let (format, note) = match &a.format {
         Some(f) => (f.clone(), None),
-        None if scheme.ty == BnbType::Int8Absmax => (
-            "dense".to_string(),
-            Some("format dense by default: int8-absmax has no bnb output (see docs/nf4.md)"),
-        ),
         None => (
             "bnb".to_string(),
             Some(
@@ -73,9 +69,6 @@ pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
         "supported",
     )?;
     let (dense, bnb) = (formats.contains(&"dense"), formats.contains(&"bnb"));
-    if bnb {
-        quant::nf4::bnb::check_scheme(&scheme)?;
-    }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     // Every input width must take the block before any work starts.
@@ -102,7 +95,7 @@ pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
     }
     if bnb {
         std::fs::create_dir_all(&bnb_dir).with_context(|| format!("{}", bnb_dir.display()))?;
-        let qc = quant::nf4::bnb::quantization_config(&scheme)?;
+        let qc = quant::nf4::bnb::quantization_config(&scheme);
         let extra = json!({ "quantization_config": qc });
         let c = crate::hf_folder::write_config(&ckpt, StoreDtype::BF16, &bnb_dir, Some(extra))?;
         crate::hf_folder::write_aux(&ckpt, &tok, &c, &bnb_dir)?;
@@ -170,8 +163,13 @@ pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
         } else {
             a.out.clone()
         };
+        let bits = if scheme.ty == BnbType::Int8Absmax {
+            "8-bit"
+        } else {
+            "4-bit"
+        };
         println!(
-            "wrote {} (bitsandbytes 4-bit HF folder: transformers + bitsandbytes load it)",
+            "wrote {} (bitsandbytes {bits} HF folder: transformers + bitsandbytes load it)",
             dir.display()
         );
         sizes.push((b, "bnb"));

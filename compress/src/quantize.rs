@@ -87,7 +87,7 @@ pub struct Args {
     /// `--calib` is given (after AWQ scaling with `--method awq`); --bits, --group and --sym
     /// do not apply, the type decides. Default: the GGUF type closest to --bits/--sym (q4_1,
     /// q4_0, q5_1, q5_0, q6_k, q8_0) for a .gguf input or OUT (methods rtn and awq), else
-    /// `packed` (bits 2, 4, 8), else `dense`. With --scheme: `bnb` (nf4 and fp4, the default;
+    /// `packed` (bits 2, 4, 8), else `dense`. With --scheme: `bnb` (the default;
     /// OUT/bnb when combined with `dense`) and/or `dense`.
     #[arg(long)]
     pub(crate) format: Option<String>,
@@ -102,8 +102,8 @@ pub struct Args {
     pub(crate) threads: Option<usize>,
     /// A data-free bitsandbytes scheme instead of an integer one: `nf4` or `fp4` (16-entry
     /// codebook, one absmax per --block values) or `int8-absmax` (int8 codes, one absmax per
-    /// row). Written as `--format bnb` (transformers + bitsandbytes load it; nf4 and fp4) and/or
-    /// `dense`. The integer and calibration options do not apply.
+    /// row). Written as `--format bnb` (transformers + bitsandbytes load it: 4-bit, or
+    /// `load_in_8bit` for int8-absmax) and/or `dense`. The integer and calibration options do not apply.
     #[arg(long, value_enum, conflicts_with_all = [
         "bits", "group", "per_channel", "sym", "calib", "calib_samples", "calib_len", "seed",
         "propagate", "act_order", "damp", "static_groups", "no_awq_scale", "no_awq_clip",

@@ -71,6 +71,73 @@ fn nf4_with_double_quant_writes_dense_and_bnb_folders() {
     assert!(model::Checkpoint::open(&out).is_ok());
 }
 
+/// int8-absmax in bitsandbytes' `load_in_8bit` layout: I8 codes, per-row F32 `SCB`, a U8
+/// `weight_format` of 0; the codes times SCB / 127 are the dense folder's weights.
+#[test]
+fn int8_absmax_writes_the_load_in_8bit_layout() {
+    use model::safetensors_io::SafetensorsSet;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_hf(&src, &tiny_config(), 5, |_, _| {});
+    let out = tmp.path().join("i8");
+    let stdout = ok(&[
+        "quant",
+        src.to_str().unwrap(),
+        "--scheme",
+        "int8-absmax",
+        "--format",
+        "dense,bnb",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("8-bit"), "{stdout}");
+    let qc = &json(&out.join("bnb/config.json"))["quantization_config"];
+    assert_eq!(qc["load_in_8bit"], true);
+    assert_eq!(qc["load_in_4bit"], false);
+    let st = SafetensorsSet::open(&out.join("bnb")).unwrap();
+    let dense = SafetensorsSet::open(&out).unwrap();
+    let mut linears = 0;
+    for (name, e) in st.entries() {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !name.starts_with("model.layers.") || e.shape.len() != 2 {
+            continue;
+        }
+        linears += 1;
+        let (rows, cols) = (e.shape[0], e.shape[1]);
+        assert_eq!(format!("{:?}", e.dtype), "I8", "{name}");
+        let scb_e = &st.entries()[&format!("{module}.SCB")];
+        assert_eq!(
+            (format!("{:?}", scb_e.dtype), scb_e.shape.clone()),
+            ("F32".into(), vec![rows])
+        );
+        let wf = &st.entries()[&format!("{module}.weight_format")];
+        assert!(wf.shape.is_empty(), "{name}");
+        assert_eq!(
+            st.with_bytes(&format!("{module}.weight_format"), |b| b.to_vec())
+                .unwrap(),
+            [0]
+        );
+        let codes = st.with_bytes(name, |b| b.to_vec()).unwrap();
+        let (scb, _) = st.read_f32(&format!("{module}.SCB")).unwrap().unwrap();
+        let (want, _) = dense.read_f32(name).unwrap().unwrap();
+        // The row's largest magnitude takes the code +-127.
+        for r in 0..rows {
+            let row = &codes[r * cols..(r + 1) * cols];
+            assert_eq!(
+                row.iter().map(|&c| (c as i8).unsigned_abs()).max(),
+                Some(127)
+            );
+        }
+        for (i, (&c, &w)) in codes.iter().zip(&want).enumerate() {
+            let v = (c as i8 as f32 * scb[i / cols]) * (1.0f32 / 127.0);
+            assert_eq!(half::bf16::from_f32(v).to_f32(), w, "{name}[{i}]");
+        }
+    }
+    assert_eq!(linears, 7 * 3);
+}
+
 #[test]
 fn options_that_do_not_apply_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -105,10 +172,6 @@ fn options_that_do_not_apply_are_refused() {
     check(&["--block", "64"], &["--block", "--scheme"]);
     check(&["--double-quant"], &["--double-quant"]);
     check(&["--scheme", "int8-absmax", "--block", "64"], &["--block"]);
-    check(
-        &["--scheme", "int8-absmax", "--format", "bnb"],
-        &["int8-absmax", "bnb"],
-    );
     check(&["--scheme", "nf4", "--format", "packed"], &["packed"]);
     std::fs::create_dir(&out).unwrap();
     check(&["--scheme", "nf4"], &["already exists", "--force"]);

@@ -744,6 +744,8 @@ pub enum PlanDtype {
     Float(StoreDtype),
     /// 8-bit unsigned integer (e.g. packed bitmasks).
     U8,
+    /// 8-bit signed integer (e.g. bitsandbytes' int8 weights).
+    I8,
     /// 32-bit signed integer.
     I32,
     /// 64-bit signed integer.
@@ -761,6 +763,7 @@ impl PlanDtype {
         match self {
             Self::Float(d) => d.name(),
             Self::U8 => "U8",
+            Self::I8 => "I8",
             Self::I32 => "I32",
             Self::I64 => "I64",
         }
@@ -768,7 +771,7 @@ impl PlanDtype {
     fn size(self) -> usize {
         match self {
             Self::Float(d) => d.size(),
-            Self::U8 => 1,
+            Self::U8 | Self::I8 => 1,
             Self::I32 => 4,
             Self::I64 => 8,
         }

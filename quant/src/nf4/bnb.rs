@@ -15,6 +15,11 @@
 //!   `nested_dtype`, `nested_offset`), padded with spaces to a fixed length because the file's
 //!   header is written before the offset is known (JSON allows trailing whitespace).
 //!
+//! int8-absmax is LLM.int8's weight format (`load_in_8bit`, as `Linear8bitLt` saves it):
+//! - `X.weight`, I8 `[rows, cols]`: the codes `round(127 w / absmax)`;
+//! - `X.SCB`, F32 `[rows]`: each row's absmax;
+//! - `X.weight_format`, U8 scalar: 0 (`"row"`, the only layout bitsandbytes still reads).
+//!
 //! Every other tensor (embeddings, norms, lm_head) is bf16, as in the dense output.
 
 use std::collections::BTreeMap;
@@ -36,26 +41,17 @@ const DTYPE: StoreDtype = StoreDtype::BF16;
 /// at most 24 characters, e.g. `-2.2250738585072014e-308`).
 const OFFSET_WIDTH: usize = 24;
 
-/// Errors unless the bitsandbytes layout can hold `scheme` (the 4-bit types).
-pub fn check_scheme(scheme: &BnbScheme) -> Result<(), QuantError> {
-    if scheme.ty == BnbType::Int8Absmax {
-        return Err(QuantError::Input(
-            "--format bnb holds nf4 and fp4; int8-absmax is written dense only (its file layout \
-             needs int8 tensors, see docs/nf4.md)"
-                .into(),
-        ));
-    }
-    Ok(())
-}
-
 /// The `quantization_config` block of `config.json` (transformers' `BitsAndBytesConfig`).
-pub fn quantization_config(scheme: &BnbScheme) -> Result<Value, QuantError> {
-    check_scheme(scheme)?;
-    Ok(json!({
+/// The `llm_int8_*` fields keep transformers' defaults: the outlier threshold acts on
+/// activations at inference and does not change what is stored.
+pub fn quantization_config(scheme: &BnbScheme) -> Value {
+    let int8 = scheme.ty == BnbType::Int8Absmax;
+    let four_bit_type = if int8 { "fp4" } else { scheme.ty.name() };
+    json!({
         "quant_method": "bitsandbytes",
-        "load_in_4bit": true,
-        "load_in_8bit": false,
-        "bnb_4bit_quant_type": scheme.ty.name(),
+        "load_in_4bit": !int8,
+        "load_in_8bit": int8,
+        "bnb_4bit_quant_type": four_bit_type,
         "bnb_4bit_use_double_quant": scheme.double_quant,
         "bnb_4bit_compute_dtype": DTYPE.torch_name(),
         "bnb_4bit_quant_storage": "uint8",
@@ -63,7 +59,7 @@ pub fn quantization_config(scheme: &BnbScheme) -> Result<Value, QuantError> {
         "llm_int8_has_fp16_weight": false,
         "llm_int8_skip_modules": null,
         "llm_int8_threshold": 6.0,
-    }))
+    })
 }
 
 /// The quant-state JSON of a `[rows, cols]` weight (as `json.dumps` writes it), padded to
@@ -102,9 +98,7 @@ pub struct BnbSink {
 impl BnbSink {
     /// A sink writing `path` for a model of this config.
     pub fn create(path: &Path, cfg: &model::Config, scheme: BnbScheme) -> Result<Self, QuantError> {
-        check_scheme(&scheme)?;
         super::stage::check_model(&scheme, cfg)?;
-        let block = scheme.block.expect("4-bit types have blocks");
         let mut plan = Vec::new();
         let mut linears = BTreeMap::new();
         for (name, shape) in model::checkpoint::expected_tensors(cfg) {
@@ -118,32 +112,11 @@ impl BnbSink {
                 continue;
             }
             let (rows, cols) = (shape[0], shape[1]);
-            let n = rows * cols;
-            let blocks = n / block;
             let module = name.strip_suffix(".weight").expect("a weight").to_string();
-            plan.push((name.clone(), vec![n.div_ceil(2), 1], PlanDtype::U8));
-            let absmax_dt = if scheme.double_quant {
-                PlanDtype::U8
-            } else {
-                PlanDtype::Float(StoreDtype::F32)
-            };
-            plan.push((format!("{module}.weight.absmax"), vec![blocks], absmax_dt));
-            let f32 = PlanDtype::Float(StoreDtype::F32);
-            plan.push((format!("{module}.weight.quant_map"), vec![16], f32));
-            if scheme.double_quant {
-                plan.push((
-                    format!("{module}.weight.nested_absmax"),
-                    vec![blocks.div_ceil(NESTED_BLOCK)],
-                    f32,
-                ));
-                plan.push((format!("{module}.weight.nested_quant_map"), vec![256], f32));
+            match scheme.block {
+                None => int8_plan(&mut plan, &name, &module, rows, cols),
+                Some(block) => four_bit_plan(&mut plan, &scheme, block, &name, &module, rows, cols),
             }
-            let json_len = quant_state_json(&scheme, rows, cols, None).len();
-            plan.push((
-                format!("{module}.{}", quant_state_name(&scheme)),
-                vec![json_len],
-                PlanDtype::U8,
-            ));
             linears.insert(name, [rows, cols]);
         }
         let mut meta = BTreeMap::new();
@@ -154,6 +127,57 @@ impl BnbSink {
             linears,
         })
     }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+type Plan = Vec<(String, Vec<usize>, PlanDtype)>;
+
+/// The tensors `Linear8bitLt` saves for one int8 linear.
+fn int8_plan(plan: &mut Plan, name: &str, module: &str, rows: usize, cols: usize) {
+    plan.push((name.to_string(), vec![rows, cols], PlanDtype::I8));
+    let f32 = PlanDtype::Float(StoreDtype::F32);
+    plan.push((format!("{module}.SCB"), vec![rows], f32));
+    plan.push((format!("{module}.weight_format"), vec![], PlanDtype::U8));
+}
+
+/// The tensors `Linear4bit` saves for one 4-bit linear (`QuantState.as_dict(packed=True)`).
+fn four_bit_plan(
+    plan: &mut Plan,
+    scheme: &BnbScheme,
+    block: usize,
+    name: &str,
+    module: &str,
+    rows: usize,
+    cols: usize,
+) {
+    let n = rows * cols;
+    let blocks = n / block;
+    plan.push((name.to_string(), vec![n.div_ceil(2), 1], PlanDtype::U8));
+    let f32 = PlanDtype::Float(StoreDtype::F32);
+    let absmax_dt = if scheme.double_quant {
+        PlanDtype::U8
+    } else {
+        f32
+    };
+    plan.push((format!("{module}.weight.absmax"), vec![blocks], absmax_dt));
+    plan.push((format!("{module}.weight.quant_map"), vec![16], f32));
+    if scheme.double_quant {
+        plan.push((
+            format!("{module}.weight.nested_absmax"),
+            vec![blocks.div_ceil(NESTED_BLOCK)],
+            f32,
+        ));
+        plan.push((format!("{module}.weight.nested_quant_map"), vec![256], f32));
+    }
+    let json_len = quant_state_json(scheme, rows, cols, None).len();
+    plan.push((
+        format!("{module}.{}", quant_state_name(scheme)),
+        vec![json_len],
+        PlanDtype::U8,
+    ));
 }
 
 impl OutputSink for BnbSink {
@@ -168,7 +192,7 @@ impl OutputSink for BnbSink {
         _: &[f32],
     ) -> Result<(), QuantError> {
         Err(QuantError::Input(format!(
-            "`{name}`: the bitsandbytes format holds nf4 and fp4 weights, not integer groups"
+            "`{name}`: the bitsandbytes format holds nf4, fp4 and int8-absmax weights, not integer groups"
         )))
     }
 
@@ -179,29 +203,30 @@ impl OutputSink for BnbSink {
                 self.scheme.label()
             )));
         }
-        crate::pipeline::check_reproduces(name, "4-bit", &q.dequantize(), deq)?;
+        crate::pipeline::check_reproduces(name, self.scheme.ty.name(), &q.dequantize(), deq)?;
         let module = name.strip_suffix(".weight").expect("a weight");
-        let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        self.writer.write_next_raw(name, &q.packed()?)?;
+        let w = &mut self.writer;
+        if self.scheme.block.is_none() {
+            w.write_next_raw(name, &q.codes)?;
+            w.write_next_raw(&format!("{module}.SCB"), &f32_bytes(&q.scales()))?;
+            return Ok(w.write_next_raw(&format!("{module}.weight_format"), &[0])?);
+        }
+        w.write_next_raw(name, &q.packed()?)?;
         let table = self.scheme.ty.codebook().expect("4-bit");
+        let absmax = match &q.absmax {
+            Absmax::Plain(a) => f32_bytes(a),
+            Absmax::Double(d) => d.codes.clone(),
+        };
+        w.write_next_raw(&format!("{module}.weight.absmax"), &absmax)?;
+        w.write_next_raw(&format!("{module}.weight.quant_map"), &f32_bytes(table))?;
         let offset = match &q.absmax {
-            Absmax::Plain(a) => {
-                self.writer
-                    .write_next_raw(&format!("{module}.weight.absmax"), &f32_bytes(a))?;
-                self.writer
-                    .write_next_raw(&format!("{module}.weight.quant_map"), &f32_bytes(table))?;
-                None
-            }
+            Absmax::Plain(_) => None,
             Absmax::Double(d) => {
-                self.writer
-                    .write_next_raw(&format!("{module}.weight.absmax"), &d.codes)?;
-                self.writer
-                    .write_next_raw(&format!("{module}.weight.quant_map"), &f32_bytes(table))?;
-                self.writer.write_next_raw(
+                w.write_next_raw(
                     &format!("{module}.weight.nested_absmax"),
                     &f32_bytes(&d.nested_absmax),
                 )?;
-                self.writer.write_next_raw(
+                w.write_next_raw(
                     &format!("{module}.weight.nested_quant_map"),
                     &f32_bytes(&dynamic_map()),
                 )?;
@@ -209,7 +234,7 @@ impl OutputSink for BnbSink {
             }
         };
         let js = quant_state_json(&self.scheme, q.rows, q.cols, offset);
-        self.writer.write_next_raw(
+        w.write_next_raw(
             &format!("{module}.{}", quant_state_name(&self.scheme)),
             js.as_bytes(),
         )?;
@@ -249,14 +274,17 @@ mod tests {
     }
 
     #[test]
-    fn config_names_the_scheme_and_int8_is_refused() {
+    fn config_names_the_scheme() {
         let s = BnbScheme::new(BnbType::Fp4, None, true).unwrap();
-        let c = quantization_config(&s).unwrap();
+        let c = quantization_config(&s);
         assert_eq!(c["quant_method"], "bitsandbytes");
         assert_eq!(c["load_in_4bit"], true);
         assert_eq!(c["bnb_4bit_quant_type"], "fp4");
         assert_eq!(c["bnb_4bit_use_double_quant"], true);
+        assert_eq!(c["load_in_8bit"], false);
         let i8 = BnbScheme::new(BnbType::Int8Absmax, None, false).unwrap();
-        assert!(quantization_config(&i8).is_err());
+        let c = quantization_config(&i8);
+        assert_eq!(c["load_in_8bit"], true);
+        assert_eq!(c["load_in_4bit"], false);
     }
 }
