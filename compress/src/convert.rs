@@ -41,6 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.out.extension().is_some_and(|e| e == "gguf") {
         return run_gguf(a);
     }
+    let run = crate::manifest::Run::start("convert").input("model", Some(&a.model));
     let dtype = StoreDtype::from(a.dtype);
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
@@ -72,6 +73,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     pb.finish_and_clear();
 
     crate::hf_folder::write_aux(&ckpt, &tok, &cfg, &tmp)?;
+    run.write(&tmp, serde_json::json!({}))?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
     let bytes = std::fs::metadata(a.out.join("model.safetensors"))

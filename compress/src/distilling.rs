@@ -256,6 +256,13 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
             "training needs --student MODEL and --out DIR (or --cache-teacher FILE to only write a teacher cache)"
         );
     };
+    let manifest = crate::manifest::Run::start(if qat.is_some() { "qat" } else { "distill" })
+        .input("student", Some(student_path))
+        .input("teacher", a.teacher.as_deref())
+        .input("teacher_cache", a.teacher_cache.as_deref())
+        .input("data", Some(&a.data))
+        .input("calibration", qat.and_then(|q| q.calib.calib.as_deref()))
+        .seed(a.seed);
     let mut p = plan(&a, student_path, out)?;
     // QAT from GPTQ/AWQ: the PTQ start, once every option and input has been checked.
     let (ptq, _ptq_guard) = match qat {
@@ -351,6 +358,8 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
         tmp.join("distill_report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
+    let metrics = json!({"report": "distill_report.json", "tokens_trained": last.tokens, "final_loss": last.loss});
+    manifest.write(&tmp, metrics)?;
     commit(&tmp, out)?;
     guard.0 = None;
     if a.save_every > 0 && !a.keep_checkpoints {

@@ -14,6 +14,7 @@ mod evaluate;
 mod generate;
 mod hf_folder;
 mod inspect;
+mod manifest;
 mod output;
 mod peft;
 mod prune_structured;

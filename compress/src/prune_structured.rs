@@ -64,6 +64,10 @@ fn calibration(
 }
 
 pub fn run(a: &Args, unit: Unit) -> anyhow::Result<()> {
+    let run = crate::manifest::Run::start("prune")
+        .input("teacher", Some(&a.model))
+        .input("calibration", a.calib.as_deref())
+        .seed(a.seed);
     let start = Instant::now();
     let unit = unit_of(unit);
     let amount = amount(a)?;
@@ -140,6 +144,7 @@ pub fn run(a: &Args, unit: Unit) -> anyhow::Result<()> {
         tmp.join("prune_report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
+    run.write(&tmp, json!({"report": "prune_report.json"}))?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
     println!("{}", summary(&teacher, &plan, out_bytes, a, seconds));

@@ -40,6 +40,10 @@ fn pattern(a: &Args) -> anyhow::Result<Pattern> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let run = crate::manifest::Run::start("prune")
+        .input("teacher", Some(&a.model))
+        .input("calibration", a.calib.as_deref())
+        .seed(a.seed);
     let Some(method_kind) = a.method else {
         bail!("give --method magnitude|wanda|sparsegpt, or --structured heads|channels|layers");
     };
@@ -197,6 +201,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tmp.join("prune_report.json"),
         serde_json::to_string_pretty(&full)?,
     )?;
+    run.write(&tmp, json!({"report": "prune_report.json"}))?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
     print_summary(

@@ -38,7 +38,7 @@ impl From<SchemeArg> for BnbType {
 
 /// Runs `quant --scheme`. The options of the integer schemes and of calibration are refused
 /// by clap (they conflict with `--scheme`); `--method` is checked here since it has a default.
-pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
+pub fn run(a: &Args, ty: SchemeArg, run: crate::manifest::Run) -> anyhow::Result<()> {
     let scheme = BnbScheme::new(ty.into(), a.block, a.double_quant)?;
     if a.method != "rtn" {
         bail!(
@@ -122,6 +122,8 @@ pub fn run(a: &Args, ty: SchemeArg) -> anyhow::Result<()> {
         tmp.join("quant_report.json"),
         serde_json::to_string_pretty(&full)?,
     )?;
+    let metrics = json!({"report": "quant_report.json", "linear_bits_per_weight": report.linear_bits_per_weight});
+    run.write(&tmp, metrics)?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
 

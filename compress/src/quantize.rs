@@ -209,9 +209,11 @@ pub(crate) fn out_is_file(out: &std::path::Path) -> bool {
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     crate::set_threads(a.threads);
+    let run = crate::manifest::Run::start("quant").input("teacher", Some(&a.model));
     if let Some(ty) = a.scheme {
-        return crate::quant_bnb::run(&a, ty);
+        return crate::quant_bnb::run(&a, ty, run);
     }
+    let run = run.input("calibration", a.calib.as_deref()).seed(a.seed);
     if a.block.is_some() || a.double_quant {
         bail!(
             "{} applies to --scheme nf4|fp4 only",
@@ -237,7 +239,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         }
     };
     if let Some(ty) = format.trim().strip_prefix("gguf:") {
-        return run_gguf(&a, ty.trim());
+        return run_gguf(&a, ty.trim(), run);
     }
     if out_is_file(&a.out) {
         bail!(
@@ -363,6 +365,8 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         tmp.join("quant_report.json"),
         serde_json::to_string_pretty(&full)?,
     )?;
+    let metrics = json!({"report": "quant_report.json", "linear_bits_per_weight": report.linear_bits_per_weight});
+    run.write(&tmp, metrics)?;
     commit(&tmp, &a.out)?;
     guard.0 = None;
 
@@ -480,7 +484,7 @@ fn calibration(
 
 /// `--format gguf:TYPE`: OUT/model.gguf and OUT/quant_report.json, or OUT itself and
 /// NAME.quant_report.json when OUT ends in `.gguf`; calibration-aware when `--calib` is given.
-fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
+fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()> {
     use quant::gguf_export::{PRESETS, TypePlan};
     let ty = ty.to_ascii_lowercase();
     if !PRESETS.contains(&ty.as_str()) {
@@ -561,11 +565,15 @@ fn run_gguf(a: &Args, ty: &str) -> anyhow::Result<()> {
         "fallbacks": report.fallbacks().map(|t| json!({"tensor": t.name, "planned": t.planned.name(), "written": t.ty.name()})).collect::<Vec<_>>(),
         "tensor_types": types,
     });
+    let metrics = json!({"bits_per_weight": report.bpw(), "file_bytes": report.file_bytes});
+    let mut full = full;
     if as_file {
+        full["manifest"] = run.to_json(metrics)?;
         commit(&tmp, &a.out)?;
         guard.0 = None;
         crate::output::write_atomic(&report_out, serde_json::to_string_pretty(&full)?.as_bytes())?;
     } else {
+        run.write(&tmp, metrics)?;
         std::fs::write(
             tmp.join("quant_report.json"),
             serde_json::to_string_pretty(&full)?,
