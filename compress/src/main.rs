@@ -25,10 +25,12 @@ mod qat_gguf;
 mod qat_init;
 mod quant_bnb;
 mod quantize;
+mod recipe;
 mod report;
 mod report_plot;
 mod report_table;
 mod requant;
+mod run_recipe;
 
 use std::path::PathBuf;
 
@@ -45,6 +47,24 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print the recipe equivalent of this prune, distill, quant, qat or convert command (every
+    /// option with its value, defaults included) as TOML, and exit without running it.
+    #[arg(long, global = true)]
+    print_recipe: bool,
+}
+
+impl Cli {
+    /// Parses a full command line (program name first); the error is clap's first line.
+    pub(crate) fn try_parse_from_args(argv: &[String]) -> Result<Cli, String> {
+        Cli::try_parse_from(argv).map_err(|e| clap_error_line(&e))
+    }
+}
+
+/// Clap's first line (it names the option), without its `error: `.
+pub(crate) fn clap_error_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid arguments");
+    first.trim_start_matches("error: ").to_string()
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,6 +97,9 @@ enum Command {
     /// Compare runs: one table (Markdown, CSV, LaTeX) of size, perplexity, KLD, task accuracy,
     /// speed and energy from their reports, and Pareto plots (SVG) of size against quality.
     Report(report::Args),
+    /// Run a recipe (TOML: a teacher, stages prune / distill / quant / qat / export, an
+    /// evaluation) into one folder, resuming where an earlier run of it stopped.
+    Run(run_recipe::Args),
 }
 
 /// Sets the worker thread count for all parallel work.
@@ -243,6 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Qat(a) => qat::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Report(a) => report::run(a),
+        Command::Run(a) => run_recipe::run(a),
     }
 }
 
@@ -253,12 +277,21 @@ fn main() {
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
             // One line, as every other error: clap's first line (it names the option).
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("error: {}", first.trim_start_matches("error: "));
+            eprintln!("error: {}", clap_error_line(&e));
             std::process::exit(2);
         }
     };
+    if cli.print_recipe {
+        let argv: Vec<String> = std::env::args().filter(|a| a != "--print-recipe").collect();
+        match recipe::print(&argv) {
+            Ok(t) => print!("{t}"),
+            Err(e) => {
+                eprintln!("error: --print-recipe: {}", error_line(&e));
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     if let Err(e) = run(cli) {
         // One line: the chain of contexts joined, newlines flattened.
         eprintln!("error: {}", error_line(&e));

@@ -109,7 +109,7 @@ impl Run {
 
 /// Name, size and sha256 of every file of an input: the file itself, or the top-level files
 /// of a folder (sorted; hidden files and [`NOT_READ`] weights left out).
-fn hash_input(path: &Path) -> anyhow::Result<Vec<Value>> {
+pub(crate) fn hash_input(path: &Path) -> anyhow::Result<Vec<Value>> {
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("{}", path.display()))?

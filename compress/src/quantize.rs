@@ -274,17 +274,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if packed {
         quant::pack::check_scheme(&scheme)?;
     }
-    if a.static_groups && a.method != "gptq" {
-        bail!("--static-groups applies to --method gptq only");
-    }
-    let opts = MethodOptions {
-        act_order: a.act_order,
-        damp: a.damp,
-        static_groups: a.static_groups,
-        keep_latent: false,
-        no_awq_scale: a.no_awq_scale,
-        no_awq_clip: a.no_awq_clip,
-    };
+    let opts = method_options(&a);
     let method = quant::method::by_name(&a.method, &opts)?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
@@ -484,6 +474,18 @@ fn calibration(
 
 /// `--format gguf:TYPE`: OUT/model.gguf and OUT/quant_report.json, or OUT itself and
 /// NAME.quant_report.json when OUT ends in `.gguf`; calibration-aware when `--calib` is given.
+/// The method options of the command line.
+fn method_options(a: &Args) -> MethodOptions {
+    MethodOptions {
+        act_order: a.act_order,
+        damp: a.damp,
+        static_groups: a.static_groups,
+        keep_latent: false,
+        no_awq_scale: a.no_awq_scale,
+        no_awq_clip: a.no_awq_clip,
+    }
+}
+
 fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()> {
     use quant::gguf_export::{PRESETS, TypePlan};
     let ty = ty.to_ascii_lowercase();
@@ -498,6 +500,7 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
         "awq" => Some(quant::method::awq::Awq::default()),
         other => bail!("--format gguf:{ty} supports --method rtn or awq, not `{other}`"),
     };
+    quant::method::check_options(&a.method, &method_options(a))?;
     if awq.is_some() && a.calib.is_none() {
         bail!("--method awq needs --calib FILE");
     }

@@ -98,8 +98,34 @@ pub struct MethodOptions {
 /// The known methods.
 pub const METHODS: &[&str] = &["rtn", "awq", "gptq"];
 
+/// Errors when `o` sets an option of another method (`--damp` with RTN, `--no-awq-clip` with
+/// GPTQ): an option that does not apply is refused, never ignored.
+pub fn check_options(name: &str, o: &MethodOptions) -> Result<(), QuantError> {
+    let gptq = [
+        (o.act_order, "--act-order"),
+        (o.damp.is_some(), "--damp"),
+        (o.static_groups, "--static-groups"),
+        (o.keep_latent, "--gptq-latent"),
+    ];
+    let awq = [
+        (o.no_awq_scale, "--no-awq-scale"),
+        (o.no_awq_clip, "--no-awq-clip"),
+    ];
+    for (owner, opts) in [("gptq", &gptq[..]), ("awq", &awq[..])] {
+        if let Some((_, flag)) = opts.iter().find(|(set, _)| *set)
+            && name != owner
+        {
+            return Err(QuantError::Input(format!(
+                "{flag} applies to --method {owner} only, not {name}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A method by name.
 pub fn by_name(name: &str, o: &MethodOptions) -> Result<Box<dyn QuantMethod>, QuantError> {
+    check_options(name, o)?;
     Ok(match name {
         "rtn" => Box::new(rtn::Rtn),
         "awq" => Box::new(awq::Awq {
