@@ -82,9 +82,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let created = !a.out.exists();
-    std::fs::create_dir_all(a.out.join("stages"))
-        .with_context(|| format!("{}", a.out.display()))?;
-    let result = execute(&a, &recipe, &plan);
+    if created {
+        // OUT appears with its records, so an OUT without run.json is never one of ours.
+        let tmp = crate::output::temp_sibling(&a.out);
+        std::fs::create_dir_all(tmp.join("stages"))
+            .with_context(|| format!("{}", tmp.display()))?;
+        let mut guard = crate::output::TempGuard(Some(tmp.clone()));
+        write_records(&a, &plan, &tmp)?;
+        crate::output::commit(&tmp, &a.out)?;
+        guard.0 = None;
+    }
+    let records = if created {
+        Ok(())
+    } else {
+        write_records(&a, &plan, &a.out)
+    };
+    let result = records.and_then(|()| execute(&a, &recipe));
     // A run that fails before any stage finished leaves nothing behind.
     if result.is_err() && created && read_done(&a.out).is_empty() {
         std::fs::remove_dir_all(&a.out).ok();
@@ -92,13 +105,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Writes the run's records into OUT, then runs the stages not done yet and the evaluation.
-fn execute(a: &Args, recipe: &Recipe, plan: &Value) -> anyhow::Result<()> {
-    let run_json = a.out.join("run.json");
+/// Writes the recipe as given and the resolved plan into `dir`.
+fn write_records(a: &Args, plan: &Value, dir: &Path) -> anyhow::Result<()> {
     let text = std::fs::read(&a.recipe).with_context(|| format!("{}", a.recipe.display()))?;
-    crate::output::write_atomic(&a.out.join("recipe.toml"), &text)?;
-    crate::output::write_atomic(&run_json, serde_json::to_string_pretty(plan)?.as_bytes())?;
+    crate::output::write_atomic(&dir.join("recipe.toml"), &text)?;
+    crate::output::write_atomic(
+        &dir.join("run.json"),
+        serde_json::to_string_pretty(plan)?.as_bytes(),
+    )
+}
 
+/// Runs the stages not done yet, then the evaluation.
+fn execute(a: &Args, recipe: &Recipe) -> anyhow::Result<()> {
     let mut done = read_done(&a.out);
     let mut model = recipe.teacher.clone();
     let n = recipe.stages.len();

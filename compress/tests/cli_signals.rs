@@ -17,15 +17,18 @@ fn hidden_entries(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Every file of an output folder with a hash of its bytes; reports are left out (they hold
-/// wall times and paths).
+/// Every file of an output folder with a hash of its bytes; reports and the manifest are left
+/// out (they hold wall times and paths).
 fn files(dir: &Path) -> Vec<(String, u64)> {
     use std::hash::{Hash, Hasher};
     let mut v: Vec<(String, u64)> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_file())
-        .filter(|p| !p.to_string_lossy().ends_with("_report.json"))
+        .filter(|p| {
+            let name = p.to_string_lossy();
+            !name.ends_with("_report.json") && !name.ends_with("manifest.json")
+        })
         .map(|p| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             std::fs::read(&p).unwrap().hash(&mut h);
@@ -168,4 +171,62 @@ fn killed_runs_leave_nothing_and_reruns_match() {
             assert_eq!(files(&out), want, "{name}: rerun after SIGKILL differs");
         }
     }
+}
+
+/// `compress run` killed with SIGKILL at several points (in the first stage, between stages,
+/// inside the quantization stage) and run again resumes and ends with the files of an
+/// uninterrupted run, stage by stage.
+#[test]
+fn a_killed_recipe_run_resumes_to_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let teacher = root.join("teacher");
+    let mut cfg = tiny_config();
+    cfg["hidden_size"] = 512.into();
+    cfg["intermediate_size"] = 1024.into();
+    cfg["num_hidden_layers"] = 8.into();
+    cfg["num_attention_heads"] = 8.into();
+    cfg["num_key_value_heads"] = 4.into();
+    write_hf(&teacher, &cfg, 5, |_, _| {});
+    let recipe = root.join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "teacher = {teacher:?}\n[[stage]]\nkind = \"prune\"\nmethod = \"magnitude\"\nsparsity = 0.5\n[[stage]]\nkind = \"quant\"\nmethod = \"rtn\"\nbits = 4\ngroup = 64\nformat = \"dense\"\n"
+        ),
+    )
+    .unwrap();
+    let r = recipe.to_str().unwrap();
+    let reference = root.join("ref");
+    let o = run(&["run", r, "--out", reference.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = (
+        files(&reference.join("stages/01-prune")),
+        files(&reference.join("model")),
+    );
+    let mut interrupted = 0;
+    for (i, ms) in [50u64, 250, 600, 1200].into_iter().enumerate() {
+        let out = root.join(format!("kill-{i}"));
+        let o_s = out.to_str().unwrap();
+        if kill_after(&["run", r, "--out", o_s], ms, libc::SIGKILL) == Some(0) {
+            continue;
+        }
+        interrupted += 1;
+        let again = run(&["run", r, "--out", o_s]);
+        assert!(
+            again.status.success(),
+            "kill at {ms} ms, rerun: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        let got = (
+            files(&out.join("stages/01-prune")),
+            files(&out.join("model")),
+        );
+        assert_eq!(got, want, "kill at {ms} ms");
+        assert!(
+            hidden_entries(&out).is_empty(),
+            "kill at {ms} ms: a temporary is left"
+        );
+    }
+    assert!(interrupted > 0, "every run finished before its kill");
 }
