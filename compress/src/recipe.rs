@@ -41,7 +41,8 @@ pub enum Kind {
     Distill,
     /// `compress quant`.
     Quant,
-    /// `compress qat` (the teacher is the previous stage's output, as on the command line).
+    /// `compress qat` (the student is the previous stage's output, the teacher the recipe's;
+    /// as a first stage, the teacher itself, as on the command line).
     Qat,
     /// `compress convert` (an HF folder, or with `type = "q4_k_m"` a GGUF file).
     Export,
@@ -327,7 +328,7 @@ impl Recipe {
         let p = |p: &Path| p.display().to_string();
         let mut v = vec!["compress".to_string(), s.kind.subcommand().to_string()];
         match s.kind {
-            Kind::Distill => {
+            Kind::Distill | Kind::Qat => {
                 v.extend([
                     "--teacher".into(),
                     p(&self.teacher),
@@ -335,7 +336,6 @@ impl Recipe {
                     p(model),
                 ]);
             }
-            Kind::Qat => v.extend(["--teacher".into(), p(model)]),
             Kind::Export => {
                 v.push(p(model));
                 v.push(p(&export_target(s, dir)));
@@ -446,6 +446,11 @@ pub fn print(argv: &[String]) -> anyhow::Result<String> {
     if kind == Kind::Distill && (teacher.is_none() || student != teacher) {
         bail!(
             "a recipe's distill stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
+        );
+    }
+    if kind == Kind::Qat && student.is_some() && student != teacher {
+        bail!(
+            "a recipe's qat stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
         );
     }
     let teacher = teacher.unwrap_or_default();

@@ -205,9 +205,20 @@ fn plan(recipe: &Recipe, out: &Path) -> anyhow::Result<Value> {
     let eval = recipe
         .eval_argv(Path::new("FINAL"), &out.join("report.json"))
         .map(|v| json!(v[1..]));
+    // Data files the stages read (calibration, training, evaluation text): any argument that
+    // names an existing file outside OUT.
+    let mut data = serde_json::Map::new();
+    let args = stages.iter().chain(eval.iter()).filter_map(Value::as_array);
+    for a in args.flatten().filter_map(Value::as_str) {
+        let p = Path::new(a);
+        if p.is_file() && !p.starts_with(out) && p != recipe.teacher {
+            data.insert(a.to_string(), json!(crate::manifest::sha256_file(p)?.1));
+        }
+    }
     Ok(json!({
         "teacher": recipe.teacher,
         "teacher_files": crate::manifest::hash_input(&recipe.teacher)?,
+        "data_files": data,
         "stages": stages,
         "eval": eval,
     }))
@@ -217,6 +228,13 @@ fn plan(recipe: &Recipe, out: &Path) -> anyhow::Result<Value> {
 fn difference(before: &Value, now: &Value) -> String {
     if before["teacher_files"] != now["teacher_files"] {
         return "the teacher's files changed".into();
+    }
+    if let (Some(b), Some(n)) = (
+        before["data_files"].as_object(),
+        now["data_files"].as_object(),
+    ) && let Some(k) = n.keys().find(|k| b.contains_key(*k) && b[*k] != n[*k])
+    {
+        return format!("{k} changed");
     }
     let (b, n) = (&before["stages"], &now["stages"]);
     let (bl, nl) = (

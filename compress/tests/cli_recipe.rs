@@ -110,6 +110,12 @@ fn stages_chain_resume_and_refuse_another_recipe() {
     assert_eq!(weights(&pruned), pruned_before);
     assert_eq!(weights(&out.join("model")), first);
 
+    // A calibration file that changed since: refused, naming it.
+    let kept = std::fs::read(&calib).unwrap();
+    std::fs::write(&calib, calib_text(2999)).unwrap();
+    fails_str(root, &["run", f, "--out", o], "calib.txt", &["changed"]);
+    std::fs::write(&calib, kept).unwrap();
+
     // Another recipe in the same folder: refused, naming the stage that differs.
     std::fs::write(&file, recipe(8)).unwrap();
     fails_str(
