@@ -194,26 +194,7 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
     }
     let eval = match &file.eval {
         None => None,
-        Some(t) => {
-            let mut args = Vec::new();
-            let mut kld = false;
-            for (key, value) in t {
-                let where_ = format!("{}: [eval]", at(key.span()));
-                if key.get_ref() == "kld" {
-                    kld = value
-                        .get_ref()
-                        .as_bool()
-                        .ok_or_else(|| anyhow::anyhow!("{where_}: kld is true or false"))?;
-                    continue;
-                }
-                let owned = &["model", "json", "force", "threads", "teacher"];
-                args.extend(
-                    to_args("eval", owned, key.get_ref(), value.get_ref())
-                        .map_err(|m| anyhow::anyhow!("{where_}: {m}"))?,
-                );
-            }
-            Some((args, kld))
-        }
+        Some(t) => Some(eval_table(t, &|span| at(span))?),
     };
     let teacher = expand(file.teacher.get_ref())
         .map_err(|m| anyhow::anyhow!("{}: teacher: {m}", at(file.teacher.span())))?;
@@ -243,6 +224,32 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
             .map_err(|m| anyhow::anyhow!("{}: [eval]: {m}", path.display()))?;
     }
     Ok(recipe)
+}
+
+/// The `[eval]` table as `compress eval` arguments, and its `kld` switch; `at` names a span's
+/// file and line.
+fn eval_table(
+    t: &Table,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+) -> anyhow::Result<(Vec<String>, bool)> {
+    let mut args = Vec::new();
+    let mut kld = false;
+    for (key, value) in t {
+        let where_ = format!("{}: [eval]", at(key.span()));
+        if key.get_ref() == "kld" {
+            kld = value
+                .get_ref()
+                .as_bool()
+                .ok_or_else(|| anyhow::anyhow!("{where_}: kld is true or false"))?;
+            continue;
+        }
+        let owned = &["model", "json", "force", "threads", "teacher"];
+        args.extend(
+            to_args("eval", owned, key.get_ref(), value.get_ref())
+                .map_err(|m| anyhow::anyhow!("{where_}: {m}"))?,
+        );
+    }
+    Ok((args, kld))
 }
 
 /// `s` with every `${NAME}` replaced by that environment variable (e.g. `${COMPRESS_DATA}`, so
