@@ -199,7 +199,7 @@ pub struct Args {
     /// format: packed for 2, 4 and 8 bits, else dense) and its quant_report.json; gptq and awq
     /// calibrate on --data in windows of --seq-len.
     #[arg(long, value_enum, value_name = "METHOD")]
-    pub requant: Option<crate::requant::RequantMethod>,
+    pub requant: Option<quant::method::MethodKind>,
     /// --requant: bits per weight code [default: 4].
     #[arg(long)]
     pub requant_bits: Option<u8>,

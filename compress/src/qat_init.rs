@@ -52,19 +52,11 @@ impl CalibArgs {
             QatInit::Gptq | QatInit::Awq if self.calib.is_none() => {
                 bail!(
                     "--method {} needs --calib FILE (its PTQ start is calibrated)",
-                    name(init)
+                    init.name()
                 )
             }
             _ => Ok(()),
         }
-    }
-}
-
-fn name(init: QatInit) -> &'static str {
-    match init {
-        QatInit::Rtn => "rtn",
-        QatInit::Gptq => "gptq",
-        QatInit::Awq => "awq",
     }
 }
 
@@ -136,7 +128,7 @@ pub fn run(
         keep_latent: c.gptq_latent,
         ..MethodOptions::default()
     };
-    let method = quant::method::by_name(name(init), &mopts)?;
+    let method = quant::method::by_name(init.name(), &mopts)?;
     let tmp = dir;
     std::fs::create_dir_all(tmp).with_context(|| format!("{}", tmp.display()))?;
     let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::F32, tmp, None)?;
@@ -152,9 +144,9 @@ pub fn run(
         propagate_quantized: None,
         sample_rows: 2048,
     };
-    let report = crate::quantize::run_ptq(&ckpt, method.as_ref(), &opts, sinks, name(init))?;
+    let report = crate::quantize::run_ptq(&ckpt, method.as_ref(), &opts, sinks, init.name())?;
     let summary = json!({
-        "method": name(init), "student": student,
+        "method": init.name(), "student": student,
         "calibration": {"file": c.calib, "samples": c.calib_samples, "len": c.calib_len, "seed": seed},
         "latent": if c.gptq_latent { "gptq unrounded" } else { "dequantized" },
         "report": report,

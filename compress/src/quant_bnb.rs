@@ -40,11 +40,11 @@ impl From<SchemeArg> for BnbType {
 /// by clap (they conflict with `--scheme`); `--method` is checked here since it has a default.
 pub fn run(a: &Args, ty: SchemeArg, run: crate::manifest::Run) -> anyhow::Result<()> {
     let scheme = BnbScheme::new(ty.into(), a.block, a.double_quant)?;
-    if a.method != "rtn" {
+    if a.method != quant::method::MethodKind::Rtn {
         bail!(
             "--scheme {} is data-free (rounding to the nearest code, like rtn); --method {} does not apply",
             scheme.ty.name(),
-            a.method
+            a.method.name()
         );
     }
     let (format, note) = match &a.format {

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use comfy_table::Table;
 use model::Checkpoint;
 use model::safetensors_io::StoreDtype;
-use quant::method::MethodOptions;
+use quant::method::{MethodKind, MethodOptions};
 use quant::pack::PackedSink;
 use quant::pipeline::{DenseSink, OutputSink, PtqOptions};
 use quant::scheme::QuantScheme;
@@ -22,9 +22,9 @@ use crate::output::{TempGuard, check_output, commit, temp_sibling};
 pub struct Args {
     /// An HF folder or a .gguf file (the teacher; never modified).
     pub(crate) model: crate::Path,
-    /// rtn, awq or gptq.
-    #[arg(long, default_value = "rtn")]
-    pub(crate) method: String,
+    /// The method.
+    #[arg(long, value_enum, default_value = "rtn")]
+    pub(crate) method: MethodKind,
     /// Bits per weight code (2 to 8).
     #[arg(long, default_value_t = 4)]
     bits: u8,
@@ -152,7 +152,7 @@ fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
         return Ok((format!("gguf:{ty}"), "OUT ends in .gguf".into()));
     }
     if gguf_in
-        && ["rtn", "awq"].contains(&a.method.as_str())
+        && matches!(a.method, MethodKind::Rtn | MethodKind::Awq)
         && let Some(ty) = gguf_ty
     {
         return Ok((
@@ -164,7 +164,8 @@ fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
         let why = if gguf_in {
             format!(
                 "--method {} with --bits {} has no GGUF output; packed is the compressed HF format",
-                a.method, a.bits
+                a.method.name(),
+                a.bits
             )
         } else {
             "compressed-tensors, which vLLM and transformers load".into()
@@ -270,12 +271,12 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     )?;
     let (dense, packed) = (formats.contains(&"dense"), formats.contains(&"packed"));
     // Groups in activation order are stored with `weight_g_idx` (GPTQ --act-order only).
-    let act_order = a.act_order && a.method == "gptq";
+    let act_order = a.act_order && a.method == MethodKind::Gptq;
     if packed {
         quant::pack::check_scheme(&scheme)?;
     }
     let opts = method_options(&a);
-    let method = quant::method::by_name(&a.method, &opts)?;
+    let method = quant::method::by_name(a.method.name(), &opts)?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
@@ -291,7 +292,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         }
     }
     if a.calib.is_none() && method.needs_calibration() {
-        bail!("--method {} needs --calib FILE", a.method);
+        bail!("--method {} needs --calib FILE", a.method.name());
     }
     let calib = calibration(&a, &tok, ckpt.config())?;
 
@@ -334,7 +335,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         propagate_quantized: a.propagate.as_deref().map(|p| p == "quantized"),
         sample_rows: a.sample_rows,
     };
-    let report = run_ptq(&ckpt, method.as_ref(), &popts, sinks, &a.method)?;
+    let report = run_ptq(&ckpt, method.as_ref(), &popts, sinks, a.method.name())?;
     let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let out_ckpt_bytes = if dense {
         size(tmp.join("model.safetensors"))
@@ -495,12 +496,12 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
             PRESETS.join(", ")
         );
     }
-    let awq = match a.method.as_str() {
-        "rtn" => None,
-        "awq" => Some(quant::method::awq::Awq::default()),
-        other => bail!("--format gguf:{ty} supports --method rtn or awq, not `{other}`"),
+    let awq = match a.method {
+        MethodKind::Rtn => None,
+        MethodKind::Awq => Some(quant::method::awq::Awq::default()),
+        MethodKind::Gptq => bail!("--format gguf:{ty} supports --method rtn or awq, not `gptq`"),
     };
-    quant::method::check_options(&a.method, &method_options(a))?;
+    quant::method::check_options(a.method.name(), &method_options(a))?;
     if awq.is_some() && a.calib.is_none() {
         bail!("--method awq needs --calib FILE");
     }
@@ -534,7 +535,7 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     };
     let mut guard = TempGuard(Some(tmp.clone()));
     let n = ckpt.expected_tensors().len() as u64;
-    let pb = crate::progress_bar(&a.method, n);
+    let pb = crate::progress_bar(a.method.name(), n);
     let mut progress = |p: &quant::gguf_export::Progress| pb.set_position(p.index as u64);
     let report = if windows.is_empty() {
         quant::gguf_export::export(&ckpt, &file, &plan, None, &mut progress)

@@ -12,27 +12,7 @@ use serde_json::{Value, json};
 
 use crate::distill_args::{Args, LoraSave, Mode};
 use crate::quantize;
-
-/// The PTQ method of `--requant`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequantMethod {
-    /// Round to nearest.
-    Rtn,
-    /// GPTQ, calibrated on --data.
-    Gptq,
-    /// AWQ, calibrated on --data.
-    Awq,
-}
-
-impl RequantMethod {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Rtn => "rtn",
-            Self::Gptq => "gptq",
-            Self::Awq => "awq",
-        }
-    }
-}
+use quant::method::MethodKind;
 
 /// `compress quant`'s arguments, parsed from a built command line.
 #[derive(Parser)]
@@ -68,7 +48,7 @@ pub fn plan(a: &Args) -> anyhow::Result<Option<Requant>> {
             "--requant quantizes the merged student, and --lora-save adapters writes none (use --lora-save merged or both)"
         );
     }
-    let calibrated = method != RequantMethod::Rtn;
+    let calibrated = method != MethodKind::Rtn;
     if calibrated && a.mode == Mode::Blackbox {
         bail!(
             "--requant {} calibrates on --data as text, but --mode blackbox data is (prompt, response) JSONL; use --requant rtn, or `compress quant OUT --method {} --calib FILE` afterwards",

@@ -24,19 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::lm::{CausalLm, values};
 use crate::{DistillError, Result};
 
-/// Where the scales and zero points start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum QatInit {
-    /// Round-to-nearest on the student's own weights (min/max per group, as `compress quant
-    /// --method rtn`).
-    Rtn,
-    /// GPTQ's result: its dequantized weights as the student, its scales and zero points.
-    Gptq,
-    /// AWQ's result, likewise (its scaled norms and weights included).
-    Awq,
-}
+/// Where the scales and zero points start: the PTQ method whose result QAT starts from (RTN
+/// on the student's own weights; GPTQ's or AWQ's dequantized weights, scales and zero points).
+pub type QatInit = quant::method::MethodKind;
 
 /// Quantization-aware training settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -95,6 +95,31 @@ pub struct MethodOptions {
     pub no_awq_clip: bool,
 }
 
+/// A post-training quantization method: `--method` of `compress quant` and `compress qat`,
+/// `--requant` of `compress distill`, and its name in reports and recipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum MethodKind {
+    /// Round to nearest (min/max per group).
+    Rtn,
+    /// AWQ: activation-aware scales and clipping, calibrated.
+    Awq,
+    /// GPTQ: column-by-column rounding with second-order error feedback, calibrated.
+    Gptq,
+}
+
+impl MethodKind {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rtn => "rtn",
+            Self::Awq => "awq",
+            Self::Gptq => "gptq",
+        }
+    }
+}
+
 /// The known methods.
 pub const METHODS: &[&str] = &["rtn", "awq", "gptq"];
 
