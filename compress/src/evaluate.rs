@@ -26,8 +26,8 @@ pub struct Args {
     chunks: Option<usize>,
     /// `llama` (llama.cpp's llama-perplexity: second half of each chunk scored) or `hf`
     /// (every token scored, as in the AWQ/GPTQ papers).
-    #[arg(long, default_value = "llama", value_parser = ["llama", "hf"])]
-    protocol: String,
+    #[arg(long, value_enum, default_value = "llama")]
+    protocol: Protocol,
     /// Teacher model: also report KL(teacher ‖ student) over the --ppl chunks.
     #[arg(long)]
     teacher: Option<crate::Path>,
@@ -192,11 +192,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let opts = PplOptions {
             ctx: a.ctx,
             chunks: a.chunks,
-            protocol: if a.protocol == "hf" {
-                Protocol::Hf
-            } else {
-                Protocol::Llama
-            },
+            protocol: a.protocol,
         };
         let pb = crate::progress_bar(
             if a.teacher.is_some() {
@@ -313,7 +309,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "perplexity".into(),
                 format!(
                     "{:.4} ± {:.4} ({} x {}, {})",
-                    res.value, res.stderr, res.chunks, res.ctx, a.protocol
+                    res.value,
+                    res.stderr,
+                    res.chunks,
+                    res.ctx,
+                    a.protocol.name()
                 ),
             ),
         );

@@ -52,8 +52,8 @@ pub struct Args {
     seed: u64,
     /// Where block i's calibration inputs come from: `quantized` blocks 0..i-1 (GPTQ's
     /// default) or the `teacher` (AWQ's default).
-    #[arg(long, value_parser = ["quantized", "teacher"])]
-    propagate: Option<String>,
+    #[arg(long, value_enum)]
+    propagate: Option<Propagate>,
     /// GPTQ: quantize columns in decreasing order of activation energy.
     #[arg(long)]
     act_order: bool,
@@ -332,7 +332,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     let popts = PtqOptions {
         scheme,
         calib,
-        propagate_quantized: a.propagate.as_deref().map(|p| p == "quantized"),
+        propagate_quantized: a.propagate.map(|p| p == Propagate::Quantized),
         sample_rows: a.sample_rows,
     };
     let report = run_ptq(&ckpt, method.as_ref(), &popts, sinks, a.method.name())?;
@@ -475,6 +475,15 @@ fn calibration(
 
 /// `--format gguf:TYPE`: OUT/model.gguf and OUT/quant_report.json, or OUT itself and
 /// NAME.quant_report.json when OUT ends in `.gguf`; calibration-aware when `--calib` is given.
+/// `--propagate`: where a block's calibration inputs come from.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Propagate {
+    /// The quantized blocks before it.
+    Quantized,
+    /// The teacher's blocks.
+    Teacher,
+}
+
 /// The method options of the command line.
 fn method_options(a: &Args) -> MethodOptions {
     MethodOptions {

@@ -13,12 +13,23 @@ use serde::Serialize;
 
 /// Which tokens of a chunk are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// llama.cpp: second half of each chunk, BOS replaces the first token when added.
     Llama,
     /// Every token after the first; BOS only at the start of the text.
     Hf,
+}
+
+impl Protocol {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Hf => "hf",
+        }
+    }
 }
 
 /// What to evaluate.
