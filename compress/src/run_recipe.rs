@@ -134,10 +134,7 @@ fn execute(a: &Args, recipe: &Recipe) -> anyhow::Result<()> {
             continue;
         }
         let mut argv = recipe.stage_argv(i, &model, &dir);
-        let ckpts = dir.with_file_name(format!(
-            "{}.checkpoints",
-            dir.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        let ckpts = crate::distill_checkpoints::root_for(&dir);
         if matches!(s.kind, Kind::Distill | Kind::Qat) && ckpts.exists() {
             argv.push("--resume".into());
         }
