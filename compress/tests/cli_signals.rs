@@ -66,12 +66,10 @@ fn kill_after(args: &[&str], ms: u64, signal: i32) -> Option<i32> {
     status.code().or(status.signal().map(|s| 128 + s))
 }
 
-#[test]
-fn killed_runs_leave_nothing_and_reruns_match() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+/// A synthetic teacher in `root/teacher`, large enough (~60 MB of f32) that a kill lands
+/// while an output is being written.
+fn killable_teacher(root: &Path) -> std::path::PathBuf {
     let teacher = root.join("teacher");
-    // Large enough (~60 MB of f32) that a kill lands while the output is being written.
     let mut cfg = tiny_config();
     cfg["hidden_size"] = 512.into();
     cfg["intermediate_size"] = 1024.into();
@@ -79,6 +77,14 @@ fn killed_runs_leave_nothing_and_reruns_match() {
     cfg["num_attention_heads"] = 8.into();
     cfg["num_key_value_heads"] = 4.into();
     write_hf(&teacher, &cfg, 5, |_, _| {});
+    teacher
+}
+
+#[test]
+fn killed_runs_leave_nothing_and_reruns_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let teacher = killable_teacher(root);
     let t = teacher.to_str().unwrap();
     let jobs: [(&str, Vec<String>); 2] = [
         (
@@ -180,14 +186,7 @@ fn killed_runs_leave_nothing_and_reruns_match() {
 fn a_killed_recipe_run_resumes_to_the_same_files() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let teacher = root.join("teacher");
-    let mut cfg = tiny_config();
-    cfg["hidden_size"] = 512.into();
-    cfg["intermediate_size"] = 1024.into();
-    cfg["num_hidden_layers"] = 8.into();
-    cfg["num_attention_heads"] = 8.into();
-    cfg["num_key_value_heads"] = 4.into();
-    write_hf(&teacher, &cfg, 5, |_, _| {});
+    let teacher = killable_teacher(root);
     let recipe = root.join("r.toml");
     std::fs::write(
         &recipe,
