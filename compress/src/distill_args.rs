@@ -52,6 +52,15 @@ pub enum BaseScheme {
     Nf4,
 }
 
+/// `--lora-init`: how QLoRA adapters start.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraInitArg {
+    /// A random, B zero (LoRA's start).
+    Gaussian,
+    /// LoftQ (Li et al., 2023).
+    Loftq,
+}
+
 /// What `--data` holds and how it is trained on.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -187,6 +196,16 @@ pub struct Args {
     /// train in f32; needs --lora-rank.
     #[arg(long, value_enum)]
     pub base_scheme: Option<BaseScheme>,
+    /// --base-scheme: how the adapters start: `gaussian` (as LoRA: A random, B zero, so
+    /// training starts at the 4-bit base) or `loftq` (LoftQ, PEFT's
+    /// init_lora_weights="loftq": base and adapters chosen together so that their sum
+    /// approximates the student's weights) [default: gaussian].
+    #[arg(long, value_enum)]
+    pub lora_init: Option<LoraInitArg>,
+    /// --lora-init loftq: alternations of 4-bit quantization and truncated SVD, 1 to 16
+    /// (PEFT's loftq_iter) [default: 1].
+    #[arg(long)]
+    pub loftq_iter: Option<usize>,
     /// --base-scheme: values per absmax block (32, 64, ..., 4096; every input width has to be
     /// a multiple of it) [default: 64].
     #[arg(long)]

@@ -8,7 +8,8 @@ use distill::{Divergence, HiddenLoss, LoraOptions, LoraTarget, LossSpec};
 
 use quant::nf4::{BnbScheme, BnbType};
 
-use crate::distilling::{Args, BaseScheme, Mode};
+use crate::distilling::{Args, BaseScheme, LoraInitArg, Mode};
+use distill::loftq::LoraInit;
 
 /// The loss the options describe; options that do not apply to the loss are refused.
 pub fn loss_spec(a: &Args) -> anyhow::Result<LossSpec> {
@@ -175,8 +176,13 @@ pub fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<Lora
 /// --lora-rank, are refused.
 pub fn base_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<BnbScheme>> {
     let Some(s) = a.base_scheme else {
-        if a.block.is_some() || a.double_quant {
-            bail!("--block and --double-quant need --base-scheme nf4 (and --lora-rank R)");
+        if a.block.is_some() || a.double_quant || a.lora_init.is_some() {
+            bail!(
+                "--block, --double-quant and --lora-init need --base-scheme nf4 (and --lora-rank R)"
+            );
+        }
+        if a.loftq_iter.is_some() {
+            bail!("--loftq-iter needs --base-scheme nf4 --lora-init loftq");
         }
         return Ok(None);
     };
@@ -192,6 +198,21 @@ pub fn base_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<BnbS
     let scheme = BnbScheme::new(ty, a.block, a.double_quant)?;
     quant::nf4::stage::check_model(&scheme, cfg)?;
     Ok(Some(scheme))
+}
+
+/// How QLoRA's adapters start (--lora-init, --loftq-iter; checked after [`base_options`]).
+pub fn lora_init(a: &Args) -> anyhow::Result<LoraInit> {
+    match (a.lora_init, a.loftq_iter) {
+        (Some(LoraInitArg::Loftq), iters) => {
+            let iters = iters.unwrap_or(1);
+            if !(1..=16).contains(&iters) {
+                bail!("--loftq-iter must be in 1..=16, got {iters}");
+            }
+            Ok(LoraInit::Loftq { iters })
+        }
+        (_, Some(_)) => bail!("--loftq-iter needs --lora-init loftq"),
+        _ => Ok(LoraInit::Gaussian),
+    }
 }
 
 /// The hidden-state loss the options describe (`None` without --hidden-weight), and whether

@@ -17,13 +17,13 @@ use serde_json::json;
 use crate::distill_checkpoints as ckpts;
 use crate::distill_loop::{self as lp, Items, Live, Run, Source};
 use crate::distill_options::{
-    base_options, check_numbers, hidden_options, lora_options, loss_spec,
+    base_options, check_numbers, hidden_options, lora_init, lora_options, loss_spec,
 };
 use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 use distill::cache::TeacherCache;
 
-pub use crate::distill_args::{Args, BaseScheme, LoraSave, Mode};
+pub use crate::distill_args::{Args, BaseScheme, LoraInitArg, LoraSave, Mode};
 
 /// Opens a model and checks that its tensors match its config.
 pub(crate) fn open(path: &crate::Path, role: &str) -> anyhow::Result<Checkpoint> {
@@ -53,6 +53,8 @@ struct Plan {
     spec: LossSpec,
     lora: Option<LoraOptions>,
     base: Option<BnbScheme>,
+    /// How QLoRA's adapters start.
+    init: distill::loftq::LoraInit,
     hidden: Option<(HiddenLoss, bool)>,
     items: Items,
     n_tokens: usize,
@@ -82,6 +84,7 @@ fn plan(a: &Args, student_path: &crate::Path, out: &crate::Path) -> anyhow::Resu
     check_context(&student, a.seq_len, "student")?;
     let lora = lora_options(a, student.config())?;
     let base = base_options(a, student.config())?;
+    let init = lora_init(a)?;
     let hidden = hidden_options(a, student.config(), teacher.as_ref().map(|t| t.config()))?;
     if let Some(t) = &teacher {
         let ttok = model::load_tokenizer(t).context("cannot build the teacher's tokenizer")?;
@@ -106,6 +109,7 @@ fn plan(a: &Args, student_path: &crate::Path, out: &crate::Path) -> anyhow::Resu
         spec,
         lora,
         base,
+        init,
         hidden,
         items,
         n_tokens,
@@ -124,7 +128,7 @@ fn trainer(
 ) -> anyhow::Result<Trainer> {
     let mut student = CausalLm::load(&p.student, device).context("cannot load the student")?;
     match (&p.lora, &p.base) {
-        (Some(l), Some(b)) => student = student.with_4bit_lora(l, b)?,
+        (Some(l), Some(b)) => student = student.with_4bit_lora_init(l, b, p.init)?,
         (Some(l), None) => student = student.with_lora(l),
         _ => {}
     }
@@ -438,6 +442,9 @@ fn options_json(
     // Only present for QLoRA, so that earlier runs' checkpoints keep their fingerprint.
     if let Some(b) = &p.base {
         options["base_scheme"] = serde_json::to_value(b)?;
+        if p.init != distill::loftq::LoraInit::Gaussian {
+            options["lora_init"] = serde_json::to_value(p.init)?;
+        }
     }
     if let Some(q) = qat {
         options["qat"] = serde_json::to_value(q.opts)?;

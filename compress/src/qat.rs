@@ -80,6 +80,8 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         (t.base_scheme.is_some(), "--base-scheme"),
         (t.block.is_some(), "--block"),
         (t.double_quant, "--double-quant"),
+        (t.lora_init.is_some(), "--lora-init"),
+        (t.loftq_iter.is_some(), "--loftq-iter"),
         (t.requant.is_some(), "--requant"),
         (t.requant_bits.is_some(), "--requant-bits"),
         (t.requant_group.is_some(), "--requant-group"),

@@ -261,6 +261,27 @@ fn bad_qlora_options_fail_with_one_line() {
         &["--lora-rank", "4", "--base-scheme", "fp4"],
         &["--base-scheme"],
     );
+    check(
+        &["--lora-rank", "4", "--lora-init", "loftq"],
+        &["--lora-init", "--base-scheme"],
+    );
+    let q = ["--lora-rank", "4", "--base-scheme", "nf4"];
+    check(
+        &[&q[..], &["--loftq-iter", "2"]].concat(),
+        &["--loftq-iter", "loftq"],
+    );
+    check(
+        &[&q[..], &["--lora-init", "loftq", "--loftq-iter", "0"]].concat(),
+        &["--loftq-iter", "1..=16"],
+    );
+    check(
+        &[
+            &q[..],
+            &["--lora-init", "loftq", "--loftq-iter", "99999999999"],
+        ]
+        .concat(),
+        &["--loftq-iter"],
+    );
     // qat trains every weight; a 4-bit LoRA base does not apply.
     let args: Vec<PathBuf> = [
         "qat",

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod data;
 pub mod lm;
+pub mod loftq;
 pub mod lora;
 pub mod loss;
 pub mod pairs;

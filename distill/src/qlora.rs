@@ -24,6 +24,7 @@ use quant::nf4::{Absmax, BnbLinear, BnbScheme, quantize};
 use serde::Serialize;
 
 use crate::lm::{CausalLm, values};
+use crate::loftq::{LoraInit, loftq};
 use crate::lora::LoraOptions;
 use crate::{DistillError, Result};
 
@@ -154,6 +155,7 @@ struct Attach {
     scheme: BnbScheme,
     rank: usize,
     alpha: f64,
+    init: LoraInit,
     ids: HashMap<ParamId, (String, bool)>,
 }
 
@@ -174,21 +176,52 @@ impl Reparameterizer for Attach {
         let dims = t.dims();
         let (inp, out) = (dims[0], dims[1]);
         let hf = transpose(&values(t), inp, out);
-        let q = quantize(&self.scheme, name, &hf, out, inp).expect("widths checked before");
+        let scale = self.alpha / self.rank as f64;
+        let (q, lora) = match (self.init, targeted) {
+            (LoraInit::Loftq { iters }, true) => {
+                let s = loftq(&self.scheme, name, &hf, out, inp, self.rank, iters)
+                    .expect("widths checked before");
+                // scale·A·B = (L·R)ᵀ in burn's [in, out] layout: A = Rᵀ/√scale, B = Lᵀ/√scale.
+                let root = scale.sqrt() as f32;
+                let r = self.rank.min(inp).min(out);
+                let a = transpose(&s.right, r, inp)
+                    .iter()
+                    .map(|x| x / root)
+                    .collect();
+                let b = transpose(&s.left, out, r)
+                    .iter()
+                    .map(|x| x / root)
+                    .collect();
+                let lora = LoraAdapter {
+                    a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [inp, r]), &device)),
+                    b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [r, out]), &device)),
+                    scale,
+                };
+                (s.base, Some(lora))
+            }
+            _ => {
+                let q = quantize(&self.scheme, name, &hf, out, inp).expect("widths checked before");
+                let lora = targeted.then(|| {
+                    // As burn's `Lora`: A ~ N(0, 1/r), B = 0, from the device's seeded generator.
+                    let std = 1.0 / self.rank as f64;
+                    let a = Tensor::<2>::random(
+                        [inp, self.rank],
+                        Distribution::Normal(0.0, std),
+                        &device,
+                    );
+                    let b = Tensor::<2>::zeros([self.rank, out], &device);
+                    LoraAdapter {
+                        a: Param::from_tensor(a),
+                        b: Param::from_tensor(b),
+                        scale,
+                    }
+                });
+                (q, lora)
+            }
+        };
         let weight = Nf4Weight::from_linear(&q).expect("scheme checked before");
         // The f32 weight is dropped: the parameter keeps a placeholder of the same rank.
         let param = param.map(|t| Tensor::<D>::zeros(Shape::from(vec![1; D]), &t.device()));
-        let lora = targeted.then(|| {
-            // As burn's `Lora`: A ~ N(0, 1/r), B = 0, from the device's seeded generator.
-            let std = 1.0 / self.rank as f64;
-            let a = Tensor::<2>::random([inp, self.rank], Distribution::Normal(0.0, std), &device);
-            let b = Tensor::<2>::zeros([self.rank, out], &device);
-            LoraAdapter {
-                a: Param::from_tensor(a),
-                b: Param::from_tensor(b),
-                scale: self.alpha / self.rank as f64,
-            }
-        });
         let reparam = Nf4Base {
             lora,
             weight: Arc::new(weight),
@@ -219,9 +252,26 @@ impl BaseBytes {
 
 impl CausalLm {
     /// QLoRA: freezes every tensor, holds every decoder linear in the 4-bit `scheme` (its f32
-    /// weight dropped) and attaches LoRA adapters to `lora.targets`. Refused for a scheme
-    /// without a 4-bit codebook, or a block that does not divide an input width.
+    /// weight dropped) and attaches LoRA adapters to `lora.targets`, started as LoRA's.
+    /// Refused for a scheme without a 4-bit codebook, or a block that does not divide an
+    /// input width.
     pub fn with_4bit_lora(self, lora: &LoraOptions, scheme: &BnbScheme) -> Result<Self> {
+        self.with_4bit_lora_init(lora, scheme, LoraInit::Gaussian)
+    }
+
+    /// [`Self::with_4bit_lora`] with the adapters started by `init` (LoftQ: base and adapters
+    /// chosen together, [`crate::loftq`]).
+    pub fn with_4bit_lora_init(
+        self,
+        lora: &LoraOptions,
+        scheme: &BnbScheme,
+        init: LoraInit,
+    ) -> Result<Self> {
+        if init == (LoraInit::Loftq { iters: 0 }) {
+            return Err(DistillError::Invalid(
+                "--loftq-iter must be at least 1".into(),
+            ));
+        }
         if scheme.ty.codebook().is_none() || scheme.block.is_none() {
             return Err(DistillError::Invalid(format!(
                 "--base-scheme {}: a 4-bit block scheme is needed",
@@ -247,6 +297,7 @@ impl CausalLm {
             scheme: *scheme,
             rank: lora.rank,
             alpha: lora.alpha,
+            init,
             ids,
         }))
     }

@@ -223,3 +223,77 @@ fn a_restored_qlora_run_ends_with_the_uninterrupted_weights() {
     let resumed = train(dir.path(), (2, 4), Some(&state), None).hf_tensors();
     assert!(resumed == whole, "the resumed QLoRA run ended elsewhere");
 }
+
+/// Squared distance between two weight sets over the names in `names`.
+fn dist2(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+    names: &[String],
+) -> f64 {
+    names
+        .iter()
+        .map(|n| {
+            a[n].iter()
+                .zip(&b[n])
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+#[test]
+fn loftq_starts_closer_to_the_student_than_the_4bit_base() {
+    use distill::loftq::LoraInit;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    write_hf(&dir.path().join("s"), &tiny_config(), 1, |_, _| {});
+    let ckpt = Checkpoint::open(&dir.path().join("s")).unwrap();
+    let plain = Device::flex();
+    plain.seed(5);
+    let all = vec![
+        LoraTarget::QProj,
+        LoraTarget::KProj,
+        LoraTarget::VProj,
+        LoraTarget::OProj,
+        LoraTarget::GateProj,
+        LoraTarget::UpProj,
+        LoraTarget::DownProj,
+    ];
+    let student = CausalLm::load(&ckpt, &plain).unwrap();
+    let dense = student.hf_tensors();
+    let start = |init| {
+        CausalLm::load(&ckpt, &plain)
+            .unwrap()
+            .with_4bit_lora_init(&lora(all.clone()), &nf4(32, false), init)
+            .unwrap()
+    };
+    let gauss = start(LoraInit::Gaussian);
+    let names: Vec<String> = gauss
+        .base_4bit_weights()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names.len(), 7 * student.layers.len());
+    let e_base = dist2(&gauss.hf_tensors(), &dense, &names);
+    let one = start(LoraInit::Loftq { iters: 1 });
+    // One iteration keeps the student's own 4-bit rounding as the base...
+    assert_eq!(one.base_4bit_weights(), gauss.base_4bit_weights());
+    // ...and the adapters take away part of its error; more iterations are no worse here.
+    let e_one = dist2(&one.hf_tensors(), &dense, &names);
+    assert!(
+        e_one < 0.95 * e_base,
+        "LoftQ {e_one} against the base's {e_base}"
+    );
+    let three = start(LoraInit::Loftq { iters: 3 });
+    let e_three = dist2(&three.hf_tensors(), &dense, &names);
+    assert!(
+        e_three < e_base,
+        "LoftQ x3 {e_three} against the base's {e_base}"
+    );
+    assert!(
+        CausalLm::load(&ckpt, &plain)
+            .unwrap()
+            .with_4bit_lora_init(&lora(all), &nf4(32, false), LoraInit::Loftq { iters: 0 })
+            .is_err()
+    );
+}
