@@ -1,6 +1,8 @@
 //! `compress generate MODEL --prompts FILE --out FILE.jsonl`: the model's responses to a JSONL
 //! file of prompts (greedy, or sampled with temperature and nucleus truncation), written as
 //! JSONL (prompt, response) pairs: the training data of black-box distillation.
+//! `compress generate MODEL --calib N --out FILE.json`: N sequences sampled from BOS, the
+//! data-free calibration set (`generate_calib`).
 
 use std::io::Write;
 use std::time::Instant;
@@ -27,40 +29,50 @@ const DEFAULT_TOP_P: f64 = 0.9;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The model to generate with: an HF folder or a .gguf file.
-    model: crate::Path,
+    pub(crate) model: crate::Path,
     /// JSONL file, one object per line with a string field `prompt` (other fields ignored,
-    /// blank lines skipped).
+    /// blank lines skipped). One of --prompts and --calib is needed.
+    #[arg(long, required_unless_present = "calib", conflicts_with = "calib")]
+    prompts: Option<crate::Path>,
+    /// Data-free calibration: sample N sequences of --calib-len tokens from BOS (EOS is never
+    /// drawn) and write their token ids to --out as JSON (a list of token-id lists, what
+    /// `--calib FILE.json` reads) and their text beside it (FILE.txt) for inspection.
+    #[arg(long, value_name = "N")]
+    pub(crate) calib: Option<usize>,
+    /// --calib: tokens per sequence, BOS included [default: 512].
     #[arg(long)]
-    prompts: crate::Path,
+    pub(crate) calib_len: Option<usize>,
     /// Output JSONL file: one line per prompt with `prompt`, `response`, `prompt_tokens` (BOS
     /// included when the tokenizer adds one), `response_tokens` (EOS not included) and `stop`
-    /// ("eos" or "length").
+    /// ("eos" or "length"). With --calib: a .json file of token ids.
     #[arg(long)]
-    out: crate::Path,
-    /// Most tokens generated per prompt (the EOS token ends a response earlier).
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
-    /// Softmax temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
-    temperature: f64,
-    /// Nucleus sampling: sample among the most probable tokens whose mass reaches p, in
-    /// (0, 1] [default: 0.9; does not apply to --temperature 0].
+    pub(crate) out: crate::Path,
+    /// --prompts: most tokens generated per prompt (the EOS token ends a response earlier)
+    /// [default: 128].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Softmax temperature; 0 is greedy decoding [default: 0.7 for --prompts, 1.0 for
+    /// --calib: a sample of the model's own distribution].
     #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f64>,
-    /// Seed of the sampling: prompt i's response depends only on the seed, i and the model.
+    pub(crate) temperature: Option<f64>,
+    /// Nucleus sampling: sample among the most probable tokens whose mass reaches p, in
+    /// (0, 1] [default: 0.9 for --prompts, 0.95 for --calib; does not apply to --temperature 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub(crate) top_p: Option<f64>,
+    /// Seed of the sampling: prompt (or sequence) i depends only on the seed, i and the model.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Replace an existing --out.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
 }
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy)]
-enum Sampling {
+pub(crate) enum Sampling {
     /// The most probable token (the lowest id among equals).
     Greedy,
     /// Drawn from softmax(logits / temperature) cut to the top-p nucleus.
@@ -77,25 +89,19 @@ struct Record<'a> {
     stop: &'static str,
 }
 
-/// The sampling the options describe; values out of range are refused.
-fn sampling(a: &Args) -> anyhow::Result<Sampling> {
-    if a.max_new_tokens == 0 || a.max_new_tokens > MAX_NEW_TOKENS {
-        bail!(
-            "--max-new-tokens must be in 1..={MAX_NEW_TOKENS}, got {}",
-            a.max_new_tokens
-        );
-    }
-    let t = a.temperature;
+/// The sampling `temperature` and `top_p` describe (`default_top_p` when not given); values
+/// out of range are refused.
+pub(crate) fn sampling(t: f64, top_p: Option<f64>, default_top_p: f64) -> anyhow::Result<Sampling> {
     if !(t.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&t)) {
         bail!("--temperature must be in [0, {MAX_TEMPERATURE}] (0: greedy), got {t}");
     }
     if t == 0.0 {
-        if let Some(p) = a.top_p {
+        if let Some(p) = top_p {
             bail!("--top-p {p} does not apply to --temperature 0 (greedy decoding)");
         }
         return Ok(Sampling::Greedy);
     }
-    let p = a.top_p.unwrap_or(DEFAULT_TOP_P);
+    let p = top_p.unwrap_or(default_top_p);
     if !(p > 0.0 && p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {p}");
     }
@@ -107,21 +113,32 @@ fn sampling(a: &Args) -> anyhow::Result<Sampling> {
 
 /// Runs `generate`: checks every option and input, then writes all responses or nothing.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let start = Instant::now();
     crate::set_threads(a.threads);
-    let sampling = sampling(&a)?;
-    check_output_file(&a.out, "--out", &[&a.model, &a.prompts], a.force)?;
+    let Some(prompt_file) = a.prompts.clone() else {
+        if a.max_new_tokens.is_some() {
+            bail!(
+                "--max-new-tokens does not apply to --calib (each sequence has --calib-len tokens)"
+            );
+        }
+        return crate::generate_calib::run(&a);
+    };
+    if a.calib_len.is_some() {
+        bail!("--calib-len needs --calib N");
+    }
+    let start = Instant::now();
+    let max_new_tokens = a.max_new_tokens.unwrap_or(128);
+    if max_new_tokens == 0 || max_new_tokens > MAX_NEW_TOKENS {
+        bail!("--max-new-tokens must be in 1..={MAX_NEW_TOKENS}, got {max_new_tokens}");
+    }
+    let sampling = sampling(a.temperature.unwrap_or(0.7), a.top_p, DEFAULT_TOP_P)?;
+    check_output_file(&a.out, "--out", &[&a.model, &prompt_file], a.force)?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     let tok = model::tokenizer::load_checked(&ckpt).context("cannot build the tokenizer")?;
-    let prompts = distill::pairs::read_prompts(&a.prompts)?;
-    let inputs = prompt_ids(&a, &ckpt, &tok, &prompts)?;
-    let eos: Vec<u32> = match &ckpt.config().eos_token_id {
-        Some(model::config::TokenIds::One(id)) => vec![*id],
-        Some(model::config::TokenIds::Many(ids)) => ids.clone(),
-        None => Vec::new(),
-    };
-    let max_len = inputs.iter().map(Vec::len).max().unwrap_or(0) + a.max_new_tokens;
+    let prompts = distill::pairs::read_prompts(&prompt_file)?;
+    let inputs = prompt_ids(&prompt_file, max_new_tokens, &ckpt, &tok, &prompts)?;
+    let eos = eos_ids(&ckpt);
+    let max_len = inputs.iter().map(Vec::len).max().unwrap_or(0) + max_new_tokens;
     let engine = LayerEngine::new(&ckpt, model::default_device(), max_len);
     let mut generator = Generator::load(&engine, max_len).context("cannot load the model")?;
 
@@ -138,12 +155,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let (out, stop) = respond(
             &mut generator,
             ids,
-            a.max_new_tokens,
+            max_new_tokens,
             sampling,
             &eos,
             &mut rng,
         )
-        .with_context(|| format!("{}: line {line}", a.prompts.display()))?;
+        .with_context(|| format!("{}: line {line}", prompt_file.display()))?;
         new_tokens += out.len() as u64;
         eos_stops += usize::from(stop == "eos");
         let rec = Record {
@@ -177,16 +194,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The model's end-of-sequence ids.
+pub(crate) fn eos_ids(ckpt: &Checkpoint) -> Vec<u32> {
+    match &ckpt.config().eos_token_id {
+        Some(model::config::TokenIds::One(id)) => vec![*id],
+        Some(model::config::TokenIds::Many(ids)) => ids.clone(),
+        None => Vec::new(),
+    }
+}
+
 /// The token ids of every prompt (BOS first when the tokenizer adds it), each checked to
 /// leave room for --max-new-tokens in the model's context.
 fn prompt_ids(
-    a: &Args,
+    file: &std::path::Path,
+    max_new_tokens: usize,
     ckpt: &Checkpoint,
     tok: &model::Tokenizer,
     prompts: &[(usize, String)],
 ) -> anyhow::Result<Vec<Vec<u32>>> {
     let ctx = ckpt.config().max_position_embeddings;
-    let file = a.prompts.display();
+    let file = file.display();
     prompts
         .iter()
         .map(|(line, p)| {
@@ -201,11 +228,10 @@ fn prompt_ids(
             if ids.is_empty() {
                 bail!("{file}: line {line}: the prompt has no tokens");
             }
-            if ids.len() + a.max_new_tokens > ctx {
+            if ids.len() + max_new_tokens > ctx {
                 bail!(
-                    "{file}: line {line}: {} prompt tokens + --max-new-tokens {} exceed the model's context of {ctx} tokens",
+                    "{file}: line {line}: {} prompt tokens + --max-new-tokens {max_new_tokens} exceed the model's context of {ctx} tokens",
                     ids.len(),
-                    a.max_new_tokens
                 );
             }
             Ok(ids)
@@ -252,7 +278,7 @@ fn respond(
 /// Draws a token from softmax(logits / temperature) (in f64) cut to its nucleus: the fewest
 /// most probable tokens (the lower id first among equals) whose mass reaches `top_p`,
 /// renormalized. `u` is uniform in [0, 1). Logits are not NaN and not +inf.
-fn sample_nucleus(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
+pub(crate) fn sample_nucleus(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
     let max = logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));

@@ -12,6 +12,7 @@ mod distill_options;
 mod distilling;
 mod evaluate;
 mod generate;
+mod generate_calib;
 mod hf_folder;
 mod inspect;
 mod manifest;
@@ -63,8 +64,21 @@ impl Cli {
 /// Clap's first line (it names the option), without its `error: `.
 pub(crate) fn clap_error_line(e: &clap::Error) -> String {
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or("invalid arguments");
-    first.trim_start_matches("error: ").to_string()
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid arguments");
+    let first = first.trim_start_matches("error: ");
+    // A message ending in ':' lists what it means on indented lines (clap's "the following
+    // required arguments were not provided:"): keep them on the one line.
+    if first.ends_with(':') {
+        let items: Vec<&str> = lines
+            .take_while(|l| l.starts_with(' '))
+            .map(str::trim)
+            .collect();
+        if !items.is_empty() {
+            return format!("{first} {}", items.join(", "));
+        }
+    }
+    first.to_string()
 }
 
 #[derive(Subcommand, Debug)]

@@ -244,3 +244,155 @@ fn bad_inputs_fail_with_one_line_and_write_nothing() {
         &[],
     );
 }
+
+/// Data-free calibration: `--calib N` writes N sequences of --calib-len ids starting at BOS,
+/// and their text; a seed repeats the file byte for byte; `--calib FILE.json` gives a stage
+/// exactly those windows (read back through prune's --dump-calib).
+#[test]
+fn calib_sequences_are_sampled_from_bos_and_read_back_as_windows() {
+    let f = fixture();
+    let r = &f.root;
+    let calib = |name: &str, seed: &str| {
+        let out = r.join(name);
+        ok(&[
+            "generate",
+            s(&f.model),
+            "--calib",
+            "5",
+            "--calib-len",
+            "12",
+            "--seed",
+            seed,
+            "--out",
+            s(&out),
+        ]);
+        out
+    };
+    let a = calib("a.json", "3");
+    let seqs: Vec<Vec<u32>> = serde_json::from_slice(&std::fs::read(&a).unwrap()).unwrap();
+    assert_eq!(seqs.len(), 5);
+    for q in &seqs {
+        assert_eq!(q.len(), 12);
+        // The tiny model's BOS is id 0 (config.json), and sampling leaves it.
+        assert_eq!(q[0], 0);
+        assert!(q.iter().all(|&t| t < 300));
+    }
+    assert!(
+        seqs.iter().any(|q| q[1..] != seqs[0][1..]),
+        "sequences differ"
+    );
+    let text = std::fs::read_to_string(r.join("a.txt")).unwrap();
+    assert_eq!(text.matches("\n==========\n").count(), 4);
+    let b = calib("b.json", "3");
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let c = calib("c.json", "4");
+    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
+    // A stage calibrates on the first --calib-samples sequences, cut to --calib-len.
+    let dump = r.join("dump.json");
+    ok(&[
+        "prune",
+        s(&f.model),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        s(&a),
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "10",
+        "--dump-calib",
+        s(&dump),
+        "--out",
+        s(&r.join("pruned")),
+    ]);
+    let got: Vec<Vec<u32>> = serde_json::from_slice(&std::fs::read(&dump).unwrap()).unwrap();
+    let want: Vec<Vec<u32>> = seqs[..4].iter().map(|q| q[..10].to_vec()).collect();
+    assert_eq!(got, want);
+    // Too few or too short sequences, and ids outside the vocabulary, are refused.
+    let prune = |file: &Path, samples: &str, len: &str, needles: &[&str]| {
+        let out = r.join("p2");
+        let argv = [
+            "prune",
+            s(&f.model),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            s(file),
+            "--calib-samples",
+            samples,
+            "--calib-len",
+            len,
+            "--out",
+            s(&out),
+        ];
+        let args: Vec<&Path> = argv.iter().map(Path::new).collect();
+        fails(r, &args, "a.json", needles);
+    };
+    prune(&a, "6", "12", &["5 token sequences", "--calib-samples 6"]);
+    prune(&a, "5", "13", &["sequence 0", "--calib-len 13"]);
+    let bad = r.join("bad").join("a.json");
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    std::fs::write(&bad, "[[0, 5, 300, 2]]").unwrap();
+    prune(&bad, "1", "4", &["token id 300", "vocabulary of 300"]);
+    std::fs::write(&bad, "[[0, 5], \"x\"]").unwrap();
+    prune(&bad, "1", "2", &["not a token file"]);
+}
+
+#[test]
+fn bad_calib_options_fail_with_one_line() {
+    let f = fixture();
+    let r = &f.root;
+    let go = |extra: &[&str], names: &str, needles: &[&str]| {
+        let mut args: Vec<&Path> = vec![Path::new("generate"), f.model.as_path()];
+        args.extend(extra.iter().map(Path::new));
+        fails(r, &args, names, needles);
+    };
+    let out = r.join("c.json");
+    let o = s(&out);
+    go(&["--calib", "0", "--out", o], "--calib", &["1..="]);
+    go(
+        &["--calib", "2", "--calib-len", "1", "--out", o],
+        "--calib-len",
+        &["at least 2"],
+    );
+    // The tiny model's context is 256 tokens.
+    go(
+        &["--calib", "2", "--calib-len", "257", "--out", o],
+        "--calib-len",
+        &["context of 256"],
+    );
+    go(
+        &["--calib", "2", "--max-new-tokens", "5", "--out", o],
+        "--max-new-tokens",
+        &["does not apply"],
+    );
+    go(
+        &["--calib", "2", "--out", s(&r.join("c.jsonl"))],
+        "c.jsonl",
+        &[".json"],
+    );
+    go(
+        &["--calib", "2", "--prompts", s(&f.prompts), "--out", o],
+        "--prompts",
+        &[],
+    );
+    go(&["--out", o], "--prompts", &[]);
+    go(
+        &[
+            "--prompts",
+            s(&f.prompts),
+            "--calib-len",
+            "8",
+            "--out",
+            s(&r.join("x.jsonl")),
+        ],
+        "--calib-len",
+        &["--calib"],
+    );
+    std::fs::write(&out, "[]").unwrap();
+    go(&["--calib", "2", "--out", o], "c.json", &["already exists"]);
+}

@@ -41,6 +41,12 @@ impl Head {
         out.into_data().try_into_vec::<f32>().expect("f32 logits")
     }
 
+    /// Logits `[n, vocab]` (row-major, f32) of `n` final states `[n, hidden]`.
+    pub fn logits_rows(&self, x: Tensor<2>) -> Vec<f32> {
+        let out = self.norm.forward(x).matmul(self.lm_head.clone());
+        out.into_data().try_into_vec::<f32>().expect("f32 logits")
+    }
+
     /// Logits `[rows.len(), vocab]` (row-major, f32) for the listed positions of one window
     /// state, in the order given (multiple-choice scoring needs a few scattered positions).
     pub fn logits_at(&self, state: &Tensor<3>, rows: &[usize]) -> Vec<f32> {
@@ -54,9 +60,7 @@ impl Head {
         }
         let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &state.device());
-        let x = state.clone().reshape([seq, hidden]).select(0, idx);
-        let out = self.norm.forward(x).matmul(self.lm_head.clone());
-        out.into_data().try_into_vec::<f32>().expect("f32 logits")
+        self.logits_rows(state.clone().reshape([seq, hidden]).select(0, idx))
     }
 
     /// Vocabulary size.
@@ -245,6 +249,42 @@ impl Generator {
     /// An empty slice or a token id outside the vocabulary is an error (as in
     /// [`LayerEngine::embed`]), checked before anything runs, so the cache is unchanged.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let x = self.embed_checked(tokens)?;
+        let mut s = tensor_from(x, [1, tokens.len(), self.hidden], &self.device);
+        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
+            s = layer.forward_at(s, Positions::Cached(&self.rope, cache), &mut |_, _| {});
+        }
+        Ok(self.head.logits(&s, tokens.len() - 1))
+    }
+
+    /// One token for each of `tokens.len()` sequences decoded in lockstep: the cache holds
+    /// that many sequences of equal length (start each batch from [`Self::reset`]). Returns
+    /// their next-token logits, `[tokens.len(), vocab]` row-major. Many sequences per step
+    /// share one pass over the weights, which single-sequence decoding spends on one token.
+    pub fn forward_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let x = self.embed_checked(tokens)?;
+        let b = tokens.len();
+        if let Some(c) = self.caches.first().filter(|c| !c.is_empty())
+            && c.batch() != b
+        {
+            return Err(ModelError::format(
+                &self.path,
+                format!(
+                    "the cache holds {} sequences, not {b} (reset between batches)",
+                    c.batch()
+                ),
+            ));
+        }
+        let mut s = tensor_from(x, [b, 1, self.hidden], &self.device);
+        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
+            s = layer.forward_at(s, Positions::Cached(&self.rope, cache), &mut |_, _| {});
+        }
+        Ok(self.head.logits_rows(s.reshape([b, self.hidden])))
+    }
+
+    /// The embeddings of `tokens`, row after row; an empty slice or an id outside the
+    /// vocabulary is an error.
+    fn embed_checked(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let (h, v) = (self.hidden, self.head.vocab);
         if tokens.is_empty() {
             return Err(ModelError::format(
@@ -265,11 +305,7 @@ impl Generator {
             }
             x.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
         }
-        let mut s = tensor_from(x, [1, tokens.len(), h], &self.device);
-        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
-            s = layer.forward_at(s, Positions::Cached(&self.rope, cache), &mut |_, _| {});
-        }
-        Ok(self.head.logits(&s, tokens.len() - 1))
+        Ok(x)
     }
 
     /// Greedy decoding of `n` tokens after `prompt` (the cache is reset first).
@@ -326,5 +362,41 @@ mod tests {
         // In range still works, and the last id of the vocabulary is in range.
         assert_eq!(g.forward(&[2, v - 1]).unwrap().len(), v as usize);
         assert_eq!(g.generate(&[2, 3], 3).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn batched_decoding_gives_each_sequence_its_own_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::testkit::tiny_config();
+        crate::testkit::write_hf(dir.path(), &cfg, 7, |_, _| {});
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let engine = LayerEngine::new(&ckpt, crate::default_device(), 8);
+        let mut g = Generator::load(&engine, 8).unwrap();
+        let seqs = [[5u32, 9, 200, 3], [17, 17, 4, 250], [1, 2, 3, 4]];
+        let single: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| {
+                g.reset();
+                s.iter().map(|&t| g.forward(&[t]).unwrap()).last().unwrap()
+            })
+            .collect();
+        g.reset();
+        let mut batched = Vec::new();
+        for step in 0..4 {
+            let col: Vec<u32> = seqs.iter().map(|s| s[step]).collect();
+            batched = g.forward_batch(&col).unwrap();
+        }
+        let v = ckpt.config().vocab_size;
+        assert_eq!(batched.len(), 3 * v);
+        for (i, one) in single.iter().enumerate() {
+            let diff = one
+                .iter()
+                .zip(&batched[i * v..(i + 1) * v])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "sequence {i}: batched logits differ by {diff}");
+        }
+        // A batch of another size on this cache is refused.
+        assert!(g.forward_batch(&[1, 2]).is_err());
     }
 }

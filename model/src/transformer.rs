@@ -210,6 +210,10 @@ impl KvCache {
     pub fn len(&self) -> usize {
         self.k.as_ref().map_or(0, |k| k.dims()[2])
     }
+    /// Sequences cached (the batch size; 0 when empty).
+    pub fn batch(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[0])
+    }
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
