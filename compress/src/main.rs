@@ -59,6 +59,17 @@ impl Cli {
     pub(crate) fn try_parse_from_args(argv: &[String]) -> Result<Cli, String> {
         Cli::try_parse_from(argv).map_err(|e| clap_error_line(&e))
     }
+
+    /// Whether the command, as given, calibrates on `--calib` (a stage a recipe's
+    /// `[calibration]` is given to).
+    pub(crate) fn calibrates(&self) -> bool {
+        match &self.command {
+            Command::Quant(a) => a.calibrates(),
+            Command::Prune(a) => a.calibrates(),
+            Command::Qat(a) => a.calibrates(),
+            _ => false,
+        }
+    }
 }
 
 /// Clap's first line (it names the option), without its `error: `.

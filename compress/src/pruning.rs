@@ -136,6 +136,17 @@ pub struct Args {
     pub threads: Option<usize>,
 }
 
+impl Args {
+    /// Whether the method calibrates: structured pruning by activation importance, Wanda and
+    /// SparseGPT, and magnitude with a refit.
+    pub(crate) fn calibrates(&self) -> bool {
+        if self.structured.is_some() {
+            return self.importance == Importance::Activation;
+        }
+        self.method.is_some_and(|m| m != Method::Magnitude) || self.refit.is_some_and(|r| r > 0)
+    }
+}
+
 /// Parses a parameter budget: `100M`, `1.5B`, `250000`.
 pub fn parse_params(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();

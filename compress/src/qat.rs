@@ -59,6 +59,13 @@ pub struct Args {
     train: crate::distilling::Args,
 }
 
+impl Args {
+    /// Whether the PTQ start calibrates (GPTQ or AWQ).
+    pub(crate) fn calibrates(&self) -> bool {
+        matches!(self.method, Some(QatInit::Gptq | QatInit::Awq))
+    }
+}
+
 pub fn run(mut a: Args) -> anyhow::Result<()> {
     let Some(init) = a.method else {
         bail!(

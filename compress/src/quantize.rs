@@ -122,6 +122,14 @@ pub struct Args {
     default_note: Option<String>,
 }
 
+impl Args {
+    /// Whether the method calibrates: GPTQ and AWQ (RTN into GGUF takes `--calib` as an
+    /// option for importance-weighted rounding, and a bitsandbytes scheme is data-free).
+    pub(crate) fn calibrates(&self) -> bool {
+        self.scheme.is_none() && matches!(self.method, MethodKind::Gptq | MethodKind::Awq)
+    }
+}
+
 /// The GGUF type closest to a scheme of `bits` (`sym`: no zero point), if any.
 fn closest_gguf(bits: u8, sym: bool) -> Option<&'static str> {
     Some(match (bits, sym) {

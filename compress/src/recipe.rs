@@ -12,6 +12,11 @@
 //! [eval]
 //! ppl = "data/wikitext-2/wiki.test.raw"
 //! kld = true                # KL divergence from the teacher
+//!
+//! [calibration]             # optional: --calib of every stage that calibrates
+//! source = "teacher"        # data-free (sequences the teacher samples), or "file"
+//! samples = 128
+//! len = 512
 //! ```
 //!
 //! A stage's keys are its subcommand's options, spelled as the option's field (`calib_samples`)
@@ -100,6 +105,9 @@ pub struct Stage {
     pub line: usize,
     /// The options as command-line arguments (without the model and output).
     pub args: Vec<String>,
+    /// Whether the recipe's `[calibration]` is given to it (it calibrates and names no
+    /// `calib` of its own).
+    pub takes_calibration: bool,
 }
 
 /// A parsed recipe.
@@ -113,6 +121,52 @@ pub struct Recipe {
     pub stages: Vec<Stage>,
     /// `compress eval` options for the final model, and whether to measure KL from the teacher.
     pub eval: Option<(Vec<String>, bool)>,
+    /// `[calibration]`, given to the stages that calibrate and do not name their own `calib`.
+    pub calibration: Option<Calibration>,
+}
+
+/// Where a recipe's calibration sequences come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CalibSource {
+    /// A text or token file (`--calib FILE`; windows drawn with each stage's own seed).
+    File(PathBuf),
+    /// Data-free: `compress generate TEACHER --calib N` into OUT/calibration/teacher.json.
+    Teacher {
+        /// Sampling temperature (generate's default when `None`).
+        temperature: Option<f64>,
+        /// Nucleus mass (generate's default when `None`).
+        top_p: Option<f64>,
+        /// Seed of the sampling.
+        seed: u64,
+    },
+}
+
+/// A recipe's `[calibration]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// Where the sequences come from.
+    pub source: CalibSource,
+    /// Sequences (`--calib-samples`).
+    pub samples: usize,
+    /// Tokens per sequence (`--calib-len`).
+    pub len: usize,
+}
+
+/// Where `compress run` writes teacher-generated calibration in OUT.
+pub fn generated_calib(out: &Path) -> PathBuf {
+    out.join("calibration").join("teacher.json")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CalibTable {
+    source: Spanned<String>,
+    file: Option<Spanned<String>>,
+    samples: Option<usize>,
+    len: Option<usize>,
+    seed: Option<Spanned<u64>>,
+    temperature: Option<Spanned<f64>>,
+    top_p: Option<Spanned<f64>>,
 }
 
 type Table = BTreeMap<Spanned<String>, Spanned<Value>>;
@@ -124,6 +178,7 @@ struct File {
     #[serde(default)]
     stage: Vec<Table>,
     eval: Option<Table>,
+    calibration: Option<CalibTable>,
 }
 
 /// 1-based line of byte offset `at` in `text`.
@@ -190,6 +245,7 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
             kind,
             line: line_of(&text, k.span().start),
             args,
+            takes_calibration: false,
         });
     }
     let eval = match &file.eval {
@@ -198,17 +254,23 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
     };
     let teacher = expand(file.teacher.get_ref())
         .map_err(|m| anyhow::anyhow!("{}: teacher: {m}", at(file.teacher.span())))?;
-    let recipe = Recipe {
+    let calibration = match &file.calibration {
+        None => None,
+        Some(t) => Some(calibration_table(t, &|span| at(span))?),
+    };
+    let mut recipe = Recipe {
         path: path.to_path_buf(),
         teacher: PathBuf::from(teacher),
         stages,
         eval,
+        calibration,
     };
     recipe.check_order()?;
+    recipe.assign_calibration()?;
     // Every stage parses as its subcommand would, before any work.
     let dir = Path::new("OUT");
     for (i, s) in recipe.stages.iter().enumerate() {
-        let argv = recipe.stage_argv(i, Path::new("MODEL"), dir);
+        let argv = recipe.stage_argv(i, Path::new("MODEL"), dir, dir);
         crate::Cli::try_parse_from_args(&argv).map_err(|m| {
             anyhow::anyhow!(
                 "{}:{}: stage {} ({}): {m}",
@@ -219,11 +281,70 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
             )
         })?;
     }
+    if let Some(argv) = recipe.generate_argv(dir) {
+        crate::Cli::try_parse_from_args(&argv)
+            .map_err(|m| anyhow::anyhow!("{}: [calibration]: {m}", path.display()))?;
+    }
     if let Some(argv) = recipe.eval_argv(Path::new("MODEL"), dir) {
         crate::Cli::try_parse_from_args(&argv)
             .map_err(|m| anyhow::anyhow!("{}: [eval]: {m}", path.display()))?;
     }
     Ok(recipe)
+}
+
+/// The `[calibration]` table, checked; `at` names a span's file and line.
+fn calibration_table(
+    t: &CalibTable,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+) -> anyhow::Result<Calibration> {
+    let here = |span| format!("{}: [calibration]", at(span));
+    let source = match t.source.get_ref().as_str() {
+        "file" => {
+            let Some(f) = &t.file else {
+                bail!(
+                    "{}: source = \"file\" needs file = PATH",
+                    here(t.source.span())
+                );
+            };
+            for (given, key) in [
+                (t.seed.as_ref().map(Spanned::span), "seed"),
+                (t.temperature.as_ref().map(Spanned::span), "temperature"),
+                (t.top_p.as_ref().map(Spanned::span), "top_p"),
+            ] {
+                if let Some(span) = given {
+                    bail!(
+                        "{}: `{key}` applies to source = \"teacher\" (a file's windows are drawn with each stage's own seed)",
+                        here(span)
+                    );
+                }
+            }
+            CalibSource::File(PathBuf::from(
+                expand(f.get_ref()).map_err(|m| anyhow::anyhow!("{}: {m}", here(f.span())))?,
+            ))
+        }
+        "teacher" => {
+            if let Some(f) = &t.file {
+                bail!(
+                    "{}: `file` does not apply to source = \"teacher\" (the teacher generates the sequences)",
+                    here(f.span())
+                );
+            }
+            CalibSource::Teacher {
+                temperature: t.temperature.as_ref().map(|v| *v.get_ref()),
+                top_p: t.top_p.as_ref().map(|v| *v.get_ref()),
+                seed: t.seed.as_ref().map_or(0, |v| *v.get_ref()),
+            }
+        }
+        other => bail!(
+            "{}: source `{other}` is not \"teacher\" or \"file\"",
+            here(t.source.span())
+        ),
+    };
+    Ok(Calibration {
+        source,
+        samples: t.samples.unwrap_or(128),
+        len: t.len.unwrap_or(512),
+    })
 }
 
 /// The `[eval]` table as `compress eval` arguments, and its `kld` switch; `at` names a span's
@@ -329,8 +450,97 @@ fn to_args(sub: &str, owned: &[&str], key: &str, value: &Value) -> Result<Vec<St
 }
 
 impl Recipe {
-    /// The command line of stage `i` reading `model` and writing into the folder `dir`.
-    pub fn stage_argv(&self, i: usize, model: &Path, dir: &Path) -> Vec<String> {
+    /// The `--calib` file of the stages that take `[calibration]`, for a run into `out`.
+    pub fn calib_file(&self, out: &Path) -> Option<PathBuf> {
+        Some(match &self.calibration.as_ref()?.source {
+            CalibSource::File(f) => f.clone(),
+            CalibSource::Teacher { .. } => generated_calib(out),
+        })
+    }
+
+    /// `compress generate` writing the teacher's calibration sequences for a run into `out`
+    /// (`None` unless `[calibration]` has source = "teacher").
+    pub fn generate_argv(&self, out: &Path) -> Option<Vec<String>> {
+        let c = self.calibration.as_ref()?;
+        let CalibSource::Teacher {
+            temperature,
+            top_p,
+            seed,
+        } = &c.source
+        else {
+            return None;
+        };
+        let mut v: Vec<String> = vec![
+            "compress".into(),
+            "generate".into(),
+            self.teacher.display().to_string(),
+            "--calib".into(),
+            c.samples.to_string(),
+            "--calib-len".into(),
+            c.len.to_string(),
+            "--seed".into(),
+            seed.to_string(),
+        ];
+        if let Some(t) = temperature {
+            v.extend(["--temperature".into(), t.to_string()]);
+        }
+        if let Some(p) = top_p {
+            v.extend(["--top-p".into(), p.to_string()]);
+        }
+        v.extend([
+            "--out".into(),
+            generated_calib(out).display().to_string(),
+            "--force".into(),
+        ]);
+        Some(v)
+    }
+
+    /// Marks the stages `[calibration]` is given to: those that calibrate as written and name
+    /// no `calib` of their own; such a stage setting `calib_samples` or `calib_len` is refused
+    /// (the table sets them).
+    fn assign_calibration(&mut self) -> anyhow::Result<()> {
+        if self.calibration.is_none() {
+            return Ok(());
+        }
+        let mut any = false;
+        for i in 0..self.stages.len() {
+            let s = &self.stages[i];
+            if s.args.iter().any(|a| a == "--calib") {
+                continue;
+            }
+            let argv = self.stage_argv(i, Path::new("MODEL"), Path::new("OUT"), Path::new("OUT"));
+            let calibrates = crate::Cli::try_parse_from_args(&argv).is_ok_and(|c| c.calibrates());
+            if !calibrates {
+                continue;
+            }
+            if let Some(k) = s
+                .args
+                .iter()
+                .find(|a| *a == "--calib-samples" || *a == "--calib-len")
+            {
+                bail!(
+                    "{}:{}: stage {} ({}) sets {k}, which [calibration] sets for every stage that calibrates: remove one, or give the stage its own calib",
+                    self.path.display(),
+                    s.line,
+                    i + 1,
+                    s.kind.name()
+                );
+            }
+            self.stages[i].takes_calibration = true;
+            any = true;
+        }
+        if !any {
+            bail!(
+                "{}: [calibration] is given, but no stage calibrates without its own calib",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The command line of stage `i` reading `model` and writing into the folder `dir`, in a
+    /// run into `out`.
+    pub fn stage_argv(&self, i: usize, model: &Path, dir: &Path, out: &Path) -> Vec<String> {
         let s = &self.stages[i];
         let p = |p: &Path| p.display().to_string();
         let mut v = vec!["compress".to_string(), s.kind.subcommand().to_string()];
@@ -350,6 +560,18 @@ impl Recipe {
             Kind::Prune | Kind::Quant => v.push(p(model)),
         }
         v.extend(s.args.iter().cloned());
+        if let (true, Some(c), Some(f)) =
+            (s.takes_calibration, &self.calibration, self.calib_file(out))
+        {
+            v.extend([
+                "--calib".into(),
+                p(&f),
+                "--calib-samples".into(),
+                c.samples.to_string(),
+                "--calib-len".into(),
+                c.len.to_string(),
+            ]);
+        }
         if s.kind != Kind::Export {
             v.extend(["--out".into(), p(dir)]);
         }

@@ -52,6 +52,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     crate::output::check_output(&recipe.teacher, &a.out, true)?;
     let plan = plan(&recipe, &a.out)?;
     if a.dry_run {
+        if !plan["calibration"].is_null() {
+            println!("compress {}", join(&plan["calibration"]));
+        }
         for s in plan["stages"].as_array().into_iter().flatten() {
             println!("compress {}", join(s));
         }
@@ -117,6 +120,19 @@ fn write_records(a: &Args, plan: &Value, dir: &Path) -> anyhow::Result<()> {
 
 /// Runs the stages not done yet, then the evaluation.
 fn execute(a: &Args, recipe: &Recipe) -> anyhow::Result<()> {
+    if let Some(argv) = recipe.generate_argv(&a.out) {
+        let file = crate::recipe::generated_calib(&a.out);
+        // The token file is renamed into place complete, so one that exists is finished.
+        if file.exists() {
+            println!("calibration: generated before, kept");
+        } else {
+            println!("calibration: {}", argv[1..].join(" "));
+            let at = format!("{}: [calibration]", recipe.path.display());
+            let cli =
+                crate::Cli::try_parse_from_args(&argv).map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
+            crate::run(cli).with_context(|| at.clone())?;
+        }
+    }
     let mut done = read_done(&a.out);
     let mut model = recipe.teacher.clone();
     let n = recipe.stages.len();
@@ -133,7 +149,7 @@ fn execute(a: &Args, recipe: &Recipe) -> anyhow::Result<()> {
             model = target;
             continue;
         }
-        let mut argv = recipe.stage_argv(i, &model, &dir);
+        let mut argv = recipe.stage_argv(i, &model, &dir, &a.out);
         let ckpts = crate::distill_checkpoints::root_for(&dir);
         if matches!(s.kind, Kind::Distill | Kind::Qat) && ckpts.exists() {
             argv.push("--resume".into());
@@ -192,7 +208,7 @@ fn plan(recipe: &Recipe, out: &Path) -> anyhow::Result<Value> {
     let mut stages = Vec::new();
     for (i, s) in recipe.stages.iter().enumerate() {
         let dir = stage_dir(out, i, n, s.kind);
-        stages.push(json!(recipe.stage_argv(i, &model, &dir)[1..]));
+        stages.push(json!(recipe.stage_argv(i, &model, &dir, out)[1..]));
         model = if s.kind == Kind::Export {
             crate::recipe::export_target(s, &dir)
         } else {
@@ -212,13 +228,18 @@ fn plan(recipe: &Recipe, out: &Path) -> anyhow::Result<Value> {
             data.insert(a.to_string(), json!(crate::manifest::sha256_file(p)?.1));
         }
     }
-    Ok(json!({
+    let mut plan = json!({
         "teacher": recipe.teacher,
         "teacher_files": crate::manifest::hash_input(&recipe.teacher)?,
         "data_files": data,
         "stages": stages,
         "eval": eval,
-    }))
+    });
+    // Only with a generated calibration, so that earlier runs keep their plan.
+    if let Some(g) = recipe.generate_argv(out) {
+        plan["calibration"] = json!(g[1..]);
+    }
+    Ok(plan)
 }
 
 /// A short description of the first difference between two plans.
@@ -248,6 +269,9 @@ fn difference(before: &Value, now: &Value) -> String {
     }
     if before["eval"] != now["eval"] {
         return "the evaluation differs".into();
+    }
+    if before.get("calibration") != now.get("calibration") {
+        return "the [calibration] differs".into();
     }
     "another teacher".into()
 }

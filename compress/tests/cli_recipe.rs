@@ -178,6 +178,44 @@ fn bad_recipes_are_refused_before_any_work() {
         "[[stage]]\nkind = \"quant\"\nmethod = \"rtn\"\nbits = 4\ngroup = 32\ndamp = 0.1\nformat = \"dense\"\n",
         &["--damp"],
     );
+    // [calibration]: unknown keys, sources and options that do not go together, a stage that
+    // sets what the table sets, and a table no stage takes.
+    let gptq = "[[stage]]\nkind = \"quant\"\nmethod = \"gptq\"\nbits = 4\ngroup = 32\nformat = \"dense\"\n";
+    case(
+        "cal-key.toml",
+        &format!("{gptq}[calibration]\nsource = \"teacher\"\nsamplez = 4\n"),
+        &[":10:", "samplez"],
+    );
+    case(
+        "cal-src.toml",
+        &format!("{gptq}[calibration]\nsource = \"web\"\n"),
+        &[":9:", "[calibration]", "web"],
+    );
+    case(
+        "cal-file.toml",
+        &format!("{gptq}[calibration]\nsource = \"file\"\n"),
+        &[":9:", "needs file"],
+    );
+    case(
+        "cal-temp.toml",
+        &format!("{gptq}[calibration]\nsource = \"file\"\nfile = \"x.txt\"\ntemperature = 0.5\n"),
+        &[":11:", "`temperature` applies to source = \"teacher\""],
+    );
+    case(
+        "cal-both.toml",
+        &format!("{gptq}calib_len = 16\n[calibration]\nsource = \"teacher\"\n"),
+        &[":3:", "stage 1 (quant)", "--calib-len", "[calibration]"],
+    );
+    case(
+        "cal-none.toml",
+        "[[stage]]\nkind = \"quant\"\nmethod = \"rtn\"\nformat = \"dense\"\n[calibration]\nsource = \"teacher\"\n",
+        &["no stage calibrates"],
+    );
+    case(
+        "cal-generated.toml",
+        &format!("{gptq}[calibration]\nsource = \"teacher\"\nsamples = 0\n"),
+        &["--calib", "1..="],
+    );
     let missing = root.join("missing.toml");
     std::fs::write(
         &missing,
@@ -204,6 +242,93 @@ fn bad_recipes_are_refused_before_any_work() {
         "out",
         &["not a `compress run` folder", "--force"],
     );
+}
+
+/// `[calibration] source = "teacher"`: the teacher's sequences are generated into
+/// OUT/calibration (kept on resume), and the GPTQ stage that names no calib of its own makes
+/// exactly the model `compress quant --calib THAT_FILE` makes; a stage with its own calib keeps it.
+#[test]
+fn teacher_generated_calibration_feeds_the_calibrating_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let teacher = root.join("teacher");
+    write_hf(&teacher, &tiny_config(), 8, |_, _| {});
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, calib_text(3000)).unwrap();
+    let file = root.join("r.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "teacher = {teacher:?}\n\n[[stage]]\nkind = \"prune\"\nmethod = \"wanda\"\nsparsity = 0.25\ncalib = {calib:?}\ncalib_samples = 4\ncalib_len = 32\n\n[[stage]]\nkind = \"quant\"\nmethod = \"gptq\"\nbits = 4\ngroup = 32\nformat = \"dense\"\n\n[calibration]\nsource = \"teacher\"\nsamples = 3\nlen = 24\nseed = 5\n"
+        ),
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = root.join("run");
+    let stdout = ok(&["run", &s(&file), "--out", &s(&out)]);
+    let generated = out.join("calibration/teacher.json");
+    let seqs: Vec<Vec<u32>> = serde_json::from_slice(&std::fs::read(&generated).unwrap()).unwrap();
+    assert_eq!((seqs.len(), seqs[0].len()), (3, 24));
+    assert!(out.join("calibration/teacher.txt").exists());
+    // The generation is `compress generate` itself.
+    let direct_gen = root.join("generated.json");
+    ok(&[
+        "generate",
+        &s(&teacher),
+        "--calib",
+        "3",
+        "--calib-len",
+        "24",
+        "--seed",
+        "5",
+        "--out",
+        &s(&direct_gen),
+    ]);
+    assert_eq!(
+        std::fs::read(&generated).unwrap(),
+        std::fs::read(&direct_gen).unwrap()
+    );
+    // Stage 1 kept its own calibration; stage 2 took the generated one.
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    let argv = |i: usize| plan["stages"][i].to_string();
+    assert!(
+        argv(0).contains("calib.txt") && !argv(0).contains("teacher.json"),
+        "{plan}"
+    );
+    assert!(
+        argv(1).contains("teacher.json") && argv(1).contains("\"24\""),
+        "{plan}"
+    );
+    let direct = root.join("direct");
+    ok(&[
+        "quant",
+        &s(&out.join("stages/01-prune")),
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group",
+        "32",
+        "--calib",
+        &s(&generated),
+        "--calib-samples",
+        "3",
+        "--calib-len",
+        "24",
+        "--format",
+        "dense",
+        "--out",
+        &s(&direct),
+    ]);
+    assert_eq!(weights(&out.join("model")), weights(&direct));
+    // Run again: everything is kept, the calibration too.
+    let again = ok(&["run", &s(&file), "--out", &s(&out)]);
+    assert!(
+        again.contains("calibration: generated before, kept"),
+        "{again}"
+    );
+    assert!(stdout.contains("calibration: generate"), "{stdout}");
 }
 
 /// Every recipe in recipes/ parses and resolves (`--dry-run`), with COMPRESS_DATA pointing at
