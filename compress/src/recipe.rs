@@ -481,18 +481,87 @@ impl Recipe {
             "--seed".into(),
             seed.to_string(),
         ];
-        if let Some(t) = temperature {
-            v.extend(["--temperature".into(), t.to_string()]);
-        }
-        if let Some(p) = top_p {
-            v.extend(["--top-p".into(), p.to_string()]);
-        }
+        // generate's own defaults for --calib, spelled out so that the plan names them.
+        v.extend([
+            "--temperature".into(),
+            temperature.unwrap_or(1.0).to_string(),
+            "--top-p".into(),
+            top_p.unwrap_or(0.95).to_string(),
+        ]);
         v.extend([
             "--out".into(),
             generated_calib(out).display().to_string(),
             "--force".into(),
         ]);
         Some(v)
+    }
+
+    /// The recipe as run: the teacher, `[calibration]` with its defaults, each stage's options
+    /// as written and, commented, the defaults of the others (some apply only to other
+    /// methods), and `[eval]` likewise. `${VAR}`s are expanded. Running it makes the same
+    /// command lines as the recipe it came from.
+    pub fn resolved(&self) -> anyhow::Result<String> {
+        let mut out = format!(
+            "# {} as run by compress {} (defaults filled in; commented: options left at their default)\nteacher = {}\n",
+            self.path.display(),
+            env!("CARGO_PKG_VERSION"),
+            Value::String(self.teacher.display().to_string())
+        );
+        if let Some(c) = &self.calibration {
+            out += "\n[calibration]\n";
+            match &c.source {
+                CalibSource::File(f) => {
+                    out += &format!(
+                        "source = \"file\"\nfile = {}\n",
+                        Value::String(f.display().to_string())
+                    );
+                }
+                CalibSource::Teacher {
+                    temperature,
+                    top_p,
+                    seed,
+                } => {
+                    out += &format!(
+                        "source = \"teacher\"\nseed = {seed}\ntemperature = {}\ntop_p = {}\n",
+                        Value::Float(temperature.unwrap_or(1.0)),
+                        Value::Float(top_p.unwrap_or(0.95))
+                    );
+                }
+            }
+            out += &format!("samples = {}\nlen = {}\n", c.samples, c.len);
+        }
+        let table = |argv: &[String], owned: &[&str]| -> anyhow::Result<String> {
+            let m = crate::Cli::command()
+                .try_get_matches_from(argv)
+                .map_err(|e| anyhow::anyhow!(crate::clap_error_line(&e)))?;
+            let (sub, sm) = m.subcommand().context("no subcommand")?;
+            let (given, defaults) = option_lines(owned, sub, sm);
+            let mut t = String::new();
+            for l in given {
+                t += &format!("{l}\n");
+            }
+            for l in defaults {
+                t += &format!("# {l}\n");
+            }
+            Ok(t)
+        };
+        let (model, dir) = (Path::new("MODEL"), Path::new("OUT"));
+        for (i, s) in self.stages.iter().enumerate() {
+            out += &format!("\n[[stage]]\nkind = \"{}\"\n", s.kind.name());
+            let mut owned = s.kind.owned().to_vec();
+            if s.takes_calibration {
+                out += "# calib, calib_samples, calib_len: from [calibration]\n";
+                owned.extend(["calib", "calib_samples", "calib_len"]);
+            }
+            out += &table(&self.argv_with(i, model, dir, None), &owned)?;
+        }
+        if let Some((args, kld)) = &self.eval {
+            let mut argv = vec!["compress".to_string(), "eval".into(), "MODEL".into()];
+            argv.extend(args.iter().cloned());
+            out += &format!("\n[eval]\nkld = {kld}\n");
+            out += &table(&argv, &["model", "json", "force", "threads", "teacher"])?;
+        }
+        Ok(out)
     }
 
     /// Marks the stages `[calibration]` is given to: those that calibrate as written and name
@@ -541,6 +610,15 @@ impl Recipe {
     /// The command line of stage `i` reading `model` and writing into the folder `dir`, in a
     /// run into `out`.
     pub fn stage_argv(&self, i: usize, model: &Path, dir: &Path, out: &Path) -> Vec<String> {
+        let calib = self
+            .calib_file(out)
+            .filter(|_| self.stages[i].takes_calibration);
+        self.argv_with(i, model, dir, calib.as_deref())
+    }
+
+    /// Stage `i`'s command line with `calib` (the `[calibration]` file, when it is given to
+    /// the stage).
+    fn argv_with(&self, i: usize, model: &Path, dir: &Path, calib: Option<&Path>) -> Vec<String> {
         let s = &self.stages[i];
         let p = |p: &Path| p.display().to_string();
         let mut v = vec!["compress".to_string(), s.kind.subcommand().to_string()];
@@ -560,12 +638,10 @@ impl Recipe {
             Kind::Prune | Kind::Quant => v.push(p(model)),
         }
         v.extend(s.args.iter().cloned());
-        if let (true, Some(c), Some(f)) =
-            (s.takes_calibration, &self.calibration, self.calib_file(out))
-        {
+        if let (Some(c), Some(f)) = (&self.calibration, calib) {
             v.extend([
                 "--calib".into(),
-                p(&f),
+                p(f),
                 "--calib-samples".into(),
                 c.samples.to_string(),
                 "--calib-len".into(),
@@ -649,47 +725,16 @@ pub fn export_target(s: &Stage, dir: &Path) -> PathBuf {
     }
 }
 
-/// `--print-recipe`: the recipe equivalent of a stage command line (every option with its
-/// value, defaults included), as TOML on stdout.
-pub fn print(argv: &[String]) -> anyhow::Result<String> {
-    let m = crate::Cli::command()
-        .try_get_matches_from(argv)
-        .map_err(|e| anyhow::anyhow!(crate::clap_error_line(&e)))?;
-    let (sub, sm) = m.subcommand().context("no subcommand")?;
-    let Some(kind) = Kind::from_subcommand(sub) else {
-        bail!("applies to prune, distill, quant, qat and convert, not {sub}");
-    };
+/// The options of a parsed stage command line as recipe lines: those given on it, and the
+/// other options' defaults (a `false` switch left out).
+fn option_lines(owned: &[&str], sub: &str, sm: &clap::ArgMatches) -> (Vec<String>, Vec<String>) {
     let cmd = crate::Cli::command();
     let sc = cmd.find_subcommand(sub).expect("a subcommand");
-    let model_key = match kind {
-        Kind::Distill | Kind::Qat => "teacher",
-        _ => "model",
-    };
-    let first = |id: &str| {
-        sm.get_raw(id)
-            .and_then(|mut v| v.next())
-            .map(|v| v.to_string_lossy().into_owned())
-    };
-    let teacher = first(model_key);
-    let student = first("student");
-    if kind == Kind::Distill && (teacher.is_none() || student != teacher) {
-        bail!(
-            "a recipe's distill stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
-        );
-    }
-    if kind == Kind::Qat && student.is_some() && student != teacher {
-        bail!(
-            "a recipe's qat stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
-        );
-    }
-    let teacher = teacher.unwrap_or_default();
     let mut given = Vec::new();
     let mut defaults = Vec::new();
     for arg in sc.get_arguments() {
         let id = arg.get_id().as_str();
-        if arg.get_long().is_none()
-            || kind.owned().contains(&id)
-            || matches!(id, "help" | "print_recipe")
+        if arg.get_long().is_none() || owned.contains(&id) || matches!(id, "help" | "print_recipe")
         {
             continue;
         }
@@ -712,6 +757,42 @@ pub fn print(argv: &[String]) -> anyhow::Result<String> {
             defaults.push(line);
         }
     }
+    (given, defaults)
+}
+
+/// `--print-recipe`: the recipe equivalent of a stage command line (every option with its
+/// value, defaults included), as TOML on stdout.
+pub fn print(argv: &[String]) -> anyhow::Result<String> {
+    let m = crate::Cli::command()
+        .try_get_matches_from(argv)
+        .map_err(|e| anyhow::anyhow!(crate::clap_error_line(&e)))?;
+    let (sub, sm) = m.subcommand().context("no subcommand")?;
+    let Some(kind) = Kind::from_subcommand(sub) else {
+        bail!("applies to prune, distill, quant, qat and convert, not {sub}");
+    };
+    let model_key = match kind {
+        Kind::Distill | Kind::Qat => "teacher",
+        _ => "model",
+    };
+    let first = |id: &str| {
+        sm.get_raw(id)
+            .and_then(|mut v| v.next())
+            .map(|v| v.to_string_lossy().into_owned())
+    };
+    let teacher = first(model_key);
+    let student = first("student");
+    if kind == Kind::Distill && (teacher.is_none() || student != teacher) {
+        bail!(
+            "a recipe's distill stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
+        );
+    }
+    if kind == Kind::Qat && student.is_some() && student != teacher {
+        bail!(
+            "a recipe's qat stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
+        );
+    }
+    let teacher = teacher.unwrap_or_default();
+    let (given, defaults) = option_lines(kind.owned(), sub, sm);
     let mut out = format!(
         "# The recipe of: compress {}\nteacher = {}\n\n[[stage]]\nkind = \"{}\"\n",
         argv[1..].join(" "),

@@ -91,14 +91,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(tmp.join("stages"))
             .with_context(|| format!("{}", tmp.display()))?;
         let mut guard = crate::output::TempGuard(Some(tmp.clone()));
-        write_records(&a, &plan, &tmp)?;
+        write_records(&a, &recipe, &plan, &tmp)?;
         crate::output::commit(&tmp, &a.out)?;
         guard.0 = None;
     }
     let records = if created {
         Ok(())
     } else {
-        write_records(&a, &plan, &a.out)
+        write_records(&a, &recipe, &plan, &a.out)
     };
     let result = records.and_then(|()| execute(&a, &recipe));
     // A run that fails before any stage finished leaves nothing behind.
@@ -108,10 +108,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Writes the recipe as given and the resolved plan into `dir`.
-fn write_records(a: &Args, plan: &Value, dir: &Path) -> anyhow::Result<()> {
+/// Writes the recipe as given (recipe.given.toml), as run with its defaults filled in
+/// (recipe.toml) and the resolved plan (run.json) into `dir`.
+fn write_records(a: &Args, recipe: &Recipe, plan: &Value, dir: &Path) -> anyhow::Result<()> {
     let text = std::fs::read(&a.recipe).with_context(|| format!("{}", a.recipe.display()))?;
-    crate::output::write_atomic(&dir.join("recipe.toml"), &text)?;
+    crate::output::write_atomic(&dir.join("recipe.given.toml"), &text)?;
+    crate::output::write_atomic(&dir.join("recipe.toml"), recipe.resolved()?.as_bytes())?;
     crate::output::write_atomic(
         &dir.join("run.json"),
         serde_json::to_string_pretty(plan)?.as_bytes(),

@@ -322,6 +322,26 @@ fn teacher_generated_calibration_feeds_the_calibrating_stages() {
         &s(&direct),
     ]);
     assert_eq!(weights(&out.join("model")), weights(&direct));
+    // OUT/recipe.toml is the recipe as run, defaults filled in: it plans the same commands.
+    let resolved = std::fs::read_to_string(out.join("recipe.toml")).unwrap();
+    assert!(
+        resolved.contains("temperature = 1.0")
+            && resolved.contains("# sample_rows = 2048")
+            && resolved.contains("from [calibration]"),
+        "{resolved}"
+    );
+    let dry = |recipe: &Path| {
+        let o = ok(&[
+            "run",
+            &s(recipe),
+            "--out",
+            &s(&root.join("dry")),
+            "--dry-run",
+        ]);
+        o.replace(&s(&root.join("dry")), "OUT")
+    };
+    assert_eq!(dry(&out.join("recipe.toml")), dry(&file));
+    assert!(out.join("recipe.given.toml").exists());
     // Run again: everything is kept, the calibration too.
     let again = ok(&["run", &s(&file), "--out", &s(&out)]);
     assert!(
