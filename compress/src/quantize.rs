@@ -47,6 +47,11 @@ pub struct Args {
     /// Tokens per calibration sequence.
     #[arg(long, default_value_t = 512)]
     calib_len: usize,
+    /// Write the calibration token ids drawn (JSON: a list of token-id lists, which `--calib
+    /// FILE.json` reads back) to this file, so another tool can calibrate on exactly the same
+    /// tokens.
+    #[arg(long)]
+    dump_calib: Option<crate::Path>,
     /// Seed for drawing calibration sequences.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -471,14 +476,21 @@ fn calibration(
     tok: &model::Tokenizer,
     cfg: &model::Config,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
-    crate::calib::windows(
+    let windows = crate::calib::windows(
         a.calib.as_deref(),
         a.calib_samples,
         a.calib_len,
         a.seed,
         tok,
         cfg,
-    )
+    )?;
+    if let Some(d) = &a.dump_calib {
+        if a.calib.is_none() {
+            bail!("--dump-calib needs --calib FILE (it writes the windows drawn from it)");
+        }
+        crate::calib::dump(&windows, d, &a.model, a.force)?;
+    }
+    Ok(windows)
 }
 
 /// `--format gguf:TYPE`: OUT/model.gguf and OUT/quant_report.json, or OUT itself and

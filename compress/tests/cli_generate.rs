@@ -310,6 +310,32 @@ fn calib_sequences_are_sampled_from_bos_and_read_back_as_windows() {
     let got: Vec<Vec<u32>> = serde_json::from_slice(&std::fs::read(&dump).unwrap()).unwrap();
     let want: Vec<Vec<u32>> = seqs[..4].iter().map(|q| q[..10].to_vec()).collect();
     assert_eq!(got, want);
+    // quant draws the same windows and dumps them the same way.
+    let qdump = r.join("qdump.json");
+    ok(&[
+        "quant",
+        s(&f.model),
+        "--method",
+        "gptq",
+        "--group",
+        "32",
+        "--calib",
+        s(&a),
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "10",
+        "--dump-calib",
+        s(&qdump),
+        "--format",
+        "dense",
+        "--out",
+        s(&r.join("q")),
+    ]);
+    assert_eq!(
+        std::fs::read(&qdump).unwrap(),
+        std::fs::read(&dump).unwrap()
+    );
     // Too few or too short sequences, and ids outside the vocabulary, are refused.
     let prune = |file: &Path, samples: &str, len: &str, needles: &[&str]| {
         let out = r.join("p2");
