@@ -11,6 +11,7 @@
 #   qlora the same LoRA run on a frozen NF4 base (block 64; QLoRA): its peak RSS and
 #         perplexity against lora's are issue 12's QLoRA check (RUNS="lora qlora")
 #   qlora-loftq  qlora with LoftQ-started adapters (--lora-init loftq --loftq-iter 5)
+#   qlora-loftq32  qlora-loftq on NF4 block 32 with double quantization (4.25 bits per weight)
 # All: wiki.valid.tokens, seq 512, 2048 tokens per step, warmup 10%, cosine decay, seed 0.
 # The teacher, the pruned student, every kept checkpoint and every final model are scored on
 # wikitext-2 test (ctx 512, CHUNKS chunks); OUT/curve.csv holds
@@ -131,7 +132,9 @@ for R in $RUNS; do
         --base-scheme nf4 --block 64) ;;
     qlora-loftq) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS"
         --lr 1e-3 --base-scheme nf4 --block 64 --lora-init loftq --loftq-iter 5) ;;
-    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, lora, qlora, qlora-loftq)" >&2; exit 1 ;;
+    qlora-loftq32) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS"
+        --lr 1e-3 --base-scheme nf4 --block 32 --double-quant --lora-init loftq --loftq-iter 5) ;;
+    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, lora, qlora, qlora-loftq, qlora-loftq32)" >&2; exit 1 ;;
     esac
     D="$OUT/$R"
     if [[ "$RESUME" == 1 && -f "$D/distill_report.json" ]]; then
