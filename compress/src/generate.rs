@@ -253,17 +253,8 @@ fn respond(
     let mut logits = g.forward(prompt)?;
     let mut out = Vec::new();
     for step in 0..max_new {
-        if logits.iter().any(|&x| x.is_nan() || x == f32::INFINITY)
-            || logits.iter().all(|&x| x == f32::NEG_INFINITY)
-        {
-            bail!("the model's logits are not finite after {step} generated tokens");
-        }
-        let next = match sampling {
-            Sampling::Greedy => argmax(&logits),
-            Sampling::Nucleus { temperature, top_p } => {
-                sample_nucleus(&logits, temperature, top_p, rng.random::<f64>())
-            }
-        };
+        let next = next_token(&logits, sampling, rng)
+            .with_context(|| format!("after {step} generated tokens"))?;
         if eos.contains(&next) {
             return Ok((out, "eos"));
         }
@@ -275,10 +266,29 @@ fn respond(
     Ok((out, "length"))
 }
 
+/// The next token after `logits` (refused when they are not finite).
+pub(crate) fn next_token(
+    logits: &[f32],
+    sampling: Sampling,
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<u32> {
+    if logits.iter().any(|&x| x.is_nan() || x == f32::INFINITY)
+        || logits.iter().all(|&x| x == f32::NEG_INFINITY)
+    {
+        bail!("the model's logits are not finite");
+    }
+    Ok(match sampling {
+        Sampling::Greedy => argmax(logits),
+        Sampling::Nucleus { temperature, top_p } => {
+            sample_nucleus(logits, temperature, top_p, rng.random::<f64>())
+        }
+    })
+}
+
 /// Draws a token from softmax(logits / temperature) (in f64) cut to its nucleus: the fewest
 /// most probable tokens (the lower id first among equals) whose mass reaches `top_p`,
 /// renormalized. `u` is uniform in [0, 1). Logits are not NaN and not +inf.
-pub(crate) fn sample_nucleus(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
+fn sample_nucleus(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
     let max = logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));

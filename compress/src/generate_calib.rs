@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use model::Checkpoint;
-use model::engine::{Generator, LayerEngine, argmax};
-use rand::{Rng, SeedableRng};
+use model::engine::{Generator, LayerEngine};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::generate::{Args, Sampling, sample_nucleus, sampling};
+use crate::generate::{Args, Sampling, next_token, sampling};
 use crate::output::{check_output_file, write_atomic};
 
 /// Most sequences one call may ask for.
@@ -127,17 +127,8 @@ fn sample(
         let mut next = Vec::with_capacity(ids.len());
         for (b, (seq, rng)) in seqs.iter_mut().zip(&mut rngs).enumerate() {
             let row = &logits[b * vocab..(b + 1) * vocab];
-            if row.iter().any(|&x| x.is_nan() || x == f32::INFINITY)
-                || row.iter().all(|&x| x == f32::NEG_INFINITY)
-            {
-                bail!("the model's logits are not finite after {step} tokens");
-            }
-            let t = match sampling {
-                Sampling::Greedy => argmax(row),
-                Sampling::Nucleus { temperature, top_p } => {
-                    sample_nucleus(row, temperature, top_p, rng.random::<f64>())
-                }
-            };
+            let t =
+                next_token(row, sampling, rng).with_context(|| format!("after {step} tokens"))?;
             seq.push(t);
             next.push(t);
         }

@@ -27,6 +27,8 @@ mod qat_init;
 mod quant_bnb;
 mod quantize;
 mod recipe;
+mod recipe_calib;
+mod recipe_print;
 mod report;
 mod report_plot;
 mod report_table;

@@ -33,6 +33,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{ArgAction, CommandFactory};
+
+pub use crate::recipe_calib::{CalibSource, Calibration, generated_calib};
+pub use crate::recipe_print::print;
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
@@ -79,7 +82,7 @@ impl Kind {
         }
     }
 
-    fn from_subcommand(s: &str) -> Option<Self> {
+    pub(crate) fn from_subcommand(s: &str) -> Option<Self> {
         Self::ALL
             .iter()
             .find(|(_, k)| k.subcommand() == s)
@@ -87,7 +90,7 @@ impl Kind {
     }
 
     /// Options the pipeline sets: refused as recipe keys.
-    fn owned(self) -> &'static [&'static str] {
+    pub(crate) fn owned(self) -> &'static [&'static str] {
         match self {
             Kind::Distill => &["student", "teacher", "out", "force", "threads", "resume"],
             Kind::Qat => &["teacher", "student", "out", "force", "threads", "resume"],
@@ -125,50 +128,6 @@ pub struct Recipe {
     pub calibration: Option<Calibration>,
 }
 
-/// Where a recipe's calibration sequences come from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CalibSource {
-    /// A text or token file (`--calib FILE`; windows drawn with each stage's own seed).
-    File(PathBuf),
-    /// Data-free: `compress generate TEACHER --calib N` into OUT/calibration/teacher.json.
-    Teacher {
-        /// Sampling temperature (generate's default when `None`).
-        temperature: Option<f64>,
-        /// Nucleus mass (generate's default when `None`).
-        top_p: Option<f64>,
-        /// Seed of the sampling.
-        seed: u64,
-    },
-}
-
-/// A recipe's `[calibration]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Calibration {
-    /// Where the sequences come from.
-    pub source: CalibSource,
-    /// Sequences (`--calib-samples`).
-    pub samples: usize,
-    /// Tokens per sequence (`--calib-len`).
-    pub len: usize,
-}
-
-/// Where `compress run` writes teacher-generated calibration in OUT.
-pub fn generated_calib(out: &Path) -> PathBuf {
-    out.join("calibration").join("teacher.json")
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CalibTable {
-    source: Spanned<String>,
-    file: Option<Spanned<String>>,
-    samples: Option<usize>,
-    len: Option<usize>,
-    seed: Option<Spanned<u64>>,
-    temperature: Option<Spanned<f64>>,
-    top_p: Option<Spanned<f64>>,
-}
-
 type Table = BTreeMap<Spanned<String>, Spanned<Value>>;
 
 #[derive(Deserialize)]
@@ -178,7 +137,7 @@ struct File {
     #[serde(default)]
     stage: Vec<Table>,
     eval: Option<Table>,
-    calibration: Option<CalibTable>,
+    calibration: Option<crate::recipe_calib::CalibTable>,
 }
 
 /// 1-based line of byte offset `at` in `text`.
@@ -256,7 +215,7 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
         .map_err(|m| anyhow::anyhow!("{}: teacher: {m}", at(file.teacher.span())))?;
     let calibration = match &file.calibration {
         None => None,
-        Some(t) => Some(calibration_table(t, &|span| at(span))?),
+        Some(t) => Some(crate::recipe_calib::calibration_table(t, &|span| at(span))?),
     };
     let mut recipe = Recipe {
         path: path.to_path_buf(),
@@ -292,61 +251,6 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
     Ok(recipe)
 }
 
-/// The `[calibration]` table, checked; `at` names a span's file and line.
-fn calibration_table(
-    t: &CalibTable,
-    at: &dyn Fn(std::ops::Range<usize>) -> String,
-) -> anyhow::Result<Calibration> {
-    let here = |span| format!("{}: [calibration]", at(span));
-    let source = match t.source.get_ref().as_str() {
-        "file" => {
-            let Some(f) = &t.file else {
-                bail!(
-                    "{}: source = \"file\" needs file = PATH",
-                    here(t.source.span())
-                );
-            };
-            for (given, key) in [
-                (t.seed.as_ref().map(Spanned::span), "seed"),
-                (t.temperature.as_ref().map(Spanned::span), "temperature"),
-                (t.top_p.as_ref().map(Spanned::span), "top_p"),
-            ] {
-                if let Some(span) = given {
-                    bail!(
-                        "{}: `{key}` applies to source = \"teacher\" (a file's windows are drawn with each stage's own seed)",
-                        here(span)
-                    );
-                }
-            }
-            CalibSource::File(PathBuf::from(
-                expand(f.get_ref()).map_err(|m| anyhow::anyhow!("{}: {m}", here(f.span())))?,
-            ))
-        }
-        "teacher" => {
-            if let Some(f) = &t.file {
-                bail!(
-                    "{}: `file` does not apply to source = \"teacher\" (the teacher generates the sequences)",
-                    here(f.span())
-                );
-            }
-            CalibSource::Teacher {
-                temperature: t.temperature.as_ref().map(|v| *v.get_ref()),
-                top_p: t.top_p.as_ref().map(|v| *v.get_ref()),
-                seed: t.seed.as_ref().map_or(0, |v| *v.get_ref()),
-            }
-        }
-        other => bail!(
-            "{}: source `{other}` is not \"teacher\" or \"file\"",
-            here(t.source.span())
-        ),
-    };
-    Ok(Calibration {
-        source,
-        samples: t.samples.unwrap_or(128),
-        len: t.len.unwrap_or(512),
-    })
-}
-
 /// The `[eval]` table as `compress eval` arguments, and its `kld` switch; `at` names a span's
 /// file and line.
 fn eval_table(
@@ -375,7 +279,7 @@ fn eval_table(
 
 /// `s` with every `${NAME}` replaced by that environment variable (e.g. `${COMPRESS_DATA}`, so
 /// one recipe serves machines whose data lives in different places).
-fn expand(s: &str) -> Result<String, String> {
+pub(crate) fn expand(s: &str) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find("${") {
@@ -450,163 +354,6 @@ fn to_args(sub: &str, owned: &[&str], key: &str, value: &Value) -> Result<Vec<St
 }
 
 impl Recipe {
-    /// The `--calib` file of the stages that take `[calibration]`, for a run into `out`.
-    pub fn calib_file(&self, out: &Path) -> Option<PathBuf> {
-        Some(match &self.calibration.as_ref()?.source {
-            CalibSource::File(f) => f.clone(),
-            CalibSource::Teacher { .. } => generated_calib(out),
-        })
-    }
-
-    /// `compress generate` writing the teacher's calibration sequences for a run into `out`
-    /// (`None` unless `[calibration]` has source = "teacher").
-    pub fn generate_argv(&self, out: &Path) -> Option<Vec<String>> {
-        let c = self.calibration.as_ref()?;
-        let CalibSource::Teacher {
-            temperature,
-            top_p,
-            seed,
-        } = &c.source
-        else {
-            return None;
-        };
-        let mut v: Vec<String> = vec![
-            "compress".into(),
-            "generate".into(),
-            self.teacher.display().to_string(),
-            "--calib".into(),
-            c.samples.to_string(),
-            "--calib-len".into(),
-            c.len.to_string(),
-            "--seed".into(),
-            seed.to_string(),
-        ];
-        // generate's own defaults for --calib, spelled out so that the plan names them.
-        v.extend([
-            "--temperature".into(),
-            temperature.unwrap_or(1.0).to_string(),
-            "--top-p".into(),
-            top_p.unwrap_or(0.95).to_string(),
-        ]);
-        v.extend([
-            "--out".into(),
-            generated_calib(out).display().to_string(),
-            "--force".into(),
-        ]);
-        Some(v)
-    }
-
-    /// The recipe as run: the teacher, `[calibration]` with its defaults, each stage's options
-    /// as written and, commented, the defaults of the others (some apply only to other
-    /// methods), and `[eval]` likewise. `${VAR}`s are expanded. Running it makes the same
-    /// command lines as the recipe it came from.
-    pub fn resolved(&self) -> anyhow::Result<String> {
-        let mut out = format!(
-            "# {} as run by compress {} (defaults filled in; commented: options left at their default)\nteacher = {}\n",
-            self.path.display(),
-            env!("CARGO_PKG_VERSION"),
-            Value::String(self.teacher.display().to_string())
-        );
-        if let Some(c) = &self.calibration {
-            out += "\n[calibration]\n";
-            match &c.source {
-                CalibSource::File(f) => {
-                    out += &format!(
-                        "source = \"file\"\nfile = {}\n",
-                        Value::String(f.display().to_string())
-                    );
-                }
-                CalibSource::Teacher {
-                    temperature,
-                    top_p,
-                    seed,
-                } => {
-                    out += &format!(
-                        "source = \"teacher\"\nseed = {seed}\ntemperature = {}\ntop_p = {}\n",
-                        Value::Float(temperature.unwrap_or(1.0)),
-                        Value::Float(top_p.unwrap_or(0.95))
-                    );
-                }
-            }
-            out += &format!("samples = {}\nlen = {}\n", c.samples, c.len);
-        }
-        let table = |argv: &[String], owned: &[&str]| -> anyhow::Result<String> {
-            let m = crate::Cli::command()
-                .try_get_matches_from(argv)
-                .map_err(|e| anyhow::anyhow!(crate::clap_error_line(&e)))?;
-            let (sub, sm) = m.subcommand().context("no subcommand")?;
-            let (given, defaults) = option_lines(owned, sub, sm);
-            let mut t = String::new();
-            for l in given {
-                t += &format!("{l}\n");
-            }
-            for l in defaults {
-                t += &format!("# {l}\n");
-            }
-            Ok(t)
-        };
-        let (model, dir) = (Path::new("MODEL"), Path::new("OUT"));
-        for (i, s) in self.stages.iter().enumerate() {
-            out += &format!("\n[[stage]]\nkind = \"{}\"\n", s.kind.name());
-            let mut owned = s.kind.owned().to_vec();
-            if s.takes_calibration {
-                out += "# calib, calib_samples, calib_len: from [calibration]\n";
-                owned.extend(["calib", "calib_samples", "calib_len"]);
-            }
-            out += &table(&self.argv_with(i, model, dir, None), &owned)?;
-        }
-        if let Some((args, kld)) = &self.eval {
-            let mut argv = vec!["compress".to_string(), "eval".into(), "MODEL".into()];
-            argv.extend(args.iter().cloned());
-            out += &format!("\n[eval]\nkld = {kld}\n");
-            out += &table(&argv, &["model", "json", "force", "threads", "teacher"])?;
-        }
-        Ok(out)
-    }
-
-    /// Marks the stages `[calibration]` is given to: those that calibrate as written and name
-    /// no `calib` of their own; such a stage setting `calib_samples` or `calib_len` is refused
-    /// (the table sets them).
-    fn assign_calibration(&mut self) -> anyhow::Result<()> {
-        if self.calibration.is_none() {
-            return Ok(());
-        }
-        let mut any = false;
-        for i in 0..self.stages.len() {
-            let s = &self.stages[i];
-            if s.args.iter().any(|a| a == "--calib") {
-                continue;
-            }
-            let argv = self.stage_argv(i, Path::new("MODEL"), Path::new("OUT"), Path::new("OUT"));
-            let calibrates = crate::Cli::try_parse_from_args(&argv).is_ok_and(|c| c.calibrates());
-            if !calibrates {
-                continue;
-            }
-            if let Some(k) = s
-                .args
-                .iter()
-                .find(|a| *a == "--calib-samples" || *a == "--calib-len")
-            {
-                bail!(
-                    "{}:{}: stage {} ({}) sets {k}, which [calibration] sets for every stage that calibrates: remove one, or give the stage its own calib",
-                    self.path.display(),
-                    s.line,
-                    i + 1,
-                    s.kind.name()
-                );
-            }
-            self.stages[i].takes_calibration = true;
-            any = true;
-        }
-        if !any {
-            bail!(
-                "{}: [calibration] is given, but no stage calibrates without its own calib",
-                self.path.display()
-            );
-        }
-        Ok(())
-    }
-
     /// The command line of stage `i` reading `model` and writing into the folder `dir`, in a
     /// run into `out`.
     pub fn stage_argv(&self, i: usize, model: &Path, dir: &Path, out: &Path) -> Vec<String> {
@@ -618,7 +365,13 @@ impl Recipe {
 
     /// Stage `i`'s command line with `calib` (the `[calibration]` file, when it is given to
     /// the stage).
-    fn argv_with(&self, i: usize, model: &Path, dir: &Path, calib: Option<&Path>) -> Vec<String> {
+    pub(crate) fn argv_with(
+        &self,
+        i: usize,
+        model: &Path,
+        dir: &Path,
+        calib: Option<&Path>,
+    ) -> Vec<String> {
         let s = &self.stages[i];
         let p = |p: &Path| p.display().to_string();
         let mut v = vec!["compress".to_string(), s.kind.subcommand().to_string()];
@@ -722,104 +475,5 @@ pub fn export_target(s: &Stage, dir: &Path) -> PathBuf {
         dir.join("model.gguf")
     } else {
         dir.to_path_buf()
-    }
-}
-
-/// The options of a parsed stage command line as recipe lines: those given on it, and the
-/// other options' defaults (a `false` switch left out).
-fn option_lines(owned: &[&str], sub: &str, sm: &clap::ArgMatches) -> (Vec<String>, Vec<String>) {
-    let cmd = crate::Cli::command();
-    let sc = cmd.find_subcommand(sub).expect("a subcommand");
-    let mut given = Vec::new();
-    let mut defaults = Vec::new();
-    for arg in sc.get_arguments() {
-        let id = arg.get_id().as_str();
-        if arg.get_long().is_none() || owned.contains(&id) || matches!(id, "help" | "print_recipe")
-        {
-            continue;
-        }
-        let explicit = sm.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
-        let value = if matches!(arg.get_action(), ArgAction::SetTrue) {
-            Value::Boolean(sm.get_flag(id))
-        } else {
-            let Some(raw) = sm.get_raw(id) else { continue };
-            let vals: Vec<Value> = raw.map(|v| typed(&v.to_string_lossy())).collect();
-            if matches!(arg.get_action(), ArgAction::Append) {
-                Value::Array(vals)
-            } else {
-                vals.into_iter().next().expect("a value")
-            }
-        };
-        let line = format!("{id} = {value}");
-        if explicit {
-            given.push(line);
-        } else if value != Value::Boolean(false) {
-            defaults.push(line);
-        }
-    }
-    (given, defaults)
-}
-
-/// `--print-recipe`: the recipe equivalent of a stage command line (every option with its
-/// value, defaults included), as TOML on stdout.
-pub fn print(argv: &[String]) -> anyhow::Result<String> {
-    let m = crate::Cli::command()
-        .try_get_matches_from(argv)
-        .map_err(|e| anyhow::anyhow!(crate::clap_error_line(&e)))?;
-    let (sub, sm) = m.subcommand().context("no subcommand")?;
-    let Some(kind) = Kind::from_subcommand(sub) else {
-        bail!("applies to prune, distill, quant, qat and convert, not {sub}");
-    };
-    let model_key = match kind {
-        Kind::Distill | Kind::Qat => "teacher",
-        _ => "model",
-    };
-    let first = |id: &str| {
-        sm.get_raw(id)
-            .and_then(|mut v| v.next())
-            .map(|v| v.to_string_lossy().into_owned())
-    };
-    let teacher = first(model_key);
-    let student = first("student");
-    if kind == Kind::Distill && (teacher.is_none() || student != teacher) {
-        bail!(
-            "a recipe's distill stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
-        );
-    }
-    if kind == Kind::Qat && student.is_some() && student != teacher {
-        bail!(
-            "a recipe's qat stage trains the previous stage's output (the teacher itself when it comes first) against the recipe's teacher: write the stages that make --student before it"
-        );
-    }
-    let teacher = teacher.unwrap_or_default();
-    let (given, defaults) = option_lines(kind.owned(), sub, sm);
-    let mut out = format!(
-        "# The recipe of: compress {}\nteacher = {}\n\n[[stage]]\nkind = \"{}\"\n",
-        argv[1..].join(" "),
-        Value::String(teacher),
-        kind.name()
-    );
-    for l in given {
-        out += &format!("{l}\n");
-    }
-    if !defaults.is_empty() {
-        out += "# defaults of this command (some apply only to other methods):\n";
-        for l in defaults {
-            out += &format!("# {l}\n");
-        }
-    }
-    Ok(out)
-}
-
-/// A command-line value as the TOML type it reads as (integers and floats as numbers).
-fn typed(s: &str) -> Value {
-    if let Ok(i) = s.parse::<i64>() {
-        return Value::Integer(i);
-    }
-    match s.parse::<f64>() {
-        Ok(f) if f.is_finite() && !s.is_empty() && s.chars().any(|c| c.is_ascii_digit()) => {
-            Value::Float(f)
-        }
-        _ => Value::String(s.to_string()),
     }
 }
