@@ -365,6 +365,29 @@ mod tests {
     }
 
     #[test]
+    fn decoding_token_by_token_gives_the_prefills_logits() {
+        // tiny_config has 4 query heads on 2 key/value heads: decoding takes the grouped path.
+        let dir = tempfile::tempdir().unwrap();
+        crate::testkit::write_hf(dir.path(), &crate::testkit::tiny_config(), 9, |_, _| {});
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let engine = LayerEngine::new(&ckpt, crate::default_device(), 16);
+        let mut g = Generator::load(&engine, 16).unwrap();
+        let seq = [3u32, 77, 150, 9, 299, 42, 8];
+        let prefill = g.forward(&seq).unwrap();
+        g.reset();
+        let mut step = Vec::new();
+        for &t in &seq {
+            step = g.forward(&[t]).unwrap();
+        }
+        let diff = prefill
+            .iter()
+            .zip(&step)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "decoded logits differ from the prefill's by {diff}");
+    }
+
+    #[test]
     fn batched_decoding_gives_each_sequence_its_own_logits() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = crate::testkit::tiny_config();

@@ -316,6 +316,20 @@ impl Attention {
             }
         };
         let t = k.dims()[2];
+        if nkv != nh && s == 1 && mask.is_none() && !causal {
+            // One query position (decoding): the `nh / nkv` query heads that share a key/value
+            // head attend to the same keys, so they go in as that head's rows instead of
+            // copying the cache once per query head. Head h = g * rep + r, as the expansion
+            // below lays them out.
+            let rep = nh / nkv;
+            let opts = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: false,
+            };
+            return attention(q.reshape([b, nkv, rep, hd]), k, v, None, None, opts)
+                .reshape([b, 1, nh * hd]);
+        }
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let expand = |x: Tensor<4>| {
