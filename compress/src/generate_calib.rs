@@ -98,7 +98,7 @@ pub(crate) fn run(a: &Args) -> anyhow::Result<()> {
 
 /// Sequences decoded together (their KV caches side by side): enough to amortize a pass over
 /// the weights, few enough that the caches of a 7B model stay small (32 x 512 tokens of
-/// Llama-2-7B's cache: 8 GiB in f32).
+/// Llama-2-7B's f32 cache: 16 GiB; GQA models such as Mistral-7B: 4 GiB).
 const BATCH: usize = 32;
 
 /// The sequences numbered `ids`, `len` tokens each: `bos`, then `len - 1` sampled ones.
