@@ -235,6 +235,8 @@ fn parse(v: &Value) -> std::result::Result<Layout, String> {
     }
     let sparse = match qc.get("sparsity_config") {
         None | Some(Value::Null) => false,
+        // compressed-tensors 0.19 writes `{}` for a model without sparsity.
+        Some(Value::Object(s)) if s.is_empty() => false,
         Some(Value::Object(s)) => match opt_str(s, "format", "sparsity_config: ")? {
             Some(SPARSE_BITMASK) => true,
             Some("dense") => false,
@@ -342,6 +344,10 @@ mod tests {
             sym: false,
         };
         assert_eq!(args_for(&g, "model.layers.0.mlp.up_proj"), Ok(args));
+        // An empty sparsity_config (as llm-compressor 0.14 writes it) is no sparsity.
+        let mut empty = group(w4(json!({})), json!(["Linear"]));
+        empty["sparsity_config"] = json!({});
+        assert!(matches!(parse_qc(empty).unwrap(), Layout::Packed(_)));
         // Named and `re:` targets win over `Linear`; a tie must agree.
         let qc = json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
             "config_groups": {
