@@ -384,7 +384,10 @@ mod tests {
             .zip(&step)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(diff < 1e-4, "decoded logits differ from the prefill's by {diff}");
+        assert!(
+            diff < 1e-4,
+            "decoded logits differ from the prefill's by {diff}"
+        );
     }
 
     #[test]

@@ -327,8 +327,11 @@ impl Attention {
                 softcap: None,
                 is_causal: false,
             };
-            return attention(q.reshape([b, nkv, rep, hd]), k, v, None, None, opts)
-                .reshape([b, 1, nh * hd]);
+            return attention(q.reshape([b, nkv, rep, hd]), k, v, None, None, opts).reshape([
+                b,
+                1,
+                nh * hd,
+            ]);
         }
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
