@@ -5,7 +5,8 @@
 # whole process group) when GPTQ has run for half its uninterrupted time, and started again.
 # The two runs must end with the same sha256 for every file of OUT/model and OUT/stages that
 # the run writes deterministically (the model weights and config); the script fails otherwise.
-#   OUT (default /tmp/recipe-resume), BUILD, COMPRESS_BIN.
+#   OUT (default /tmp/recipe-resume), RESUME (1 keeps a finished uninterrupted run), BUILD,
+#   COMPRESS_BIN.
 set -euo pipefail
 OUT="${OUT:-/tmp/recipe-resume}"
 source "$(dirname "$0")/lib.sh"
@@ -32,12 +33,14 @@ calib_samples = 32
 calib_len = 512
 format = "dense"
 EOF
-rm -rf "$OUT/a" "$OUT/b"
+rm -rf "$OUT/b"
+# RESUME=1 keeps a finished uninterrupted run (compress run itself keeps its stages).
+[[ "${RESUME:-0}" == 1 ]] || rm -rf "$OUT/a"
 
 say "uninterrupted run"
 "$BIN" run "$RECIPE" --out "$OUT/a" >"$OUT/a.log" 2>&1
 # The GPTQ stage's own wall time, from its manifest.
-GPTQ_S=$(python3 -c "import json;m=json.load(open('$OUT/a/model/manifest.json'));print(m['stages'][-1]['wall_seconds']))")
+GPTQ_S=$(python3 -c "import json;m=json.load(open('$OUT/a/model/manifest.json'));print(m['stages'][-1]['wall_seconds'])")
 HALF=$(python3 -c "print(max(5, int(float('$GPTQ_S') / 2)))")
 say "GPTQ stage took ${GPTQ_S}s; killing the second run ${HALF}s into it"
 
