@@ -42,16 +42,9 @@ import shutil
 import sys
 import time
 
+from peer_common import copy_tokenizer, load_ids, versions
 
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "chat_template.jinja",
-]
+
 
 
 def parse_args():
@@ -67,15 +60,6 @@ def parse_args():
     return p.parse_args()
 
 
-def load_ids(path):
-    with open(path) as f:
-        ids = json.load(f)
-    if not isinstance(ids, list) or not ids or not all(isinstance(w, list) and w for w in ids):
-        sys.exit(f"error: {path}: expected a non-empty JSON list of non-empty lists of token ids")
-    for w in ids:
-        if not all(isinstance(t, int) and t >= 0 for t in w):
-            sys.exit(f"error: {path}: token ids must be non-negative integers")
-    return ids
 
 
 def decoder_linears(model):
@@ -207,24 +191,14 @@ def main():
             json.dump(qc, f, indent=2)
         with open(cfg_path, "w") as f:
             json.dump(cfg, f, indent=2)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(a.model, name)
-        if os.path.isfile(src) and not os.path.exists(os.path.join(a.out, name)):
-            shutil.copy(src, os.path.join(a.out, name))
+    copy_tokenizer(a.model, a.out)
     t_total = time.time() - t_start
 
-    import compressed_tensors
     import llmcompressor
-    import transformers
 
     report = {
         "tool": "llmcompressor",
-        "versions": {
-            "llmcompressor": llmcompressor.__version__,
-            "compressed_tensors": compressed_tensors.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": versions(),
         "teacher": a.model,
         "method": a.method,
         "pattern": a.pattern or f"unstructured {sparsity}",

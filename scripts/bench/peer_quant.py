@@ -27,15 +27,8 @@ import shutil
 import sys
 import time
 
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "chat_template.jinja",
-]
+from peer_common import copy_tokenizer, load_ids, versions
+
 
 
 def parse_args():
@@ -57,12 +50,6 @@ def parse_args():
     return a
 
 
-def load_ids(path):
-    with open(path) as f:
-        ids = json.load(f)
-    if not isinstance(ids, list) or not ids or not all(isinstance(w, list) and w for w in ids):
-        sys.exit(f"error: {path}: expected a non-empty JSON list of non-empty lists of token ids")
-    return ids
 
 
 def main():
@@ -114,24 +101,14 @@ def main():
     if os.path.exists(a.out):
         shutil.rmtree(a.out)
     model.save_pretrained(a.out, save_compressed=True)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(a.model, name)
-        if os.path.isfile(src) and not os.path.exists(os.path.join(a.out, name)):
-            shutil.copy(src, os.path.join(a.out, name))
+    copy_tokenizer(a.model, a.out)
     t_total = time.time() - t_start
 
-    import compressed_tensors
     import llmcompressor
-    import transformers
 
     report = {
         "tool": "llmcompressor",
-        "versions": {
-            "llmcompressor": llmcompressor.__version__,
-            "compressed_tensors": compressed_tensors.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": versions(),
         "teacher": a.model,
         "method": a.method,
         "scheme": weights.model_dump(exclude_none=True, mode="json"),
