@@ -9,17 +9,23 @@
 #   REPORT   report folder (default: reports/smollm2)
 #   README   1 (default) rewrites the README block; 0 leaves it
 #   THREADS  worker threads (default: all cores)
+#   COMPRESS_BIN  a compress binary to use instead of building target/release/compress (so a
+#            long suite is not disturbed by rebuilds)
 # Needs the teacher (scripts/get-smollm2.sh, run here) and the data (COMPRESS_DATA, see
-# scripts/data-dir.sh). On the 2-core reference machine the whole suite takes several hours
-# (the distillation and QAT recipes train on 98,304 tokens each).
+# scripts/data-dir.sh). On the 2-core reference machine the whole suite takes about two hours
+# (the distillation and QAT recipes train on 49,152 tokens each).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 source scripts/data-dir.sh
 need_data wikitext-2-raw/wiki.test.raw wikitext-2/wiki.valid.tokens
 bash scripts/get-smollm2.sh >/dev/null
-cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
-BIN="$ROOT/target/release/compress"
+if [[ -n "${COMPRESS_BIN:-}" ]]; then
+    BIN="$COMPRESS_BIN"
+else
+    cargo build --release -p compress >/dev/null 2>&1 || cargo build --release -p compress
+    BIN="$ROOT/target/release/compress"
+fi
 RUNS="${RUNS:-runs}"
 REPORT="${REPORT:-reports/smollm2}"
 TEACHER="models/SmolLM2-135M-Instruct.Q4_1.gguf"
