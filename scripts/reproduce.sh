@@ -12,8 +12,8 @@
 #   COMPRESS_BIN  a compress binary to use instead of building target/release/compress (so a
 #            long suite is not disturbed by rebuilds)
 # Needs the teacher (scripts/get-smollm2.sh, run here) and the data (COMPRESS_DATA, see
-# scripts/data-dir.sh). On the 2-core reference machine the whole suite takes about two hours
-# (the distillation and QAT recipes train on 49,152 tokens each).
+# scripts/data-dir.sh). On the 2-core reference machine the whole suite takes about an hour and a half
+# (the distillation and QAT recipes train on 24,576 tokens each).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"

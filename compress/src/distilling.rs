@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::distill_checkpoints as ckpts;
 use crate::distill_loop::{self as lp, Items, Live, Run, Source};
 use crate::distill_options::{
-    base_options, check_numbers, hidden_options, lora_init, lora_options, loss_spec,
+    base_options, check_flags, check_numbers, hidden_options, lora_init, lora_options,
 };
 use crate::hf_folder::Dtype;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
@@ -64,10 +64,7 @@ struct Plan {
 
 /// Every check of the options, models and data, then the data itself and the schedule.
 fn plan(a: &Args, student_path: &crate::Path, out: &crate::Path) -> anyhow::Result<Plan> {
-    let spec = loss_spec(a)?;
-    if a.top_k == Some(0) {
-        bail!("--top-k must be at least 1");
-    }
+    let spec = check_flags(a)?;
     let student = open(student_path, "student")?;
     let teacher = a.teacher.as_ref().map(|t| open(t, "teacher")).transpose()?;
     let inputs = [
@@ -260,6 +257,10 @@ pub(crate) fn run_with(a: Args, qat: Option<&crate::qat::Plan>) -> anyhow::Resul
             "training needs --student MODEL and --out DIR (or --cache-teacher FILE to only write a teacher cache)"
         );
     };
+    check_flags(&a)?;
+    if crate::checks_done() {
+        return Ok(());
+    }
     let manifest = crate::manifest::Run::start(if qat.is_some() { "qat" } else { "distill" })
         .input("student", Some(student_path))
         .input("teacher", a.teacher.as_deref())

@@ -109,29 +109,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.chunks == Some(0) {
         bail!("--chunks must be at least 1");
     }
-    // Outputs never replace an input, nor an existing file without --force.
-    let inputs: Vec<&std::path::Path> = [
-        Some(&a.model),
-        a.ppl.as_ref(),
-        a.teacher.as_ref(),
-        a.teacher_logits.as_ref(),
-        a.data_dir.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|p| p.as_path())
-    .collect();
-    for (out, flag) in [
-        (&a.json, "--json"),
-        (&a.save_teacher_logits, "--save-teacher-logits"),
-    ] {
-        if let Some(o) = out {
-            crate::output::check_output_file(o, flag, &inputs, a.force)?;
-        }
-    }
-    if a.json.is_some() && a.json == a.save_teacher_logits {
-        bail!("--json and --save-teacher-logits name the same file");
-    }
     if !(a.watts_per_core > 0.0 && a.grid_intensity >= 0.0) {
         bail!("--watts-per-core must be positive and --grid-intensity non-negative");
     }
@@ -157,6 +134,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for f in &a.task_file {
         eval::tasks::custom::task_file_name(f)?;
         eval::tasks::custom::load_task_file(f)?;
+    }
+    if crate::checks_done() {
+        return Ok(());
+    }
+    // Outputs never replace an input, nor an existing file without --force.
+    let inputs: Vec<&std::path::Path> = [
+        Some(&a.model),
+        a.ppl.as_ref(),
+        a.teacher.as_ref(),
+        a.teacher_logits.as_ref(),
+        a.data_dir.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| p.as_path())
+    .collect();
+    for (out, flag) in [
+        (&a.json, "--json"),
+        (&a.save_teacher_logits, "--save-teacher-logits"),
+    ] {
+        if let Some(o) = out {
+            crate::output::check_output_file(o, flag, &inputs, a.force)?;
+        }
+    }
+    if a.json.is_some() && a.json == a.save_teacher_logits {
+        bail!("--json and --save-teacher-logits name the same file");
     }
     let meter = EnergyMeter::start();
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;

@@ -131,6 +131,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--max-new-tokens must be in 1..={MAX_NEW_TOKENS}, got {max_new_tokens}");
     }
     let sampling = sampling(a.temperature.unwrap_or(0.7), a.top_p, DEFAULT_TOP_P)?;
+    if crate::checks_done() {
+        return Ok(());
+    }
     check_output_file(&a.out, "--out", &[&a.model, &prompt_file], a.force)?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;

@@ -40,6 +40,9 @@ pub(crate) fn run(a: &Args) -> anyhow::Result<()> {
     }
     let text_out = a.out.with_extension("txt");
     let sampling = sampling(a.temperature.unwrap_or(1.0), a.top_p, 0.95)?;
+    if crate::checks_done() {
+        return Ok(());
+    }
     check_output_file(&a.out, "--out", &[&a.model], a.force)?;
     check_output_file(&text_out, "--out (its .txt)", &[&a.model], a.force)?;
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;

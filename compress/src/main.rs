@@ -11,6 +11,7 @@ mod distill_loop;
 mod distill_options;
 mod distilling;
 mod evaluate;
+mod formats;
 mod generate;
 mod generate_calib;
 mod hf_folder;
@@ -280,6 +281,34 @@ impl indicatif::TermLike for PlainLines {
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Set while [`check`] runs a command: it stops at [`checks_done`].
+static CHECK_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a command is only being checked and stops here: each stage command (and `eval`,
+/// `generate`) asks right after its option checks, before it opens a model or writes, so
+/// `compress run` refuses an option of a recipe's last stage before its first stage runs.
+pub(crate) fn checks_done() -> bool {
+    CHECK_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs only the option checks of a stage's (or `eval`'s, `generate`'s) command line.
+pub(crate) fn check(cli: Cli) -> anyhow::Result<()> {
+    debug_assert!(matches!(
+        cli.command,
+        Command::Convert(_)
+            | Command::Eval(_)
+            | Command::Quant(_)
+            | Command::Prune(_)
+            | Command::Distill(_)
+            | Command::Qat(_)
+            | Command::Generate(_)
+    ));
+    CHECK_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+    let result = run(cli);
+    CHECK_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+    result
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -84,6 +84,9 @@ pub fn run(a: &Args, unit: Unit) -> anyhow::Result<()> {
     if importance == ImportanceKind::Magnitude && a.calib.is_some() {
         bail!("--calib does not apply to --importance magnitude (it is data-free)");
     }
+    if crate::checks_done() {
+        return Ok(());
+    }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;

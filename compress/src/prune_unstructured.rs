@@ -66,9 +66,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.owl && (a.owl_lambda != 0.08 || a.owl_m != 5.0) {
         bail!("--owl-lambda and --owl-m apply with --owl only");
     }
-    if a.format.is_empty() {
-        bail!("--format names no format (dense, sparse)");
-    }
+    let prunable = |f: &Format| matches!(f, Format::Dense | Format::Sparse);
+    crate::formats::check(&a.format, prunable, "prune", "dense, sparse")?;
     let method = method_kind.build(&MethodOptions {
         damp,
         nm_select,
@@ -98,6 +97,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if !method.needs_calibration() && owl.is_none() && refit == 0 && a.calib.is_some() {
         bail!("--calib does not apply to --method magnitude without --refit (it is data-free)");
+    }
+    if crate::checks_done() {
+        return Ok(());
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;

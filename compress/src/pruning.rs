@@ -31,15 +31,7 @@ pub enum Importance {
     Magnitude,
 }
 
-/// Output formats.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// HF folder, safetensors (`--dtype`) with exact zeros.
-    Dense,
-    /// compressed-tensors `sparse-bitmask` folder (OUT/sparse beside a dense model, or OUT).
-    Sparse,
-}
+pub use crate::formats::Format;
 
 /// Arguments of `prune`.
 #[derive(clap::Args, Debug)]
@@ -122,8 +114,10 @@ pub struct Args {
     /// SparseGPT's reconstructed weights unrounded).
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: crate::hf_folder::Dtype,
-    /// Output formats, comma-separated: dense and/or sparse (unstructured and N:M only).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "dense")]
+    /// Output formats, comma-separated: `dense` (HF folder, safetensors of `--dtype` with exact
+    /// zeros) and/or `sparse` (compressed-tensors `sparse-bitmask`: OUT/sparse beside a dense
+    /// model, or OUT; unstructured and N:M only).
+    #[arg(long, value_delimiter = ',', default_value = "dense")]
     pub format: Vec<Format>,
     /// Output folder.
     #[arg(long)]
@@ -188,6 +182,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 bail!("{name} does not apply to --structured (it removes whole units)");
             }
         }
+        crate::formats::check(&a.format, |f| *f == Format::Dense, "--structured", "dense")?;
         return crate::prune_structured::run(&a, unit);
     }
     crate::prune_unstructured::run(a)

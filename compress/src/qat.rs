@@ -11,6 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
+use crate::formats::Format;
 use crate::output::{TempGuard, temp_sibling};
 use distill::{CausalLm, QatInit, QatOptions};
 use model::Checkpoint;
@@ -49,8 +50,8 @@ pub struct Args {
     /// bits 2, 4 or 8) and/or `gguf:TYPE` (OUT/model.gguf; the grid is kept where TYPE's
     /// blocks hold it: q8_0/q4_0/q5_0 for sym, q4_1/q5_1 for asym, group 32). With dense and
     /// packed, OUT holds the dense model and OUT/packed the packed one.
-    #[arg(long, default_value = "dense")]
-    format: String,
+    #[arg(long, value_delimiter = ',', default_value = "dense")]
+    format: Vec<Format>,
     /// Calibration of a GPTQ or AWQ start.
     #[command(flatten)]
     calib: crate::qat_init::CalibArgs,
@@ -106,31 +107,14 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if a.train.student.is_none() {
         bail!("qat needs --teacher MODEL (the student defaults to it) or --student MODEL");
     }
-    // At most one gguf:TYPE; the rest are the folder formats.
-    let (ggufs, rest): (Vec<&str>, Vec<&str>) = a
-        .format
-        .split(',')
-        .map(str::trim)
-        .partition(|f| f.starts_with("gguf:"));
-    if ggufs.len() > 1 {
-        bail!("--format names more than one gguf:TYPE");
-    }
-    let gguf = ggufs.first().map(|f| f["gguf:".len()..].to_string());
+    // At most one gguf:TYPE, beside the folder formats.
+    let written = |f: &Format| matches!(f, Format::Dense | Format::Packed | Format::Gguf(_));
+    crate::formats::check(&a.format, written, "qat", "dense, packed, gguf:TYPE")?;
+    let gguf = crate::formats::gguf(&a.format).map(str::to_string);
     if let Some(t) = &gguf {
         crate::qat_gguf::check_name(t)?;
     }
-    let rest = rest.join(",");
-    let formats = if gguf.is_some() && rest.trim().is_empty() {
-        Vec::new()
-    } else {
-        crate::quantize::format_list(
-            &rest,
-            &["dense", "packed"],
-            "is not supported by qat",
-            "supported: dense, packed, gguf:TYPE; listed",
-        )?
-    };
-    let packed = formats.contains(&"packed");
+    let packed = a.format.contains(&Format::Packed);
     if packed {
         quant::pack::check_scheme(&scheme)?;
     }
@@ -140,7 +124,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             init,
             learn_scales: a.learn_scales,
         },
-        dense: formats.contains(&"dense"),
+        dense: a.format.contains(&Format::Dense),
         packed,
         gguf,
         calib: a.calib,

@@ -12,8 +12,9 @@ use quant::nf4::{BnbScheme, BnbType};
 use quant::pipeline::{DenseSink, OutputSink};
 use serde_json::json;
 
+use crate::formats::Format;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
-use crate::quantize::{Args, format_list, out_is_file, print_sizes};
+use crate::quantize::{Args, out_is_file, print_sizes};
 
 /// `--scheme`: a bitsandbytes scheme.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,14 +48,15 @@ pub fn run(a: &Args, ty: SchemeArg, run: crate::manifest::Run) -> anyhow::Result
             a.method.name()
         );
     }
-    let (format, note) = match &a.format {
-        Some(f) => (f.clone(), None),
-        None => (
-            "bnb".to_string(),
+    let (format, note) = if a.format.is_empty() {
+        (
+            vec![Format::Bnb],
             Some(
                 "format bnb by default (the layout transformers loads with bitsandbytes); --format dense writes bf16 weights that compress eval reads",
             ),
-        ),
+        )
+    } else {
+        (a.format.clone(), None)
     };
     if out_is_file(&a.out) {
         bail!(
@@ -62,13 +64,15 @@ pub fn run(a: &Args, ty: SchemeArg, run: crate::manifest::Run) -> anyhow::Result
             a.out.display()
         );
     }
-    let formats = format_list(
-        &format,
-        &["dense", "bnb"],
-        "does not apply to --scheme",
-        "supported",
-    )?;
-    let (dense, bnb) = (formats.contains(&"dense"), formats.contains(&"bnb"));
+    let folder = |f: &Format| matches!(f, Format::Dense | Format::Bnb);
+    crate::formats::check(&format, folder, "--scheme", "dense, bnb")?;
+    let (dense, bnb) = (
+        format.contains(&Format::Dense),
+        format.contains(&Format::Bnb),
+    );
+    if crate::checks_done() {
+        return Ok(());
+    }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     // Every input width must take the block before any work starts.
@@ -115,7 +119,7 @@ pub fn run(a: &Args, ty: SchemeArg, run: crate::manifest::Run) -> anyhow::Result
     let dense_bytes = dense.then(|| size(tmp.join("model.safetensors")));
     let bnb_bytes = bnb.then(|| size(bnb_dir.join("model.safetensors")));
     let full = json!({
-        "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": formats,
+        "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": format,
         "calibration": null, "dense_bytes": dense_bytes, "bnb_bytes": bnb_bytes, "report": report,
     });
     std::fs::write(

@@ -15,6 +15,7 @@ use quant::pipeline::{DenseSink, OutputSink, PtqOptions};
 use quant::scheme::QuantScheme;
 use serde_json::json;
 
+use crate::formats::Format;
 use crate::output::{TempGuard, check_output, commit, temp_sibling};
 
 /// Arguments of `quant`.
@@ -94,8 +95,8 @@ pub struct Args {
     /// q4_0, q5_1, q5_0, q6_k, q8_0) for a .gguf input or OUT (methods rtn and awq), else
     /// `packed` (bits 2, 4, 8), else `dense`. With --scheme: `bnb` (the default;
     /// OUT/bnb when combined with `dense`) and/or `dense`.
-    #[arg(long)]
-    pub(crate) format: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) format: Vec<Format>,
     /// gguf:TYPE only: override tensor types, PATTERN=TYPE (as `convert --tensor-type`).
     #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
     tensor_type: Vec<String>,
@@ -151,7 +152,7 @@ fn closest_gguf(bits: u8, sym: bool) -> Option<&'static str> {
 /// The format when `--format` is not given, with the reason: the GGUF type closest to the
 /// scheme for a GGUF input or a `.gguf` OUT (rtn and awq write GGUF), else `packed` when it
 /// can hold the bits, else `dense`.
-fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
+fn default_format(a: &Args) -> anyhow::Result<(Format, String)> {
     let gguf_in = a.model.is_file() || a.model.extension().is_some_and(|e| e == "gguf");
     let gguf_ty = closest_gguf(a.bits, a.sym);
     if out_is_file(&a.out) {
@@ -162,14 +163,14 @@ fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
                 a.bits
             );
         };
-        return Ok((format!("gguf:{ty}"), "OUT ends in .gguf".into()));
+        return Ok((Format::Gguf(ty.into()), "OUT ends in .gguf".into()));
     }
     if gguf_in
         && matches!(a.method, MethodKind::Rtn | MethodKind::Awq)
         && let Some(ty) = gguf_ty
     {
         return Ok((
-            format!("gguf:{ty}"),
+            Format::Gguf(ty.into()),
             "the GGUF type closest to the scheme, for a GGUF input".into(),
         ));
     }
@@ -183,36 +184,13 @@ fn default_format(a: &Args) -> anyhow::Result<(String, String)> {
         } else {
             "compressed-tensors, which vLLM and transformers load".into()
         };
-        Ok(("packed".into(), why))
+        Ok((Format::Packed, why))
     } else {
         Ok((
-            "dense".into(),
+            Format::Dense,
             format!("packed holds 2, 4 or 8 bits, not {}", a.bits),
         ))
     }
-}
-
-/// The formats of a comma-separated `--format` list, each one of `supported`; `unknown` says
-/// why another is refused and `label` introduces the supported list in the errors.
-pub(crate) fn format_list<'a>(
-    format: &'a str,
-    supported: &[&str],
-    unknown: &str,
-    label: &str,
-) -> anyhow::Result<Vec<&'a str>> {
-    let formats: Vec<&str> = format
-        .split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .collect();
-    let list = supported.join(", ");
-    if let Some(f) = formats.iter().find(|f| !supported.contains(f)) {
-        bail!("--format `{f}` {unknown} ({label}: {list})");
-    }
-    if formats.is_empty() {
-        bail!("--format names no format ({label}: {list})");
-    }
-    Ok(formats)
 }
 
 /// Whether `--out` names a GGUF file (ends in `.gguf`) rather than a folder.
@@ -239,30 +217,31 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         );
     }
     // Scheme errors (--bits 9) come first, whatever the format.
-    if !a.format.as_deref().is_some_and(|f| f.contains("gguf:")) {
+    if crate::formats::gguf(&a.format).is_none() {
         QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
     }
-    let format = match a.format.clone() {
-        Some(f) => f,
-        None => {
-            let (f, why) = default_format(&a)?;
-            a.default_note = Some(format!(
-                "format {f} by default ({why}); --format dense writes bf16 weights"
-            ));
-            f
+    if a.format.is_empty() {
+        let (f, why) = default_format(&a)?;
+        a.default_note = Some(format!(
+            "format {f} by default ({why}); --format dense writes bf16 weights"
+        ));
+        a.format = vec![f];
+    }
+    let integer = |f: &Format| matches!(f, Format::Dense | Format::Packed | Format::Gguf(_));
+    let list = "dense, packed, or gguf:TYPE alone";
+    crate::formats::check(&a.format, integer, "integer quantization", list)?;
+    if let Some(ty) = crate::formats::gguf(&a.format) {
+        if a.format.len() > 1 {
+            bail!("--format gguf:TYPE cannot be combined with other formats");
         }
-    };
-    if let Some(ty) = format.trim().strip_prefix("gguf:") {
-        return run_gguf(&a, ty.trim(), run);
+        return run_gguf(&a, ty, run);
     }
     if out_is_file(&a.out) {
         bail!(
-            "{}: a .gguf OUT is a GGUF file, but --format {format} writes an HF folder (use --format gguf:TYPE, or another --out)",
-            a.out.display()
+            "{}: a .gguf OUT is a GGUF file, but --format {} writes an HF folder (use --format gguf:TYPE, or another --out)",
+            a.out.display(),
+            crate::formats::joined(&a.format)
         );
-    }
-    if format.contains("gguf:") {
-        bail!("--format gguf:TYPE cannot be combined with other formats");
     }
     if !a.tensor_type.is_empty() {
         bail!("--tensor-type applies to --format gguf:TYPE only");
@@ -276,13 +255,10 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if a.group == 0 {
         bail!("--group must be positive");
     }
-    let formats = format_list(
-        &format,
-        &["dense", "packed"],
-        "is not supported",
-        "supported",
-    )?;
-    let (dense, packed) = (formats.contains(&"dense"), formats.contains(&"packed"));
+    let (dense, packed) = (
+        a.format.contains(&Format::Dense),
+        a.format.contains(&Format::Packed),
+    );
     // Groups in activation order are stored with `weight_g_idx` (GPTQ --act-order only).
     let act_order = a.act_order && a.method == MethodKind::Gptq;
     if packed {
@@ -290,6 +266,13 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     }
     let opts = method_options(&a);
     let method = quant::method::by_name(a.method.name(), &opts)?;
+    if a.calib.is_none() && method.needs_calibration() {
+        bail!("--method {} needs --calib FILE", a.method.name());
+    }
+    check_dump_calib(&a)?;
+    if crate::checks_done() {
+        return Ok(());
+    }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;
     check_output(&a.model, &a.out, a.force)?;
@@ -303,9 +286,6 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         {
             scheme.group_len(&name, shape[1])?;
         }
-    }
-    if a.calib.is_none() && method.needs_calibration() {
-        bail!("--method {} needs --calib FILE", a.method.name());
     }
     let calib = calibration(&a, &tok, ckpt.config())?;
 
@@ -361,7 +341,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         0
     };
     let full = json!({
-        "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": formats,
+        "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": a.format,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
         "dense_bytes": dense.then_some(out_ckpt_bytes), "packed_bytes": packed.then_some(packed_bytes), "report": report,
     });
@@ -485,12 +465,17 @@ fn calibration(
         cfg,
     )?;
     if let Some(d) = &a.dump_calib {
-        if a.calib.is_none() {
-            bail!("--dump-calib needs --calib FILE (it writes the windows drawn from it)");
-        }
         crate::calib::dump(&windows, d, &a.model, a.force)?;
     }
     Ok(windows)
+}
+
+/// `--dump-calib` writes the windows drawn from `--calib`, so it needs one.
+fn check_dump_calib(a: &Args) -> anyhow::Result<()> {
+    if a.dump_calib.is_some() && a.calib.is_none() {
+        bail!("--dump-calib needs --calib FILE (it writes the windows drawn from it)");
+    }
+    Ok(())
 }
 
 /// `--format gguf:TYPE`: OUT/model.gguf and OUT/quant_report.json, or OUT itself and
@@ -518,13 +503,8 @@ fn method_options(a: &Args) -> MethodOptions {
 
 fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()> {
     use quant::gguf_export::{PRESETS, TypePlan};
-    let ty = ty.to_ascii_lowercase();
-    if !PRESETS.contains(&ty.as_str()) {
-        bail!(
-            "--format gguf:{ty}: unknown type (valid: {})",
-            PRESETS.join(", ")
-        );
-    }
+    // `Format` parsed the type: one of PRESETS, lower case.
+    debug_assert!(PRESETS.contains(&ty));
     let awq = match a.method {
         MethodKind::Rtn => None,
         MethodKind::Awq => Some(quant::method::awq::Awq::default()),
@@ -533,6 +513,10 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     quant::method::check_options(a.method.name(), &method_options(a))?;
     if awq.is_some() && a.calib.is_none() {
         bail!("--method awq needs --calib FILE");
+    }
+    check_dump_calib(a)?;
+    if crate::checks_done() {
+        return Ok(());
     }
     let ckpt = Checkpoint::open(&a.model).context("cannot open model")?;
     ckpt.check_shapes().context("cannot open model")?;

@@ -226,29 +226,70 @@ pub fn load(path: &Path) -> anyhow::Result<Recipe> {
     };
     recipe.check_order()?;
     recipe.assign_calibration()?;
-    // Every stage parses as its subcommand would, before any work.
+    // Every stage parses as its subcommand would and passes its option checks (an option
+    // that does not apply, a missing calibration file), before any stage runs.
     let dir = Path::new("OUT");
+    let absent_teacher =
+        Path::new("OUT/absent").join(recipe.teacher.file_name().unwrap_or_default());
+    let check = |argv: Vec<String>, at: String| -> anyhow::Result<()> {
+        let cli =
+            crate::Cli::try_parse_from_args(&argv).map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
+        crate::check(cli).map_err(|e| anyhow::anyhow!("{at}: {e:#}"))
+    };
     for (i, s) in recipe.stages.iter().enumerate() {
-        let argv = recipe.stage_argv(i, Path::new("MODEL"), dir, dir);
-        crate::Cli::try_parse_from_args(&argv).map_err(|m| {
-            anyhow::anyhow!(
-                "{}:{}: stage {} ({}): {m}",
+        let at = || {
+            format!(
+                "{}:{}: stage {} ({})",
                 path.display(),
                 s.line,
                 i + 1,
                 s.kind.name()
             )
-        })?;
+        };
+        missing_input(&s.args).map_or(Ok(()), |m| Err(anyhow::anyhow!("{}: {m}", at())))?;
+        // The first stage reads the teacher: a stand-in of its name (a .gguf one decides some
+        // defaults) that does not exist, so a command that missed its `checks_done` fails
+        // loudly here instead of doing the work.
+        let model = if i == 0 {
+            &absent_teacher
+        } else {
+            Path::new("MODEL")
+        };
+        check(recipe.stage_argv(i, model, dir, dir), at())?;
     }
-    if let Some(argv) = recipe.generate_argv(dir) {
-        crate::Cli::try_parse_from_args(&argv)
-            .map_err(|m| anyhow::anyhow!("{}: [calibration]: {m}", path.display()))?;
+    if let Some(mut argv) = recipe.generate_argv(dir) {
+        argv[2] = absent_teacher.display().to_string();
+        check(argv, format!("{}: [calibration]", path.display()))?;
+    }
+    if let Some((args, _)) = &recipe.eval
+        && let Some(m) = missing_input(args)
+    {
+        bail!("{}: [eval]: {m}", path.display());
     }
     if let Some(argv) = recipe.eval_argv(Path::new("MODEL"), dir) {
-        crate::Cli::try_parse_from_args(&argv)
-            .map_err(|m| anyhow::anyhow!("{}: [eval]: {m}", path.display()))?;
+        check(argv, format!("{}: [eval]", path.display()))?;
     }
     Ok(recipe)
+}
+
+/// Options whose value is a file the command reads.
+const INPUT_FLAGS: [&str; 7] = [
+    "--calib",
+    "--data",
+    "--teacher-cache",
+    "--prompts",
+    "--ppl",
+    "--task-file",
+    "--teacher-logits",
+];
+
+/// The first input file named in `args` (a recipe table's options) that does not exist, as
+/// an error message: a stage's missing file is refused before the stages before it run.
+fn missing_input(args: &[String]) -> Option<String> {
+    args.windows(2)
+        .filter(|w| INPUT_FLAGS.contains(&w[0].as_str()))
+        .find(|w| !Path::new(&w[1]).exists())
+        .map(|w| format!("{} {}: not found", w[0], w[1]))
 }
 
 /// The `[eval]` table as `compress eval` arguments, and its `kld` switch; `at` names a span's
@@ -432,8 +473,15 @@ impl Recipe {
     fn check_order(&self) -> anyhow::Result<()> {
         for (i, s) in self.stages.iter().enumerate().skip(1) {
             let prev = &self.stages[i - 1];
-            let dense = value_of(&prev.args, "--format")
-                .is_some_and(|f| f.split(',').any(|x| x == "dense"));
+            // `--format` may be given as one list or as several flags (a TOML array).
+            let dense = prev
+                .args
+                .windows(2)
+                .filter(|w| w[0] == "--format")
+                .any(|w| {
+                    w[1].split(',')
+                        .any(|x| x.trim().eq_ignore_ascii_case("dense"))
+                });
             if matches!(prev.kind, Kind::Quant | Kind::Qat) && !dense {
                 bail!(
                     "{}:{}: stage {} ({}) reads the output of stage {} ({}), which is not a dense model: give stage {} format = \"dense\" (or \"dense,packed\"), or make it the last stage",

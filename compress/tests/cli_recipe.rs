@@ -141,6 +141,7 @@ fn bad_recipes_are_refused_before_any_work() {
         std::fs::write(&file, format!("teacher = {teacher:?}\n{body}")).unwrap();
         let f = file.to_str().unwrap().to_string();
         fails_str(root, &["run", &f, "--out", &o], name, needles);
+        assert!(!out.exists(), "{name}: refused, yet OUT was made");
     };
     case(
         "unknown.toml",
@@ -215,6 +216,38 @@ fn bad_recipes_are_refused_before_any_work() {
         "cal-generated.toml",
         &format!("{gptq}[calibration]\nsource = \"teacher\"\nsamples = 0\n"),
         &["--calib", "1..="],
+    );
+    // A later stage's inapplicable option or missing file is refused before stage 1 runs
+    // (OUT is never made), naming that stage's line.
+    let prune = "[[stage]]\nkind = \"prune\"\nmethod = \"magnitude\"\nsparsity = 0.5\n";
+    case(
+        "late-calib.toml",
+        &format!("{prune}[[stage]]\nkind = \"quant\"\nmethod = \"gptq\"\nformat = \"dense\"\n"),
+        &[":7:", "stage 2 (quant)", "--method gptq needs --calib"],
+    );
+    case(
+        "late-file.toml",
+        &format!(
+            "{prune}[[stage]]\nkind = \"prune\"\nmethod = \"wanda\"\ncalib = \"nowhere.txt\"\n"
+        ),
+        &[":7:", "stage 2 (prune)", "--calib nowhere.txt: not found"],
+    );
+    let data = root.join("data.txt");
+    std::fs::write(&data, calib_text(200)).unwrap();
+    case(
+        "late-lora.toml",
+        &format!("{prune}[[stage]]\nkind = \"distill\"\ndata = {data:?}\nlora_alpha = 8.0\n"),
+        &[
+            ":7:",
+            "stage 2 (distill)",
+            "--lora-alpha",
+            "need --lora-rank",
+        ],
+    );
+    case(
+        "late-eval.toml",
+        &format!("{prune}[eval]\nppl = \"nowhere.raw\"\n"),
+        &["[eval]", "--ppl nowhere.raw: not found"],
     );
     let missing = root.join("missing.toml");
     std::fs::write(
