@@ -128,7 +128,7 @@ pub fn run(
         keep_latent: c.gptq_latent,
         ..MethodOptions::default()
     };
-    let method = quant::method::by_name(init.name(), &mopts)?;
+    let method = init.build(&mopts)?;
     let tmp = dir;
     std::fs::create_dir_all(tmp).with_context(|| format!("{}", tmp.display()))?;
     let cfg = crate::hf_folder::write_config(&ckpt, StoreDtype::F32, tmp, None)?;

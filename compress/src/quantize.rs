@@ -265,7 +265,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         quant::pack::check_scheme(&scheme)?;
     }
     let opts = method_options(&a);
-    let method = quant::method::by_name(a.method.name(), &opts)?;
+    let method = a.method.build(&opts)?;
     if a.calib.is_none() && method.needs_calibration() {
         bail!("--method {} needs --calib FILE", a.method.name());
     }
@@ -510,7 +510,7 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
         MethodKind::Awq => Some(quant::method::awq::Awq::default()),
         MethodKind::Gptq => bail!("--format gguf:{ty} supports --method rtn or awq, not `gptq`"),
     };
-    quant::method::check_options(a.method.name(), &method_options(a))?;
+    a.method.check_options(&method_options(a))?;
     if awq.is_some() && a.calib.is_none() {
         bail!("--method awq needs --calib FILE");
     }

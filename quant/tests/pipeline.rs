@@ -14,7 +14,7 @@ use quant::block::{BlockWeights, CaptureSpec, LINEARS, TapStats, capture};
 use quant::method::awq::Awq;
 use quant::method::gptq::Gptq;
 use quant::method::rtn::Rtn;
-use quant::method::{BlockJob, MethodOptions, Outputs, QuantMethod, by_name};
+use quant::method::{BlockJob, MethodKind, MethodOptions, Outputs, QuantMethod};
 use quant::pipeline::{DenseSink, OutputSink, PtqOptions, quantize};
 use quant::scheme::{QuantScheme, quantize_rtn};
 use quant::staged::StagedRun;
@@ -155,8 +155,9 @@ fn quantize_writes_a_dense_checkpoint_that_reloads() {
     let scheme = scheme(4, Some(32));
     let original = testkit::logits(&src, &calib[..2]);
     let mut klds = std::collections::BTreeMap::new();
-    for name in ["rtn", "awq", "gptq"] {
-        let method = by_name(name, &MethodOptions::default()).unwrap();
+    for kind in MethodKind::ALL {
+        let name = kind.name();
+        let method = kind.build(&MethodOptions::default()).unwrap();
         let out = tmp.path().join(name);
         std::fs::create_dir_all(&out).unwrap();
         let mut sinks: Vec<Box<dyn OutputSink>> = vec![Box::new(
@@ -250,9 +251,10 @@ fn methods_run_through_the_trait() {
     let b = block0(&tiny(tmp.path(), 2));
     let teacher = b.forward(&b.weights);
     let scheme = scheme(4, Some(32));
-    for name in quant::method::METHODS {
-        let method = by_name(name, &MethodOptions::default()).unwrap();
-        assert_eq!(method.name(), *name);
+    for kind in MethodKind::ALL {
+        let name = kind.name();
+        let method = kind.build(&MethodOptions::default()).unwrap();
+        assert_eq!(method.name(), name);
         let (res, weights) = b.run(method.as_ref(), scheme);
         assert_eq!(res.linears.len(), 7, "{name}");
         for (l, _) in LINEARS {

@@ -1,5 +1,6 @@
-//! Quantization methods, one file each behind [`QuantMethod`]. Adding a method is a new file
-//! and one line in [`by_name`]; the pipeline never matches on the method.
+//! Quantization methods, one file each behind [`QuantMethod`]. Adding a method is a new file,
+//! a [`MethodKind`] variant and its line in [`MethodKind::build`]; the pipeline never matches
+//! on the method.
 
 pub mod awq;
 pub mod gptq;
@@ -110,6 +111,9 @@ pub enum MethodKind {
 }
 
 impl MethodKind {
+    /// Every method, in `--method`'s order.
+    pub const ALL: [MethodKind; 3] = [Self::Rtn, Self::Awq, Self::Gptq];
+
     /// Its name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -118,58 +122,52 @@ impl MethodKind {
             Self::Gptq => "gptq",
         }
     }
-}
 
-/// The known methods.
-pub const METHODS: &[&str] = &["rtn", "awq", "gptq"];
-
-/// Errors when `o` sets an option of another method (`--damp` with RTN, `--no-awq-clip` with
-/// GPTQ): an option that does not apply is refused, never ignored.
-pub fn check_options(name: &str, o: &MethodOptions) -> Result<(), QuantError> {
-    let gptq = [
-        (o.act_order, "--act-order"),
-        (o.damp.is_some(), "--damp"),
-        (o.static_groups, "--static-groups"),
-        (o.keep_latent, "--gptq-latent"),
-    ];
-    let awq = [
-        (o.no_awq_scale, "--no-awq-scale"),
-        (o.no_awq_clip, "--no-awq-clip"),
-    ];
-    for (owner, opts) in [("gptq", &gptq[..]), ("awq", &awq[..])] {
-        if let Some((_, flag)) = opts.iter().find(|(set, _)| *set)
-            && name != owner
-        {
-            return Err(QuantError::Input(format!(
-                "{flag} applies to --method {owner} only, not {name}"
-            )));
+    /// Errors when `o` sets an option of another method (`--damp` with RTN, `--no-awq-clip`
+    /// with GPTQ): an option that does not apply is refused, never ignored.
+    pub fn check_options(self, o: &MethodOptions) -> Result<(), QuantError> {
+        let gptq = [
+            (o.act_order, "--act-order"),
+            (o.damp.is_some(), "--damp"),
+            (o.static_groups, "--static-groups"),
+            (o.keep_latent, "--gptq-latent"),
+        ];
+        let awq = [
+            (o.no_awq_scale, "--no-awq-scale"),
+            (o.no_awq_clip, "--no-awq-clip"),
+        ];
+        for (owner, opts) in [(Self::Gptq, &gptq[..]), (Self::Awq, &awq[..])] {
+            if let Some((_, flag)) = opts.iter().find(|(set, _)| *set)
+                && self != owner
+            {
+                return Err(QuantError::Input(format!(
+                    "{flag} applies to --method {} only, not {}",
+                    owner.name(),
+                    self.name()
+                )));
+            }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-/// A method by name.
-pub fn by_name(name: &str, o: &MethodOptions) -> Result<Box<dyn QuantMethod>, QuantError> {
-    check_options(name, o)?;
-    Ok(match name {
-        "rtn" => Box::new(rtn::Rtn),
-        "awq" => Box::new(awq::Awq {
-            scale_search: !o.no_awq_scale,
-            clip_search: !o.no_awq_clip,
-            ..awq::Awq::default()
-        }),
-        "gptq" => Box::new(gptq::Gptq {
-            act_order: o.act_order,
-            damp: o.damp.unwrap_or(0.01),
-            static_groups: o.static_groups,
-            keep_latent: o.keep_latent,
-            ..gptq::Gptq::default()
-        }),
-        other => {
-            return Err(QuantError::Input(format!(
-                "unknown method `{other}` (known: {})",
-                METHODS.join(", ")
-            )));
-        }
-    })
+    /// The method with options `o` (refused by [`MethodKind::check_options`] when one belongs
+    /// to another method).
+    pub fn build(self, o: &MethodOptions) -> Result<Box<dyn QuantMethod>, QuantError> {
+        self.check_options(o)?;
+        Ok(match self {
+            Self::Rtn => Box::new(rtn::Rtn),
+            Self::Awq => Box::new(awq::Awq {
+                scale_search: !o.no_awq_scale,
+                clip_search: !o.no_awq_clip,
+                ..awq::Awq::default()
+            }),
+            Self::Gptq => Box::new(gptq::Gptq {
+                act_order: o.act_order,
+                damp: o.damp.unwrap_or(0.01),
+                static_groups: o.static_groups,
+                keep_latent: o.keep_latent,
+                ..gptq::Gptq::default()
+            }),
+        })
+    }
 }
