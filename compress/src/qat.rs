@@ -111,9 +111,6 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     let written = |f: &Format| matches!(f, Format::Dense | Format::Packed | Format::Gguf(_));
     crate::formats::check(&a.format, written, "qat", "dense, packed, gguf:TYPE")?;
     let gguf = crate::formats::gguf(&a.format).map(str::to_string);
-    if let Some(t) = &gguf {
-        crate::qat_gguf::check_name(t)?;
-    }
     let packed = a.format.contains(&Format::Packed);
     if packed {
         quant::pack::check_scheme(&scheme)?;

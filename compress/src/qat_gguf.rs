@@ -15,18 +15,6 @@ use quant::gguf_export::{Source, TypePlan, export_from, hf_to_gguf_name};
 use quant::scheme::{QuantScheme, QuantizedLinear};
 use serde_json::{Value, json};
 
-/// Checks a `--format gguf:NAME` type name before training.
-pub fn check_name(name: &str) -> anyhow::Result<()> {
-    let lname = name.to_ascii_lowercase();
-    if !quant::gguf_export::PRESETS.contains(&lname.as_str()) {
-        anyhow::bail!(
-            "--format gguf:{name}: unknown type (valid: {})",
-            quant::gguf_export::PRESETS.join(", ")
-        );
-    }
-    Ok(())
-}
-
 /// Writes `dir/model.gguf` of type preset `name` for the trained `weights` (HF names) with
 /// their `grids`; `student` gives the architecture, metadata and tokenizer. Returns the
 /// report entry.

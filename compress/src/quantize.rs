@@ -220,6 +220,18 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if crate::formats::gguf(&a.format).is_none() {
         QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
     }
+    if let Some(ty) = crate::formats::gguf(&a.format) {
+        for (set, flag) in [
+            (a.bits != 4, "--bits"),
+            (a.group != 128, "--group"),
+            (a.sym, "--sym"),
+            (a.per_channel, "--per-channel"),
+        ] {
+            if set {
+                bail!("{flag} does not apply to --format gguf:{ty} (the type decides the grid)");
+            }
+        }
+    }
     if a.format.is_empty() {
         let (f, why) = default_format(&a)?;
         a.default_note = Some(format!(
@@ -505,14 +517,21 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     use quant::gguf_export::{PRESETS, TypePlan};
     // `Format` parsed the type: one of PRESETS, lower case.
     debug_assert!(PRESETS.contains(&ty));
-    let awq = match a.method {
-        MethodKind::Rtn => None,
-        MethodKind::Awq => Some(quant::method::awq::Awq::default()),
-        MethodKind::Gptq => bail!("--format gguf:{ty} supports --method rtn or awq, not `gptq`"),
-    };
+    let awq = (a.method == MethodKind::Awq).then(quant::method::awq::Awq::default);
+    let gptq = a.method == MethodKind::Gptq;
     a.method.check_options(&method_options(a))?;
-    if awq.is_some() && a.calib.is_none() {
-        bail!("--method awq needs --calib FILE");
+    if a.method != MethodKind::Rtn && a.calib.is_none() {
+        bail!("--method {} needs --calib FILE", a.method.name());
+    }
+    if gptq && a.act_order && !a.static_groups {
+        bail!(
+            "--act-order with --format gguf:{ty} needs --static-groups (a GGUF block is 32 consecutive input columns)"
+        );
+    }
+    if !gptq && a.propagate.is_some() {
+        bail!(
+            "--propagate applies to --method gptq with --format gguf:TYPE (rtn and awq round with the teacher's inputs)"
+        );
     }
     check_dump_calib(a)?;
     if crate::checks_done() {
@@ -536,6 +555,11 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     for r in a.tensor_type.iter().rev() {
         plan = plan.with_rule(r)?;
     }
+    // GPTQ on the type's own grid: which one, before any work.
+    let grid = gptq
+        .then(|| quant::gguf_grid::grid_scheme(&plan, cfg))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--method gptq --format gguf:{ty}: {e}"))?;
     let windows = calibration(a, &tok, ckpt.config())?;
     let awq = awq.filter(|_| !a.no_awq_scale);
 
@@ -548,26 +572,38 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     };
     let mut guard = TempGuard(Some(tmp.clone()));
     let n = ckpt.expected_tensors().len() as u64;
-    let pb = crate::progress_bar(a.method.name(), n);
+    let pb = crate::progress_bar(if gptq { "gguf" } else { a.method.name() }, n);
     let mut progress = |p: &quant::gguf_export::Progress| pb.set_position(p.index as u64);
-    let report = if windows.is_empty() {
-        quant::gguf_export::export(&ckpt, &file, &plan, None, &mut progress)
-    } else {
-        let calib = quant::gguf_calib::GgufCalibration {
-            windows: &windows,
-            awq: awq.clone(),
-            sample_rows: a.sample_rows,
-        };
-        quant::gguf_calib::export_calibrated(
+    let written = |r: Result<_, quant::gguf_export::ExportError>| {
+        r.map(|r| (r, serde_json::Value::Null))
+            .with_context(|| format!("cannot write {}", gguf_out.display()))
+    };
+    let (report, gptq_summary) = match grid {
+        Some(scheme) => gptq_gguf(a, &ckpt, &file, &plan, scheme, &windows, &mut progress)
+            .with_context(|| format!("cannot write {}", gguf_out.display()))?,
+        None if windows.is_empty() => written(quant::gguf_export::export(
             &ckpt,
             &file,
             &plan,
-            &calib,
-            model::default_device(),
+            None,
             &mut progress,
-        )
-    }
-    .with_context(|| format!("cannot write {}", gguf_out.display()))?;
+        ))?,
+        None => {
+            let calib = quant::gguf_calib::GgufCalibration {
+                windows: &windows,
+                awq: awq.clone(),
+                sample_rows: a.sample_rows,
+            };
+            written(quant::gguf_calib::export_calibrated(
+                &ckpt,
+                &file,
+                &plan,
+                &calib,
+                model::default_device(),
+                &mut progress,
+            ))?
+        }
+    };
     pb.finish_and_clear();
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     for t in &report.tensors {
@@ -575,7 +611,7 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     }
     let full = json!({
         "teacher": a.model, "format": format!("gguf:{ty}"), "method": a.method,
-        "importance": !windows.is_empty(), "awq_scales": awq.is_some(),
+        "importance": !gptq && !windows.is_empty(), "awq_scales": awq.is_some(), "gptq": gptq_summary,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": windows.len(), "len": a.calib_len, "seed": a.seed})),
         "file_bytes": report.file_bytes, "tensor_bytes": report.tensor_bytes(), "params": report.params(),
         "bits_per_weight": report.bpw(), "seconds": report.seconds,
@@ -599,6 +635,14 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
         guard.0 = None;
     }
     let how = match (&awq, windows.is_empty()) {
+        _ if gptq => format!(
+            "GPTQ on the type's grid ({}) from {} calibration windows; {} linears re-rounded",
+            gptq_summary["scheme_label"].as_str().unwrap_or("?"),
+            windows.len(),
+            gptq_summary["linears_rerounded"]
+                .as_array()
+                .map_or(0, Vec::len)
+        ),
         (_, true) => "plain rounding".to_string(),
         (None, false) => format!("importance from {} calibration windows", windows.len()),
         (Some(_), false) => format!(
@@ -616,6 +660,35 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
         println!("note: {n}");
     }
     Ok(())
+}
+
+/// `--method gptq --format gguf:TYPE`: GPTQ with `scheme`, the type's own grid (groups of 32),
+/// every linear written from its codes ([`quant::gguf_grid`]); the PTQ summary for the report.
+fn gptq_gguf(
+    a: &Args,
+    ckpt: &Checkpoint,
+    file: &std::path::Path,
+    plan: &quant::gguf_export::TypePlan,
+    scheme: QuantScheme,
+    windows: &[Vec<u32>],
+    progress: &mut dyn FnMut(&quant::gguf_export::Progress),
+) -> anyhow::Result<(quant::gguf_export::ExportReport, serde_json::Value)> {
+    let method = a.method.build(&method_options(a))?;
+    let opts = PtqOptions {
+        scheme,
+        calib: windows.to_vec(),
+        propagate_quantized: a.propagate.map(|p| p == Propagate::Quantized),
+        sample_rows: a.sample_rows,
+    };
+    let (sink, store) = quant::gguf_grid::GridSink::new(plan.clone());
+    let ptq = run_ptq(ckpt, method.as_ref(), &opts, vec![Box::new(sink)], "gptq")?;
+    let store = std::mem::take(&mut *store.lock().expect("not poisoned"));
+    let rerounded = store.rerounded.clone();
+    let report = quant::gguf_grid::export_grid(ckpt, file, plan, store, progress)?;
+    Ok((
+        report,
+        json!({"scheme": scheme, "scheme_label": scheme.label(), "linears_rerounded": rerounded, "ptq": ptq}),
+    ))
 }
 
 /// Tensor bytes of `ckpt` written with `plan` (fallbacks included), without writing them.

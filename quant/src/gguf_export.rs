@@ -458,7 +458,7 @@ pub fn export(
 /// One tensor as a [`export_from`] source hands it over: values in HF layout and, for
 /// matrices, the importance of each input column (`None` for plain rounding).
 pub struct Source {
-    /// Values, HF layout, f32.
+    /// Values, HF layout, f32 (may be empty when `encoded` is given).
     pub data: Vec<f32>,
     /// One weight per input column.
     pub importance: Option<Vec<f32>>,
@@ -530,7 +530,8 @@ pub fn export_from(
             importance,
             mut encoded,
         } = source(&hf, &g, &shape)?;
-        if data.len() != shape.iter().product::<usize>() {
+        let n: usize = shape.iter().product();
+        if data.len() != n && !(encoded.is_some() && data.is_empty()) {
             return Err(ExportError::Input(format!(
                 "tensor `{hf}`: {} values for shape {shape:?}",
                 data.len()
@@ -548,7 +549,9 @@ pub fn export_from(
                 let rows = shape[0];
                 let cols = if shape.len() > 1 { shape[1] } else { 1 };
                 if rows % h == 0 && (rows / h) % 2 == 0 {
-                    data = permute_rows(&data, rows, cols, h);
+                    if !data.is_empty() {
+                        data = permute_rows(&data, rows, cols, h);
+                    }
                     encoded = encoded.map(|e| {
                         let per_row = e.len() / rows.max(1);
                         permute_rows(&e, rows, per_row, h)
@@ -566,13 +569,12 @@ pub fn export_from(
             Some(e) => {
                 let want = ty
                     .block_layout()
-                    .filter(|(n, _)| data.len().is_multiple_of(*n))
-                    .map(|(n, b)| data.len() / n * b);
+                    .filter(|(b, _)| n.is_multiple_of(*b))
+                    .map(|(b, bytes)| n / b * bytes);
                 if Some(e.len()) != want {
                     return Err(ExportError::Input(format!(
-                        "tensor `{hf}`: {} encoded bytes, {want:?} for {} values of {}",
+                        "tensor `{hf}`: {} encoded bytes, {want:?} for {n} values of {}",
                         e.len(),
-                        data.len(),
                         ty.name()
                     )));
                 }

@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod calib;
 pub mod gguf_calib;
 pub mod gguf_export;
+pub mod gguf_grid;
 pub mod hessian;
 pub mod method;
 pub mod nf4;

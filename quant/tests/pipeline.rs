@@ -277,7 +277,7 @@ fn methods_run_through_the_trait() {
             assert_eq!(res.stats.contains_key(l), method.needs_calibration());
         }
         let after = b.forward(&weights);
-        match (&res.outputs, *name) {
+        match (&res.outputs, name) {
             (Outputs::None, "rtn") => {}
             (Outputs::Teacher(o), "awq") => {
                 assert!(method.returns_teacher_outputs());
