@@ -275,7 +275,7 @@ fn quant_refuses_bad_options_inputs_and_outputs() {
         "good/q",
         &["into the input model"],
     );
-    // GGUF output: unknown type lists the valid ones; inside the teacher; GPTQ refused.
+    // GGUF output: unknown type lists the valid ones; inside the teacher; GPTQ without calib.
     fails(
         root,
         &[
@@ -314,8 +314,8 @@ fn quant_refuses_bad_options_inputs_and_outputs() {
             p("--method"),
             p("gptq"),
         ],
-        "gguf:q4_0",
-        &["rtn or awq"],
+        "--method gptq",
+        &["needs --calib"],
     );
     fails(
         root,
