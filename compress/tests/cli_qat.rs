@@ -273,7 +273,7 @@ fn bad_inputs_fail_before_training_with_one_line() {
     );
     go(
         base(&["--method", "rtn", "--format", "dense,bnb"]),
-        "--format `bnb`",
+        "--format bnb does not apply to qat",
         &["gguf:TYPE"],
     );
     go(
