@@ -36,18 +36,10 @@ pub fn write(
             let data = weights.get(hf).cloned().ok_or_else(|| {
                 quant::gguf_export::ExportError::Input(format!("no tensor `{hf}`"))
             })?;
-            let encoded = grids.get(hf).and_then(|q| {
-                let grid_32 = scheme.group == Some(32)
-                    && q.g_idx
-                        .iter()
-                        .enumerate()
-                        .all(|(c, &k)| k as usize == c / 32);
-                let params: Vec<(f32, i32)> = q.params.iter().map(|p| (p.scale, p.zero)).collect();
-                let ty = plan.type_for(g, shape);
-                grid_32
-                    .then(|| quant::blocks::legacy::encode_on_grid(ty, &q.codes, &params, q.cols))
-                    .flatten()
-            });
+            let encoded = grids
+                .get(hf)
+                .filter(|_| scheme.group == Some(32))
+                .and_then(|q| quant::gguf_grid::encode_linear(plan.type_for(g, shape), q));
             if encoded.is_some() {
                 kept.push(hf.to_string());
             }

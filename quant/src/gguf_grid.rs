@@ -114,13 +114,18 @@ impl GridSink {
     }
 }
 
-/// Whether the groups of `q` are 32 consecutive input columns each (GPTQ's activation order
-/// without static groups is not).
-fn consecutive_32(q: &QuantizedLinear) -> bool {
-    q.g_idx
+/// `q`'s codes as the bytes of `ty`, when its groups are 32 consecutive input columns (GPTQ's
+/// activation order without static groups is not) and `ty`'s blocks hold its grid.
+pub fn encode_linear(ty: GgmlType, q: &QuantizedLinear) -> Option<Vec<u8>> {
+    let consecutive_32 = q
+        .g_idx
         .iter()
         .enumerate()
-        .all(|(c, &k)| k as usize == c / 32)
+        .all(|(c, &k)| k as usize == c / 32);
+    let params: Vec<(f32, i32)> = q.params.iter().map(|p| (p.scale, p.zero)).collect();
+    consecutive_32
+        .then(|| encode_on_grid(ty, &q.codes, &params, q.cols))
+        .flatten()
 }
 
 impl OutputSink for GridSink {
@@ -141,10 +146,7 @@ impl OutputSink for GridSink {
         let g = hf_to_gguf_name(name)
             .ok_or_else(|| QuantError::Input(format!("no GGUF name for `{name}`")))?;
         let ty = self.plan.type_for(&g, &[q.rows, q.cols]);
-        let params: Vec<(f32, i32)> = q.params.iter().map(|p| (p.scale, p.zero)).collect();
-        let encoded = consecutive_32(q)
-            .then(|| encode_on_grid(ty, &q.codes, &params, q.cols))
-            .flatten();
+        let encoded = encode_linear(ty, q);
         let mut s = self.store.lock().expect("not poisoned");
         match encoded {
             Some(e) => {
