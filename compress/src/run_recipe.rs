@@ -172,13 +172,7 @@ fn execute(a: &Args, recipe: &Recipe) -> anyhow::Result<()> {
         crate::output::write_atomic(&a.out.join(DONE), serde_json::to_vec(&done)?.as_slice())?;
         model = target;
     }
-    let final_model = if model.join("model.safetensors").exists() || model.is_file() {
-        model.clone()
-    } else if model.join("model.gguf").exists() {
-        model.join("model.gguf")
-    } else {
-        model.clone()
-    };
+    let final_model = final_model(&model);
     if let Some(argv) = recipe.eval_argv(&final_model, &a.out.join("report.json")) {
         println!("eval: {}", argv[1..].join(" "));
         let at = format!("{}: [eval]", recipe.path.display());
@@ -191,6 +185,22 @@ fn execute(a: &Args, recipe: &Recipe) -> anyhow::Result<()> {
         println!("report: {}", a.out.join("report.json").display());
     }
     Ok(())
+}
+
+/// The model a recipe delivers, which `[eval]` scores: the compressed form when the last
+/// stage wrote one beside its dense weights (`packed/`, as `--format dense,packed` writes), so
+/// the report's size is the size a user ships; else the folder or file the stage wrote.
+fn final_model(model: &Path) -> PathBuf {
+    let packed = model.join("packed");
+    if packed.join("model.safetensors").exists() {
+        packed
+    } else if model.join("model.safetensors").exists() || model.is_file() {
+        model.to_path_buf()
+    } else if model.join("model.gguf").exists() {
+        model.join("model.gguf")
+    } else {
+        model.to_path_buf()
+    }
 }
 
 /// OUT/model for the last stage, else OUT/stages/NN-KIND.

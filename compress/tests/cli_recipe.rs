@@ -129,6 +129,47 @@ fn stages_chain_resume_and_refuse_another_recipe() {
 }
 
 #[test]
+fn the_report_scores_the_packed_model_a_quant_stage_ships() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let teacher = root.join("teacher");
+    write_hf(&teacher, &tiny_config(), 4, |_, _| {});
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, calib_text(3000)).unwrap();
+    let file = root.join("r.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "teacher = {teacher:?}\n\n[[stage]]\nkind = \"quant\"\nmethod = \"rtn\"\nbits = 4\ngroup = 32\nformat = \"dense,packed\"\n\n[eval]\nppl = {calib:?}\nctx = 32\nchunks = 2\n"
+        ),
+    )
+    .unwrap();
+    let out = root.join("run");
+    let stdout = ok(&[
+        "run",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let packed = out.join("model/packed");
+    assert!(
+        stdout.contains(&format!("final model: {}", packed.display())),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let bytes = report["size"]["bytes"].as_u64().unwrap();
+    let dense = std::fs::metadata(out.join("model/model.safetensors"))
+        .unwrap()
+        .len();
+    let shipped = std::fs::metadata(packed.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert_eq!(bytes, shipped, "{report}");
+    assert!(shipped < dense, "packed {shipped} dense {dense}");
+}
+
+#[test]
 fn bad_recipes_are_refused_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
