@@ -7,9 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
-use crate::transformer::{
-    DecoderLayer, KvCache, Positions, Rope, WindowLayout, rms_norm_from, tensor_from,
-};
+use crate::transformer::{DecoderLayer, Rope, WindowLayout, rms_norm_from, tensor_from};
 
 /// Tokens of the windows that [`LayerEngine::run_blocks_with`] runs through a block together:
 /// enough rows for the matrix products to use every core, few enough to keep the
@@ -199,128 +197,7 @@ impl<'a> LayerEngine<'a> {
     }
 }
 
-/// The whole model in memory with a KV cache: greedy generation for speed measurements.
-/// (Evaluation and calibration use the layer-by-layer path instead.)
-pub struct Generator {
-    /// The checkpoint, for error messages.
-    path: std::path::PathBuf,
-    layers: Vec<DecoderLayer>,
-    head: Head,
-    embed: Vec<f32>,
-    hidden: usize,
-    rope: Rope,
-    caches: Vec<KvCache>,
-    device: Device,
-}
-
-impl Generator {
-    /// Loads every block of the engine's checkpoint, for sequences up to `max_len`.
-    pub fn load(engine: &LayerEngine<'_>, max_len: usize) -> Result<Self> {
-        let c = engine.ckpt.config();
-        let layers = (0..c.num_hidden_layers)
-            .map(|l| engine.load_block(l))
-            .collect::<Result<Vec<_>>>()?;
-        let embed = engine
-            .ckpt
-            .read("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
-        Ok(Self {
-            path: engine.ckpt.path().to_path_buf(),
-            caches: vec![KvCache::default(); layers.len()],
-            layers,
-            head: engine.load_head()?,
-            embed,
-            hidden: c.hidden_size,
-            rope: Rope::new(c, max_len, &engine.device),
-            device: engine.device.clone(),
-        })
-    }
-
-    /// Forgets the cache.
-    pub fn reset(&mut self) {
-        self.caches = vec![KvCache::default(); self.layers.len()];
-    }
-
-    /// Tokens in the cache.
-    pub fn cached(&self) -> usize {
-        self.caches.first().map_or(0, |c| c.len())
-    }
-
-    /// Runs `tokens` after the cached ones and returns the logits of the last position.
-    /// An empty slice or a token id outside the vocabulary is an error (as in
-    /// [`LayerEngine::embed`]), checked before anything runs, so the cache is unchanged.
-    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let x = self.embed_checked(tokens)?;
-        let mut s = tensor_from(x, [1, tokens.len(), self.hidden], &self.device);
-        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
-            s = layer.forward_at(s, Positions::Cached(&self.rope, cache), &mut |_, _| {});
-        }
-        Ok(self.head.logits(&s, tokens.len() - 1))
-    }
-
-    /// One token for each of `tokens.len()` sequences decoded in lockstep: the cache holds
-    /// that many sequences of equal length (start each batch from [`Self::reset`]). Returns
-    /// their next-token logits, `[tokens.len(), vocab]` row-major. Many sequences per step
-    /// share one pass over the weights, which single-sequence decoding spends on one token.
-    pub fn forward_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let x = self.embed_checked(tokens)?;
-        let b = tokens.len();
-        if let Some(c) = self.caches.first().filter(|c| !c.is_empty())
-            && c.batch() != b
-        {
-            return Err(ModelError::format(
-                &self.path,
-                format!(
-                    "the cache holds {} sequences, not {b} (reset between batches)",
-                    c.batch()
-                ),
-            ));
-        }
-        let mut s = tensor_from(x, [b, 1, self.hidden], &self.device);
-        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
-            s = layer.forward_at(s, Positions::Cached(&self.rope, cache), &mut |_, _| {});
-        }
-        Ok(self.head.logits_rows(s.reshape([b, self.hidden])))
-    }
-
-    /// The embeddings of `tokens`, row after row; an empty slice or an id outside the
-    /// vocabulary is an error.
-    fn embed_checked(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let (h, v) = (self.hidden, self.head.vocab);
-        if tokens.is_empty() {
-            return Err(ModelError::format(
-                &self.path,
-                "generation was given no tokens to run",
-            ));
-        }
-        let mut x = Vec::with_capacity(tokens.len() * h);
-        for &t in tokens {
-            let t = t as usize;
-            if t >= v {
-                return Err(ModelError::format(
-                    &self.path,
-                    format!(
-                        "token id {t} is outside the vocabulary of {v} (tokenizer and model disagree)"
-                    ),
-                ));
-            }
-            x.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
-        }
-        Ok(x)
-    }
-
-    /// Greedy decoding of `n` tokens after `prompt` (the cache is reset first).
-    pub fn generate(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
-        self.reset();
-        let mut out = Vec::with_capacity(n);
-        let mut logits = self.forward(prompt)?;
-        for _ in 0..n {
-            let next = argmax(&logits);
-            out.push(next);
-            logits = self.forward(&[next])?;
-        }
-        Ok(out)
-    }
-}
+pub use crate::decode::Generator;
 
 /// Index of the largest value.
 pub fn argmax(v: &[f32]) -> u32 {

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod compressed;
 pub mod config;
+pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod gguf;

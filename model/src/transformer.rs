@@ -198,36 +198,12 @@ fn rotate(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
     x * cos + rot * sin
 }
 
-/// One block's key/value cache for incremental decoding, `[1, kv_heads, t, head_dim]`.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    k: Option<Tensor<4>>,
-    v: Option<Tensor<4>>,
-}
-
-impl KvCache {
-    /// Tokens cached so far.
-    pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
-    }
-    /// Sequences cached (the batch size; 0 when empty).
-    pub fn batch(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[0])
-    }
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Where the tokens of a forward pass sit.
 pub enum Positions<'a> {
     /// Positions `0..seq`, causal.
     Causal(&'a Rope),
     /// Explicit positions and mask.
     Layout(&'a WindowLayout),
-    /// Positions after the cached ones; the cache grows by `seq`.
-    Cached(&'a Rope, &'a mut KvCache),
 }
 
 /// Grouped-query self-attention.
@@ -284,55 +260,8 @@ impl Attention {
                 );
                 (q, k, v, l.mask.clone(), l.mask.is_none())
             }
-            Positions::Cached(rope, cache) => {
-                let past = cache.len();
-                let (cos, sin) = if past + s <= rope.cos.dims()[0] {
-                    (
-                        rope.cos.clone().slice([past..past + s]),
-                        rope.sin.clone().slice([past..past + s]),
-                    )
-                } else {
-                    rope.tables(&(past..past + s).collect::<Vec<_>>())
-                };
-                let (q, k) = (rotate(q, cos.clone(), sin.clone()), rotate(k, cos, sin));
-                let cat = |old: Option<Tensor<4>>, new: Tensor<4>| match old {
-                    Some(o) => Tensor::cat(vec![o, new], 2),
-                    None => new,
-                };
-                let k = cat(cache.k.take(), k);
-                let v = cat(cache.v.take(), v);
-                cache.k = Some(k.clone());
-                cache.v = Some(v.clone());
-                // Query i (absolute past+i) sees keys 0..=past+i.
-                let mask = (past > 0 && s > 1).then(|| {
-                    let t = past + s;
-                    let m: Vec<bool> = (0..s)
-                        .flat_map(|i| (0..t).map(move |j| j > past + i))
-                        .collect();
-                    Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, s, t]), &rope.device)
-                        .repeat_dim(1, nh)
-                });
-                (q, k, v, mask, past == 0 && s > 1)
-            }
         };
         let t = k.dims()[2];
-        if nkv != nh && s == 1 && mask.is_none() && !causal {
-            // One query position (decoding): the `nh / nkv` query heads that share a key/value
-            // head attend to the same keys, so they go in as that head's rows instead of
-            // copying the cache once per query head. Head h = g * rep + r, as the expansion
-            // below lays them out.
-            let rep = nh / nkv;
-            let opts = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: false,
-            };
-            return attention(q.reshape([b, nkv, rep, hd]), k, v, None, None, opts).reshape([
-                b,
-                1,
-                nh * hd,
-            ]);
-        }
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let expand = |x: Tensor<4>| {

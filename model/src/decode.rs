@@ -1,0 +1,623 @@
+//! Incremental decoding with a KV cache: the whole model in memory, f32, for generation
+//! (`compress generate`, teacher-generated calibration, black-box distillation) and the speed
+//! figures of `compress eval --speed`. Evaluation and calibration use the layer-by-layer burn
+//! path instead.
+//!
+//! Written by hand rather than with burn's tensors: one decoded token is a few hundred small
+//! operations, and at that size each tensor operation's dispatch and allocation cost more than
+//! its arithmetic. Here a step is plain loops over preallocated buffers, every linear one
+//! matrix product (the `gemm` crate's SIMD kernels, one call per fixed slice of output rows,
+//! the slices spread over rayon's threads), and the cache grows in place. Each output is
+//! computed by one thread in a fixed order, so the logits do not depend on the thread count.
+
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, Result};
+
+/// Output rows per matrix-product call: a fixed split, so results do not depend on threads.
+const ROWS_PER_TASK: usize = 128;
+/// Up to this many input rows (decoding, batched decoding), a linear is dot products over the
+/// weight rows; more (a prompt) go to the gemm kernels.
+const DOT_ROWS: usize = 64;
+
+/// A linear layer in HF layout: `w` is `[out, inp]` row-major.
+struct Lin {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    out: usize,
+    inp: usize,
+}
+
+impl Lin {
+    fn read(ckpt: &Checkpoint, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            w: ckpt.read(&format!("{name}.weight"), &[out, inp])?,
+            b: if bias {
+                Some(ckpt.read(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            },
+            out,
+            inp,
+        })
+    }
+
+    /// `x [m, inp]` row-major times the transposed weight: `[m, out]`.
+    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        matmul_t(x, m, &self.w, self.out, self.inp, self.b.as_deref())
+    }
+}
+
+/// `x [m, k] · wᵀ` for `w [n, k]` (both row-major), plus `bias [n]`: `[m, n]` row-major.
+fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|t| {
+            let j0 = t * ROWS_PER_TASK;
+            let cols = ROWS_PER_TASK.min(n - j0);
+            let mut dst = vec![0f32; m * cols];
+            if m <= DOT_ROWS {
+                // Decoding (one row per sequence): one pass over the weight rows, each dotted
+                // with every input row, four at a time; gemm's packing would copy every
+                // weight once more per call.
+                for (jj, wj) in w[j0 * k..(j0 + cols) * k].chunks_exact(k).enumerate() {
+                    let mut r = 0;
+                    while r + 4 <= m {
+                        let d = dot4(&x[r * k..(r + 4) * k], wj);
+                        for (i, v) in d.into_iter().enumerate() {
+                            dst[(r + i) * cols + jj] = v;
+                        }
+                        r += 4;
+                    }
+                    for r in r..m {
+                        dst[r * cols + jj] = dot(&x[r * k..(r + 1) * k], wj);
+                    }
+                }
+            } else {
+                // SAFETY: dst is [m, cols] row-major (column stride 1, row stride cols); x is
+                // [m, k] row-major; the rhs is rows j0..j0+cols of w read as the [k, cols] matrix
+                // wᵀ (row stride 1, column stride k). Every index stays inside the slices above.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        cols,
+                        k,
+                        dst.as_mut_ptr(),
+                        1,
+                        cols as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        w[j0 * k..].as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            if let Some(b) = bias {
+                for row in dst.chunks_mut(cols) {
+                    for (o, bj) in row.iter_mut().zip(&b[j0..j0 + cols]) {
+                        *o += bj;
+                    }
+                }
+            }
+            dst
+        })
+        .collect();
+    if parts.len() == 1 {
+        return parts.into_iter().next().unwrap_or_default();
+    }
+    let mut y = vec![0f32; m * n];
+    for (t, part) in parts.iter().enumerate() {
+        let j0 = t * ROWS_PER_TASK;
+        let cols = part.len() / m.max(1);
+        for r in 0..m {
+            y[r * n + j0..r * n + j0 + cols].copy_from_slice(&part[r * cols..(r + 1) * cols]);
+        }
+    }
+    y
+}
+
+/// RMS norm of every row of `x` (width `gamma.len()`), in place.
+fn rms_norm(x: &mut [f32], gamma: &[f32], eps: f32) {
+    let h = gamma.len();
+    for row in x.chunks_mut(h) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(gamma) {
+            *v = *v * inv * g;
+        }
+    }
+}
+
+/// One decoder block's weights.
+struct Block {
+    ln1: Vec<f32>,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    ln2: Vec<f32>,
+    gate: Lin,
+    up: Lin,
+    down: Lin,
+}
+
+/// The shapes a step needs.
+#[derive(Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    eps: f32,
+}
+
+/// The whole model in memory with a KV cache: prefill, single-sequence and batched decoding.
+pub struct Generator {
+    /// The checkpoint, for error messages.
+    path: PathBuf,
+    d: Dims,
+    blocks: Vec<Block>,
+    norm: Vec<f32>,
+    embed: Vec<f32>,
+    /// The output projection `[vocab, hidden]`; `None` when tied to `embed`.
+    lm_head: Option<Vec<f32>>,
+    inv_freq: Vec<f64>,
+    /// Per block, keys and values, position-major: `[position][sequence][kv_heads * head_dim]`.
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    /// Cached positions and the sequences they hold.
+    len: usize,
+    batch: usize,
+    /// Positions the cache is sized for up front.
+    max_len: usize,
+}
+
+impl Generator {
+    /// Loads every block of `ckpt` (weights in f32), for sequences of about `max_len` tokens
+    /// (the cache grows past it when needed).
+    pub fn open(ckpt: &Checkpoint, max_len: usize) -> Result<Self> {
+        let c = ckpt.config();
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (q, kv) = (c.num_attention_heads * hd, c.num_kv_heads() * hd);
+        let blocks = (0..c.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                let lin =
+                    |n: &str, out, inp, bias| Lin::read(ckpt, &format!("{p}.{n}"), out, inp, bias);
+                Ok(Block {
+                    ln1: ckpt.read(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    q: lin("self_attn.q_proj", q, h, c.qkv_bias())?,
+                    k: lin("self_attn.k_proj", kv, h, c.qkv_bias())?,
+                    v: lin("self_attn.v_proj", kv, h, c.qkv_bias())?,
+                    o: lin("self_attn.o_proj", h, q, c.o_bias())?,
+                    ln2: ckpt.read(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    gate: lin("mlp.gate_proj", i, h, c.mlp_bias)?,
+                    up: lin("mlp.up_proj", i, h, c.mlp_bias)?,
+                    down: lin("mlp.down_proj", h, i, c.mlp_bias)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = ckpt.read("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !ckpt.has("lm_head.weight") {
+            None
+        } else {
+            Some(ckpt.read("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        let n = blocks.len();
+        Ok(Self {
+            path: ckpt.path().to_path_buf(),
+            d: Dims {
+                hidden: h,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_kv_heads(),
+                head_dim: hd,
+                vocab: c.vocab_size,
+                eps: c.rms_norm_eps as f32,
+            },
+            blocks,
+            norm: ckpt.read("model.norm.weight", &[h])?,
+            embed,
+            lm_head,
+            inv_freq: c.rope_inv_freq(),
+            keys: vec![Vec::new(); n],
+            values: vec![Vec::new(); n],
+            len: 0,
+            batch: 0,
+            max_len,
+        })
+    }
+
+    /// Loads the engine's checkpoint (see [`Self::open`]).
+    pub fn load(engine: &crate::engine::LayerEngine<'_>, max_len: usize) -> Result<Self> {
+        Self::open(engine.checkpoint(), max_len)
+    }
+
+    /// Forgets the cache (its memory is kept for the next sequence).
+    pub fn reset(&mut self) {
+        for c in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            c.clear();
+        }
+        self.len = 0;
+        self.batch = 0;
+    }
+
+    /// Tokens in the cache (per sequence).
+    pub fn cached(&self) -> usize {
+        self.len
+    }
+
+    /// Runs `tokens` after the cached ones (one sequence) and returns the logits of the last
+    /// position. An empty slice, a token id outside the vocabulary, or a cache holding a batch
+    /// is an error, checked before anything runs, so the cache is unchanged.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check(tokens, 1)?;
+        let h = self.d.hidden;
+        // The whole pass runs on one of rayon's threads: each parallel loop inside it then
+        // starts without waking a thread from outside the pool (hundreds per token).
+        Ok(rayon::scope(|_| {
+            let x = self.step(tokens, 1);
+            self.logits(&x[(tokens.len() - 1) * h..])
+        }))
+    }
+
+    /// One token for each of `tokens.len()` sequences decoded in lockstep: the cache holds
+    /// that many sequences of equal length (start each batch from [`Self::reset`]). Returns
+    /// their next-token logits, `[tokens.len(), vocab]` row-major. Many sequences per step
+    /// share one pass over the weights, which single-sequence decoding spends on one token.
+    pub fn forward_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check(tokens, tokens.len())?;
+        Ok(rayon::scope(|_| {
+            let x = self.step(tokens, tokens.len());
+            self.logits(&x)
+        }))
+    }
+
+    /// Greedy decoding of `n` tokens after `prompt` (the cache is reset first).
+    pub fn generate(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        self.reset();
+        let mut out = Vec::with_capacity(n);
+        let mut logits = self.forward(prompt)?;
+        for _ in 0..n {
+            let next = crate::engine::argmax(&logits);
+            out.push(next);
+            logits = self.forward(&[next])?;
+        }
+        Ok(out)
+    }
+
+    /// Errors unless `tokens` can run on the cache as `batch` sequences.
+    fn check(&self, tokens: &[u32], batch: usize) -> Result<()> {
+        let v = self.d.vocab;
+        if tokens.is_empty() {
+            return Err(ModelError::format(
+                &self.path,
+                "generation was given no tokens to run",
+            ));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(ModelError::format(
+                &self.path,
+                format!(
+                    "token id {t} is outside the vocabulary of {v} (tokenizer and model disagree)"
+                ),
+            ));
+        }
+        if self.len > 0 && self.batch != batch {
+            return Err(ModelError::format(
+                &self.path,
+                format!(
+                    "the cache holds {} sequences, not {batch} (reset between batches)",
+                    self.batch
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` (rows ordered position-major: row `s * batch + b` is sequence `b` at
+    /// position `len + s`) through every block, appending to the cache; the final states.
+    fn step(&mut self, tokens: &[u32], batch: usize) -> Vec<f32> {
+        let d = self.d;
+        let (h, hd) = (d.hidden, d.head_dim);
+        let m = tokens.len();
+        let steps = m / batch;
+        if self.len == 0 {
+            self.batch = batch;
+            let kvd = d.kv_heads * hd;
+            for c in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                c.reserve(self.max_len.max(steps) * batch * kvd);
+            }
+        }
+        let mut x = Vec::with_capacity(m * h);
+        for &t in tokens {
+            x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+        }
+        let (cos, sin) = self.rope_tables(self.len, steps);
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let mut a = x.clone();
+            rms_norm(&mut a, &blk.ln1, d.eps);
+            let mut q = blk.q.forward(&a, m);
+            let mut k = blk.k.forward(&a, m);
+            let v = blk.v.forward(&a, m);
+            rotate(&mut q, d.heads, hd, batch, &cos, &sin);
+            rotate(&mut k, d.kv_heads, hd, batch, &cos, &sin);
+            self.keys[l].extend_from_slice(&k);
+            self.values[l].extend_from_slice(&v);
+            let ctx = attend(&q, &self.keys[l], &self.values[l], d, batch, self.len);
+            let o = blk.o.forward(&ctx, m);
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+            let mut a = x.clone();
+            rms_norm(&mut a, &blk.ln2, d.eps);
+            let mut g = blk.gate.forward(&a, m);
+            let u = blk.up.forward(&a, m);
+            for (gi, ui) in g.iter_mut().zip(&u) {
+                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            }
+            let o = blk.down.forward(&g, m);
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+        }
+        self.len += steps;
+        x
+    }
+
+    /// Logits `[rows, vocab]` of final states `x [rows, hidden]`.
+    fn logits(&self, x: &[f32]) -> Vec<f32> {
+        let h = self.d.hidden;
+        let mut a = x.to_vec();
+        rms_norm(&mut a, &self.norm, self.d.eps);
+        let w = self.lm_head.as_deref().unwrap_or(&self.embed);
+        matmul_t(&a, x.len() / h, w, self.d.vocab, h, None)
+    }
+
+    /// cos and sin `[steps, head_dim / 2]` for positions `from..from + steps`, computed as
+    /// the layer engine's tables are (f64 angles rounded to f32).
+    fn rope_tables(&self, from: usize, steps: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(steps * n), Vec::with_capacity(steps * n));
+        for p in from..from + steps {
+            for f in &self.inv_freq {
+                let a = p as f64 * *f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+}
+
+/// HF `rotate_half` RoPE on rows of `heads * hd` values; row `r` is at step `r / batch`.
+fn rotate(x: &mut [f32], heads: usize, hd: usize, batch: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for (r, row) in x.chunks_mut(heads * hd).enumerate() {
+        let s = r / batch;
+        let (c, sn) = (
+            &cos[s * half..(s + 1) * half],
+            &sin[s * half..(s + 1) * half],
+        );
+        for head in row.chunks_mut(hd) {
+            let (x1, x2) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * c[i] - b * sn[i];
+                x2[i] = b * c[i] + a * sn[i];
+            }
+        }
+    }
+}
+
+/// Causal attention of the step's queries `q [m, heads * hd]` over the cache (which already
+/// holds the step's keys and values); `past` positions were cached before the step.
+fn attend(q: &[f32], keys: &[f32], values: &[f32], d: Dims, batch: usize, past: usize) -> Vec<f32> {
+    let (nh, hd) = (d.heads, d.head_dim);
+    let kvd = d.kv_heads * hd;
+    let rep = nh / d.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+        let (r, head) = (idx / nh, idx % nh);
+        let (s, b) = (r / batch, r % batch);
+        let g = head / rep;
+        let qh = &q[r * nh * hd + head * hd..][..hd];
+        let at = |j: usize| (j * batch + b) * kvd + g * hd;
+        // Query at absolute position past + s sees keys 0..=past + s.
+        let t = past + s + 1;
+        let mut w: Vec<f32> = (0..t)
+            .map(|j| dot(qh, &keys[at(j)..at(j) + hd]) * scale)
+            .collect();
+        let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for wj in w.iter_mut() {
+            *wj = (*wj - max).exp();
+            sum += *wj;
+        }
+        for (j, wj) in w.iter().enumerate() {
+            let p = wj / sum;
+            for (oi, vi) in o.iter_mut().zip(&values[at(j)..at(j) + hd]) {
+                *oi += p * vi;
+            }
+        }
+    });
+    out
+}
+
+/// `a · b`, with AVX2 and FMA where the CPU has them (checked once at run time; the release
+/// build targets baseline x86-64, whose SSE2 loop is several times slower here).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_plain(a, b)
+}
+
+/// The dot products of four rows `x [4, k]` with `w [k]`, as [`dot`] computes each.
+fn dot4(x: &[f32], w: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot4_avx2(x, w) };
+        }
+    }
+    dot4_plain(x, w)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot4_avx2(x: &[f32], w: &[f32]) -> [f32; 4] {
+    dot4_plain(x, w)
+}
+
+/// Four [`dot_plain`]s sharing each load of `w`: the same partial sums in the same order,
+/// so a row's result does not depend on whether it went through here or alone.
+#[inline(always)]
+fn dot4_plain(x: &[f32], w: &[f32]) -> [f32; 4] {
+    let k = w.len();
+    let (x0, rest) = x.split_at(k);
+    let (x1, rest) = rest.split_at(k);
+    let (x2, x3) = rest.split_at(k);
+    // Four named accumulators (not an array of arrays), so they stay in vector registers.
+    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    let full = k - k % 16;
+    for c in (0..full).step_by(16) {
+        let wc: &[f32; 16] = w[c..c + 16].try_into().unwrap();
+        let c0: &[f32; 16] = x0[c..c + 16].try_into().unwrap();
+        let c1: &[f32; 16] = x1[c..c + 16].try_into().unwrap();
+        let c2: &[f32; 16] = x2[c..c + 16].try_into().unwrap();
+        let c3: &[f32; 16] = x3[c..c + 16].try_into().unwrap();
+        for i in 0..16 {
+            a0[i] = c0[i].mul_add(wc[i], a0[i]);
+            a1[i] = c1[i].mul_add(wc[i], a1[i]);
+            a2[i] = c2[i].mul_add(wc[i], a2[i]);
+            a3[i] = c3[i].mul_add(wc[i], a3[i]);
+        }
+    }
+    let fin = |a: &[f32; 16], xr: &[f32]| {
+        let tail: f32 = xr[full..].iter().zip(&w[full..]).map(|(p, q)| p * q).sum();
+        a.iter().sum::<f32>() + tail
+    };
+    [fin(&a0, x0), fin(&a1, x1), fin(&a2, x2), fin(&a3, x3)]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_plain(a, b)
+}
+
+/// Sixteen partial sums, so the compiler vectorizes the loop (and the result does not depend
+/// on which of the two versions ran: the same sums in the same order).
+#[inline(always)]
+fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        let (x, y): (&[f32; 16], &[f32; 16]) = (x.try_into().unwrap(), y.try_into().unwrap());
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::LayerEngine;
+
+    /// The prefill's last logits against the layer engine's (burn) forward pass of the same
+    /// window, for a Llama config (grouped heads, untied head) and a Qwen2 one (q/k/v biases,
+    /// tied embeddings).
+    #[test]
+    fn logits_equal_the_layer_engines() {
+        let mut qwen = crate::testkit::tiny_config();
+        qwen["model_type"] = "qwen2".into();
+        qwen["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        qwen["tie_word_embeddings"] = true.into();
+        for (i, cfg) in [crate::testkit::tiny_config(), qwen]
+            .into_iter()
+            .enumerate()
+        {
+            let dir = tempfile::tempdir().unwrap();
+            crate::testkit::write_hf(dir.path(), &cfg, 11 + i as u64, |_, _| {});
+            let ckpt = Checkpoint::open(dir.path()).unwrap();
+            let window = vec![3u32, 77, 150, 9, 299, 42, 8, 8, 120];
+            let engine = LayerEngine::new(&ckpt, crate::default_device(), 16);
+            let mut states = engine.embed(std::slice::from_ref(&window)).unwrap();
+            engine
+                .run_blocks(&mut states, |_, _, _| Ok(()), || {})
+                .unwrap();
+            let want = engine
+                .load_head()
+                .unwrap()
+                .logits(&states[0], window.len() - 1);
+            let mut g = Generator::open(&ckpt, 16).unwrap();
+            let got = g.forward(&window).unwrap();
+            assert_eq!(got.len(), want.len());
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-4,
+                "config {i}: logits differ from the engine's by {diff}"
+            );
+        }
+    }
+
+    /// Logits do not depend on the thread count (outputs are split in fixed slices).
+    #[test]
+    fn logits_do_not_depend_on_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::testkit::tiny_config();
+        // Wider than one slice of output rows, so the split matters.
+        cfg["intermediate_size"] = 384.into();
+        crate::testkit::write_hf(dir.path(), &cfg, 5, |_, _| {});
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut g = Generator::open(&ckpt, 8).unwrap();
+                let mut l = g.forward(&[4, 5, 6]).unwrap();
+                l.extend(g.forward(&[7]).unwrap());
+                l
+            })
+        };
+        let one = run(1);
+        assert_eq!(one, run(3));
+    }
+}
