@@ -300,8 +300,19 @@ fn sample_nucleus(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
         .map(|&x| ((x as f64 - max) / temperature).exp())
         .collect();
     let total: f64 = weights.iter().sum();
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    order.sort_by(|&i, &j| {
+    // Only tokens above a tiny weight are sorted when they already hold the nucleus's mass:
+    // every other token weighs less than each of them, so the nucleus (a prefix of the full
+    // order) lies among them and comes out the same; sorting the whole vocabulary for every
+    // sampled token was a fifth of batched generation's time.
+    let floor = total * 1e-7;
+    let mut order: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| weights[i as usize] >= floor)
+        .collect();
+    let heavy: f64 = order.iter().map(|&i| weights[i as usize]).sum();
+    if heavy < top_p * total * (1.0 + 1e-9) {
+        order = (0..logits.len() as u32).collect();
+    }
+    order.sort_unstable_by(|&i, &j| {
         weights[j as usize]
             .total_cmp(&weights[i as usize])
             .then(i.cmp(&j))
@@ -364,6 +375,54 @@ mod tests {
         let logits = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
         for u in [0.0, 0.5, 0.999_999] {
             assert_eq!(sample_nucleus(&logits, 1.0, 1.0, u), 1);
+        }
+    }
+
+    /// The draw over the few heavy tokens equals the draw over the whole sorted vocabulary.
+    #[test]
+    fn sorting_only_the_heavy_tokens_draws_the_same() {
+        fn full(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
+            let max = logits
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let w: Vec<f64> = logits
+                .iter()
+                .map(|&x| ((x as f64 - max) / temperature).exp())
+                .collect();
+            let total: f64 = w.iter().sum();
+            let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+            order.sort_by(|&i, &j| w[j as usize].total_cmp(&w[i as usize]).then(i.cmp(&j)));
+            let (mut kept, mut n) = (0.0, 0);
+            for &i in &order {
+                kept += w[i as usize];
+                n += 1;
+                if kept >= top_p * total {
+                    break;
+                }
+            }
+            let mut acc = 0.0;
+            for &i in &order[..n] {
+                acc += w[i as usize];
+                if acc > u * kept {
+                    return i;
+                }
+            }
+            order[n - 1]
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for case in 0..200 {
+            let spread = [1.0f32, 4.0, 12.0][case % 3];
+            let logits: Vec<f32> = (0..5000).map(|_| rng.random::<f32>() * spread).collect();
+            let (t, p, u) = (
+                0.5 + rng.random::<f64>(),
+                rng.random::<f64>(),
+                rng.random::<f64>(),
+            );
+            assert_eq!(
+                sample_nucleus(&logits, t, p, u),
+                full(&logits, t, p, u),
+                "case {case}"
+            );
         }
     }
 }
