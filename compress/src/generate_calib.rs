@@ -14,6 +14,7 @@ use model::Checkpoint;
 use model::engine::{Generator, LayerEngine};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::generate::{Args, Sampling, next_token, sampling};
 use crate::output::{check_output_file, write_atomic};
@@ -128,14 +129,18 @@ fn sample(
     let mut logits = g.forward_batch(&vec![bos; ids.len()])?;
     let vocab = logits.len() / ids.len();
     for step in 1..len {
-        let mut next = Vec::with_capacity(ids.len());
-        for (b, (seq, rng)) in seqs.iter_mut().zip(&mut rngs).enumerate() {
-            let row = &logits[b * vocab..(b + 1) * vocab];
-            let t =
-                next_token(row, sampling, rng).with_context(|| format!("after {step} tokens"))?;
-            seq.push(t);
-            next.push(t);
-        }
+        // Each sequence draws from its own stream, so drawing them in parallel changes nothing.
+        let next = seqs
+            .par_iter_mut()
+            .zip(rngs.par_iter_mut())
+            .zip(logits.par_chunks(vocab))
+            .map(|((seq, rng), row)| {
+                let t = next_token(row, sampling, rng)
+                    .with_context(|| format!("after {step} tokens"))?;
+                seq.push(t);
+                Ok(t)
+            })
+            .collect::<anyhow::Result<Vec<u32>>>()?;
         if step + 1 < len {
             logits = g.forward_batch(&next)?;
         }
