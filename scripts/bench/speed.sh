@@ -13,7 +13,7 @@ PP="${PP:-512}" TG="${TG:-128}" N="${N:-32}" LEN="${LEN:-128}"
 T=()
 [[ -n "${THREADS:-}" ]] && T=(--threads "$THREADS")
 # cost FILE: "wall cpu" from a /usr/bin/time -f "%e %U %S" file.
-cost() { awk 'END{printf "%.1f %.1f", $1, $2 + $3}' "$1"; }
+cost() { awk 'END{printf "%.1f %.1f\n", $1, $2 + $3}' "$1"; }
 
 /usr/bin/time -f "%e %U %S" -o "$OUT/single.time" "$BIN" eval "$MODEL" --speed --pp "$PP" --tg "$TG" \
     "${T[@]}" --json "$OUT/single.json" --force >/dev/null
