@@ -13,6 +13,7 @@ pub mod error;
 pub mod gguf;
 pub mod hash;
 pub mod io;
+mod kernels;
 pub mod safetensors_io;
 pub mod testkit;
 pub mod tokenizer;
