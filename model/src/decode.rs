@@ -6,7 +6,7 @@
 //! Written by hand rather than with burn's tensors: one decoded token is a few hundred small
 //! operations, and at that size each tensor operation's dispatch and allocation cost more than
 //! its arithmetic. Here a step is plain loops over preallocated buffers, every linear one
-//! matrix product ([`crate::kernels`]: dot products for decoding, gemm for prompts, in fixed
+//! matrix product (`kernels.rs`: dot products for decoding, gemm for prompts, in fixed
 //! slices of output rows spread over rayon's threads), and the cache grows in place. Each
 //! output is computed by one thread in a fixed order, so the logits do not depend on the
 //! thread count.
