@@ -78,7 +78,7 @@ pub fn grid_scheme(plan: &TypePlan, cfg: &Config) -> Result<QuantScheme, QuantEr
     }
     let (_, (bits, sym)) =
         found.ok_or_else(|| QuantError::Input("the model has no decoder linears".into()))?;
-    Ok(QuantScheme::new(bits, Some(32), sym)?)
+    Ok(QuantScheme::new(bits, Some(32), sym)?.on_llama_grid())
 }
 
 /// What a [`GridSink`] collected: each decoder linear encoded in its type (or its dequantized

@@ -12,6 +12,12 @@ pub struct QuantScheme {
     pub group: Option<usize>,
     /// Symmetric (no zero point, codes centred on 2^(bits-1)) or asymmetric.
     pub sym: bool,
+    /// Symmetric on llama.cpp's grid of its legacy blocks (set for GGUF output): the group's
+    /// value of largest magnitude is exactly a code. Q4_0/Q5_0: scale = that value /
+    /// -2^(bits-1) (its sign gives the full 16 or 32 steps to the side it is on); Q8_0:
+    /// amax / 127. Otherwise the scale is 2 amax / (2^bits - 1), a coarser step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub llama_grid: bool,
 }
 
 /// A scheme that cannot be applied.
@@ -48,7 +54,20 @@ impl QuantScheme {
         if !(2..=8).contains(&bits) {
             return Err(SchemeError::Bits(bits));
         }
-        Ok(Self { bits, group, sym })
+        Ok(Self {
+            bits,
+            group,
+            sym,
+            llama_grid: false,
+        })
+    }
+
+    /// This symmetric scheme on llama.cpp's legacy-block grid (see [`Self::llama_grid`]).
+    pub fn on_llama_grid(self) -> Self {
+        Self {
+            llama_grid: self.sym,
+            ..self
+        }
     }
 
     /// Largest code.
@@ -80,7 +99,19 @@ impl QuantScheme {
     /// Scale and zero point for a group of weights (min/max, as GPTQ and AWQ compute them).
     pub fn params(&self, w: impl Iterator<Item = f32> + Clone) -> GroupParams {
         let qmax = self.qmax();
-        if self.sym {
+        if self.sym && self.llama_grid {
+            let half = (qmax + 1) / 2;
+            // The signed value of largest magnitude (the first one among equals).
+            let ext = w.fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let scale = if ext == 0.0 {
+                1.0
+            } else if self.bits == 8 {
+                ext.abs() / (half - 1) as f32
+            } else {
+                ext / -(half as f32)
+            };
+            GroupParams { scale, zero: half }
+        } else if self.sym {
             let amax = w.fold(0f32, |m, v| m.max(v.abs()));
             let scale = if amax > 0.0 {
                 2.0 * amax / qmax as f32
@@ -246,6 +277,29 @@ mod tests {
         let p = s.params([0.3f32, -0.6].into_iter());
         assert_eq!(p.zero, 8);
         assert!((s.fake(-0.6, p) + 0.6).abs() <= p.scale / 2.0 + 1e-6);
+    }
+
+    /// llama.cpp's Q4_0 grid: the extreme is exact and the step is |extreme| / 8, finer than
+    /// the plain symmetric 2 amax / 15; Q8_0's is amax / 127.
+    #[test]
+    fn the_llama_grid_holds_the_extreme_exactly() {
+        let w = [0.3f32, -0.8, 0.5, 0.79];
+        let q4 = QuantScheme::new(4, Some(4), true).unwrap().on_llama_grid();
+        let p = q4.params(w.into_iter());
+        assert_eq!((p.scale, p.zero), (0.1, 8));
+        assert_eq!(q4.fake(-0.8, p), -0.8);
+        assert_eq!(q4.fake(0.79, p), 0.7); // the far side ends one step short, as in Q4_0
+        let plain = QuantScheme::new(4, Some(4), true)
+            .unwrap()
+            .params(w.into_iter());
+        assert!(plain.scale > p.scale.abs());
+        let q8 = QuantScheme::new(8, Some(4), true).unwrap().on_llama_grid();
+        let p8 = q8.params(w.into_iter());
+        assert_eq!((p8.scale, p8.zero), (0.8 / 127.0, 128));
+        assert_eq!(q8.code(-0.8, p8), 1);
+        // Asymmetric schemes are not changed.
+        let asym = QuantScheme::new(4, Some(4), false).unwrap();
+        assert_eq!(asym.on_llama_grid(), asym);
     }
 
     #[test]

@@ -2,14 +2,15 @@
 # GGUF export quality on SmolLM2-135M-Instruct: for q4_0 and q4_k_m, plain reference rounding
 # (`compress convert --type`), importance-weighted rounding from calibration (`compress quant
 # --method rtn --calib`, llama.cpp's imatrix idea) and AWQ scales plus importance (`--method
-# awq`); each file's bytes, bits per weight, perplexity on wikitext-2 test (ctx 512, CHUNKS
+# awq`) and GPTQ on the type's own grid (`--method gptq`, legacy types only); each file's bytes, bits per weight, perplexity on wikitext-2 test (ctx 512, CHUNKS
 # chunks) and ratio to the teacher, export wall time and peak RSS. Prints a markdown table.
 #   CALIB_SAMPLES (default 128) x CALIB_LEN (512) tokens of wiki.valid.tokens, seed 0;
-#   TYPES (default "q4_0 q4_k_m"), CHUNKS (default 32), OUT (default /tmp/gguf-bench).
+#   TYPES (default "q4_0 q4_k_m"), HOWS (default "plain imatrix awq gptq"), CHUNKS (default 32), OUT (default /tmp/gguf-bench).
 set -euo pipefail
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 CALIB_LEN="${CALIB_LEN:-512}"
 TYPES="${TYPES:-q4_0 q4_k_m}"
+HOWS="${HOWS:-plain imatrix awq gptq}"
 OUT="${OUT:-/tmp/gguf-bench}"
 source "$(dirname "$0")/lib.sh"
 
@@ -19,7 +20,12 @@ echo
 echo "| type | rounding | file bytes | bpw (all tensors) | perplexity | ratio to teacher | export wall s | export peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|"
 for TY in $TYPES; do
-    for HOW in plain imatrix awq; do
+    for HOW in $HOWS; do
+        # GPTQ's grid goes into the legacy block types only (K-quant grids are not written yet).
+        if [[ "$HOW" == gptq && ! "$TY" =~ ^q[458]_[01]$ ]]; then
+            echo "| $TY | gptq | - | - | - | - | - | - |"
+            continue
+        fi
         F="$OUT/$TY-$HOW"
         case "$HOW" in
             plain) CMD=("$BIN" convert "$MODEL" "$F.gguf" --type "$TY" --force) ;;
@@ -27,6 +33,8 @@ for TY in $TYPES; do
                           --calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN") ;;
             awq) CMD=("$BIN" quant "$MODEL" --method awq --format "gguf:$TY" --out "$F" --force
                       --calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN") ;;
+            gptq) CMD=("$BIN" quant "$MODEL" --method gptq --format "gguf:$TY" --out "$F" --force
+                       --calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN") ;;
         esac
         START=$(date +%s.%N)
         /usr/bin/time -f "%M" -o "$OUT/rss" "${CMD[@]}" >/dev/null
