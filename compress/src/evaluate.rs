@@ -382,7 +382,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
         prompt.truncate(a.pp.max(1));
-        let g = eval::speed::measure(&ckpt, &prompt, a.tg, device.clone())?;
+        let g = eval::speed::measure(&ckpt, &prompt, a.tg)?;
         rows.push((
             "prompt tok/s".into(),
             format!("{:.1} ({} tokens)", g.pp_tokens_per_second, g.prompt_tokens),

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use model::Checkpoint;
-use model::engine::{Generator, LayerEngine, argmax};
+use model::engine::{Generator, argmax};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -142,8 +142,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let inputs = prompt_ids(&prompt_file, max_new_tokens, &ckpt, &tok, &prompts)?;
     let eos = eos_ids(&ckpt);
     let max_len = inputs.iter().map(Vec::len).max().unwrap_or(0) + max_new_tokens;
-    let engine = LayerEngine::new(&ckpt, model::default_device(), max_len);
-    let mut generator = Generator::load(&engine, max_len).context("cannot load the model")?;
+    let mut generator = Generator::open(&ckpt, max_len).context("cannot load the model")?;
 
     let tmp = temp_sibling(&a.out);
     let mut guard = TempGuard(Some(tmp.clone()));

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use model::Checkpoint;
-use model::engine::{Generator, LayerEngine};
+use model::engine::Generator;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -67,8 +67,7 @@ pub(crate) fn run(a: &Args) -> anyhow::Result<()> {
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
     }
-    let engine = LayerEngine::new(&ckpt, model::default_device(), len);
-    let mut g = Generator::load(&engine, len).context("cannot load the model")?;
+    let mut g = Generator::open(&ckpt, len).context("cannot load the model")?;
     let pb = crate::progress_bar("generate", n as u64);
     let mut sequences = Vec::with_capacity(n);
     for first in (0..n).step_by(BATCH) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::{fails, ok};
 use model::Checkpoint;
-use model::engine::{Generator, LayerEngine};
+use model::engine::Generator;
 use model::testkit::{tiny_config, write_hf};
 use serde_json::Value;
 
@@ -91,8 +91,7 @@ fn greedy_output_is_the_generators_and_reads_back_as_pairs() {
 
     let ckpt = Checkpoint::open(&f.model).unwrap();
     let tok = model::load_tokenizer(&ckpt).unwrap();
-    let engine = LayerEngine::new(&ckpt, model::default_device(), 64);
-    let mut g = Generator::load(&engine, 64).unwrap();
+    let mut g = Generator::open(&ckpt, 64).unwrap();
     let eos = 1; // tiny_config's eos_token_id
     for (p, line) in PROMPTS.iter().zip(&got) {
         let ids = tok.encode(p).unwrap();

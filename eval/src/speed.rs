@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use model::engine::{Generator, LayerEngine};
-use model::{Checkpoint, Device};
+use model::Checkpoint;
+use model::engine::Generator;
 use serde::Serialize;
 
 use crate::perplexity::EvalError;
@@ -31,18 +31,12 @@ pub struct GenSpeed {
 }
 
 /// Measures prompt processing of `prompt` and greedy generation of `n_gen` tokens.
-pub fn measure(
-    ckpt: &Checkpoint,
-    prompt: &[u32],
-    n_gen: usize,
-    device: Device,
-) -> Result<GenSpeed, EvalError> {
+pub fn measure(ckpt: &Checkpoint, prompt: &[u32], n_gen: usize) -> Result<GenSpeed, EvalError> {
     if prompt.is_empty() {
         return Err(EvalError::Input("the speed prompt is empty".into()));
     }
     let t0 = Instant::now();
-    let engine = LayerEngine::new(ckpt, device, 1);
-    let mut g = Generator::load(&engine, prompt.len() + n_gen + 1)?;
+    let mut g = Generator::open(ckpt, prompt.len() + n_gen + 1)?;
     let load = t0.elapsed().as_secs_f64();
     // One warm-up token so allocation and thread start-up are not timed.
     g.forward(&prompt[..1])?;

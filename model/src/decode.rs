@@ -159,11 +159,6 @@ impl Generator {
         })
     }
 
-    /// Loads the engine's checkpoint (see [`Self::open`]).
-    pub fn load(engine: &crate::engine::LayerEngine<'_>, max_len: usize) -> Result<Self> {
-        Self::open(engine.checkpoint(), max_len)
-    }
-
     /// Forgets the cache (its memory is kept for the next sequence).
     pub fn reset(&mut self) {
         for c in self.keys.iter_mut().chain(self.values.iter_mut()) {
@@ -264,7 +259,8 @@ impl Generator {
         for &t in tokens {
             x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
         }
-        let (cos, sin) = self.rope_tables(self.len, steps);
+        let (cos, sin) =
+            crate::transformer::rope_angles(&self.inv_freq, self.len..self.len + steps);
         for (l, blk) in self.blocks.iter().enumerate() {
             let mut a = x.clone();
             rms_norm(&mut a, &blk.ln1, d.eps);
@@ -303,21 +299,6 @@ impl Generator {
         rms_norm(&mut a, &self.norm, self.d.eps);
         let w = self.lm_head.as_deref().unwrap_or(&self.embed);
         matmul_t(&a, x.len() / h, w, self.d.vocab, h, None)
-    }
-
-    /// cos and sin `[steps, head_dim / 2]` for positions `from..from + steps`, computed as
-    /// the layer engine's tables are (f64 angles rounded to f32).
-    fn rope_tables(&self, from: usize, steps: usize) -> (Vec<f32>, Vec<f32>) {
-        let n = self.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(steps * n), Vec::with_capacity(steps * n));
-        for p in from..from + steps {
-            for f in &self.inv_freq {
-                let a = p as f64 * *f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        (cos, sin)
     }
 }
 
@@ -445,5 +426,91 @@ mod tests {
         };
         let one = run(1);
         assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn generator_rejects_out_of_range_and_empty_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::testkit::tiny_config();
+        cfg["num_hidden_layers"] = 1.into();
+        crate::testkit::write_hf(dir.path(), &cfg, 7, |_, _| {});
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let mut g = Generator::open(&ckpt, 8).unwrap();
+        let v = ckpt.config().vocab_size as u32;
+        for bad in [vec![v], vec![3, v + 7], vec![u32::MAX]] {
+            let e = g.forward(&bad).unwrap_err().to_string();
+            assert!(
+                e.contains("outside the vocabulary of 300")
+                    && e.contains(&dir.path().display().to_string()),
+                "{e}"
+            );
+            // Checked before anything ran: the cache is untouched.
+            assert_eq!(g.cached(), 0);
+        }
+        assert!(g.forward(&[]).is_err());
+        assert!(g.generate(&[2, v], 3).is_err());
+        // In range still works, and the last id of the vocabulary is in range.
+        assert_eq!(g.forward(&[2, v - 1]).unwrap().len(), v as usize);
+        assert_eq!(g.generate(&[2, 3], 3).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn decoding_token_by_token_gives_the_prefills_logits() {
+        // tiny_config has 4 query heads on 2 key/value heads: decoding takes the grouped path.
+        let dir = tempfile::tempdir().unwrap();
+        crate::testkit::write_hf(dir.path(), &crate::testkit::tiny_config(), 9, |_, _| {});
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let mut g = Generator::open(&ckpt, 16).unwrap();
+        let seq = [3u32, 77, 150, 9, 299, 42, 8];
+        let prefill = g.forward(&seq).unwrap();
+        g.reset();
+        let mut step = Vec::new();
+        for &t in &seq {
+            step = g.forward(&[t]).unwrap();
+        }
+        let diff = prefill
+            .iter()
+            .zip(&step)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-4,
+            "decoded logits differ from the prefill's by {diff}"
+        );
+    }
+
+    #[test]
+    fn batched_decoding_gives_each_sequence_its_own_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::testkit::tiny_config();
+        crate::testkit::write_hf(dir.path(), &cfg, 7, |_, _| {});
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let mut g = Generator::open(&ckpt, 8).unwrap();
+        let seqs = [[5u32, 9, 200, 3], [17, 17, 4, 250], [1, 2, 3, 4]];
+        let single: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| {
+                g.reset();
+                s.iter().map(|&t| g.forward(&[t]).unwrap()).last().unwrap()
+            })
+            .collect();
+        g.reset();
+        let mut batched = Vec::new();
+        for step in 0..4 {
+            let col: Vec<u32> = seqs.iter().map(|s| s[step]).collect();
+            batched = g.forward_batch(&col).unwrap();
+        }
+        let v = ckpt.config().vocab_size;
+        assert_eq!(batched.len(), 3 * v);
+        for (i, one) in single.iter().enumerate() {
+            let diff = one
+                .iter()
+                .zip(&batched[i * v..(i + 1) * v])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "sequence {i}: batched logits differ by {diff}");
+        }
+        // A batch of another size on this cache is refused.
+        assert!(g.forward_batch(&[1, 2]).is_err());
     }
 }

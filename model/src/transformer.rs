@@ -92,6 +92,37 @@ pub struct Rope {
     device: Device,
 }
 
+/// cos and sin of every position's RoPE angles, `[positions, inv_freq.len()]` row-major: f64
+/// angles rounded to f32 (HF computes them in float32 from an f32 inv_freq; the difference is
+/// far below the tolerance of any comparison made here). The layer engine's tables and the
+/// decoder's both come from here.
+pub fn rope_angles(
+    inv_freq: &[f64],
+    positions: impl Iterator<Item = usize>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in positions {
+        for f in inv_freq {
+            let a = p as f64 * *f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// Half-width tables repeated for both halves of a head, as HF lays them out:
+/// cat(freqs, freqs).
+fn full_width((cos, sin): (Vec<f32>, Vec<f32>), half: usize) -> (Vec<f32>, Vec<f32>) {
+    let twice = |t: Vec<f32>| {
+        t.chunks(half)
+            .flat_map(|r| r.iter().chain(r))
+            .copied()
+            .collect()
+    };
+    (twice(cos), twice(sin))
+}
+
 /// How one window attends: RoPE tables at each token's position, and a mask when tokens
 /// do not simply see all earlier tokens (several continuations packed after one context).
 #[derive(Debug, Clone)]
@@ -107,22 +138,7 @@ impl Rope {
     pub fn new(cfg: &Config, max_len: usize, device: &Device) -> Self {
         let inv = cfg.rope_inv_freq();
         let hd = cfg.head_dim();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(max_len * hd),
-            Vec::with_capacity(max_len * hd),
-        );
-        for p in 0..max_len {
-            // HF repeats the frequencies for both halves: cat(freqs, freqs).
-            for _ in 0..2 {
-                for f in &inv {
-                    // f64 angles, as HF computes them in float32 from an f32 inv_freq; the
-                    // difference is far below the tolerance of any comparison made here.
-                    let a = p as f64 * *f;
-                    cos.push(a.cos() as f32);
-                    sin.push(a.sin() as f32);
-                }
-            }
-        }
+        let (cos, sin) = full_width(rope_angles(&inv, 0..max_len), inv.len());
         Self {
             cos: tensor_from(cos, [max_len, hd], device),
             sin: tensor_from(sin, [max_len, hd], device),
@@ -132,24 +148,12 @@ impl Rope {
     }
 
     fn tables(&self, positions: &[usize]) -> (Tensor<2>, Tensor<2>) {
-        let hd = self.inv_freq.len() * 2;
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(positions.len() * hd),
-            Vec::with_capacity(positions.len() * hd),
-        );
-        for &p in positions {
-            for _ in 0..2 {
-                for f in &self.inv_freq {
-                    let a = p as f64 * *f;
-                    cos.push(a.cos() as f32);
-                    sin.push(a.sin() as f32);
-                }
-            }
-        }
+        let half = self.inv_freq.len();
+        let (cos, sin) = full_width(rope_angles(&self.inv_freq, positions.iter().copied()), half);
         let n = positions.len();
         (
-            tensor_from(cos, [n, hd], &self.device),
-            tensor_from(sin, [n, hd], &self.device),
+            tensor_from(cos, [n, 2 * half], &self.device),
+            tensor_from(sin, [n, 2 * half], &self.device),
         )
     }
 
