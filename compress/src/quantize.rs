@@ -71,6 +71,10 @@ pub struct Args {
     /// error-updated weights when the sweep reaches the group (the GPTQ paper's code).
     #[arg(long)]
     static_groups: bool,
+    /// GPTQ: how many times each calibration window's first position (the attention sink,
+    /// which later tokens attend to) counts in the Hessian; 1 is plain GPTQ (default 100).
+    #[arg(long)]
+    sink_weight: Option<f32>,
     /// AWQ: skip the per-channel scale search.
     #[arg(long)]
     no_awq_scale: bool,
@@ -112,7 +116,7 @@ pub struct Args {
     /// `load_in_8bit` for int8-absmax) and/or `dense`. The integer and calibration options do not apply.
     #[arg(long, value_enum, conflicts_with_all = [
         "bits", "group", "per_channel", "sym", "calib", "calib_samples", "calib_len", "seed",
-        "propagate", "act_order", "damp", "static_groups", "no_awq_scale", "no_awq_clip",
+        "propagate", "act_order", "damp", "static_groups", "sink_weight", "no_awq_scale", "no_awq_clip",
         "sample_rows", "tensor_type",
     ])]
     pub(crate) scheme: Option<crate::quant_bnb::SchemeArg>,
@@ -263,6 +267,11 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     {
         bail!("--damp {d} must be in (0, 1]");
     }
+    if let Some(k) = a.sink_weight
+        && !(k.is_finite() && (1.0..=10_000.0).contains(&k))
+    {
+        bail!("--sink-weight {k} must be in [1, 10000]");
+    }
     let scheme = QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
     if a.group == 0 {
         bail!("--group must be positive");
@@ -355,6 +364,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     let full = json!({
         "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": a.format,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
+        "gptq_options": gptq_options(&a),
         "dense_bytes": dense.then_some(out_ckpt_bytes), "packed_bytes": packed.then_some(packed_bytes), "report": report,
     });
     std::fs::write(
@@ -501,12 +511,24 @@ pub(crate) enum Propagate {
     Teacher,
 }
 
+/// GPTQ's options as run, defaults filled in (null for other methods), for the reports.
+fn gptq_options(a: &Args) -> serde_json::Value {
+    use quant::method::gptq::{Gptq, SINK_WEIGHT};
+    (a.method == MethodKind::Gptq)
+        .then(|| {
+            json!({"damp": a.damp.unwrap_or(Gptq::default().damp), "act_order": a.act_order,
+            "static_groups": a.static_groups, "sink_weight": a.sink_weight.unwrap_or(SINK_WEIGHT)})
+        })
+        .into()
+}
+
 /// The method options of the command line.
 fn method_options(a: &Args) -> MethodOptions {
     MethodOptions {
         act_order: a.act_order,
         damp: a.damp,
         static_groups: a.static_groups,
+        sink_weight: a.sink_weight,
         keep_latent: false,
         no_awq_scale: a.no_awq_scale,
         no_awq_clip: a.no_awq_clip,
@@ -612,6 +634,7 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     let full = json!({
         "teacher": a.model, "format": format!("gguf:{ty}"), "method": a.method,
         "importance": !gptq && !windows.is_empty(), "awq_scales": awq.is_some(), "gptq": gptq_summary,
+        "gptq_options": gptq_options(a),
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": windows.len(), "len": a.calib_len, "seed": a.seed})),
         "file_bytes": report.file_bytes, "tensor_bytes": report.tensor_bytes(), "params": report.params(),
         "bits_per_weight": report.bpw(), "seconds": report.seconds,

@@ -110,7 +110,8 @@ impl PruneStage<'_> {
         let mut staged = calibrated.then(|| StagedRun::new(ctx.inputs.clone()));
         let pattern = self.pattern();
         let refit = if calibrated { self.opts.refit } else { 0 };
-        let xtx = self.method.needs_hessian() || refit > 0;
+        // SparseGPT's Hessian counts every position once.
+        let xtx = (self.method.needs_hessian() || refit > 0).then_some(1.0);
         // One pass: every stage's statistics from the unpruned block (llm-compressor's order).
         let mut early: Vec<Option<TapStats>> = Vec::new();
         if !self.opts.true_sequential

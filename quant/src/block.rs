@@ -159,11 +159,20 @@ impl Acc {
         self.xtx = add(self.xtx.take(), x.clone().transpose().matmul(x));
     }
 
-    fn add(&mut self, t: &Tensor<3>, xtx: bool, per_window: usize) {
+    /// Adds one window `t` `[1, s, w]`; with `xtx: Some(k)` its rows go into XᵀX, the first
+    /// one counted `k` times.
+    fn add(&mut self, t: &Tensor<3>, xtx: Option<f32>, per_window: usize) {
         let [_, s, w] = t.dims();
         let m = t.clone().reshape([s, w]);
-        if xtx {
-            self.pending.push(m.clone());
+        if let Some(k) = xtx {
+            let rows = if k == 1.0 {
+                m.clone()
+            } else {
+                let mut f = vec![1f32; s];
+                f[0] = k.sqrt();
+                m.clone() * model::transformer::tensor_from(f, [s, 1], &m.device())
+            };
+            self.pending.push(rows);
             self.pending_rows += s;
             if self.pending_rows >= XTX_ROWS {
                 self.flush_xtx();
@@ -240,9 +249,11 @@ pub fn capture(
     for x in inputs {
         let out = block.forward_tapped(x.clone(), rope, &mut |tap, t| {
             if taps.contains(&tap) {
-                acc.entry(tap)
-                    .or_insert_with(|| Acc::new(t.dims()[2]))
-                    .add(t, spec.xtx, per_window);
+                acc.entry(tap).or_insert_with(|| Acc::new(t.dims()[2])).add(
+                    t,
+                    spec.xtx.then_some(1.0),
+                    per_window,
+                );
             }
         });
         outputs.push(out);
@@ -253,8 +264,10 @@ pub fn capture(
     )
 }
 
-/// Statistics of a list of per-window inputs (one stage of a staged run).
-pub fn capture_stage(inputs: &[Tensor<3>], xtx: bool, sample_rows: usize) -> TapStats {
+/// Statistics of a list of per-window inputs (one stage of a staged run); with `xtx:
+/// Some(k)`, XᵀX with each window's first position counted `k` times (see
+/// [`crate::method::gptq::Gptq::sink_weight`]).
+pub fn capture_stage(inputs: &[Tensor<3>], xtx: Option<f32>, sample_rows: usize) -> TapStats {
     let width = inputs.first().map_or(0, |t| t.dims()[2]);
     let per_window = sample_rows.div_ceil(inputs.len().max(1));
     let mut acc = Acc::new(width);
@@ -312,4 +325,38 @@ pub fn weight_error(w: &[f32], q: &[f32]) -> f64 {
     let num: f64 = w.iter().zip(q).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
     let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink weight k adds (k - 1) x₀ x₀ᵀ per window to XᵀX and nothing else.
+    #[test]
+    fn the_sink_weight_counts_each_windows_first_row_k_times() {
+        let device = Device::default();
+        let (s, w) = (5, 3);
+        let windows: Vec<Vec<f32>> = (0..2)
+            .map(|k| {
+                (0..s * w)
+                    .map(|i| ((i * 7 + k * 3) % 11) as f32 - 5.0)
+                    .collect()
+            })
+            .collect();
+        let inputs: Vec<Tensor<3>> = windows
+            .iter()
+            .map(|x| model::transformer::tensor_from(x.clone(), [1, s, w], &device))
+            .collect();
+        let plain = capture_stage(&inputs, Some(1.0), 0).xtx.unwrap();
+        let sink = capture_stage(&inputs, Some(100.0), 0);
+        for i in 0..w {
+            for j in 0..w {
+                let extra: f32 = windows.iter().map(|x| 99.0 * x[i] * x[j]).sum();
+                let got = sink.xtx.as_ref().unwrap()[i * w + j];
+                assert!((got - plain[i * w + j] - extra).abs() < 1e-2, "({i}, {j})");
+            }
+        }
+        // The other statistics count every token once.
+        assert_eq!(sink.sq_mean, capture_stage(&inputs, None, 0).sq_mean);
+    }
 }

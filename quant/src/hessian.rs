@@ -15,6 +15,9 @@ pub struct Prepared {
     /// Cholesky factorization of the dampened H⁻¹ (in visiting order); its lower factor `L`
     /// is Uᵀ, read in place rather than copied.
     pub l: faer::linalg::solvers::Llt<f32>,
+    /// diag(H) = Σ x² of each original column (undampened): the activation energy that
+    /// importance-weighted rounding weighs each column's error by.
+    pub diag: Vec<f32>,
 }
 
 /// Factors `h` = Σ x xᵀ `[cols, cols]` (consumed, so its memory is free for the factors):
@@ -45,6 +48,7 @@ pub fn prepare(
     } else {
         (0..cols).collect()
     };
+    let hdiag: Vec<f32> = (0..cols).map(|j| h[j * cols + j]).collect();
     let dead: Vec<bool> = (0..cols)
         .map(|i| h[perm[i] * cols + perm[i]] == 0.0)
         .collect();
@@ -95,7 +99,12 @@ pub fn prepare(
         ))
     })?;
     drop(inv);
-    Ok(Prepared { perm, dead, l })
+    Ok(Prepared {
+        perm,
+        dead,
+        l,
+        diag: hdiag,
+    })
 }
 
 /// The optimal-brain-surgeon update GPTQ and SparseGPT share: column `i1 + i` of the block

@@ -135,6 +135,46 @@ impl QuantScheme {
         }
     }
 
+    /// Scale and zero point of a group `x` whose elements' errors cost `imp` each: on
+    /// llama.cpp's grid, the weighted scale search of its imatrix rounding (candidate steps
+    /// around `extreme / -2^(bits-1)`, each refined to the weighted least-squares scale of its
+    /// codes) or the plain grid, whichever has the smaller weighted error, the scale rounded to
+    /// the f16 the block stores. Other schemes (and groups over 256) take [`Self::params`].
+    pub fn params_weighted(&self, x: &[f32], imp: &[f32]) -> GroupParams {
+        let plain = self.params(x.iter().copied());
+        if !self.llama_grid || x.len() > 256 || x.len() != imp.len() {
+            return plain;
+        }
+        let half = (self.qmax() + 1) / 2;
+        let (nmax, hi) = if self.bits == 8 {
+            (half - 1, half - 1)
+        } else {
+            (half, half - 1)
+        };
+        let mut l = [0i32; 256];
+        let d = crate::blocks::search_symmetric(x, imp, nmax, hi, 9, &mut l[..x.len()]);
+        let f16 = |s: f32| half::f16::from_f32(s).to_f32();
+        let err = |p: GroupParams| -> f32 {
+            x.iter()
+                .zip(imp)
+                .map(|(&v, &w)| w * (v - self.fake(v, p)).powi(2))
+                .sum()
+        };
+        let plain = GroupParams {
+            scale: f16(plain.scale),
+            zero: half,
+        };
+        let searched = GroupParams {
+            scale: f16(d),
+            zero: half,
+        };
+        if searched.scale.is_finite() && searched.scale != 0.0 && err(searched) < err(plain) {
+            searched
+        } else {
+            plain
+        }
+    }
+
     /// The code of `w`.
     #[inline]
     pub fn code(&self, w: f32, p: GroupParams) -> u8 {
@@ -277,6 +317,39 @@ mod tests {
         let p = s.params([0.3f32, -0.6].into_iter());
         assert_eq!(p.zero, 8);
         assert!((s.fake(-0.6, p) + 0.6).abs() <= p.scale / 2.0 + 1e-6);
+    }
+
+    /// The weighted scale search never does worse than the plain grid under the weights it
+    /// is given (the scale as stored, in f16), and does better on skewed weights; schemes off
+    /// llama.cpp's grid keep min-max parameters.
+    #[test]
+    fn weighted_params_never_lose_to_plain_ones() {
+        let mut rng = crate::blocks::testutil::Rng(3);
+        let q4 = QuantScheme::new(4, Some(32), true).unwrap().on_llama_grid();
+        let f16 = |s: f32| half::f16::from_f32(s).to_f32();
+        let mut gains = 0;
+        for _ in 0..200 {
+            let x: Vec<f32> = (0..32).map(|_| rng.normal()).collect();
+            let imp = crate::blocks::testutil::skewed_importance(&mut rng, 32);
+            let err = |p: GroupParams| -> f32 {
+                x.iter()
+                    .zip(&imp)
+                    .map(|(&v, &w)| w * (v - q4.fake(v, p)).powi(2))
+                    .sum()
+            };
+            let mut plain = q4.params(x.iter().copied());
+            plain.scale = f16(plain.scale);
+            let (a, b) = (err(q4.params_weighted(&x, &imp)), err(plain));
+            assert!(a <= b, "weighted {a} > plain {b}");
+            gains += usize::from(a < 0.95 * b);
+        }
+        assert!(gains > 100, "the search helped only {gains} of 200 groups");
+        let asym = QuantScheme::new(4, Some(32), false).unwrap();
+        let x = [0.1f32, -0.4, 0.9];
+        assert_eq!(
+            asym.params_weighted(&x, &[1.0, 5.0, 0.1]),
+            asym.params(x.into_iter())
+        );
     }
 
     /// llama.cpp's Q4_0 grid: the extreme is exact and the step is |extreme| / 8, finer than

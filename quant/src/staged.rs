@@ -35,7 +35,7 @@ impl StagedRun {
         block: &model::transformer::DecoderLayer,
         rope: &model::transformer::Rope,
         tap: Tap,
-        xtx: bool,
+        xtx: Option<f32>,
         sample_rows: usize,
     ) -> TapStats {
         let inputs: Vec<Tensor<3>> = match tap {

@@ -420,7 +420,7 @@ fn staged_run_matches_a_plain_block_forward() {
     let (plain, outputs) = capture(&block, &b.rope, &b.inputs, &taps, spec);
     let mut staged = StagedRun::new(b.inputs.clone());
     for tap in taps {
-        let s = staged.advance(&block, &b.rope, tap, true, SAMPLE_ROWS);
+        let s = staged.advance(&block, &b.rope, tap, Some(1.0), SAMPLE_ROWS);
         let p = &plain[&tap];
         assert_eq!(s.tokens, p.tokens, "{tap:?}");
         assert_eq!(s.sample.len(), p.sample.len(), "{tap:?}");

@@ -90,6 +90,8 @@ pub struct MethodOptions {
     pub static_groups: bool,
     /// GPTQ: keep the unrounded weights ([`gptq::Gptq::keep_latent`]).
     pub keep_latent: bool,
+    /// GPTQ: weight of each window's first position in H ([`gptq::Gptq::sink_weight`]).
+    pub sink_weight: Option<f32>,
     /// AWQ: skip the scale search.
     pub no_awq_scale: bool,
     /// AWQ: skip the clipping search.
@@ -131,6 +133,7 @@ impl MethodKind {
             (o.damp.is_some(), "--damp"),
             (o.static_groups, "--static-groups"),
             (o.keep_latent, "--gptq-latent"),
+            (o.sink_weight.is_some(), "--sink-weight"),
         ];
         let awq = [
             (o.no_awq_scale, "--no-awq-scale"),
@@ -166,6 +169,7 @@ impl MethodKind {
                 damp: o.damp.unwrap_or(0.01),
                 static_groups: o.static_groups,
                 keep_latent: o.keep_latent,
+                sink_weight: o.sink_weight.unwrap_or(gptq::SINK_WEIGHT),
                 ..gptq::Gptq::default()
             }),
         })
