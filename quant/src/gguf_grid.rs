@@ -230,7 +230,7 @@ mod tests {
         assert!(m.contains("one type for every linear"), "{m}");
     }
 
-    /// With H = I no column's error is pushed onto another, so GPTQ into Q4_0 / Q8_0 is the
+    /// With H = I no column's error is pushed onto another, so GPTQ into Q4_0 / Q5_0 is the
     /// block quantizer's own importance rounding under uniform importance, block for block.
     /// (Q8_0 is left out: GPTQ's grid also has the code -128, which ggml never writes.)
     #[test]
