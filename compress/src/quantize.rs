@@ -72,7 +72,7 @@ pub struct Args {
     #[arg(long)]
     static_groups: bool,
     /// GPTQ: how many times each calibration window's first position (the attention sink,
-    /// which later tokens attend to) counts in the Hessian; 1 is plain GPTQ (default 100).
+    /// which later tokens attend to) counts in the Hessian; 1 is plain GPTQ (default 30).
     #[arg(long)]
     sink_weight: Option<f32>,
     /// AWQ: skip the per-channel scale search.
