@@ -24,6 +24,15 @@ fn outputs_never_replace_inputs_and_absurd_options_are_refused() {
     std::fs::write(&existing, "{}").unwrap();
     let st = teacher.join("model.safetensors");
     let p = |s: &str| PathBuf::from(s);
+    // `quant TEACHER --method M --calib TEXT FLAG VALUE --out q`: one option under test.
+    let quant_with = |method: &str, flag: &str, value: &str| -> Vec<PathBuf> {
+        let head = [p("quant"), teacher.clone(), p("--method"), p(method)];
+        let tail = [p("--calib"), text.clone(), p(flag), p(value), p("--out")];
+        head.into_iter()
+            .chain(tail)
+            .chain([root.join("q")])
+            .collect()
+    };
     let cases: Vec<(Vec<PathBuf>, &str, &str)> = vec![
         (
             vec![
@@ -95,51 +104,14 @@ fn outputs_never_replace_inputs_and_absurd_options_are_refused() {
             "--ctx",
             "context",
         ),
+        (quant_with("gptq", "--damp", "0"), "--damp", "(0, 1]"),
         (
-            vec![
-                p("quant"),
-                teacher.clone(),
-                p("--method"),
-                p("gptq"),
-                p("--calib"),
-                text.clone(),
-                p("--damp"),
-                p("0"),
-                p("--out"),
-                root.join("q"),
-            ],
-            "--damp",
-            "(0, 1]",
-        ),
-        (
-            vec![
-                p("quant"),
-                teacher.clone(),
-                p("--method"),
-                p("gptq"),
-                p("--calib"),
-                text.clone(),
-                p("--sink-weight"),
-                p("NaN"),
-                p("--out"),
-                root.join("q"),
-            ],
+            quant_with("gptq", "--sink-weight", "NaN"),
             "--sink-weight",
             "[1, 10000]",
         ),
         (
-            vec![
-                p("quant"),
-                teacher.clone(),
-                p("--method"),
-                p("awq"),
-                p("--calib"),
-                text.clone(),
-                p("--sink-weight"),
-                p("10"),
-                p("--out"),
-                root.join("q"),
-            ],
+            quant_with("awq", "--sink-weight", "10"),
             "--sink-weight",
             "gptq only",
         ),
