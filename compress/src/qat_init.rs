@@ -93,6 +93,7 @@ impl OutputSink for Start {
             groups: q.groups,
             g_idx: q.g_idx.clone(),
             latent: None,
+            blocks: None,
         };
         self.params.borrow_mut().insert(name.to_string(), kept);
         Ok(())

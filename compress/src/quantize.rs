@@ -532,6 +532,7 @@ fn method_options(a: &Args) -> MethodOptions {
         keep_latent: false,
         no_awq_scale: a.no_awq_scale,
         no_awq_clip: a.no_awq_clip,
+        gguf: None,
     }
 }
 
@@ -577,11 +578,11 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     for r in a.tensor_type.iter().rev() {
         plan = plan.with_rule(r)?;
     }
-    // GPTQ on the type's own grid: which one, before any work.
-    let grid = gptq
-        .then(|| quant::gguf_grid::grid_scheme(&plan, cfg))
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--method gptq --format gguf:{ty}: {e}"))?;
+    // GPTQ into the plan's block types: every linear's type checked before any work.
+    if gptq {
+        quant::gguf_grid::check_plan(&plan, cfg)
+            .map_err(|e| anyhow::anyhow!("--method gptq --format gguf:{ty}: {e}"))?;
+    }
     let windows = calibration(a, &tok, ckpt.config())?;
     let awq = awq.filter(|_| !a.no_awq_scale);
 
@@ -600,17 +601,17 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
         r.map(|r| (r, serde_json::Value::Null))
             .with_context(|| format!("cannot write {}", gguf_out.display()))
     };
-    let (report, gptq_summary) = match grid {
-        Some(scheme) => gptq_gguf(a, &ckpt, &file, &plan, scheme, &windows, &mut progress)
+    let (report, gptq_summary) = match gptq {
+        true => gptq_gguf(a, &ckpt, &file, &plan, &windows, &mut progress)
             .with_context(|| format!("cannot write {}", gguf_out.display()))?,
-        None if windows.is_empty() => written(quant::gguf_export::export(
+        false if windows.is_empty() => written(quant::gguf_export::export(
             &ckpt,
             &file,
             &plan,
             None,
             &mut progress,
         ))?,
-        None => {
+        false => {
             let calib = quant::gguf_calib::GgufCalibration {
                 windows: &windows,
                 awq: awq.clone(),
@@ -659,12 +660,8 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     }
     let how = match (&awq, windows.is_empty()) {
         _ if gptq => format!(
-            "GPTQ on the type's grid ({}) from {} calibration windows; {} linears re-rounded",
-            gptq_summary["scheme_label"].as_str().unwrap_or("?"),
+            "GPTQ into each linear's block type from {} calibration windows",
             windows.len(),
-            gptq_summary["linears_rerounded"]
-                .as_array()
-                .map_or(0, Vec::len)
         ),
         (_, true) => "plain rounding".to_string(),
         (None, false) => format!("importance from {} calibration windows", windows.len()),
@@ -685,20 +682,23 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `--method gptq --format gguf:TYPE`: GPTQ with `scheme`, the type's own grid (groups of 32),
-/// every linear written from its codes ([`quant::gguf_grid`]); the PTQ summary for the report.
+/// `--method gptq --format gguf:TYPE`: GPTQ into the block type `plan` gives each linear
+/// ([`quant::gguf_grid`]); the PTQ summary for the report.
 fn gptq_gguf(
     a: &Args,
     ckpt: &Checkpoint,
     file: &std::path::Path,
     plan: &quant::gguf_export::TypePlan,
-    scheme: QuantScheme,
     windows: &[Vec<u32>],
     progress: &mut dyn FnMut(&quant::gguf_export::Progress),
 ) -> anyhow::Result<(quant::gguf_export::ExportReport, serde_json::Value)> {
-    let method = a.method.build(&method_options(a))?;
+    let method = a.method.build(&quant::method::MethodOptions {
+        gguf: Some(plan.clone()),
+        ..method_options(a)
+    })?;
+    // The scheme is not used (each type decides its grid); the report names the plan.
     let opts = PtqOptions {
-        scheme,
+        scheme: QuantScheme::new(4, Some(32), true)?,
         calib: windows.to_vec(),
         propagate_quantized: a.propagate.map(|p| p == Propagate::Quantized),
         sample_rows: a.sample_rows,
@@ -706,12 +706,8 @@ fn gptq_gguf(
     let (sink, store) = quant::gguf_grid::GridSink::new(plan.clone());
     let ptq = run_ptq(ckpt, method.as_ref(), &opts, vec![Box::new(sink)], "gptq")?;
     let store = std::mem::take(&mut *store.lock().expect("not poisoned"));
-    let rerounded = store.rerounded.clone();
     let report = quant::gguf_grid::export_grid(ckpt, file, plan, store, progress)?;
-    Ok((
-        report,
-        json!({"scheme": scheme, "scheme_label": scheme.label(), "linears_rerounded": rerounded, "ptq": ptq}),
-    ))
+    Ok((report, json!({"plan": plan.name, "ptq": ptq})))
 }
 
 /// Tensor bytes of `ckpt` written with `plan` (fallbacks included), without writing them.

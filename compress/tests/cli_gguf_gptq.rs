@@ -1,5 +1,6 @@
-//! GPTQ into GGUF (`compress quant --method gptq --format gguf:q4_0`): the file holds GPTQ's own
-//! grid, not the type's re-rounding of it, and what cannot hold that grid is refused up front.
+//! GPTQ into GGUF (`compress quant --method gptq --format gguf:q4_0|q4_k_m`): the file holds
+//! GPTQ's own codes in each linear's block type (K-quants included), not the type's re-rounding
+//! of them, and a type GPTQ cannot write is refused up front.
 
 mod common;
 
@@ -64,9 +65,10 @@ fn share_on_llama_q4_0_grid(m: &Path) -> f64 {
     on as f64 / all as f64
 }
 
-/// Each linear of the q4_1 GPTQ GGUF equals the dense GPTQ output at the same grid (W4 g32
-/// asym) up to bf16 and f16-scale rounding, while plain Q4 rounding of the same teacher lands
-/// elsewhere: the codes are GPTQ's. q4_0's grid is llama.cpp's, which no dense scheme has.
+/// Each linear of a GPTQ GGUF lands well away from plain rounding of the same teacher (GPTQ's
+/// error feedback), in the plan's types at the same file size: q4_0, q4_1, and q4_k_m, which
+/// mixes Q4_K / Q6_K (the 256-wide down_proj) with Q5_0 / Q8_0 fallbacks. (That the blocks
+/// are GPTQ's own rounding, not a re-rounding, is `quant`'s identity-Hessian test.)
 #[test]
 fn gptq_goes_into_gguf_on_the_types_own_grid() {
     let tmp = tempfile::tempdir().unwrap();
@@ -78,29 +80,28 @@ fn gptq_goes_into_gguf_on_the_types_own_grid() {
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (t, c) = (s(&teacher), s(&calib));
     let cal = ["--calib", &c, "--calib-samples", "8", "--calib-len", "32"];
-    for (ty, sym) in [("q4_0", true), ("q4_1", false)] {
-        let (g, d, r) = (
-            root.join(ty),
-            root.join(format!("{ty}-dense")),
-            root.join(format!("{ty}-rtn")),
-        );
+    for ty in ["q4_0", "q4_1", "q4_k_m"] {
+        let (g, r) = (root.join(ty), root.join(format!("{ty}-rtn")));
         let format = format!("gguf:{ty}");
         let mut args = vec!["quant", &t, "--method", "gptq", "--format", &format];
         args.extend(cal);
         let gs = s(&g);
         args.extend(["--out", &gs]);
         let out = ok(&args);
-        assert!(out.contains("0 linears re-rounded"), "{out}");
+        assert!(out.contains("GPTQ into each linear's block type"), "{out}");
         let rs = s(&r);
         ok(&[
             "quant", &t, "--method", "rtn", "--format", &format, "--out", &rs,
         ]);
 
         let file = g.join("model.gguf");
-        if sym {
-            // Q4_0's grid is llama.cpp's; plain rounding puts every group's extreme exactly on
-            // code -8, while GPTQ searches each group's scale against diag(H) (the imatrix
-            // search) when it enters the group, so most of its groups have another scale.
+        // GPTQ's error feedback moves weights well beyond a rounding step of plain rounding.
+        let vs_rtn = linear_gap(&file, &r.join("model.gguf"));
+        assert!(vs_rtn > 0.05, "{ty}: GPTQ GGUF vs plain rounding: {vs_rtn}");
+        if ty == "q4_0" {
+            // Plain rounding puts every Q4_0 group's extreme exactly on code -8, while GPTQ
+            // searches each block's scale against diag(H) (the imatrix search) when it enters
+            // the block, so most of its groups have another scale.
             let (ours, plain) = (
                 share_on_llama_q4_0_grid(&file),
                 share_on_llama_q4_0_grid(&r.join("model.gguf")),
@@ -109,26 +110,17 @@ fn gptq_goes_into_gguf_on_the_types_own_grid() {
                 plain > 0.99 && ours < 0.9,
                 "{ty}: extremes on code -8: GPTQ {ours} vs plain rounding {plain}"
             );
-            let vs_rtn = linear_gap(&file, &r.join("model.gguf"));
-            assert!(vs_rtn > 0.05, "{ty}: GPTQ GGUF vs plain rounding: {vs_rtn}");
-        } else {
-            // The same grid as dense GPTQ W4 g32 asym: only q4_1 has a dense twin to compare.
-            let mut dense = vec![
-                "quant", &t, "--method", "gptq", "--bits", "4", "--group", "32",
-            ];
-            dense.extend(cal);
-            let ds = s(&d);
-            dense.extend(["--format", "dense", "--out", &ds]);
-            ok(&dense);
-            let on_grid = linear_gap(&file, &d);
-            let plain = linear_gap(&r.join("model.gguf"), &d);
-            assert!(on_grid < 0.01, "{ty}: GPTQ GGUF vs dense GPTQ: {on_grid}");
-            assert!(plain > 0.05, "{ty}: plain rounding vs dense GPTQ: {plain}");
         }
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(g.join("quant_report.json")).unwrap()).unwrap();
         assert_eq!(report["method"], "gptq");
-        assert_eq!(report["gptq"]["linears_rerounded"], serde_json::json!([]));
+        assert_eq!(report["gptq"]["plan"], ty);
+        if ty == "q4_k_m" {
+            let types = &report["tensor_types"];
+            assert_eq!(types["blk.2.ffn_down.weight"], "Q6_K", "{types}");
+            assert_eq!(types["blk.0.ffn_down.weight"], "Q4_K", "{types}");
+            assert_eq!(types["blk.1.attn_q.weight"], "Q5_0", "{types}");
+        }
         assert_eq!(
             std::fs::metadata(&file).unwrap().len(),
             std::fs::metadata(r.join("model.gguf")).unwrap().len(),
@@ -145,8 +137,12 @@ fn gptq_goes_into_gguf_on_the_types_own_grid() {
     };
     let gptq = ["--method", "gptq", "--calib", c.as_str()];
     refused(
-        &[&gptq[..], &["--format", "gguf:q4_k_m"]].concat(),
-        &["gguf:q4_k_m", "q4_0, q5_0, q4_1 or q5_1"],
+        &[
+            &gptq[..],
+            &["--format", "gguf:q4_k_m", "--tensor-type", "ffn_down=f16"],
+        ]
+        .concat(),
+        &["gguf:q4_k_m", "blk.0.ffn_down.weight would be F16"],
     );
     refused(
         &[&gptq[..], &["--format", "gguf:q4_0", "--act-order"]].concat(),

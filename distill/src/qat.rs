@@ -316,6 +316,7 @@ impl CausalLm {
                 groups,
                 g_idx,
                 latent: None,
+                blocks: None,
             };
             out.insert(name, q);
         }

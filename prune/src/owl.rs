@@ -99,6 +99,7 @@ pub fn outlier_ratios(
             inputs: &states,
             rope: engine.rope(),
             device: &device,
+            layer: l,
         };
         let (r, out) = owl.block_ratio(&ctx);
         ratios.push(r);

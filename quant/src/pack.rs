@@ -508,6 +508,7 @@ mod tests {
             groups: 2,
             g_idx,
             latent: None,
+            blocks: None,
         };
         let lay = LinearLayout::new(&s, "w", rows, cols, true).unwrap();
         let p = pack_linear(&s, &lay, "w", &q).unwrap();

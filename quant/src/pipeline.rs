@@ -171,6 +171,8 @@ pub struct BlockCtx<'a> {
     pub rope: &'a model::transformer::Rope,
     /// Compute device.
     pub device: &'a Device,
+    /// Index of the block in the model.
+    pub layer: usize,
 }
 
 /// A stage that transforms decoder blocks one at a time (quantization, pruning): the one
@@ -244,6 +246,7 @@ pub fn drive(
             inputs: &states,
             rope: engine.rope(),
             device: &device,
+            layer: l,
         };
         let outputs = stage.process(&mut ctx)?;
         for (name, shape) in model::checkpoint::block_tensors(&cfg, l) {
@@ -310,6 +313,7 @@ impl BlockStage for PtqStage<'_> {
             inputs: ctx.inputs,
             rope: ctx.rope,
             device: ctx.device,
+            layer: ctx.layer,
             scheme: self.opts.scheme,
             sample_rows: self.opts.sample_rows,
         };
@@ -349,7 +353,7 @@ impl BlockStage for PtqStage<'_> {
         });
         let n = (q.rows * q.cols) as u64;
         self.qparams += n;
-        self.qbits += n as f64 * self.opts.scheme.bits_per_weight(q.cols);
+        self.qbits += n as f64 * q.bits_per_weight(&self.opts.scheme);
         Ok(())
     }
 }

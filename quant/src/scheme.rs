@@ -12,12 +12,6 @@ pub struct QuantScheme {
     pub group: Option<usize>,
     /// Symmetric (no zero point, codes centred on 2^(bits-1)) or asymmetric.
     pub sym: bool,
-    /// Symmetric on llama.cpp's grid of its legacy blocks (set for GGUF output): the group's
-    /// value of largest magnitude is exactly a code. Q4_0/Q5_0: scale = that value /
-    /// -2^(bits-1) (its sign gives the full 16 or 32 steps to the side it is on); Q8_0:
-    /// amax / 127. Otherwise the scale is 2 amax / (2^bits - 1), a coarser step.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub llama_grid: bool,
 }
 
 /// A scheme that cannot be applied.
@@ -54,20 +48,7 @@ impl QuantScheme {
         if !(2..=8).contains(&bits) {
             return Err(SchemeError::Bits(bits));
         }
-        Ok(Self {
-            bits,
-            group,
-            sym,
-            llama_grid: false,
-        })
-    }
-
-    /// This symmetric scheme on llama.cpp's legacy-block grid (see [`Self::llama_grid`]).
-    pub fn on_llama_grid(self) -> Self {
-        Self {
-            llama_grid: self.sym,
-            ..self
-        }
+        Ok(Self { bits, group, sym })
     }
 
     /// Largest code.
@@ -99,19 +80,7 @@ impl QuantScheme {
     /// Scale and zero point for a group of weights (min/max, as GPTQ and AWQ compute them).
     pub fn params(&self, w: impl Iterator<Item = f32> + Clone) -> GroupParams {
         let qmax = self.qmax();
-        if self.sym && self.llama_grid {
-            let half = (qmax + 1) / 2;
-            // The signed value of largest magnitude (the first one among equals).
-            let ext = w.fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-            let scale = if ext == 0.0 {
-                1.0
-            } else if self.bits == 8 {
-                ext.abs() / (half - 1) as f32
-            } else {
-                ext / -(half as f32)
-            };
-            GroupParams { scale, zero: half }
-        } else if self.sym {
+        if self.sym {
             let amax = w.fold(0f32, |m, v| m.max(v.abs()));
             let scale = if amax > 0.0 {
                 2.0 * amax / qmax as f32
@@ -132,46 +101,6 @@ impl QuantScheme {
             };
             let zero = ((-lo / scale).round() as i32).clamp(0, qmax);
             GroupParams { scale, zero }
-        }
-    }
-
-    /// Scale and zero point of a group `x` whose elements' errors cost `imp` each: on
-    /// llama.cpp's grid, the weighted scale search of its imatrix rounding (candidate steps
-    /// around `extreme / -2^(bits-1)`, each refined to the weighted least-squares scale of its
-    /// codes) or the plain grid, whichever has the smaller weighted error, the scale rounded to
-    /// the f16 the block stores. Other schemes (and groups over 256) take [`Self::params`].
-    pub fn params_weighted(&self, x: &[f32], imp: &[f32]) -> GroupParams {
-        let plain = self.params(x.iter().copied());
-        if !self.llama_grid || x.len() > 256 || x.len() != imp.len() {
-            return plain;
-        }
-        let half = (self.qmax() + 1) / 2;
-        let (nmax, hi) = if self.bits == 8 {
-            (half - 1, half - 1)
-        } else {
-            (half, half - 1)
-        };
-        let mut l = [0i32; 256];
-        let d = crate::blocks::search_symmetric(x, imp, nmax, hi, 9, &mut l[..x.len()]);
-        let f16 = |s: f32| half::f16::from_f32(s).to_f32();
-        let err = |p: GroupParams| -> f32 {
-            x.iter()
-                .zip(imp)
-                .map(|(&v, &w)| w * (v - self.fake(v, p)).powi(2))
-                .sum()
-        };
-        let plain = GroupParams {
-            scale: f16(plain.scale),
-            zero: half,
-        };
-        let searched = GroupParams {
-            scale: f16(d),
-            zero: half,
-        };
-        if searched.scale.is_finite() && searched.scale != 0.0 && err(searched) < err(plain) {
-            searched
-        } else {
-            plain
         }
     }
 
@@ -234,11 +163,35 @@ pub struct QuantizedLinear {
     /// method keeps them: GPTQ with `keep_latent` (its error-updated weights; each code is
     /// `scheme.code(latent, params)`), where QAT can start its latent weights.
     pub latent: Option<Vec<f32>>,
+    /// The weight as GGUF blocks instead of codes (GPTQ into a GGUF type,
+    /// [`crate::gguf_grid`]): then `codes`, `params` and `g_idx` are empty.
+    pub blocks: Option<GgufBlocks>,
+}
+
+/// A weight stored as GGUF blocks of one type, rows of whole blocks.
+#[derive(Debug, Clone)]
+pub struct GgufBlocks {
+    /// The block type.
+    pub ty: model::gguf::GgmlType,
+    /// The bytes of every row, row-major.
+    pub bytes: Vec<u8>,
 }
 
 impl QuantizedLinear {
+    /// Bits per weight of its stored form: the blocks' bytes, or `scheme`'s codes, scales and
+    /// zero points.
+    pub fn bits_per_weight(&self, scheme: &QuantScheme) -> f64 {
+        match &self.blocks {
+            Some(b) => b.bytes.len() as f64 * 8.0 / (self.rows * self.cols) as f64,
+            None => scheme.bits_per_weight(self.cols),
+        }
+    }
+
     /// The dequantized weight, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
+        if let Some(b) = &self.blocks {
+            return crate::blocks::dequantize(b.ty, &b.bytes, self.rows * self.cols);
+        }
         let mut out = vec![0f32; self.rows * self.cols];
         for r in 0..self.rows {
             for c in 0..self.cols {
@@ -293,6 +246,7 @@ pub fn quantize_rtn(
         groups,
         g_idx: (0..cols).map(|c| (c / g) as u32).collect(),
         latent: None,
+        blocks: None,
     })
 }
 
@@ -317,62 +271,6 @@ mod tests {
         let p = s.params([0.3f32, -0.6].into_iter());
         assert_eq!(p.zero, 8);
         assert!((s.fake(-0.6, p) + 0.6).abs() <= p.scale / 2.0 + 1e-6);
-    }
-
-    /// The weighted scale search never does worse than the plain grid under the weights it
-    /// is given (the scale as stored, in f16), and does better on skewed weights; schemes off
-    /// llama.cpp's grid keep min-max parameters.
-    #[test]
-    fn weighted_params_never_lose_to_plain_ones() {
-        let mut rng = crate::blocks::testutil::Rng(3);
-        let q4 = QuantScheme::new(4, Some(32), true).unwrap().on_llama_grid();
-        let f16 = |s: f32| half::f16::from_f32(s).to_f32();
-        let mut gains = 0;
-        for _ in 0..200 {
-            let x: Vec<f32> = (0..32).map(|_| rng.normal()).collect();
-            let imp = crate::blocks::testutil::skewed_importance(&mut rng, 32);
-            let err = |p: GroupParams| -> f32 {
-                x.iter()
-                    .zip(&imp)
-                    .map(|(&v, &w)| w * (v - q4.fake(v, p)).powi(2))
-                    .sum()
-            };
-            let mut plain = q4.params(x.iter().copied());
-            plain.scale = f16(plain.scale);
-            let (a, b) = (err(q4.params_weighted(&x, &imp)), err(plain));
-            assert!(a <= b, "weighted {a} > plain {b}");
-            gains += usize::from(a < 0.95 * b);
-        }
-        assert!(gains > 100, "the search helped only {gains} of 200 groups");
-        let asym = QuantScheme::new(4, Some(32), false).unwrap();
-        let x = [0.1f32, -0.4, 0.9];
-        assert_eq!(
-            asym.params_weighted(&x, &[1.0, 5.0, 0.1]),
-            asym.params(x.into_iter())
-        );
-    }
-
-    /// llama.cpp's Q4_0 grid: the extreme is exact and the step is |extreme| / 8, finer than
-    /// the plain symmetric 2 amax / 15; Q8_0's is amax / 127.
-    #[test]
-    fn the_llama_grid_holds_the_extreme_exactly() {
-        let w = [0.3f32, -0.8, 0.5, 0.79];
-        let q4 = QuantScheme::new(4, Some(4), true).unwrap().on_llama_grid();
-        let p = q4.params(w.into_iter());
-        assert_eq!((p.scale, p.zero), (0.1, 8));
-        assert_eq!(q4.fake(-0.8, p), -0.8);
-        assert_eq!(q4.fake(0.79, p), 0.7); // the far side ends one step short, as in Q4_0
-        let plain = QuantScheme::new(4, Some(4), true)
-            .unwrap()
-            .params(w.into_iter());
-        assert!(plain.scale > p.scale.abs());
-        let q8 = QuantScheme::new(8, Some(4), true).unwrap().on_llama_grid();
-        let p8 = q8.params(w.into_iter());
-        assert_eq!((p8.scale, p8.zero), (0.8 / 127.0, 128));
-        assert_eq!(q8.code(-0.8, p8), 1);
-        // Asymmetric schemes are not changed.
-        let asym = QuantScheme::new(4, Some(4), false).unwrap();
-        assert_eq!(asym.on_llama_grid(), asym);
     }
 
     #[test]

@@ -100,6 +100,7 @@ impl Block0 {
             },
             rope: &self.rope,
             device: &self.device,
+            layer: 0,
             scheme,
             sample_rows: SAMPLE_ROWS,
         };

@@ -35,3 +35,10 @@ ppl() {
     "$BIN" eval "$1" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --force --json "$OUT/eval.json" >/dev/null
     python3 -c "import json;d=json.load(open('$OUT/eval.json'));p=d['perplexity'];z=d['size'];print('%.4f %.4f %d %.3f'%(p['value'],p['stderr'],z['bytes'],z['bits_per_weight']))"
 }
+
+# ppl_kld MODEL -> "perplexity stderr bytes bits_per_weight kld_mean kld_stderr": as `ppl`, with
+# the KL divergence from the teacher MODEL (same windows, same evaluator).
+ppl_kld() {
+    "$BIN" eval "$1" --teacher "$MODEL" --ppl "$TEXT" --ctx 512 --chunks "$CHUNKS" --force --json "$OUT/eval.json" >/dev/null
+    python3 -c "import json;d=json.load(open('$OUT/eval.json'));p=d['perplexity'];z=d['size'];k=d['kld'];print('%.4f %.4f %d %.3f %.4f %.4f'%(p['value'],p['stderr'],z['bytes'],z['bits_per_weight'],k['mean'],k['stderr']))"
+}

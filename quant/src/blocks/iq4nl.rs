@@ -39,7 +39,7 @@ const MIDS: [f32; 15] = {
 
 /// The index of the level nearest `v` (in level units).
 #[inline]
-fn nearest(v: f32) -> u8 {
+pub(super) fn nearest(v: f32) -> u8 {
     MIDS.partition_point(|&m| m <= v) as u8
 }
 

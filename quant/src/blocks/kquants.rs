@@ -262,33 +262,59 @@ fn affine(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool, q5: bool) -> 
     }
 }
 
-fn q4k_block(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool) -> BlockQ4K {
-    let a = affine(x, importance, keep_zeros, false);
+/// Q4_K's nibbles for 256 levels 0..=15 (sub-blocks 2n and 2n+1 share bytes 32n..32n+32).
+pub(super) fn pack_q4k(l: &[u8; QK_K]) -> [u8; QK_K / 2] {
     let mut qs = [0u8; QK_K / 2];
     for n in 0..4 {
         for i in 0..32 {
-            qs[32 * n + i] = a.l[64 * n + i] | (a.l[64 * n + 32 + i] << 4);
+            qs[32 * n + i] = l[64 * n + i] | (l[64 * n + 32 + i] << 4);
         }
     }
+    qs
+}
+
+/// Q5_K's high bits and nibbles for 256 levels 0..=31.
+pub(super) fn pack_q5k(l: &[u8; QK_K]) -> ([u8; QK_K / 8], [u8; QK_K / 2]) {
+    let mut qs = [0u8; QK_K / 2];
+    let mut qh = [0u8; QK_K / 8];
+    for n in 0..4 {
+        for i in 0..32 {
+            let (l1, l2) = (l[64 * n + i], l[64 * n + 32 + i]);
+            qh[i] |= ((l1 >> 4) << (2 * n)) | ((l2 >> 4) << (2 * n + 1));
+            qs[32 * n + i] = (l1 & 0x0f) | ((l2 & 0x0f) << 4);
+        }
+    }
+    (qh, qs)
+}
+
+/// Q6_K's low nibbles and high bit pairs for 256 levels 0..=63 (level 32 decodes to 0).
+pub(super) fn pack_q6k(l: &[u8; QK_K]) -> ([u8; QK_K / 2], [u8; QK_K / 4]) {
+    let (mut ql, mut qh) = ([0u8; QK_K / 2], [0u8; QK_K / 4]);
+    for n in 0..2 {
+        let (lb, qlb, qhb) = (128 * n, 64 * n, 32 * n);
+        for i in 0..32 {
+            let (a, b, c, d) = (l[lb + i], l[lb + i + 32], l[lb + i + 64], l[lb + i + 96]);
+            ql[qlb + i] = (a & 0x0f) | ((c & 0x0f) << 4);
+            ql[qlb + i + 32] = (b & 0x0f) | ((d & 0x0f) << 4);
+            qh[qhb + i] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((d >> 4) << 6);
+        }
+    }
+    (ql, qh)
+}
+
+fn q4k_block(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool) -> BlockQ4K {
+    let a = affine(x, importance, keep_zeros, false);
     BlockQ4K {
         d: a.d,
         dmin: a.dmin,
         scales: a.scales,
-        qs,
+        qs: pack_q4k(&a.l),
     }
 }
 
 fn q5k_block(x: &[f32], importance: Option<&[f32]>, keep_zeros: bool) -> BlockQ5K {
     let a = affine(x, importance, keep_zeros, true);
-    let mut qs = [0u8; QK_K / 2];
-    let mut qh = [0u8; QK_K / 8];
-    for n in 0..4 {
-        for i in 0..32 {
-            let (l1, l2) = (a.l[64 * n + i], a.l[64 * n + 32 + i]);
-            qh[i] |= ((l1 >> 4) << (2 * n)) | ((l2 >> 4) << (2 * n + 1));
-            qs[32 * n + i] = (l1 & 0x0f) | ((l2 & 0x0f) << 4);
-        }
-    }
+    let (qh, qs) = pack_q5k(&a.l);
     BlockQ5K {
         d: a.d,
         dmin: a.dmin,
@@ -345,15 +371,7 @@ fn q6k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ6K {
             l[i] = (nearest_int(x[i] / dj).clamp(-32, 31) + 32) as u8;
         }
     }
-    for n in 0..2 {
-        let (lb, qlb, qhb) = (128 * n, 64 * n, 32 * n);
-        for i in 0..32 {
-            let (a, b, c, d) = (l[lb + i], l[lb + i + 32], l[lb + i + 64], l[lb + i + 96]);
-            out.ql[qlb + i] = (a & 0x0f) | ((c & 0x0f) << 4);
-            out.ql[qlb + i + 32] = (b & 0x0f) | ((d & 0x0f) << 4);
-            out.qh[qhb + i] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((d >> 4) << 6);
-        }
-    }
+    (out.ql, out.qh) = pack_q6k(&l);
     out
 }
 

@@ -49,7 +49,7 @@ pub(super) fn pack_nibbles(q: &[u8; QK]) -> [u8; QK / 2] {
 }
 
 /// The fifth bits of 32 five-bit levels, bit `j` for value `j`.
-fn fifth_bits(q: &[u8; QK]) -> [u8; 4] {
+pub(super) fn fifth_bits(q: &[u8; QK]) -> [u8; 4] {
     let mut qh = 0u32;
     for (j, &v) in q.iter().enumerate() {
         qh |= ((v as u32 >> 4) & 1) << j;

@@ -26,6 +26,7 @@
 //! error never exceeds that of plain rounding. [`quantize`] floors the weights at 1e-3 of
 //! their row mean so a column calibration never saw still gets a sane code.
 
+pub mod grid;
 pub mod iq4nl;
 pub mod kquants;
 pub mod legacy;
@@ -254,19 +255,7 @@ pub fn quantize(
                 row: row_len,
             });
         }
-        Some(w) => {
-            let mean = w.iter().map(|&v| v.max(0.0) as f64).sum::<f64>() / row_len as f64;
-            let floor = if mean > 0.0 {
-                (mean * 1e-3) as f32
-            } else {
-                1.0
-            };
-            Some(
-                w.iter()
-                    .map(|&v| if v.is_finite() { v.max(floor) } else { floor })
-                    .collect(),
-            )
-        }
+        Some(w) => Some(floor_importance(w)),
         None => None,
     };
     let imp = floored.as_deref();
@@ -294,6 +283,20 @@ pub fn quantize(
         GgmlType::IQ4_NL => rows_of::<iq4nl::IQ4NL>(data, row_len, imp, keep_zeros),
         _ => return Err(BlockError::Unsupported(ty.name())),
     })
+}
+
+/// Importance floored at 1e-3 of its mean (1 where it is all zero), non-finite values at the
+/// floor: a column calibration never saw still gets a sane code.
+pub(crate) fn floor_importance(w: &[f32]) -> Vec<f32> {
+    let mean = w.iter().map(|&v| v.max(0.0) as f64).sum::<f64>() / w.len().max(1) as f64;
+    let floor = if mean > 0.0 {
+        (mean * 1e-3) as f32
+    } else {
+        1.0
+    };
+    w.iter()
+        .map(|&v| if v.is_finite() { v.max(floor) } else { floor })
+        .collect()
 }
 
 /// Expands `bytes` of type `ty` holding `n` values back to f32 (through

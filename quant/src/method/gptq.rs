@@ -6,8 +6,9 @@
 //! a block are quantized in true-sequential order: q/k/v, then o, then gate/up, then down,
 //! each with inputs produced by the layers already quantized. Two departures from the
 //! reference, both measured on SmolLM2 (BENCHMARKS.md): each window's first position (the
-//! attention sink) counts [`Gptq::sink_weight`] times in H, and on llama.cpp's grid a
-//! group's scale is searched against diag(H) as imatrix rounding does.
+//! attention sink) counts [`Gptq::sink_weight`] times in H, and into GGUF
+//! ([`crate::gguf_grid`]) a block's scales are searched against diag(H) as imatrix rounding
+//! does.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,8 @@ use model::transformer::Tap;
 
 use super::{BlockJob, BlockResult, Outputs, QuantMethod};
 use crate::QuantError;
+use crate::gguf_export::TypePlan;
+use crate::gguf_grid::{gptq_blocks, linear_type};
 use crate::hessian::{Prepared, prepare, update_after_block, update_within_block};
 use crate::scheme::{GroupParams, QuantScheme, QuantizedLinear};
 use crate::staged::StagedRun;
@@ -42,6 +45,9 @@ pub struct Gptq {
     /// counted once (the reference code, llm-compressor), the error feedback on v/o_proj
     /// made SmolLM2 worse than plain importance rounding. 1 is plain GPTQ.
     pub sink_weight: f32,
+    /// Write every decoder linear into the GGUF block type this plan gives it
+    /// ([`crate::gguf_grid`]) instead of the pipeline's integer scheme.
+    pub gguf: Option<TypePlan>,
 }
 
 /// [`Gptq::sink_weight`]'s default, measured on SmolLM2 (BENCHMARKS.md): W4 g64 asym
@@ -58,6 +64,7 @@ impl Default for Gptq {
             static_groups: false,
             keep_latent: false,
             sink_weight: SINK_WEIGHT,
+            gguf: None,
         }
     }
 }
@@ -76,6 +83,116 @@ pub fn gptq_linear(
     gptq_prepared(scheme, name, w, rows, cols, &prep, opts)
 }
 
+/// What GPTQ's column sweep asks of a grid: [`sweep`] calls `enter` when it reaches a column
+/// (so a grid can fix a group's parameters at its boundary) and `round` for each row of it.
+pub(crate) trait ColumnRounder {
+    /// The sweep reached visiting position `c`; `wm` holds the error-updated weights (columns
+    /// in visiting order).
+    fn enter(&mut self, c: usize, wm: &Mat<f32>);
+    /// The value that row `r` of visiting position `c` takes for its error-updated value `x`.
+    fn round(&mut self, r: usize, c: usize, x: f32) -> f32;
+}
+
+/// `w` `[rows, cols]` in `prep`'s visiting order, dead columns zeroed, as GPTQ's sweep starts.
+pub(crate) fn sweep_start(w: &[f32], rows: usize, cols: usize, prep: &Prepared) -> Mat<f32> {
+    Mat::<f32>::from_fn(rows, cols, |r, c| {
+        if prep.dead[c] {
+            0.0
+        } else {
+            w[r * cols + prep.perm[c]]
+        }
+    })
+}
+
+/// GPTQ's column sweep over `wm` (from [`sweep_start`]): each column rounded by `grid`, its
+/// error pushed onto the columns not yet visited through the Cholesky factor of H⁻¹, in
+/// blocks of `block` columns with lazy updates.
+pub(crate) fn sweep(
+    wm: &mut Mat<f32>,
+    prep: &Prepared,
+    block: usize,
+    grid: &mut dyn ColumnRounder,
+) {
+    let (rows, cols) = (wm.nrows(), wm.ncols());
+    let u = prep.l.L().transpose();
+    for i1 in (0..cols).step_by(block) {
+        let i2 = (i1 + block).min(cols);
+        let count = i2 - i1;
+        let mut err = Mat::<f32>::zeros(rows, count);
+        for i in 0..count {
+            let c = i1 + i;
+            grid.enter(c, wm);
+            let d = u[(c, c)];
+            for r in 0..rows {
+                let x = wm[(r, c)];
+                err[(r, i)] = (x - grid.round(r, c, x)) / d;
+            }
+            update_within_block(wm, &err, u, i1, i, count);
+        }
+        update_after_block(wm, &err, u, i1, i2);
+    }
+}
+
+/// The integer scheme's grid for [`sweep`]: a group's scale and zero point from the
+/// error-updated weights when the sweep enters it (the reference code), or from the original
+/// weights up front (`static_groups`).
+struct SchemeGrid<'a> {
+    scheme: &'a QuantScheme,
+    prep: &'a Prepared,
+    static_groups: bool,
+    g: usize,
+    groups: usize,
+    cols: usize,
+    /// Exact zeros of the input (pruned weights), in visiting order.
+    pruned: Option<Vec<bool>>,
+    params: Vec<GroupParams>,
+    codes: Vec<u8>,
+    g_idx: Vec<u32>,
+    latent: Option<Vec<f32>>,
+    /// Group of the column being rounded.
+    grp: usize,
+}
+
+impl ColumnRounder for SchemeGrid<'_> {
+    fn enter(&mut self, c: usize, wm: &Mat<f32>) {
+        let (g, perm) = (self.g, &self.prep.perm);
+        self.grp = if self.static_groups {
+            perm[c] / g
+        } else {
+            c / g
+        };
+        if !self.static_groups && c % g == 0 {
+            // Group parameters from the error-updated weights, as the reference code does;
+            // pruned positions count as the zeros they will be.
+            for r in 0..wm.nrows() {
+                let kept = |j: usize| self.pruned.as_ref().is_none_or(|m| !m[r * self.cols + j]);
+                let p = self.scheme.params(
+                    (c..(c + g).min(self.cols)).map(|j| if kept(j) { wm[(r, j)] } else { 0.0 }),
+                );
+                self.params[r * self.groups + self.grp] = p;
+            }
+        }
+        self.g_idx[perm[c]] = self.grp as u32;
+    }
+
+    fn round(&mut self, r: usize, c: usize, x: f32) -> f32 {
+        let p = self.params[r * self.groups + self.grp];
+        let at = r * self.cols + self.prep.perm[c];
+        let kept = self.pruned.as_ref().is_none_or(|m| !m[r * self.cols + c]);
+        let code = if kept {
+            self.scheme.code(x, p)
+        } else {
+            p.zero.clamp(0, self.scheme.qmax()) as u8
+        };
+        self.codes[at] = code;
+        if let Some(l) = self.latent.as_mut() {
+            // A pruned weight's latent value is the zero it stays.
+            l[at] = if kept { x } else { 0.0 };
+        }
+        QuantScheme::value(code, p)
+    }
+}
+
 /// As [`gptq_linear`], with the Hessian already factored by [`prepare`].
 pub fn gptq_prepared(
     scheme: &QuantScheme,
@@ -88,11 +205,8 @@ pub fn gptq_prepared(
 ) -> Result<QuantizedLinear, QuantError> {
     let g = scheme.group_len(name, cols)?;
     let groups = cols.div_ceil(g);
-    let (perm, dead) = (&prep.perm, &prep.dead);
-    let u = prep.l.L().transpose();
-    let mut wm = Mat::<f32>::from_fn(rows, cols, |r, c| {
-        if dead[c] { 0.0 } else { w[r * cols + perm[c]] }
-    });
+    let perm = &prep.perm;
+    let mut wm = sweep_start(w, rows, cols, prep);
     // Exact zeros of the input (pruned weights) stay exact zeros: they take the zero code and
     // their whole value becomes error pushed onto later columns, as in SparseGPT's joint
     // sparsity + quantization mode. A pruned model keeps its mask through quantization.
@@ -101,87 +215,45 @@ pub fn gptq_prepared(
             .map(|i| w[(i / cols) * cols + perm[i % cols]] == 0.0)
             .collect()
     });
-
-    let mut codes = vec![0u8; rows * cols];
-    // On llama.cpp's grid each group's scale is searched against diag(H), the activation
-    // energy of its columns, as imatrix rounding does (measured better than GPTQ's own error
-    // weight 1 / [H⁻¹]_cc: 26.43 vs 26.73 perplexity for SmolLM2 Q4_0).
-    let imp = &prep.diag;
-    let group_params = |vals: &mut dyn Iterator<Item = (usize, f32)>| -> GroupParams {
-        let (cols_of, x): (Vec<usize>, Vec<f32>) = vals.unzip();
-        let w: Vec<f32> = cols_of.iter().map(|&j| imp[j]).collect();
-        scheme.params_weighted(&x, &w)
-    };
-    let mut params = if opts.static_groups {
-        // Groups of consecutive original columns, whatever order the sweep takes.
-        (0..rows * groups)
-            .map(|i| {
-                let (r, gi) = (i / groups, i % groups);
-                group_params(&mut (gi * g..((gi + 1) * g).min(cols)).map(|j| (j, w[r * cols + j])))
-            })
-            .collect()
-    } else {
-        vec![
+    let mut grid = SchemeGrid {
+        scheme,
+        prep,
+        static_groups: opts.static_groups,
+        g,
+        groups,
+        cols,
+        pruned,
+        params: vec![
             GroupParams {
                 scale: 1.0,
                 zero: 0
             };
             rows * groups
-        ]
+        ],
+        codes: vec![0u8; rows * cols],
+        g_idx: vec![0u32; cols],
+        latent: opts.keep_latent.then(|| vec![0f32; rows * cols]),
+        grp: 0,
     };
-    let mut g_idx = vec![0u32; cols];
-    let mut latent = opts.keep_latent.then(|| vec![0f32; rows * cols]);
-    for i1 in (0..cols).step_by(opts.block) {
-        let i2 = (i1 + opts.block).min(cols);
-        let count = i2 - i1;
-        let mut err = Mat::<f32>::zeros(rows, count);
-        for i in 0..count {
-            let c = i1 + i;
-            let grp = if opts.static_groups {
-                perm[c] / g
-            } else {
-                c / g
-            };
-            if !opts.static_groups && c % g == 0 {
-                // Group parameters from the error-updated weights, as the reference code does.
-                for r in 0..rows {
-                    // Pruned positions count as the zeros they will be.
-                    let kept = |j: usize| pruned.as_ref().is_none_or(|m| !m[r * cols + j]);
-                    params[r * groups + grp] = group_params(
-                        &mut (c..(c + g).min(cols))
-                            .map(|j| (perm[j], if kept(j) { wm[(r, j)] } else { 0.0 })),
-                    );
-                }
-            }
-            g_idx[perm[c]] = grp as u32;
-            let d = u[(c, c)];
-            for r in 0..rows {
-                let p = params[r * groups + grp];
-                let x = wm[(r, c)];
-                let code = match &pruned {
-                    Some(m) if m[r * cols + c] => p.zero.clamp(0, scheme.qmax()) as u8,
-                    _ => scheme.code(x, p),
-                };
-                codes[r * cols + perm[c]] = code;
-                if let Some(l) = latent.as_mut() {
-                    // A pruned weight's latent value is the zero it stays.
-                    let kept = pruned.as_ref().is_none_or(|m| !m[r * cols + c]);
-                    l[r * cols + perm[c]] = if kept { x } else { 0.0 };
-                }
-                err[(r, i)] = (x - QuantScheme::value(code, p)) / d;
-            }
-            update_within_block(&mut wm, &err, u, i1, i, count);
+    if opts.static_groups {
+        // Groups of consecutive original columns, whatever order the sweep takes.
+        for i in 0..rows * groups {
+            let (r, gi) = (i / groups, i % groups);
+            grid.params[i] = grid
+                .scheme
+                .params((gi * g..((gi + 1) * g).min(cols)).map(|j| w[r * cols + j]));
         }
-        update_after_block(&mut wm, &err, u, i1, i2);
     }
+    sweep(&mut wm, prep, opts.block, &mut grid);
     Ok(QuantizedLinear {
         rows,
         cols,
-        codes,
-        params,
+        codes: grid.codes,
+        params: grid.params,
         groups,
-        g_idx,
-        latent,
+        g_idx: grid.g_idx,
+        latent: grid.latent,
+        blocks: None,
     })
 }
 
@@ -235,15 +307,14 @@ impl QuantMethod for Gptq {
                 let t = job.weights.get(&format!("{name}.weight"));
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 reference.insert(name.to_string(), t.data.clone());
-                let q = gptq_prepared(
-                    &job.scheme,
-                    &format!("{name}.weight"),
-                    &t.data,
-                    rows,
-                    cols,
-                    &prep,
-                    self,
-                )?;
+                let full = format!("model.layers.{}.{name}.weight", job.layer);
+                let q = match &self.gguf {
+                    Some(plan) => {
+                        let ty = linear_type(plan, &full, rows, cols)?;
+                        gptq_blocks(ty, &full, &t.data, rows, cols, &prep, self)?
+                    }
+                    None => gptq_prepared(&job.scheme, &full, &t.data, rows, cols, &prep, self)?,
+                };
                 job.weights.get_mut(&format!("{name}.weight")).data = q.dequantize();
                 linears.insert(name.to_string(), q);
                 stats.insert(name.to_string(), st.without_xtx());

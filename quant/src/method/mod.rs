@@ -30,6 +30,8 @@ pub struct BlockJob<'a> {
     pub rope: &'a Rope,
     /// Compute device.
     pub device: &'a Device,
+    /// Index of the block in the model.
+    pub layer: usize,
     /// The scheme.
     pub scheme: QuantScheme,
     /// Rows of inputs to keep for search objectives and error reports.
@@ -92,6 +94,8 @@ pub struct MethodOptions {
     pub keep_latent: bool,
     /// GPTQ: weight of each window's first position in H ([`gptq::Gptq::sink_weight`]).
     pub sink_weight: Option<f32>,
+    /// GPTQ: the GGUF types to write into ([`gptq::Gptq::gguf`]; set by `--format gguf:*`).
+    pub gguf: Option<crate::gguf_export::TypePlan>,
     /// AWQ: skip the scale search.
     pub no_awq_scale: bool,
     /// AWQ: skip the clipping search.
@@ -134,6 +138,7 @@ impl MethodKind {
             (o.static_groups, "--static-groups"),
             (o.keep_latent, "--gptq-latent"),
             (o.sink_weight.is_some(), "--sink-weight"),
+            (o.gguf.is_some(), "GPTQ into GGUF"),
         ];
         let awq = [
             (o.no_awq_scale, "--no-awq-scale"),
@@ -170,6 +175,7 @@ impl MethodKind {
                 static_groups: o.static_groups,
                 keep_latent: o.keep_latent,
                 sink_weight: o.sink_weight.unwrap_or(gptq::SINK_WEIGHT),
+                gguf: o.gguf.clone(),
                 ..gptq::Gptq::default()
             }),
         })
