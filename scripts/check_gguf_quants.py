@@ -12,7 +12,7 @@ For random inputs (gaussian weights with outliers, plus edge cases: all-zero and
 blocks, ties, tiny and huge magnitudes) it checks
   1. byte-for-byte equality with gguf.quants.quantize for every type gguf-py can quantize
      (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16);
-  2. for EVERY type we write (incl. Q4_K, Q5_K, Q6_K, and the importance-weighted path),
+  2. for EVERY type we write (incl. Q3_K, Q4_K, Q5_K, Q6_K, and the importance-weighted path),
      that gguf.quants.dequantize(our bytes) equals our own dequantization exactly.
 Exits 1 on any mismatch, 0 with a summary otherwise.
 """
@@ -31,7 +31,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 REPO = Path(__file__).resolve().parent.parent
-TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "F16", "BF16"]
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "F16", "BF16"]
 
 
 def make_input(rng: np.random.Generator, rows: int, row_len: int) -> np.ndarray:

@@ -27,8 +27,8 @@ pub struct Args {
     /// Replace OUT if it exists.
     #[arg(long)]
     force: bool,
-    /// GGUF output only: the type preset (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
-    /// q4_k_m, q5_k_m, iq4_nl, f16, f32, bf16).
+    /// GGUF output only: the type preset (q8_0, q4_0, q4_1, q5_0, q5_1, q3_k, q4_k, q5_k,
+    /// q6_k, q3_k_m, q4_k_m, q5_k_m, iq4_nl, f16, f32, bf16).
     #[arg(long = "type", default_value = "q8_0")]
     gguf_type: String,
     /// GGUF output only: override tensor types, PATTERN=TYPE (e.g. ffn_down=q6_k,

@@ -78,16 +78,17 @@ pub struct TypeRule {
 /// | `q8_0` | Q8_0 | Q8_0 | Q8_0 | 7 |
 /// | `q4_0`, `q4_1`, `q5_0`, `q5_1` | that type | Q6_K | default | 2, 3, 8, 9 |
 /// | `iq4_nl` | IQ4_NL | Q6_K | `attn_v` Q5_K when `gqa` >= 4, else default | 25 |
-/// | `q4_k`, `q5_k` | Q4_K, Q5_K | Q6_K | default | 14, 16 (llama.cpp's `_S` ids) |
+/// | `q3_k`, `q4_k`, `q5_k` | Q3_K, Q4_K, Q5_K | Q6_K | default | 11, 14, 16 (llama.cpp's `_S` ids) |
 /// | `q6_k` | Q6_K | Q6_K | Q6_K | 18 |
+/// | `q3_k_m` | Q3_K | Q6_K | `attn_v` Q5_K for i < 2, else Q4_K; `ffn_down` Q5_K for i < n/16, else Q4_K; `attn_output` Q4_K | 12 |
 /// | `q4_k_m` | Q4_K | Q6_K | Q6_K where `more(i)`, else Q4_K | 15 |
 /// | `q5_k_m` | Q5_K | Q6_K | Q6_K where `more(i)`, else Q5_K | 17 |
 ///
 /// These follow llama.cpp's `llama_tensor_get_type` for those file types (its `q4_k`/`q5_k`
 /// `_S` mixes also bump a few early layers to Q5_K; ours do not). With fallbacks, a model
 /// whose hidden size is not a multiple of 256 (SmolLM2: 576) gets Q8_0 for the output in
-/// every 4/5-bit preset, and Q5_0 (`q4_k*`) / Q5_1 (`q5_k*`) for all tensors whose rows are
-/// hidden-sized — exactly what llama-quantize writes for it.
+/// every 3/4/5-bit preset, and Q5_0 (`q4_k*`) / Q5_1 (`q5_k*`) / IQ4_NL (`q3_k*`) for all
+/// tensors whose rows are hidden-sized — exactly what llama-quantize writes for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TypePlan {
     /// Preset name (or `custom`).
@@ -102,8 +103,8 @@ pub struct TypePlan {
 
 /// The preset names [`TypePlan::preset`] accepts.
 pub const PRESETS: &[&str] = &[
-    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m",
-    "q5_k_m", "iq4_nl",
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k",
+    "q3_k_m", "q4_k_m", "q5_k_m", "iq4_nl",
 ];
 
 /// llama.cpp's `use_more_bits(i, n)`.
@@ -152,8 +153,9 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
-/// The type llama.cpp falls back to when `ty`'s block does not divide `row_len`: Q4_K ->
-/// Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and any 32-wide type -> F16; repeated until it fits.
+/// The type llama.cpp falls back to when `ty`'s block does not divide `row_len`: Q3_K ->
+/// IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and any 32-wide type -> F16; repeated
+/// until it fits.
 pub fn fallback_type(ty: GgmlType, row_len: usize) -> GgmlType {
     let mut t = ty;
     loop {
@@ -162,6 +164,7 @@ pub fn fallback_type(ty: GgmlType, row_len: usize) -> GgmlType {
             return t;
         }
         t = match t {
+            GgmlType::Q3_K => GgmlType::IQ4_NL,
             GgmlType::Q4_K => GgmlType::Q5_0,
             GgmlType::Q5_K => GgmlType::Q5_1,
             GgmlType::Q6_K => GgmlType::Q8_0,
@@ -219,6 +222,7 @@ impl TypePlan {
                 | GgmlType::Q4_1
                 | GgmlType::Q5_0
                 | GgmlType::Q5_1
+                | GgmlType::Q3_K
                 | GgmlType::Q4_K
                 | GgmlType::Q5_K
                 | GgmlType::IQ4_NL
@@ -235,7 +239,21 @@ impl TypePlan {
                 ty: GgmlType::Q5_K,
             });
         }
-        if mixed {
+        if mixed && ty == GgmlType::Q3_K {
+            // llama.cpp's Q3_K_M: attn_v Q5_K in the first two blocks, ffn_down in the first
+            // n/16, both Q4_K elsewhere; attn_output Q4_K.
+            for i in 0..n_layers {
+                let rule = |t: &str, ty| TypeRule {
+                    pattern: format!("blk.{i}.{t}.weight"),
+                    ty,
+                };
+                let wide = |more: bool| if more { GgmlType::Q5_K } else { GgmlType::Q4_K };
+                plan.rules.push(rule("attn_v", wide(i < 2)));
+                plan.rules.push(rule("ffn_down", wide(i < n_layers / 16)));
+                plan.rules.push(rule("attn_output", GgmlType::Q4_K));
+            }
+            plan.file_type = 12;
+        } else if mixed {
             for i in (0..n_layers).filter(|&i| use_more_bits(i, n_layers)) {
                 for t in ["attn_v", "ffn_down"] {
                     plan.rules.push(TypeRule {
@@ -312,6 +330,7 @@ fn file_type_of(ty: GgmlType) -> u32 {
         GgmlType::Q8_0 => 7,
         GgmlType::Q5_0 => 8,
         GgmlType::Q5_1 => 9,
+        GgmlType::Q3_K => 11,
         GgmlType::Q4_K => 14,
         GgmlType::Q5_K => 16,
         GgmlType::Q6_K => 18,
@@ -1013,7 +1032,32 @@ mod tests {
             r.type_for("blk.2.ffn_down.weight", &[4096, 11008]),
             GgmlType::Q8_0
         );
-        assert!(TypePlan::preset("q3_k", 30, false, 1).is_err());
+        assert!(TypePlan::preset("q2_k", 30, false, 1).is_err());
+        // q3_k_m on SmolLM2's shapes: Q3_K rows of 576 fall back to IQ4_NL, Q4_K to Q5_0,
+        // Q5_K to Q5_1, the output Q6_K to Q8_0; the 1536-wide ffn_down keeps its K types.
+        let m = TypePlan::preset("q3_k_m", 30, true, 3).unwrap();
+        assert_eq!(m.file_type, 12);
+        for (name, shape, ty) in [
+            ("blk.3.attn_q.weight", [576, 576], GgmlType::IQ4_NL),
+            ("blk.3.ffn_up.weight", [1536, 576], GgmlType::IQ4_NL),
+            ("blk.1.attn_v.weight", [192, 576], GgmlType::Q5_1),
+            ("blk.2.attn_v.weight", [192, 576], GgmlType::Q5_0),
+            ("blk.7.attn_output.weight", [576, 576], GgmlType::Q5_0),
+            ("blk.0.ffn_down.weight", [576, 1536], GgmlType::Q5_K),
+            ("blk.1.ffn_down.weight", [576, 1536], GgmlType::Q4_K),
+            ("token_embd.weight", [49152, 576], GgmlType::Q8_0),
+        ] {
+            assert_eq!(m.type_for(name, &shape), ty, "{name}");
+        }
+        // On 4096-wide rows the planned types stand.
+        assert_eq!(
+            m.type_for("blk.3.attn_q.weight", &[4096, 4096]),
+            GgmlType::Q3_K
+        );
+        assert_eq!(
+            m.type_for("blk.5.attn_v.weight", &[1024, 4096]),
+            GgmlType::Q4_K
+        );
         // iq4_nl: llama.cpp's mix (output Q6_K; attn_v Q5_K only with 4+ heads per kv head).
         let n = TypePlan::preset("iq4_nl", 30, true, 3).unwrap();
         assert_eq!(n.file_type, 25);

@@ -46,7 +46,7 @@ pub fn linear_type(
 }
 
 /// Checks that every decoder linear of a model with `cfg` gets a block type GPTQ can write
-/// (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K); an error naming the tensor
+/// (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL, Q3_K, Q4_K, Q5_K, Q6_K); an error naming the tensor
 /// otherwise (a float type from a `--tensor-type` rule, say).
 pub fn check_plan(plan: &TypePlan, cfg: &Config) -> Result<(), QuantError> {
     let mut any = false;
@@ -63,7 +63,7 @@ pub fn check_plan(plan: &TypePlan, cfg: &Config) -> Result<(), QuantError> {
             let ty = linear_type(plan, &name, shape[0], shape[1])?;
             if !supported(ty) {
                 return Err(QuantError::Input(format!(
-                    "{} would be {}: GPTQ writes q8_0, q4_0, q5_0, q4_1, q5_1, iq4_nl, q4_k, q5_k and q6_k blocks only",
+                    "{} would be {}: GPTQ writes q8_0, q4_0, q5_0, q4_1, q5_1, iq4_nl, q3_k, q4_k, q5_k and q6_k blocks only",
                     hf_to_gguf_name(&name).unwrap_or(name),
                     ty.name()
                 )));

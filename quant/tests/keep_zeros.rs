@@ -83,6 +83,7 @@ fn every_type_keeps_the_zeros_of_a_pruned_tensor() {
             }
             // Still a faithful quantization of the nonzeros.
             let bound = match ty {
+                GgmlType::Q3_K => 0.2,
                 GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::IQ4_NL => 0.12,
                 _ => 0.06,
             };

@@ -86,6 +86,35 @@ pub struct BlockQ5_1 {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
 
+/// `block_q3_K`: 256 3-bit values in 16 sub-blocks of 16 with 6-bit signed sub-scales.
+/// Value `i` has its low two bits at `qs[32 (i / 128) + i % 32] >> 2 ((i % 128) / 32)` and its
+/// high bit at `hmask[i % 32] >> (i / 32)`; level `low + 4 high - 4` (-4..=3) times
+/// `d * (scale of sub-block i / 16)`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BlockQ3K {
+    /// High bits.
+    pub hmask: [u8; QK_K / 8],
+    /// Low 2 bits.
+    pub qs: [u8; QK_K / 4],
+    /// Packed 6-bit sub-scales (each stored plus 32).
+    pub scales: [u8; K_SCALE_SIZE],
+    /// Super-block scale.
+    pub d: u16,
+}
+const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
+
+/// Q3_K's 16 sub-scales (`-32..=31`) from their packing (llama.cpp's `kmask` unpacking): the
+/// low 4 bits of sub-block `j` in byte `j % 8` (low nibble for `j < 8`, high nibble after),
+/// the top 2 bits in byte `8 + j % 4` at bit `2 (j / 4)`.
+pub fn q3k_scales(q: &[u8; K_SCALE_SIZE]) -> [i8; 16] {
+    std::array::from_fn(|j| {
+        let lo = if j < 8 { q[j] & 0x0f } else { q[j - 8] >> 4 };
+        let hi = (q[8 + j % 4] >> (2 * (j / 4))) & 3;
+        ((lo | (hi << 4)) as i32 - 32) as i8
+    })
+}
+
 /// `block_q4_K`: 256 values in 8 sub-blocks of 32, 6-bit sub-scales and sub-mins.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -236,6 +265,20 @@ pub fn scale_min_k4(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
             (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
             (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
+    }
+}
+
+impl GgmlBlock for BlockQ3K {
+    const BLOCK: usize = QK_K;
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = h(self.d);
+        let sc = q3k_scales(&self.scales);
+        for (i, o) in out.iter_mut().enumerate().take(QK_K) {
+            let low = (self.qs[32 * (i / 128) + i % 32] >> (2 * ((i % 128) / 32))) & 3;
+            let high = (self.hmask[i % 32] >> (i / 32)) & 1;
+            let level = (low + 4 * high) as i32 - 4;
+            *o = d * sc[i / 16] as f32 * level as f32;
+        }
     }
 }
 

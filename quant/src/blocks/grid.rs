@@ -10,12 +10,12 @@
 
 use model::gguf::GgmlType;
 use model::gguf::blocks::{
-    BlockIQ4NL, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
-    BlockQ8_0, IQ4_NL_VALUES, QK, QK_K, scale_min_k4,
+    BlockIQ4NL, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, IQ4_NL_VALUES, QK, QK_K, q3k_scales, scale_min_k4,
 };
 
 use super::iq4nl::{IQ4NL, nearest};
-use super::kquants::{Q4K, Q5K, Q6K, pack_q4k, pack_q5k, pack_q6k};
+use super::kquants::{Q3K, Q4K, Q5K, Q6K, pack_q3k, pack_q4k, pack_q5k, pack_q6k};
 use super::legacy::{self, fifth_bits, inv, pack_nibbles};
 use super::{BlockQuantizer, f16_val, nearest_int};
 
@@ -78,6 +78,7 @@ pub fn supported(ty: GgmlType) -> bool {
             | GgmlType::Q4_1
             | GgmlType::Q5_1
             | GgmlType::IQ4_NL
+            | GgmlType::Q3_K
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
@@ -140,6 +141,15 @@ impl FixedBlock {
                     ..SubGrid::linear(f16_val(b.d), 0.0, 0, 15)
                 }];
                 (bytemuck::bytes_of(&b).to_vec(), g, QK)
+            }
+            GgmlType::Q3_K => {
+                let b = block::<Q3K>(x, w, keep_zeros);
+                let d = f16_val(b.d);
+                let g = q3k_scales(&b.scales)
+                    .iter()
+                    .map(|&sc| SubGrid::linear(d * sc as f32, 0.0, -4, 3))
+                    .collect();
+                (bytemuck::bytes_of(&b).to_vec(), g, 16)
             }
             GgmlType::Q4_K => {
                 let b = block::<Q4K>(x, w, keep_zeros);
@@ -222,6 +232,11 @@ impl FixedBlock {
             GgmlType::IQ4_NL => {
                 let mut b: BlockIQ4NL = bytemuck::pod_read_unaligned(bytes);
                 b.qs = pack_nibbles(&b32(0));
+                bytemuck::bytes_of(&b).to_vec()
+            }
+            GgmlType::Q3_K => {
+                let mut b: BlockQ3K = bytemuck::pod_read_unaligned(bytes);
+                (b.hmask, b.qs) = pack_q3k(&b256(4));
                 bytemuck::bytes_of(&b).to_vec()
             }
             GgmlType::Q4_K => {
