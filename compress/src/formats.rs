@@ -4,6 +4,9 @@
 
 use anyhow::bail;
 
+/// `gguf:auto`: per-tensor types chosen under a size budget (`quant` only).
+pub const AUTO: &str = "auto";
+
 /// One output format.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
@@ -15,7 +18,7 @@ pub enum Format {
     Sparse,
     /// The bitsandbytes layout (`quant --scheme`).
     Bnb,
-    /// A GGUF file of this type preset (lower case, one of `convert --type`'s).
+    /// A GGUF file of this type preset (lower case, one of `convert --type`'s), or [`AUTO`].
     Gguf(String),
 }
 
@@ -30,11 +33,13 @@ impl std::str::FromStr for Format {
             "sparse" => Ok(Format::Sparse),
             "bnb" => Ok(Format::Bnb),
             _ => match s.strip_prefix("gguf:") {
-                Some(ty) if quant::gguf_export::PRESETS.contains(&ty.trim()) => {
+                Some(ty)
+                    if quant::gguf_export::PRESETS.contains(&ty.trim()) || ty.trim() == AUTO =>
+                {
                     Ok(Format::Gguf(ty.trim().to_string()))
                 }
                 Some(ty) => Err(format!(
-                    "unknown GGUF type `{ty}` (valid: {})",
+                    "unknown GGUF type `{ty}` (valid: {}, {AUTO})",
                     quant::gguf_export::PRESETS.join(", ")
                 )),
                 None => Err(format!(

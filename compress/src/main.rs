@@ -25,6 +25,7 @@ mod pruning;
 mod qat;
 mod qat_gguf;
 mod qat_init;
+mod quant_auto;
 mod quant_bnb;
 mod quantize;
 mod recipe;

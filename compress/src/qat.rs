@@ -108,7 +108,10 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         bail!("qat needs --teacher MODEL (the student defaults to it) or --student MODEL");
     }
     // At most one gguf:TYPE, beside the folder formats.
-    let written = |f: &Format| matches!(f, Format::Dense | Format::Packed | Format::Gguf(_));
+    let written = |f: &Format| match f {
+        Format::Gguf(t) => t != crate::formats::AUTO,
+        other => matches!(other, Format::Dense | Format::Packed),
+    };
     crate::formats::check(&a.format, written, "qat", "dense, packed, gguf:TYPE")?;
     let gguf = crate::formats::gguf(&a.format).map(str::to_string);
     let packed = a.format.contains(&Format::Packed);

@@ -41,7 +41,7 @@ pub struct Args {
     sym: bool,
     /// Calibration text: plain text, or JSONL with a `text` field.
     #[arg(long)]
-    calib: Option<crate::Path>,
+    pub(crate) calib: Option<crate::Path>,
     /// Calibration sequences.
     #[arg(long, default_value_t = 128)]
     calib_samples: usize,
@@ -103,7 +103,14 @@ pub struct Args {
     pub(crate) format: Vec<Format>,
     /// gguf:TYPE only: override tensor types, PATTERN=TYPE (as `convert --tensor-type`).
     #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
-    tensor_type: Vec<String>,
+    pub(crate) tensor_type: Vec<String>,
+    /// gguf:auto: the size budget in bits per weight over all tensors (the report's
+    /// `bits_per_weight`; Q4_0 of SmolLM2 is 5.36).
+    #[arg(long)]
+    pub(crate) target_bpw: Option<f64>,
+    /// gguf:auto: the size budget in bytes of tensor data (the file adds its metadata).
+    #[arg(long, conflicts_with = "target_bpw")]
+    pub(crate) target_bytes: Option<u64>,
     /// Replace OUT if it exists.
     #[arg(long)]
     pub(crate) force: bool,
@@ -117,7 +124,7 @@ pub struct Args {
     #[arg(long, value_enum, conflicts_with_all = [
         "bits", "group", "per_channel", "sym", "calib", "calib_samples", "calib_len", "seed",
         "propagate", "act_order", "damp", "static_groups", "sink_weight", "no_awq_scale", "no_awq_clip",
-        "sample_rows", "tensor_type",
+        "sample_rows", "tensor_type", "target_bpw", "target_bytes",
     ])]
     pub(crate) scheme: Option<crate::quant_bnb::SchemeArg>,
     /// --scheme nf4|fp4: values per absmax block along the flattened row-major weight (32, 64,
@@ -224,6 +231,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if crate::formats::gguf(&a.format).is_none() {
         QuantScheme::new(a.bits, (!a.per_channel).then_some(a.group), a.sym)?;
     }
+    crate::quant_auto::check(&a)?;
     if let Some(ty) = crate::formats::gguf(&a.format) {
         for (set, flag) in [
             (a.bits != 4, "--bits"),
@@ -538,8 +546,8 @@ fn method_options(a: &Args) -> MethodOptions {
 
 fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()> {
     use quant::gguf_export::{PRESETS, TypePlan};
-    // `Format` parsed the type: one of PRESETS, lower case.
-    debug_assert!(PRESETS.contains(&ty));
+    // `Format` parsed the type: one of PRESETS or `auto`, lower case.
+    debug_assert!(PRESETS.contains(&ty) || ty == crate::formats::AUTO);
     let awq = (a.method == MethodKind::Awq).then(quant::method::awq::Awq::default);
     let gptq = a.method == MethodKind::Gptq;
     a.method.check_options(&method_options(a))?;
@@ -574,16 +582,21 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     };
     let tok = model::tokenizer::load_checked(&ckpt).context("cannot build the tokenizer")?;
     let cfg = ckpt.config();
-    let mut plan = TypePlan::for_model(&ty, cfg, cfg.tie_word_embeddings)?;
-    for r in a.tensor_type.iter().rev() {
-        plan = plan.with_rule(r)?;
-    }
+    let windows = calibration(a, &tok, ckpt.config())?;
+    let (plan, auto) = if ty == crate::formats::AUTO {
+        crate::quant_auto::plan(a, &ckpt, &windows)?
+    } else {
+        let mut plan = TypePlan::for_model(ty, cfg, cfg.tie_word_embeddings)?;
+        for r in a.tensor_type.iter().rev() {
+            plan = plan.with_rule(r)?;
+        }
+        (plan, serde_json::Value::Null)
+    };
     // GPTQ into the plan's block types: every linear's type checked before any work.
     if gptq {
         quant::gguf_grid::check_plan(&plan, cfg)
             .map_err(|e| anyhow::anyhow!("--method gptq --format gguf:{ty}: {e}"))?;
     }
-    let windows = calibration(a, &tok, ckpt.config())?;
     let awq = awq.filter(|_| !a.no_awq_scale);
 
     let tmp = temp_sibling(&a.out);
@@ -635,7 +648,7 @@ fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow::Result<()>
     let full = json!({
         "teacher": a.model, "format": format!("gguf:{ty}"), "method": a.method,
         "importance": !gptq && !windows.is_empty(), "awq_scales": awq.is_some(), "gptq": gptq_summary,
-        "gptq_options": gptq_options(a),
+        "gptq_options": gptq_options(a), "auto": auto,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": windows.len(), "len": a.calib_len, "seed": a.seed})),
         "file_bytes": report.file_bytes, "tensor_bytes": report.tensor_bytes(), "params": report.params(),
         "bits_per_weight": report.bpw(), "seconds": report.seconds,

@@ -321,7 +321,7 @@ pub fn type_names() -> Vec<String> {
 }
 
 /// llama.cpp's `llama_ftype` for a file mostly of `ty`.
-fn file_type_of(ty: GgmlType) -> u32 {
+pub fn file_type_of(ty: GgmlType) -> u32 {
     match ty {
         GgmlType::F32 => 0,
         GgmlType::F16 => 1,

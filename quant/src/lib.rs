@@ -5,6 +5,7 @@
 pub mod block;
 pub mod blocks;
 pub mod calib;
+pub mod gguf_auto;
 pub mod gguf_calib;
 pub mod gguf_export;
 pub mod gguf_grid;
