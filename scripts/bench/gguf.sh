@@ -7,13 +7,16 @@
 # ratio to the teacher and the KL divergence from the teacher (KLD=0 leaves it out), export
 # wall time and peak RSS. Prints a markdown table.
 #   CALIB_SAMPLES (default 128) x CALIB_LEN (512) tokens of wiki.valid.tokens, seed 0;
-#   TYPES (default "q4_0 q4_k_m"), HOWS (default "plain imatrix awq gptq"), CHUNKS (default 32), OUT (default /tmp/gguf-bench).
+#   TYPES (default "q4_0 q4_k_m"; `auto` is gguf:auto under AUTO_TARGET, default
+#   "--target-bytes 89941248", the tensor bytes of SmolLM2's Q4_0, and has no plain row),
+#   HOWS (default "plain imatrix awq gptq"), CHUNKS (default 32), OUT (default /tmp/gguf-bench).
 set -euo pipefail
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 CALIB_LEN="${CALIB_LEN:-512}"
 TYPES="${TYPES:-q4_0 q4_k_m}"
 HOWS="${HOWS:-plain imatrix awq gptq}"
 OUT="${OUT:-/tmp/gguf-bench}"
+read -r -a AUTO_ARGS <<< "${AUTO_TARGET:---target-bytes 89941248}"
 source "$(dirname "$0")/lib.sh"
 
 read -r T_PPL T_SE _ _ < <(ppl "$MODEL")
@@ -24,6 +27,11 @@ echo "|---|---|---|---|---|---|---|---|---|"
 for TY in $TYPES; do
     for HOW in $HOWS; do
         F="$OUT/$TY-$HOW"
+        EXTRA=()
+        if [[ "$TY" == auto ]]; then
+            [[ "$HOW" == plain ]] && continue
+            EXTRA=("${AUTO_ARGS[@]}")
+        fi
         case "$HOW" in
             plain) CMD=("$BIN" convert "$MODEL" "$F.gguf" --type "$TY" --force) ;;
             imatrix) CMD=("$BIN" quant "$MODEL" --method rtn --format "gguf:$TY" --out "$F" --force
@@ -34,7 +42,7 @@ for TY in $TYPES; do
                        --calib "$CALIB" --calib-samples "$CALIB_SAMPLES" --calib-len "$CALIB_LEN") ;;
         esac
         START=$(date +%s.%N)
-        /usr/bin/time -f "%M" -o "$OUT/rss" "${CMD[@]}" >/dev/null
+        /usr/bin/time -f "%M" -o "$OUT/rss" "${CMD[@]}" ${EXTRA[@]+"${EXTRA[@]}"} >/dev/null
         END=$(date +%s.%N)
         FILE="$F.gguf"; [ "$HOW" = plain ] || FILE="$F/model.gguf"
         if [[ "${KLD:-1}" != 0 ]]; then
