@@ -486,7 +486,10 @@ mod tests {
         crate::testkit::write_hf(dir.path(), &cfg, 7, |_, _| {});
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         let mut g = Generator::open(&ckpt, 8).unwrap();
-        let seqs = [[5u32, 9, 200, 3], [17, 17, 4, 250], [1, 2, 3, 4]];
+        // 12 sequences: past the dot-product path's 8 rows, so the gemm path is checked too.
+        let seqs: Vec<[u32; 4]> = (0..12u32)
+            .map(|i| [5 + i, (9 * i) % 290, 200 - i, (3 + 37 * i) % 290])
+            .collect();
         let single: Vec<Vec<f32>> = seqs
             .iter()
             .map(|s| {
@@ -501,7 +504,7 @@ mod tests {
             batched = g.forward_batch(&col).unwrap();
         }
         let v = ckpt.config().vocab_size;
-        assert_eq!(batched.len(), 3 * v);
+        assert_eq!(batched.len(), seqs.len() * v);
         for (i, one) in single.iter().enumerate() {
             let diff = one
                 .iter()

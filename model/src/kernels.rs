@@ -8,9 +8,11 @@ use rayon::prelude::*;
 
 /// Output rows per matrix-product call: a fixed split, so results do not depend on threads.
 const ROWS_PER_TASK: usize = 128;
-/// Up to this many input rows (decoding, batched decoding), a linear is dot products over the
-/// weight rows; more (a prompt) go to the gemm kernels.
-const DOT_ROWS: usize = 64;
+/// Up to this many input rows (single-sequence decoding, a few sequences), a linear is dot
+/// products over the weight rows; more (batched decoding, a prompt) go to the gemm kernels,
+/// whose register blocking wins once the rows are many: 32 sequences decode 19% faster than
+/// with dot products (BENCHMARKS.md, "Generation speed").
+const DOT_ROWS: usize = 8;
 
 /// `x [m, k] · wᵀ` for `w [n, k]` (both row-major), plus `bias [n]`: `[m, n]` row-major.
 pub(crate) fn matmul_t(
