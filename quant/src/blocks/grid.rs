@@ -15,8 +15,9 @@ use model::gguf::blocks::{
 };
 
 use super::iq4nl::{IQ4NL, nearest};
-use super::kquants::{Q3K, Q4K, Q5K, Q6K, pack_q3k, pack_q4k, pack_q5k, pack_q6k};
+use super::kquants::{Q4K, Q5K, Q6K, pack_q4k, pack_q5k, pack_q6k};
 use super::legacy::{self, fifth_bits, inv, pack_nibbles};
+use super::q3k::{Q3K, pack_q3k};
 use super::{BlockQuantizer, f16_val, nearest_int};
 
 /// The grid of one sub-block: level `q` in `lo..=hi` decodes to `d * q + b`, or with the

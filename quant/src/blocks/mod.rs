@@ -10,6 +10,9 @@
 //!   search over symmetric scales, then 8-bit sub-scales): the semantics of ggml's reference
 //!   quantizers, written from their description. gguf-py cannot quantize these, so they are
 //!   checked by round-trip error and by gguf-py dequantizing our bytes to our values.
+//! * Q3_K ([`q3k`]): per 16-value sub-block a symmetric 3-bit scale search (ggml's
+//!   `make_q3_quants`), then 6-bit sub-scales; checked the same way.
+//! * [`grid`]: a block with its header fixed, for GPTQ's rounding into any of these types.
 //! * IQ4_NL ([`iq4nl`]): 32 indices into a fixed non-uniform codebook and an f16 scale, found by
 //!   a weighted scale search (the closest GGUF type to NF4); checked the same way.
 //!
@@ -30,6 +33,7 @@ pub mod grid;
 pub mod iq4nl;
 pub mod kquants;
 pub mod legacy;
+pub mod q3k;
 
 use half::f16;
 use model::gguf::GgmlType;
@@ -278,7 +282,7 @@ pub fn quantize(
         GgmlType::Q4_1 => rows_of::<legacy::Q4_1>(data, row_len, imp, keep_zeros),
         GgmlType::Q5_0 => rows_of::<legacy::Q5_0>(data, row_len, imp, keep_zeros),
         GgmlType::Q5_1 => rows_of::<legacy::Q5_1>(data, row_len, imp, keep_zeros),
-        GgmlType::Q3_K => rows_of::<kquants::Q3K>(data, row_len, imp, keep_zeros),
+        GgmlType::Q3_K => rows_of::<q3k::Q3K>(data, row_len, imp, keep_zeros),
         GgmlType::Q4_K => rows_of::<kquants::Q4K>(data, row_len, imp, keep_zeros),
         GgmlType::Q5_K => rows_of::<kquants::Q5K>(data, row_len, imp, keep_zeros),
         GgmlType::Q6_K => rows_of::<kquants::Q6K>(data, row_len, imp, keep_zeros),
