@@ -126,7 +126,7 @@ fn run_gguf(a: Args) -> anyhow::Result<()> {
     commit(&tmp, &a.out)?;
     guard.0 = None;
     print_export(&report, &plan, &a.out);
-    crate::quantize::larger_than_input(&ckpt, &report, &plan.name, ckpt.bytes_on_disk());
+    crate::quant_gguf::larger_than_input(&ckpt, &report, &plan.name, ckpt.bytes_on_disk());
     Ok(())
 }
 

@@ -27,6 +27,7 @@ mod qat_gguf;
 mod qat_init;
 mod quant_auto;
 mod quant_bnb;
+mod quant_gguf;
 mod quantize;
 mod recipe;
 mod recipe_calib;
