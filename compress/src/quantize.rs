@@ -92,8 +92,9 @@ pub struct Args {
     /// HF folder, several times larger). With both, OUT holds the dense model and OUT/packed the
     /// packed one. Or alone `gguf:TYPE` (q4_0, q4_k_m, q8_0, ...: see `convert --type`) for
     /// llama.cpp, each block rounded with the importance of its calibration inputs when
-    /// `--calib` is given (after AWQ scaling with `--method awq`); --bits, --group and --sym
-    /// do not apply, the type decides. Default: the GGUF type closest to --bits/--sym (q4_1,
+    /// `--calib` is given (after AWQ scaling with `--method awq`, GPTQ's own rounding with
+    /// `--method gptq`), or `gguf:auto` (each linear's type chosen under --target-bpw or
+    /// --target-bytes); --bits, --group and --sym do not apply, the type decides. Default: the GGUF type closest to --bits/--sym (q4_1,
     /// q4_0, q5_1, q5_0, q6_k, q8_0) for a .gguf input or OUT (methods rtn and awq), else
     /// `packed` (bits 2, 4, 8), else `dense`. With --scheme: `bnb` (the default;
     /// OUT/bnb when combined with `dense`) and/or `dense`.
