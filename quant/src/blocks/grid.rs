@@ -104,6 +104,13 @@ fn k_affine(d: u16, dmin: u16, scales: &[u8; 12], hi: i32) -> Vec<SubGrid> {
         .collect()
 }
 
+/// `bytes` read as a block `B`, changed by `set` (its levels), and written back.
+fn repack<B: bytemuck::Pod>(bytes: &[u8], set: impl FnOnce(&mut B)) -> Vec<u8> {
+    let mut b: B = bytemuck::pod_read_unaligned(bytes);
+    set(&mut b);
+    bytemuck::bytes_of(&b).to_vec()
+}
+
 impl FixedBlock {
     /// The header `ty`'s quantizer chooses for `x` (one block) under importance `w`; with
     /// `keep_zeros` the zero-keeping variant (pruned weights). `None` for other types.
@@ -203,58 +210,26 @@ impl FixedBlock {
         let b256 = |off: i32| -> [u8; QK_K] { at(off).try_into().expect("256 levels") };
         let bytes = &self.bytes;
         match self.ty {
-            GgmlType::Q8_0 => {
-                let mut b: BlockQ8_0 = bytemuck::pod_read_unaligned(bytes);
-                b.qs = std::array::from_fn(|j| levels[j] as i8);
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q4_0 => {
-                let mut b: BlockQ4_0 = bytemuck::pod_read_unaligned(bytes);
-                b.qs = pack_nibbles(&b32(8));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q5_0 => {
-                let mut b: BlockQ5_0 = bytemuck::pod_read_unaligned(bytes);
+            GgmlType::Q8_0 => repack(bytes, |b: &mut BlockQ8_0| {
+                b.qs = std::array::from_fn(|j| levels[j] as i8)
+            }),
+            GgmlType::Q4_0 => repack(bytes, |b: &mut BlockQ4_0| b.qs = pack_nibbles(&b32(8))),
+            GgmlType::Q5_0 => repack(bytes, |b: &mut BlockQ5_0| {
                 let q = b32(16);
                 (b.qh, b.qs) = (fifth_bits(&q), pack_nibbles(&q));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q4_1 => {
-                let mut b: BlockQ4_1 = bytemuck::pod_read_unaligned(bytes);
-                b.qs = pack_nibbles(&b32(0));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q5_1 => {
-                let mut b: BlockQ5_1 = bytemuck::pod_read_unaligned(bytes);
+            }),
+            GgmlType::Q4_1 => repack(bytes, |b: &mut BlockQ4_1| b.qs = pack_nibbles(&b32(0))),
+            GgmlType::Q5_1 => repack(bytes, |b: &mut BlockQ5_1| {
                 let q = b32(0);
                 (b.qh, b.qs) = (fifth_bits(&q), pack_nibbles(&q));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::IQ4_NL => {
-                let mut b: BlockIQ4NL = bytemuck::pod_read_unaligned(bytes);
-                b.qs = pack_nibbles(&b32(0));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q3_K => {
-                let mut b: BlockQ3K = bytemuck::pod_read_unaligned(bytes);
-                (b.hmask, b.qs) = pack_q3k(&b256(4));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q4_K => {
-                let mut b: BlockQ4K = bytemuck::pod_read_unaligned(bytes);
-                b.qs = pack_q4k(&b256(0));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q5_K => {
-                let mut b: BlockQ5K = bytemuck::pod_read_unaligned(bytes);
-                (b.qh, b.qs) = pack_q5k(&b256(0));
-                bytemuck::bytes_of(&b).to_vec()
-            }
-            GgmlType::Q6_K => {
-                let mut b: BlockQ6K = bytemuck::pod_read_unaligned(bytes);
-                (b.ql, b.qh) = pack_q6k(&b256(32));
-                bytemuck::bytes_of(&b).to_vec()
-            }
+            }),
+            GgmlType::IQ4_NL => repack(bytes, |b: &mut BlockIQ4NL| b.qs = pack_nibbles(&b32(0))),
+            GgmlType::Q3_K => repack(bytes, |b: &mut BlockQ3K| {
+                (b.hmask, b.qs) = pack_q3k(&b256(4))
+            }),
+            GgmlType::Q4_K => repack(bytes, |b: &mut BlockQ4K| b.qs = pack_q4k(&b256(0))),
+            GgmlType::Q5_K => repack(bytes, |b: &mut BlockQ5K| (b.qh, b.qs) = pack_q5k(&b256(0))),
+            GgmlType::Q6_K => repack(bytes, |b: &mut BlockQ6K| (b.ql, b.qh) = pack_q6k(&b256(32))),
             _ => unreachable!("fix() builds supported types only"),
         }
     }

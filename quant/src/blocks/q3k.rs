@@ -12,19 +12,14 @@
 use model::gguf::GgmlType;
 use model::gguf::blocks::{BlockQ3K, K_SCALE_SIZE, QK_K, q3k_scales};
 
+use super::legacy::signed_absmax;
 use super::{BlockQuantizer, better, f16_bits, f16_val, nearest_int, search_symmetric};
 
 /// ggml's `make_q3_quants` (with its refinement): levels `-nmax..nmax` (top exclusive) of one
 /// sub-block into `l`, and the scale. Products are formed in ggml's order, f32 throughout.
 fn make_q3_quants(x: &[f32], nmax: i32, l: &mut [i32]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < 1e-15 {
+    let max = signed_absmax(x);
+    if max.abs() < 1e-15 {
         l.fill(0);
         return 0.0;
     }
