@@ -9,6 +9,8 @@ pub mod gguf_auto;
 pub mod gguf_calib;
 pub mod gguf_export;
 pub mod gguf_grid;
+pub mod gguf_meta;
+pub mod gguf_plan;
 pub mod hessian;
 pub mod method;
 pub mod nf4;
