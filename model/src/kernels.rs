@@ -8,11 +8,11 @@ use rayon::prelude::*;
 
 /// Output rows per matrix-product call: a fixed split, so results do not depend on threads.
 const ROWS_PER_TASK: usize = 128;
-/// Up to this many input rows (single-sequence decoding, a few sequences), a linear is dot
-/// products over the weight rows; more (batched decoding, a prompt) go to the gemm kernels,
-/// whose register blocking wins once the rows are many: 32 sequences decode 19% faster than
-/// with dot products (BENCHMARKS.md, "Generation speed").
-const DOT_ROWS: usize = 8;
+/// Up to this many input rows (decoding one or many sequences), a linear is dot products
+/// over the weight rows, four weight rows by four input rows at a time ([`dot4x4_avx512`]); more (a
+/// prompt) go to the gemm kernels. gemm packs the weights on every call, a second pass over
+/// them that costs 40% of a 32-sequence decoding step (BENCHMARKS.md, "Generation speed").
+const DOT_ROWS: usize = 64;
 
 /// `x [m, k] · wᵀ` for `w [n, k]` (both row-major), plus `bias [n]`: `[m, n]` row-major.
 pub(crate) fn matmul_t(
@@ -31,23 +31,10 @@ pub(crate) fn matmul_t(
             let j0 = t * ROWS_PER_TASK;
             let cols = ROWS_PER_TASK.min(n - j0);
             let mut dst = vec![0f32; m * cols];
-            if m <= DOT_ROWS {
-                // Decoding (one row per sequence): one pass over the weight rows, each dotted
-                // with every input row, four at a time; gemm's packing would copy every
-                // weight once more per call.
-                for (jj, wj) in w[j0 * k..(j0 + cols) * k].chunks_exact(k).enumerate() {
-                    let mut r = 0;
-                    while r + 4 <= m {
-                        let d = dot4(&x[r * k..(r + 4) * k], wj);
-                        for (i, v) in d.into_iter().enumerate() {
-                            dst[(r + i) * cols + jj] = v;
-                        }
-                        r += 4;
-                    }
-                    for r in r..m {
-                        dst[r * cols + jj] = dot(&x[r * k..(r + 1) * k], wj);
-                    }
-                }
+            if m <= dot_rows() {
+                // Decoding (one row per sequence): one pass over the weight rows; the input
+                // rows stay in cache.
+                dots(x, m, &w[j0 * k..(j0 + cols) * k], cols, k, &mut dst);
             } else {
                 // SAFETY: dst is [m, cols] row-major (column stride 1, row stride cols); x is
                 // [m, k] row-major; the rhs is rows j0..j0+cols of w read as the [k, cols] matrix
@@ -98,6 +85,112 @@ pub(crate) fn matmul_t(
         }
     }
     y
+}
+
+/// `dst [m, cols] = x [m, k] · wᵀ` for `w [cols, k]`: with four or more rows and AVX-512,
+/// tiles of four weight rows by four input rows ([`dot4x4_avx512`]); the rest one weight
+/// row at a time against four input rows ([`dot4`]) or one ([`dot`]). Every entry is exactly
+/// [`dot`] of its two rows, whichever path computed it.
+fn dots(x: &[f32], m: usize, w: &[f32], cols: usize, k: usize, dst: &mut [f32]) {
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if m >= 4 && has_avx512() {
+        while j + 4 <= cols {
+            let wq = &w[j * k..(j + 4) * k];
+            let mut r = 0;
+            while r + 4 <= m {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                let t = unsafe { dot4x4_avx512(&x[r * k..(r + 4) * k], wq) };
+                for (a, row) in t.iter().enumerate() {
+                    dst[(r + a) * cols + j..(r + a) * cols + j + 4].copy_from_slice(row);
+                }
+                r += 4;
+            }
+            for r in r..m {
+                for (b, wj) in wq.chunks_exact(k).enumerate() {
+                    dst[r * cols + j + b] = dot(&x[r * k..(r + 1) * k], wj);
+                }
+            }
+            j += 4;
+        }
+    }
+    // One weight row at a time: with a single input row this streams the weights in order,
+    // which measured 1.7x faster than four weight rows side by side.
+    for (jj, wj) in w[j * k..cols * k].chunks_exact(k).enumerate() {
+        let mut r = 0;
+        while r + 4 <= m {
+            let d = dot4(&x[r * k..(r + 4) * k], wj);
+            for (i, v) in d.into_iter().enumerate() {
+                dst[(r + i) * cols + j + jj] = v;
+            }
+            r += 4;
+        }
+        for r in r..m {
+            dst[r * cols + j + jj] = dot(&x[r * k..(r + 1) * k], wj);
+        }
+    }
+}
+
+/// The sixteen dot products of four rows `x [4, k]` with four rows `w [4, k]`, as `[x row][w
+/// row]`, each exactly as [`dot`] computes it: every load of `x` and `w` feeds four products,
+/// so the loop is bound by the multiply-adds, not by the loads. AVX-512 only (its 32
+/// registers hold the 16 accumulators; with AVX2's 16 they spill, and [`dots`] is not used).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn dot4x4_avx512(x: &[f32], w: &[f32]) -> [[f32; 4]; 4] {
+    use std::arch::x86_64::*;
+    let k = x.len() / 4;
+    assert!(
+        x.len() == 4 * k && w.len() == 4 * k,
+        "dot4x4: four rows of one length"
+    );
+    let full = k - k % 16;
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut c = 0;
+    while c < full {
+        // SAFETY: c + 16 <= full <= k, so every load reads inside row r of x or w.
+        unsafe {
+            let wv = [0, 1, 2, 3].map(|b| _mm512_loadu_ps(wp.add(b * k + c)));
+            for (a, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(xp.add(a * k + c));
+                for (b, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_fmadd_ps(xv, wv[b], *v);
+                }
+            }
+        }
+        c += 16;
+    }
+    // The same reduction as dot_plain: the 16 partial sums in order, then the tail.
+    std::array::from_fn(|a| {
+        std::array::from_fn(|b| {
+            let mut lanes = [0f32; 16];
+            // SAFETY: lanes holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
+            let (xa, wb) = (&x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k]);
+            let tail: f32 = xa[full..].iter().zip(&wb[full..]).map(|(p, q)| p * q).sum();
+            lanes.iter().sum::<f32>() + tail
+        })
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAST.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"))
+}
+
+/// How many input rows go through dot products ([`dots`]) rather than gemm: [`DOT_ROWS`]
+/// with AVX-512, else 8 (without the four-by-four tiles, gemm's register blocking wins from
+/// 9 rows).
+fn dot_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            return DOT_ROWS;
+        }
+    }
+    8
 }
 
 /// `a · b`, with AVX2 and FMA where the CPU has them (checked once at run time; the release
@@ -204,14 +297,16 @@ mod tests {
             .collect()
     }
 
-    /// Every path (dot products for a few rows, four rows at a time, gemm for many) gives the
-    /// product of an f64 reference, bias included; a row's result is the same in any path.
+    /// Every path (dot products for a few rows, four-by-four tiles, gemm for many) gives the
+    /// product of an f64 reference, bias included; a row's result is the same in any path,
+    /// and a decoding product's rows equal the one-row product's whatever the batch.
+    /// Breakage caught: the tile summing its 16 lanes in reverse (the equality failed).
     #[test]
     fn products_match_a_reference_in_every_path() {
         let (n, k) = (300, 77);
         let w = filled(n * k, 1);
         let bias = filled(n, 2);
-        for m in [1, 3, 4, 9, DOT_ROWS + 6] {
+        for m in [1, 3, 4, 9, 13, DOT_ROWS + 6] {
             let x = filled(m * k, 3);
             let y = matmul_t(&x, m, &w, n, k, Some(&bias));
             for r in 0..m {
@@ -232,6 +327,28 @@ mod tests {
         let four = dot4(&x, &w[..k]);
         for (r, v) in four.iter().enumerate() {
             assert_eq!(*v, dot(&x[r * k..(r + 1) * k], &w[..k]));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: checked just above.
+            let tile = unsafe { dot4x4_avx512(&x, &w[..4 * k]) };
+            for (r, row) in tile.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    assert_eq!(*v, dot(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]));
+                }
+            }
+        }
+        // Every row of a decoding product is the one-row product's, whatever the batch.
+        for m in [2, 5, 8, 13, DOT_ROWS]
+            .into_iter()
+            .filter(|&m| m <= dot_rows())
+        {
+            let x = filled(m * k, 7);
+            let y = matmul_t(&x, m, &w, n, k, None);
+            for r in 0..m {
+                let one = matmul_t(&x[r * k..(r + 1) * k], 1, &w, n, k, None);
+                assert_eq!(&y[r * n..(r + 1) * n], &one[..], "m {m} row {r}");
+            }
         }
     }
 }
