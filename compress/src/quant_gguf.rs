@@ -21,7 +21,8 @@ pub(crate) fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow:
     use quant::gguf_export::{PRESETS, TypePlan};
     // `Format` parsed the type: one of PRESETS or `auto`, lower case.
     debug_assert!(PRESETS.contains(&ty) || ty == crate::formats::AUTO);
-    let awq = (a.method == MethodKind::Awq).then(quant::method::awq::Awq::default);
+    let awq = (a.method == MethodKind::Awq)
+        .then(|| quant::method::awq::Awq::from_options(&method_options(a)));
     let gptq = a.method == MethodKind::Gptq;
     a.method.check_options(&method_options(a))?;
     if a.method != MethodKind::Rtn && a.calib.is_none() {
@@ -134,7 +135,7 @@ pub(crate) fn run_gguf(a: &Args, ty: &str, run: crate::manifest::Run) -> anyhow:
     let full = json!({
         "teacher": a.model, "format": format!("gguf:{ty}"), "method": a.method,
         "importance": !gptq && !windows.is_empty(), "awq_scales": awq.is_some(), "gptq": gptq_summary,
-        "gptq_options": gptq_options(a), "auto": auto,
+        "gptq_options": gptq_options(a), "awq_options": crate::quantize::awq_options(a), "auto": auto,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": windows.len(), "len": a.calib_len, "seed": a.seed})),
         "file_bytes": report.file_bytes, "tensor_bytes": report.tensor_bytes(), "params": report.params(),
         "bits_per_weight": report.bpw(), "seconds": report.seconds,

@@ -79,6 +79,15 @@ pub struct Args {
     /// AWQ: skip the clipping search.
     #[arg(long)]
     no_awq_clip: bool,
+    /// AWQ: the candidate scales: `act` (default; mean|x|^α, llm-awq), `duo` (llm-compressor's
+    /// duo scaling, mean|x|^α / mean|ŵ|^(1−α) with ŵ the weights over their group's largest,
+    /// plus no scaling) or `both` (half the grid each).
+    #[arg(long, value_enum)]
+    awq_grid: Option<quant::method::awq::AwqGrid>,
+    /// AWQ: what a candidate is scored on: `module` (default; q/k/v through the attention and
+    /// o_proj, gate/up through the whole MLP, as llm-awq) or `own` (each group's own outputs).
+    #[arg(long, value_enum)]
+    awq_objective: Option<quant::method::awq::AwqObjective>,
     /// Calibration rows kept per layer for AWQ's searches and the error report.
     #[arg(long, default_value_t = 2048)]
     pub(crate) sample_rows: usize,
@@ -122,7 +131,7 @@ pub struct Args {
     /// `load_in_8bit` for int8-absmax) and/or `dense`. The integer and calibration options do not apply.
     #[arg(long, value_enum, conflicts_with_all = [
         "bits", "group", "per_channel", "sym", "calib", "calib_samples", "calib_len", "seed",
-        "propagate", "act_order", "damp", "static_groups", "sink_weight", "no_awq_scale", "no_awq_clip",
+        "propagate", "act_order", "damp", "static_groups", "sink_weight", "no_awq_scale", "no_awq_clip", "awq_grid", "awq_objective",
         "sample_rows", "tensor_type", "target_bpw", "target_bytes",
     ])]
     pub(crate) scheme: Option<crate::quant_bnb::SchemeArg>,
@@ -372,6 +381,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         "teacher": a.model, "scheme": scheme, "scheme_label": scheme.label(), "formats": a.format,
         "calibration": a.calib.as_ref().map(|p| json!({"file": p, "samples": a.calib_samples, "len": a.calib_len, "seed": a.seed})),
         "gptq_options": gptq_options(&a),
+        "awq_options": awq_options(&a),
         "dense_bytes": dense.then_some(out_ckpt_bytes), "packed_bytes": packed.then_some(packed_bytes), "report": report,
     });
     std::fs::write(
@@ -529,6 +539,17 @@ pub(crate) fn gptq_options(a: &Args) -> serde_json::Value {
         .into()
 }
 
+/// AWQ's options as run, defaults filled in (null for other methods), for the reports.
+pub(crate) fn awq_options(a: &Args) -> serde_json::Value {
+    (a.method == MethodKind::Awq)
+        .then(|| {
+            let m = quant::method::awq::Awq::from_options(&method_options(a));
+            json!({"scale_search": m.scale_search, "clip_search": m.clip_search,
+            "grid": m.candidates, "grid_points": m.grid, "objective": m.objective})
+        })
+        .into()
+}
+
 /// The method options of the command line.
 pub(crate) fn method_options(a: &Args) -> MethodOptions {
     MethodOptions {
@@ -539,6 +560,8 @@ pub(crate) fn method_options(a: &Args) -> MethodOptions {
         keep_latent: false,
         no_awq_scale: a.no_awq_scale,
         no_awq_clip: a.no_awq_clip,
+        awq_grid: a.awq_grid,
+        awq_objective: a.awq_objective,
         gguf: None,
     }
 }

@@ -116,6 +116,16 @@ fn outputs_never_replace_inputs_and_absurd_options_are_refused() {
             "gptq only",
         ),
         (
+            quant_with("gptq", "--awq-grid", "duo"),
+            "--awq-grid",
+            "awq only",
+        ),
+        (
+            quant_with("rtn", "--awq-objective", "own"),
+            "--awq-objective",
+            "awq only",
+        ),
+        (
             vec![
                 p("quant"),
                 teacher.clone(),

@@ -23,7 +23,7 @@ use crate::blocks::{dequantize, quantize};
 use crate::gguf_export::{
     ExportError, ExportReport, Progress, Source, TypePlan, export_from, hf_to_gguf_name,
 };
-use crate::method::awq::Awq;
+use crate::method::awq::{Awq, ScaleSearch};
 
 /// Calibration for [`export_calibrated`].
 #[derive(Debug, Clone)]
@@ -89,7 +89,6 @@ pub fn export_calibrated(
             };
             let (mut st, outputs) = capture(&block, engine.rope(), &states, &taps, spec);
             drop(block);
-            states = outputs;
             for (tap, s) in &st {
                 if s.sq_mean.iter().any(|v| !v.is_finite()) {
                     return Err(ExportError::Input(format!(
@@ -112,9 +111,21 @@ pub fn export_calibrated(
                         .map_err(|e| QuantError::Input(format!("{g}: {e}")))?;
                     Ok(dequantize(ty, &bytes, rows * cols))
                 };
-                awq.search_scales(&cfg, &mut weights, &device, &mut st, &fake)
+                // The scale granularity of the block types: 32 values (16 for some K-quant
+                // sub-blocks; the weight means barely change between the two).
+                let group_len = |_: &str, cols: usize| Ok(cols.min(32));
+                let mut search = ScaleSearch {
+                    stats: &mut st,
+                    inputs: &states,
+                    rope: engine.rope(),
+                    fake: &fake,
+                    group_len: &group_len,
+                };
+                awq.search_scales(&cfg, &mut weights, &device, &mut search)
                     .map_err(quant_err)?;
             }
+            // The next block's inputs (after the AWQ search, which reads this block's).
+            states = outputs;
             let imp = LINEARS
                 .iter()
                 .map(|(n, tap)| {

@@ -261,8 +261,16 @@ fn calibrated_export_uses_importance_and_folds_awq_scales() {
     }
     let cp = Checkpoint::open(&plain).unwrap();
     let (imat, awq) = (&out[0], &out[1]);
-    let norm = "model.layers.1.input_layernorm.weight";
-    let q = "model.layers.1.self_attn.q_proj.weight";
+    let awq_of = |c: &Checkpoint, n: &str| c.read(n, &[64]).unwrap();
+    // A block whose q/k/v the search did scale (alpha = 0, no scaling, may win in some).
+    let layer = (0..3)
+        .find(|l| {
+            let n = format!("model.layers.{l}.input_layernorm.weight");
+            awq_of(awq, &n) != orig[&n]
+        })
+        .expect("AWQ scaled the q/k/v inputs of some block");
+    let norm = &format!("model.layers.{layer}.input_layernorm.weight");
+    let q = &format!("model.layers.{layer}.self_attn.q_proj.weight");
     // Importance only: norms untouched, linears rounded differently from plain rounding, and
     // still close to the teacher.
     assert_eq!(imat.read(norm, &[64]).unwrap(), orig[norm]);

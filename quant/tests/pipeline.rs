@@ -338,13 +338,15 @@ fn awq_integer_path() {
 }
 
 /// The AWQ scale fold alone (scales searched, weights not rounded) keeps the block's
-/// function: outputs equal to ~1e-5, for all four groups (o_proj folded into v_proj here);
-/// and the statistics it rewrites describe the folded block's inputs.
+/// function: outputs equal to ~1e-5, for all four groups (o_proj folded into v_proj here),
+/// with every candidate grid and objective; and the statistics it rewrites describe the
+/// folded block's inputs.
 /// Breakage caught: skipping the fold of 1/s into the norms, and separately into the rows
 /// of v_proj/up_proj (the output check failed); not dividing the rewritten sample by s (the
 /// statistics check failed, QkvInput sample off by 31%).
 #[test]
 fn awq_scale_fold_preserves_the_block_function() {
+    use quant::method::awq::{AwqGrid, AwqObjective, ScaleSearch};
     let tmp = tempfile::tempdir().unwrap();
     let b = block0(&tiny(tmp.path(), 4));
     let teacher = b.forward(&b.weights);
@@ -353,9 +355,6 @@ fn awq_scale_fold_preserves_the_block_function() {
         xtx: false,
         sample_rows: SAMPLE_ROWS,
     };
-    let block = b.weights.build(&b.cfg, &b.device);
-    let (mut st, _) = capture(&block, &b.rope, &b.inputs, &taps, spec);
-    let mut weights = b.weights.clone();
     let scheme = scheme(3, Some(32));
     let fake = |key: &str,
                 w: &[f32],
@@ -365,42 +364,62 @@ fn awq_scale_fold_preserves_the_block_function() {
      -> Result<Vec<f32>, quant::QuantError> {
         Ok(quantize_rtn(&scheme, key, w, rows, cols)?.dequantize())
     };
-    Awq::default()
-        .search_scales(&b.cfg, &mut weights, &b.device, &mut st, &fake)
-        .unwrap();
-    // Every group was scaled: the search found scales away from 1 for all four.
-    for scaled in [
-        "self_attn.q_proj.weight",
-        "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight",
-        "mlp.down_proj.weight",
-    ] {
-        let (a, c) = (&b.weights.get(scaled).data, &weights.get(scaled).data);
-        let moved = a
-            .iter()
-            .zip(c)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let size = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        assert!(moved > 0.01 * size, "{scaled}: scales all ~1");
-    }
-    let folded = b.forward(&weights);
-    let e = rel(&folded, &teacher);
-    assert!(e < 1e-5, "fold changed the block by {e}");
-    // The rewritten statistics are those of the folded block's inputs.
-    let block = weights.build(&b.cfg, &b.device);
-    let (fresh, _) = capture(&block, &b.rope, &b.inputs, &taps, spec);
-    for tap in taps {
-        let (a, c): (&TapStats, &TapStats) = (&st[&tap], &fresh[&tap]);
-        assert_eq!(a.sample.len(), c.sample.len());
-        let e = rel(
-            std::slice::from_ref(&a.sample),
-            std::slice::from_ref(&c.sample),
-        );
-        assert!(e < 1e-5, "{tap:?}: sample differs by {e}");
-        let am: Vec<f32> = a.abs_mean.iter().map(|&v| v as f32).collect();
-        let cm: Vec<f32> = c.abs_mean.iter().map(|&v| v as f32).collect();
-        assert!(rel(&[am], &[cm]) < 1e-5, "{tap:?}: abs_mean differs");
+    let group_len = |_: &str, _: usize| Ok(32);
+    for candidates in [AwqGrid::Act, AwqGrid::Duo, AwqGrid::Both] {
+        for objective in [AwqObjective::Module, AwqObjective::Own] {
+            let what = format!("{candidates:?}/{objective:?}");
+            let block = b.weights.build(&b.cfg, &b.device);
+            let (mut st, _) = capture(&block, &b.rope, &b.inputs, &taps, spec);
+            let mut weights = b.weights.clone();
+            let mut search = ScaleSearch {
+                stats: &mut st,
+                inputs: &b.inputs,
+                rope: &b.rope,
+                fake: &fake,
+                group_len: &group_len,
+            };
+            let awq = Awq {
+                candidates,
+                objective,
+                ..Awq::default()
+            };
+            awq.search_scales(&b.cfg, &mut weights, &b.device, &mut search)
+                .unwrap();
+            // Every group was scaled: the search found scales away from 1 for all four.
+            for scaled in [
+                "self_attn.q_proj.weight",
+                "self_attn.o_proj.weight",
+                "mlp.gate_proj.weight",
+                "mlp.down_proj.weight",
+            ] {
+                let (a, c) = (&b.weights.get(scaled).data, &weights.get(scaled).data);
+                let moved = a
+                    .iter()
+                    .zip(c)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                let size = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                assert!(moved > 0.01 * size, "{what} {scaled}: scales all ~1");
+            }
+            let folded = b.forward(&weights);
+            let e = rel(&folded, &teacher);
+            assert!(e < 1e-5, "{what}: fold changed the block by {e}");
+            // The rewritten statistics are those of the folded block's inputs.
+            let block = weights.build(&b.cfg, &b.device);
+            let (fresh, _) = capture(&block, &b.rope, &b.inputs, &taps, spec);
+            for tap in taps {
+                let (a, c): (&TapStats, &TapStats) = (&st[&tap], &fresh[&tap]);
+                assert_eq!(a.sample.len(), c.sample.len());
+                let e = rel(
+                    std::slice::from_ref(&a.sample),
+                    std::slice::from_ref(&c.sample),
+                );
+                assert!(e < 1e-5, "{what} {tap:?}: sample differs by {e}");
+                let am: Vec<f32> = a.abs_mean.iter().map(|&v| v as f32).collect();
+                let cm: Vec<f32> = c.abs_mean.iter().map(|&v| v as f32).collect();
+                assert!(rel(&[am], &[cm]) < 1e-5, "{what} {tap:?}: abs_mean differs");
+            }
+        }
     }
 }
 

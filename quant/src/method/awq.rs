@@ -1,23 +1,81 @@
 //! AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization"): per block, scale the
-//! input channels of each group of linear layers by s = mean|x|^alpha (normalised), with
-//! alpha from a 20-point grid over [0, 1) that minimises the error of the group's outputs on
-//! calibration inputs, and fold 1/s into the preceding norm or linear so the block computes
-//! the same function; then search, per output row and group, how far to shrink the weight
-//! range before rounding (not for q/k, whose errors the softmax amplifies).
+//! input channels of each group of linear layers by s (a grid of candidates between no
+//! scaling and the activations' mean magnitude), keep the s whose rounding best preserves the
+//! output of the module the group feeds, and fold 1/s into the preceding norm or linear so
+//! the block computes the same function; then search, per output row and group, how far to
+//! shrink the weight range before rounding (not for q/k, whose errors the softmax amplifies).
 //!
-//! Deviation from llm-awq, for CPU budgets: the objective is the output of the group's own
-//! linear layers (llm-awq inspects the whole attention for q/k/v and the whole MLP for
-//! gate/up), evaluated on a strided subsample of the calibration tokens (`sample_rows`).
+//! The candidates: `mean|x|^α` ([`AwqGrid::Act`], llm-awq's, the default), or llm-compressor's
+//! `mean|x|^α / mean|ŵ|^(1−α)` with ŵ the weights normalised per quantization group
+//! ([`AwqGrid::Duo`], whose grid also holds α = 0 without weights, i.e. no scaling). The objective is the module output (attention through `o_proj` for q/k/v, the
+//! whole MLP for gate/up, see [`objective`]) on `sample_rows` calibration tokens: whole
+//! windows for the attention, strided rows for the others (llm-compressor scores all
+//! tokens; a sample keeps CPU time near that of rounding).
+
+mod clip;
+mod objective;
 
 use std::collections::{BTreeMap, HashMap};
 
-use model::transformer::Tap;
+use model::transformer::{Rope, Tap};
 use model::{Device, Tensor};
 
 use super::{BlockJob, BlockResult, Outputs, QuantMethod};
 use crate::QuantError;
 use crate::block::{BlockWeights, CaptureSpec, LINEARS, TapStats, capture};
 use crate::scheme::{QuantScheme, quantize_rtn};
+use objective::{Objective, Parts};
+
+/// The candidate scales of AWQ's grid search (`--awq-grid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum AwqGrid {
+    /// `mean|x|^α`, α = k/n for k < n (llm-awq). The default: on SmolLM2 W4 g64 with the
+    /// module objective it beats `duo` on perplexity and KLD (BENCHMARKS.md, "AWQ").
+    #[default]
+    Act,
+    /// `mean|x|^α / mean|ŵ|^(1−α)`, α from 0 to 1, plus no scaling (llm-compressor's
+    /// default `duo_scaling`).
+    Duo,
+    /// Half the points of each (llm-compressor's `duo_scaling="both"`).
+    Both,
+}
+
+impl AwqGrid {
+    /// The `(α, with weight means)` points of an `n`-point grid.
+    pub fn points(self, n: usize) -> Vec<(f64, bool)> {
+        let n = n.max(2);
+        match self {
+            Self::Act => (0..n).map(|k| (k as f64 / n as f64, false)).collect(),
+            Self::Duo => std::iter::once((0.0, false))
+                .chain((0..n - 1).map(|k| (k as f64 / (n - 2).max(1) as f64, true)))
+                .collect(),
+            Self::Both => {
+                let h = (n / 2).max(2);
+                (0..h)
+                    .flat_map(|k| {
+                        let a = k as f64 / (h - 1) as f64;
+                        [(a, false), (a, true)]
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// What AWQ's scale search scores a candidate on (`--awq-objective`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum AwqObjective {
+    /// The module the group feeds: q/k/v through the attention and `o_proj`, gate/up through
+    /// the whole MLP (llm-awq, llm-compressor).
+    #[default]
+    Module,
+    /// Each group's own outputs (this crate's first objective, kept for comparison).
+    Own,
+}
 
 /// AWQ's options.
 #[derive(Debug, Clone)]
@@ -28,10 +86,28 @@ pub struct Awq {
     pub clip_search: bool,
     /// Grid points for alpha.
     pub grid: usize,
+    /// Which candidates the grid holds.
+    pub candidates: AwqGrid,
+    /// What a candidate is scored on.
+    pub objective: AwqObjective,
     /// Largest shrink of the range tried by the clipping search.
     pub max_shrink: f64,
     /// Tokens used by the clipping search.
     pub clip_rows: usize,
+}
+
+impl Awq {
+    /// AWQ with the command line's options (`o` checked by
+    /// [`super::MethodKind::check_options`]).
+    pub fn from_options(o: &super::MethodOptions) -> Self {
+        Self {
+            scale_search: !o.no_awq_scale,
+            clip_search: !o.no_awq_clip,
+            candidates: o.awq_grid.unwrap_or_default(),
+            objective: o.awq_objective.unwrap_or_default(),
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for Awq {
@@ -40,6 +116,8 @@ impl Default for Awq {
             scale_search: true,
             clip_search: true,
             grid: 20,
+            candidates: AwqGrid::default(),
+            objective: AwqObjective::default(),
             max_shrink: 0.5,
             clip_rows: 4096,
         }
@@ -52,6 +130,23 @@ impl Default for Awq {
 /// schemes and GGUF block types.
 pub type FakeQuant<'f> =
     dyn Fn(&str, &[f32], usize, usize, &[f32]) -> Result<Vec<f32>, QuantError> + 'f;
+
+/// What the scale search of a block sees besides its weights: the input statistics of each
+/// linear group (rewritten to describe the scaled inputs), the block's calibration inputs
+/// (for the attention objective), the rounding, and the length of the groups that share a
+/// scale (for the weight means of [`AwqGrid::Duo`]).
+pub struct ScaleSearch<'a, 'f> {
+    /// Captured statistics by tap.
+    pub stats: &'a mut HashMap<Tap, TapStats>,
+    /// The block's calibration inputs, `[1, len, hidden]` each.
+    pub inputs: &'a [Tensor<3>],
+    /// RoPE tables covering the windows.
+    pub rope: &'a Rope,
+    /// The rounding of a candidate.
+    pub fake: &'f FakeQuant<'f>,
+    /// Elements per quantization group of a weight `(key, cols)`.
+    pub group_len: &'f dyn Fn(&str, usize) -> Result<usize, QuantError>,
+}
 
 /// The weight as it will be used: quantized then divided by the scales (`w` already scaled).
 fn fake_rows(
@@ -68,27 +163,51 @@ fn to_dev(data: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2
     model::transformer::tensor_from(data, [rows, cols], device)
 }
 
-/// Mean squared error between `x wᵀ` and `x qᵀ` (`x` `[n, in]` on the device).
-fn mse(
-    x: &Tensor<2>,
-    reference: &Tensor<2>,
-    q: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    device: &Device,
-) -> f64 {
-    let qt = to_dev(q, rows, cols, device).transpose();
-    let d = x.clone().matmul(qt) - reference.clone();
-    d.powi_scalar(2)
-        .mean()
-        .into_data()
-        .try_into_vec::<f32>()
-        .expect("f32")[0] as f64
+/// llm-compressor's weight means: |w| over each quantization group's largest |w|, averaged
+/// over the rows of all the group's linears, per input channel.
+fn weight_means(
+    weights: &BlockWeights,
+    parts: &Parts,
+    group_len: &dyn Fn(&str, usize) -> Result<usize, QuantError>,
+) -> Result<Vec<f64>, QuantError> {
+    let cols = parts.cols;
+    let mut sum = vec![0f64; cols];
+    let mut rows = 0usize;
+    for (key, r) in &parts.keys {
+        let g = group_len(key, cols)?.clamp(1, cols);
+        let w = &weights.get(key).data;
+        for row in w.chunks(cols) {
+            for (c0, chunk) in row.chunks(g).enumerate() {
+                let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 + 1e-6;
+                for (j, v) in chunk.iter().enumerate() {
+                    sum[c0 * g + j] += v.abs() as f64 / m;
+                }
+            }
+        }
+        rows += r;
+    }
+    Ok(sum.into_iter().map(|s| s / rows.max(1) as f64).collect())
+}
+
+/// Block inputs to score the attention on: whole windows spread over the calibration set,
+/// about `rows` tokens (at least one window).
+fn pick_windows(inputs: &[Tensor<3>], rows: usize) -> Vec<Tensor<3>> {
+    let mut out = Vec::new();
+    if inputs.is_empty() {
+        return out;
+    }
+    let len = inputs[0].dims()[1].max(1);
+    let k = rows.div_ceil(len).clamp(1, inputs.len());
+    for i in 0..k {
+        out.push(inputs[i * inputs.len() / k].clone());
+    }
+    out
 }
 
 impl Awq {
     /// Searches the scales of one group and applies them (weights times s, previous op by 1/s).
     /// Returns the scales applied, so inputs seen later can be divided by them.
+    #[allow(clippy::too_many_arguments)]
     fn scale_group(
         &self,
         weights: &mut BlockWeights,
@@ -96,34 +215,34 @@ impl Awq {
         stats: &TapStats,
         linears: &[&str],
         prev: &str,
-        fake: &FakeQuant<'_>,
+        objective: &Objective,
+        search: &ScaleSearch<'_, '_>,
     ) -> Result<Vec<f32>, QuantError> {
-        let cols = stats.width;
-        let n = stats.sample_rows();
-        // The group's weights stacked: [sum of rows, cols].
+        let parts = Parts::of(weights, linears);
+        let cols = parts.cols;
         let mut w = Vec::new();
-        let mut parts = Vec::new();
-        for l in linears {
-            let key = format!("{l}.weight");
-            let t = weights.get(&key);
-            w.extend_from_slice(&t.data);
-            parts.push((key, t.shape[0]));
+        for (key, _) in &parts.keys {
+            w.extend_from_slice(&weights.get(key).data);
         }
-        let rows: usize = parts.iter().map(|p| p.1).sum();
-        let x = to_dev(stats.sample.clone(), n, cols, device);
-        let reference = x.clone().matmul(to_dev(
-            model::transformer::transpose(&w, rows, cols),
-            cols,
-            rows,
-            device,
-        ));
+        let w_mean = if self.candidates == AwqGrid::Act {
+            Vec::new()
+        } else {
+            weight_means(weights, &parts, search.group_len)?
+        };
         let mut best = (f64::INFINITY, vec![1f32; cols]);
-        for k in 0..self.grid {
-            let alpha = k as f64 / self.grid as f64;
+        for (alpha, duo) in self.candidates.points(self.grid) {
             let mut s: Vec<f64> = stats
                 .abs_mean
                 .iter()
-                .map(|m| m.powf(alpha).max(1e-4))
+                .enumerate()
+                .map(|(j, m)| {
+                    let v = if duo {
+                        m.powf(alpha) / (w_mean[j].powf(1.0 - alpha) + 1e-4)
+                    } else {
+                        m.powf(alpha)
+                    };
+                    if v.is_finite() { v.max(1e-4) } else { 1.0 }
+                })
                 .collect();
             let (mx, mn) = s
                 .iter()
@@ -140,20 +259,20 @@ impl Awq {
             // One linear at a time, so only one linear's scaled copy exists beside q.
             let mut q = Vec::with_capacity(w.len());
             let mut off = 0;
-            for (key, r) in &parts {
+            for (key, r) in &parts.keys {
                 let part = &w[off * cols..(off + r) * cols];
                 let scaled: Vec<f32> = part
                     .iter()
                     .enumerate()
                     .map(|(i, &v)| v * s[i % cols] as f32)
                     .collect();
-                q.extend(fake(key, &scaled, *r, cols, &imp)?);
+                q.extend((search.fake)(key, &scaled, *r, cols, &imp)?);
                 off += r;
             }
             q.iter_mut()
                 .enumerate()
                 .for_each(|(i, v)| *v /= s[i % cols] as f32);
-            let err = mse(&x, &reference, q, rows, cols, device);
+            let err = objective.error(&q, &parts, search.rope, device);
             if err < best.0 {
                 best = (err, s.iter().map(|&v| v as f32).collect());
             }
@@ -186,110 +305,16 @@ impl Awq {
         Ok(s)
     }
 
-    /// Shrinks each (row, group) range of `name` to the clip that best preserves the
-    /// group's partial outputs on sampled inputs `x` `[n, cols]`.
-    fn clip_linear(
-        &self,
-        job: &mut BlockJob<'_>,
-        name: &str,
-        x: &[f32],
-        n: usize,
-    ) -> Result<(), QuantError> {
-        let key = format!("{name}.weight");
-        let t = job.weights.get(&key).clone();
-        let (rows, cols) = (t.shape[0], t.shape[1]);
-        let g = job.scheme.group_len(&key, cols)?;
-        let groups = cols.div_ceil(g);
-        let padded = groups * g;
-        let device = job.device.clone();
-        // Zero-pad a partial last group; zero inputs add nothing to the partial outputs.
-        let pad = |m: &[f32], rows: usize| -> Vec<f32> {
-            if padded == cols {
-                return m.to_vec();
-            }
-            let mut out = vec![0f32; rows * padded];
-            for r in 0..rows {
-                out[r * padded..r * padded + cols].copy_from_slice(&m[r * cols..(r + 1) * cols]);
-            }
-            out
-        };
-        // [groups, n, g] inputs; candidates are scored on chunks of output rows so the
-        // [groups, n, rows] partial outputs stay near 16M floats (at 7B widths a whole
-        // down_proj would take 720 MB per copy).
-        let xg =
-            model::transformer::tensor_from(pad(x, n), [n, groups, g], &device).swap_dims(0, 1);
-        let chunk = (16 * 1024 * 1024 / (groups * n).max(1)).clamp(1, rows);
-        let amax: Vec<f32> = (0..rows * groups)
-            .map(|i| {
-                let (r, k) = (i / groups, i % groups);
-                t.data[r * cols + k * g..r * cols + ((k + 1) * g).min(cols)]
-                    .iter()
-                    .fold(0f32, |m, v| m.max(v.abs()))
-            })
-            .collect();
-        let steps = (self.max_shrink * self.grid as f64) as usize;
-        let mut best_max = amax.clone();
-        for r0 in (0..rows).step_by(chunk) {
-            let cr = chunk.min(rows - r0);
-            let wpart = &t.data[r0 * cols..(r0 + cr) * cols];
-            let partial = |w: &[f32]| -> Tensor<3> {
-                let wg = model::transformer::tensor_from(pad(w, cr), [cr, groups, g], &device)
-                    .swap_dims(0, 1);
-                xg.clone().matmul(wg.swap_dims(1, 2)) // [groups, n, cr]
-            };
-            let reference = partial(wpart);
-            let mut best_err = vec![f32::INFINITY; cr * groups];
-            for i in 0..steps.max(1) {
-                let ratio = 1.0 - i as f32 / self.grid as f32;
-                let clipped: Vec<f32> = wpart
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &v)| {
-                        let m = amax[(r0 + j / cols) * groups + (j % cols) / g] * ratio;
-                        v.clamp(-m, m)
-                    })
-                    .collect();
-                let q = fake_rows(&job.scheme, &key, &clipped, cr, cols)?;
-                let d = partial(&q) - reference.clone();
-                // Squared error summed over tokens: [groups, 1, cr] -> per (row, group).
-                let e = d
-                    .powi_scalar(2)
-                    .sum_dim(1)
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .expect("f32");
-                for k in 0..groups {
-                    for r in 0..cr {
-                        let v = e[k * cr + r];
-                        if v < best_err[r * groups + k] {
-                            best_err[r * groups + k] = v;
-                            best_max[(r0 + r) * groups + k] = amax[(r0 + r) * groups + k] * ratio;
-                        }
-                    }
-                }
-            }
-        }
-        let w = job.weights.get_mut(&key);
-        for (j, v) in w.data.iter_mut().enumerate() {
-            let m = best_max[(j / cols) * groups + (j % cols) / g];
-            *v = v.clamp(-m, m);
-        }
-        Ok(())
-    }
-}
-
-impl Awq {
     /// The scale search of one block: for each linear group (q/k/v, o, gate/up, down) finds
-    /// and applies the scales whose rounding by `fake` best preserves the group's outputs on
-    /// the captured inputs `st`, folding 1/s into the preceding norm or linear, and rewrites
-    /// `st` to describe the scaled inputs x / s. Weights stay unrounded.
+    /// and applies the scales whose rounding by `search.fake` best preserves the output of
+    /// the module the group feeds, folding 1/s into the preceding norm or linear, and
+    /// rewrites `search.stats` to describe the scaled inputs x / s. Weights stay unrounded.
     pub fn search_scales(
         &self,
         cfg: &model::Config,
         weights: &mut BlockWeights,
         device: &Device,
-        st: &mut HashMap<Tap, TapStats>,
-        fake: &FakeQuant<'_>,
+        search: &mut ScaleSearch<'_, '_>,
     ) -> Result<(), QuantError> {
         let o_foldable = cfg.num_kv_heads() == cfg.num_attention_heads;
         let groups: Vec<(Tap, Vec<&str>, &str)> = vec![
@@ -312,10 +337,33 @@ impl Awq {
             if tap == Tap::OInput && !o_foldable {
                 continue;
             }
-            let stats = st[&tap].clone();
-            let s = self.scale_group(weights, device, &stats, &linears, prev, fake)?;
+            let stats = search.stats[&tap].clone();
+            let n = stats.sample_rows();
+            // Built from the current weights: earlier groups' scales are folded in, so the
+            // block still computes the original function on the original inputs.
+            let objective = match (self.objective, tap) {
+                (AwqObjective::Module, Tap::QkvInput) if !search.inputs.is_empty() => {
+                    let block = weights.build(cfg, device);
+                    Objective::attention(&pick_windows(search.inputs, n), &block, search.rope)
+                }
+                (AwqObjective::Module, Tap::GateUpInput) => {
+                    let block = weights.build(cfg, device);
+                    Objective::mlp(to_dev(stats.sample.clone(), n, stats.width, device), &block)
+                }
+                _ => {
+                    let parts = Parts::of(weights, &linears);
+                    let mut w = Vec::new();
+                    for (key, _) in &parts.keys {
+                        w.extend_from_slice(&weights.get(key).data);
+                    }
+                    let x = to_dev(stats.sample.clone(), n, stats.width, device);
+                    Objective::own(x, &w, &parts, device)
+                }
+            };
+            let s =
+                self.scale_group(weights, device, &stats, &linears, prev, &objective, search)?;
             // The inputs of the scaled group are now x / s.
-            let e = st.get_mut(&tap).expect("captured");
+            let e = search.stats.get_mut(&tap).expect("captured");
             let w = e.width;
             e.sample
                 .iter_mut()
@@ -370,7 +418,15 @@ impl QuantMethod for Awq {
             let fake = |key: &str, w: &[f32], rows: usize, cols: usize, _: &[f32]| {
                 fake_rows(&scheme, key, w, rows, cols)
             };
-            self.search_scales(job.cfg, job.weights, job.device, &mut st, &fake)?;
+            let group_len = |key: &str, cols: usize| Ok(scheme.group_len(key, cols)?);
+            let mut search = ScaleSearch {
+                stats: &mut st,
+                inputs: job.inputs,
+                rope: job.rope,
+                fake: &fake,
+                group_len: &group_len,
+            };
+            self.search_scales(job.cfg, job.weights, job.device, &mut search)?;
         }
         let reference: BTreeMap<String, Vec<f32>> = LINEARS
             .iter()

@@ -100,6 +100,10 @@ pub struct MethodOptions {
     pub no_awq_scale: bool,
     /// AWQ: skip the clipping search.
     pub no_awq_clip: bool,
+    /// AWQ: the grid's candidates (default [`awq::AwqGrid::Act`]).
+    pub awq_grid: Option<awq::AwqGrid>,
+    /// AWQ: the search objective (default [`awq::AwqObjective::Module`]).
+    pub awq_objective: Option<awq::AwqObjective>,
 }
 
 /// A post-training quantization method: `--method` of `compress quant` and `compress qat`,
@@ -143,6 +147,8 @@ impl MethodKind {
         let awq = [
             (o.no_awq_scale, "--no-awq-scale"),
             (o.no_awq_clip, "--no-awq-clip"),
+            (o.awq_grid.is_some(), "--awq-grid"),
+            (o.awq_objective.is_some(), "--awq-objective"),
         ];
         for (owner, opts) in [(Self::Gptq, &gptq[..]), (Self::Awq, &awq[..])] {
             if let Some((_, flag)) = opts.iter().find(|(set, _)| *set)
@@ -164,11 +170,7 @@ impl MethodKind {
         self.check_options(o)?;
         Ok(match self {
             Self::Rtn => Box::new(rtn::Rtn),
-            Self::Awq => Box::new(awq::Awq {
-                scale_search: !o.no_awq_scale,
-                clip_search: !o.no_awq_clip,
-                ..awq::Awq::default()
-            }),
+            Self::Awq => Box::new(awq::Awq::from_options(o)),
             Self::Gptq => Box::new(gptq::Gptq {
                 act_order: o.act_order,
                 damp: o.damp.unwrap_or(0.01),
