@@ -6,6 +6,12 @@
 #   kdce  the same KD term plus cross-entropy on the data, weight 1 (Hinton's soft + hard
 #         targets; lr 3e-4)
 #   ce    plain cross-entropy fine-tuning on the data, no teacher (lr 3e-4)
+#   kd-tc white-box KD as `kd`, from a corrected teacher (Minitron's "teacher correction",
+#         Sreenivas et al. 2024: the teacher first fine-tuned with CE on the distillation data,
+#         TC_TOKENS tokens, lr 3e-4, so it is not distilled out of its own domain; an Instruct
+#         teacher scored on Wikipedia text is off its domain, which is why plain `ce` on
+#         wiki.valid beats `kd` from the uncorrected teacher). The student's budget is the
+#         same as every run's; the correction's own tokens are reported beside it.
 #   lora  KD into LoRA adapters, rank 16 on all seven linears of every block (lr 1e-3: LoRA
 #         usually takes a higher rate than full training, its updates being low-rank)
 #   qlora the same LoRA run on a frozen NF4 base (block 64; QLoRA): its peak RSS and
@@ -28,7 +34,8 @@
 #   TOKENS (default 98304 = 48 steps: about 30 min of KD at ~55 tok/s on the project's
 #   2-core machine; the whole script takes about 2 h), SAVE_EVERY (default steps / 8: 7
 #   checkpoints plus the final model per run), CHUNKS (default 32), OUT (default
-#   /tmp/distill-bench), RUNS (default "kd kdce ce lora"), SPEED (default 1; 0 skips the speed
+#   /tmp/distill-bench), RUNS (default "kd kdce ce lora"; add kd-tc for teacher correction,
+#   TC_TOKENS default 24576 = 12 steps), SPEED (default 1; 0 skips the speed
 #   comparison), THREADS (default 2: the speed comparison's threads), NICE (default 0),
 #   BUILD (default 1; 0 runs target/release/compress and target/release/examples/curve as
 #   they are, see lib.sh), COMPRESS_BIN, RESUME (default 0; 1 keeps OUT and skips what is
@@ -45,6 +52,7 @@ SPEED="${SPEED:-1}"
 THREADS="${THREADS:-2}"
 NICE="${NICE:-0}"
 RESUME="${RESUME:-0}"
+TC_TOKENS="${TC_TOKENS:-24576}"
 KEEP_STATE="${KEEP_STATE:-0}"
 SEQ=512
 BATCH=2048
@@ -118,6 +126,20 @@ else
         --calib "$CALIB" --out "$PRUNED" --force
 fi
 
+# a2. The corrected teacher, when a run distills from it.
+TC="$OUT/teacher-tc"
+if [[ " $RUNS " == *" kd-tc "* ]]; then
+    if [[ "$RESUME" == 1 && -f "$TC/distill_report.json" ]]; then
+        say "teacher correction: done before (RESUME=1)"
+    else
+        rm -f "$TIMES/teacher-tc.times"
+        say "teacher correction: CE on the data, $TC_TOKENS tokens"
+        timed teacher-tc "$OUT/teacher-tc.log" "$BIN" distill --student "$TEACHER" --loss ce --lr 3e-4 \
+            --data "$CALIB" --seq-len "$SEQ" --batch-tokens "$BATCH" --max-tokens "$TC_TOKENS" \
+            --warmup 0.1 --seed 0 --out "$TC" --force
+    fi
+fi
+
 # b. Training runs: one budget, one set of options.
 COMMON=(--data "$CALIB" --seq-len "$SEQ" --batch-tokens "$BATCH" --max-tokens "$TOKENS"
     --warmup 0.1 --seed 0 --save-every "$SAVE_EVERY" --save-limit 0 --keep-checkpoints)
@@ -127,6 +149,7 @@ for R in $RUNS; do
     kd) RA=(--teacher "$TEACHER" --loss fkl --lr 3e-4) ;;
     kdce) RA=(--teacher "$TEACHER" --loss fkl --ce-weight 1 --lr 3e-4) ;;
     ce) RA=(--loss ce --lr 3e-4) ;;
+    kd-tc) RA=(--teacher "$TC" --loss fkl --lr 3e-4) ;;
     lora) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS" --lr 1e-3) ;;
     qlora) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS" --lr 1e-3
         --base-scheme nf4 --block 64) ;;
@@ -134,7 +157,7 @@ for R in $RUNS; do
         --lr 1e-3 --base-scheme nf4 --block 64 --lora-init loftq --loftq-iter 5) ;;
     qlora-loftq32) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS"
         --lr 1e-3 --base-scheme nf4 --block 32 --double-quant --lora-init loftq --loftq-iter 5) ;;
-    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, lora, qlora, qlora-loftq, qlora-loftq32)" >&2; exit 1 ;;
+    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, kd-tc, lora, qlora, qlora-loftq, qlora-loftq32)" >&2; exit 1 ;;
     esac
     D="$OUT/$R"
     if [[ "$RESUME" == 1 && -f "$D/distill_report.json" ]]; then
@@ -160,6 +183,10 @@ score teacher "$TEACHER"
 score pruned "$PRUNED"
 POINTS="$OUT/points.tsv"
 printf 'teacher\t0\tteacher\npruned\t0\tpruned\n' >"$POINTS"
+if [[ " $RUNS " == *" kd-tc "* ]]; then
+    score teacher-tc "$TC"
+    printf 'teacher-tc\t%s\tteacher-tc\n' "$(tokens_of "$TC")" >>"$POINTS"
+fi
 for R in $RUNS; do
     D="$OUT/$R"
     [[ -f "$D/distill_report.json" ]] || { echo "error: $D not finished" >&2; exit 1; }
@@ -283,8 +310,10 @@ def cost(name):
             f"{max(x[3] for x in t) / 1024:.0f}")
 print("| run | tokens | perplexity | recovered | wall s | CPU s | peak RSS MiB |")
 print("|---|---|---|---|---|---|---|")
-for run, label, timing in [("teacher", "teacher", None), ("pruned", "pruned (channels -25%)", "prune")] + \
-        [(r, r, r) for r in runs]:
+refs = [("teacher", "teacher", None), ("pruned", "pruned (channels -25%)", "prune")]
+if "kd-tc" in runs:
+    refs.append(("teacher-tc", "corrected teacher (CE on the data; its tokens)", "teacher-tc"))
+for run, label, timing in refs + [(r, r, r) for r in runs]:
     x = last(run)
     w, c, m = cost(timing) if timing else ("-", "-", "-")
     if timing and os.path.exists(os.path.join(times, timing + ".resumed")):
