@@ -64,6 +64,13 @@ def main():
     from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    if not torch.cuda.is_available():
+        # AWQ pins its cached activations for host-to-GPU copies; with PyPI's CUDA build of
+        # torch on a machine without an NVIDIA driver, pin_memory() raises. Pinning changes
+        # no value, only transfer speed, so on a CPU-only machine it is skipped.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
