@@ -32,9 +32,9 @@
 # load ~5: 21-38 s a step on 2 threads, 5-8 s on 1). Prints a markdown summary (also
 # OUT/summary.md).
 #   TOKENS (default 98304 = 48 steps: about 30 min of KD at ~55 tok/s on the project's
-#   2-core machine; the whole script takes about 2 h), SAVE_EVERY (default steps / 8: 7
+#   2-core machine; the whole script takes about 3 h), SAVE_EVERY (default steps / 8: 7
 #   checkpoints plus the final model per run), CHUNKS (default 32), OUT (default
-#   /tmp/distill-bench), RUNS (default "kd kdce ce lora"; add kd-tc for teacher correction,
+#   /tmp/distill-bench), RUNS (default "kd kd-tc kdce ce lora"; kd-tc first corrects the teacher,
 #   TC_TOKENS default 24576 = 12 steps), SPEED (default 1; 0 skips the speed
 #   comparison), THREADS (default 2: the speed comparison's threads), NICE (default 0),
 #   BUILD (default 1; 0 runs target/release/compress and target/release/examples/curve as
@@ -47,7 +47,7 @@
 set -euo pipefail
 OUT="${OUT:-/tmp/distill-bench}"
 TOKENS="${TOKENS:-98304}"
-RUNS="${RUNS:-kd kdce ce lora}"
+RUNS="${RUNS:-kd kd-tc kdce ce lora}"
 SPEED="${SPEED:-1}"
 THREADS="${THREADS:-2}"
 NICE="${NICE:-0}"
