@@ -12,6 +12,8 @@
 #         teacher scored on Wikipedia text is off its domain, which is why plain `ce` on
 #         wiki.valid beats `kd` from the uncorrected teacher). The student's budget is the
 #         same as every run's; the correction's own tokens are reported beside it.
+#   kdce-tc  kdce from the corrected teacher (Hinton's soft + hard targets after teacher
+#         correction; the run that beats `ce` on these tokens)
 #   lora  KD into LoRA adapters, rank 16 on all seven linears of every block (lr 1e-3: LoRA
 #         usually takes a higher rate than full training, its updates being low-rank)
 #   qlora the same LoRA run on a frozen NF4 base (block 64; QLoRA): its peak RSS and
@@ -32,9 +34,9 @@
 # load ~5: 21-38 s a step on 2 threads, 5-8 s on 1). Prints a markdown summary (also
 # OUT/summary.md).
 #   TOKENS (default 98304 = 48 steps: about 30 min of KD at ~55 tok/s on the project's
-#   2-core machine; the whole script takes about 3 h), SAVE_EVERY (default steps / 8: 7
+#   2-core machine; the whole script takes about 3.5 h), SAVE_EVERY (default steps / 8: 7
 #   checkpoints plus the final model per run), CHUNKS (default 32), OUT (default
-#   /tmp/distill-bench), RUNS (default "kd kd-tc kdce ce lora"; kd-tc first corrects the teacher,
+#   /tmp/distill-bench), RUNS (default "kd kd-tc kdce kdce-tc ce lora"; *-tc first correct the teacher,
 #   TC_TOKENS default 24576 = 12 steps), SPEED (default 1; 0 skips the speed
 #   comparison), THREADS (default 2: the speed comparison's threads), NICE (default 0),
 #   BUILD (default 1; 0 runs target/release/compress and target/release/examples/curve as
@@ -47,7 +49,7 @@
 set -euo pipefail
 OUT="${OUT:-/tmp/distill-bench}"
 TOKENS="${TOKENS:-98304}"
-RUNS="${RUNS:-kd kd-tc kdce ce lora}"
+RUNS="${RUNS:-kd kd-tc kdce kdce-tc ce lora}"
 SPEED="${SPEED:-1}"
 THREADS="${THREADS:-2}"
 NICE="${NICE:-0}"
@@ -128,7 +130,7 @@ fi
 
 # a2. The corrected teacher, when a run distills from it.
 TC="$OUT/teacher-tc"
-if [[ " $RUNS " == *" kd-tc "* ]]; then
+if [[ " $RUNS " == *" kd-tc "* || " $RUNS " == *" kdce-tc "* ]]; then
     if [[ "$RESUME" == 1 && -f "$TC/distill_report.json" ]]; then
         say "teacher correction: done before (RESUME=1)"
     else
@@ -150,6 +152,7 @@ for R in $RUNS; do
     kdce) RA=(--teacher "$TEACHER" --loss fkl --ce-weight 1 --lr 3e-4) ;;
     ce) RA=(--loss ce --lr 3e-4) ;;
     kd-tc) RA=(--teacher "$TC" --loss fkl --lr 3e-4) ;;
+    kdce-tc) RA=(--teacher "$TC" --loss fkl --ce-weight 1 --lr 3e-4) ;;
     lora) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS" --lr 1e-3) ;;
     qlora) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS" --lr 1e-3
         --base-scheme nf4 --block 64) ;;
@@ -157,7 +160,7 @@ for R in $RUNS; do
         --lr 1e-3 --base-scheme nf4 --block 64 --lora-init loftq --loftq-iter 5) ;;
     qlora-loftq32) RA=(--teacher "$TEACHER" --loss fkl --lora-rank 16 --lora-targets "$LORA_TARGETS"
         --lr 1e-3 --base-scheme nf4 --block 32 --double-quant --lora-init loftq --loftq-iter 5) ;;
-    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, kd-tc, lora, qlora, qlora-loftq, qlora-loftq32)" >&2; exit 1 ;;
+    *) echo "error: unknown run '$R' in RUNS (kd, kdce, ce, kd-tc, kdce-tc, lora, qlora, qlora-loftq, qlora-loftq32)" >&2; exit 1 ;;
     esac
     D="$OUT/$R"
     if [[ "$RESUME" == 1 && -f "$D/distill_report.json" ]]; then
@@ -183,7 +186,7 @@ score teacher "$TEACHER"
 score pruned "$PRUNED"
 POINTS="$OUT/points.tsv"
 printf 'teacher\t0\tteacher\npruned\t0\tpruned\n' >"$POINTS"
-if [[ " $RUNS " == *" kd-tc "* ]]; then
+if [[ " $RUNS " == *" kd-tc "* || " $RUNS " == *" kdce-tc "* ]]; then
     score teacher-tc "$TC"
     printf 'teacher-tc\t%s\tteacher-tc\n' "$(tokens_of "$TC")" >>"$POINTS"
 fi
@@ -311,7 +314,7 @@ def cost(name):
 print("| run | tokens | perplexity | recovered | wall s | CPU s | peak RSS MiB |")
 print("|---|---|---|---|---|---|---|")
 refs = [("teacher", "teacher", None), ("pruned", "pruned (channels -25%)", "prune")]
-if "kd-tc" in runs:
+if "kd-tc" in runs or "kdce-tc" in runs:
     refs.append(("teacher-tc", "corrected teacher (CE on the data; its tokens)", "teacher-tc"))
 for run, label, timing in refs + [(r, r, r) for r in runs]:
     x = last(run)
