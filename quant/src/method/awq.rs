@@ -166,7 +166,6 @@ fn to_dev(data: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2
 /// llm-compressor's weight means: |w| over each quantization group's largest |w|, averaged
 /// over the rows of all the group's linears, per input channel.
 fn weight_means(
-    weights: &BlockWeights,
     parts: &Parts,
     group_len: &dyn Fn(&str, usize) -> Result<usize, QuantError>,
 ) -> Result<Vec<f64>, QuantError> {
@@ -175,8 +174,7 @@ fn weight_means(
     let mut rows = 0usize;
     for (key, r) in &parts.keys {
         let g = group_len(key, cols)?.clamp(1, cols);
-        let w = &weights.get(key).data;
-        for row in w.chunks(cols) {
+        for row in parts.w[rows * cols..(rows + r) * cols].chunks(cols) {
             for (c0, chunk) in row.chunks(g).enumerate() {
                 let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 + 1e-6;
                 for (j, v) in chunk.iter().enumerate() {
@@ -213,21 +211,17 @@ impl Awq {
         weights: &mut BlockWeights,
         device: &Device,
         stats: &TapStats,
+        parts: &Parts,
         linears: &[&str],
         prev: &str,
         objective: &Objective,
         search: &ScaleSearch<'_, '_>,
     ) -> Result<Vec<f32>, QuantError> {
-        let parts = Parts::of(weights, linears);
-        let cols = parts.cols;
-        let mut w = Vec::new();
-        for (key, _) in &parts.keys {
-            w.extend_from_slice(&weights.get(key).data);
-        }
+        let (cols, w) = (parts.cols, &parts.w);
         let w_mean = if self.candidates == AwqGrid::Act {
             Vec::new()
         } else {
-            weight_means(weights, &parts, search.group_len)?
+            weight_means(parts, search.group_len)?
         };
         let mut best = (f64::INFINITY, vec![1f32; cols]);
         for (alpha, duo) in self.candidates.points(self.grid) {
@@ -272,7 +266,7 @@ impl Awq {
             q.iter_mut()
                 .enumerate()
                 .for_each(|(i, v)| *v /= s[i % cols] as f32);
-            let err = objective.error(&q, &parts, search.rope, device);
+            let err = objective.error(&q, parts, search.rope, device);
             if err < best.0 {
                 best = (err, s.iter().map(|&v| v as f32).collect());
             }
@@ -337,8 +331,9 @@ impl Awq {
             if tap == Tap::OInput && !o_foldable {
                 continue;
             }
-            let stats = search.stats[&tap].clone();
+            let stats = &search.stats[&tap];
             let n = stats.sample_rows();
+            let parts = Parts::of(weights, &linears);
             // Built from the current weights: earlier groups' scales are folded in, so the
             // block still computes the original function on the original inputs.
             let objective = match (self.objective, tap) {
@@ -351,17 +346,13 @@ impl Awq {
                     Objective::mlp(to_dev(stats.sample.clone(), n, stats.width, device), &block)
                 }
                 _ => {
-                    let parts = Parts::of(weights, &linears);
-                    let mut w = Vec::new();
-                    for (key, _) in &parts.keys {
-                        w.extend_from_slice(&weights.get(key).data);
-                    }
                     let x = to_dev(stats.sample.clone(), n, stats.width, device);
-                    Objective::own(x, &w, &parts, device)
+                    Objective::own(x, &parts, device)
                 }
             };
-            let s =
-                self.scale_group(weights, device, &stats, &linears, prev, &objective, search)?;
+            let s = self.scale_group(
+                weights, device, stats, &parts, &linears, prev, &objective, search,
+            )?;
             // The inputs of the scaled group are now x / s.
             let e = search.stats.get_mut(&tap).expect("captured");
             let w = e.width;

@@ -11,10 +11,11 @@ use model::{Device, Tensor};
 
 use crate::block::BlockWeights;
 
-/// A group's linears stacked as scored: `(weight key, rows)` in stacking order, and each
-/// one's bias (kept unrounded).
+/// A group's linears stacked as scored: `(weight key, rows)` in stacking order, their
+/// weights stacked `[rows, cols]`, and each one's bias (kept unrounded).
 pub(super) struct Parts {
     pub keys: Vec<(String, usize)>,
+    pub w: Vec<f32>,
     pub biases: Vec<Option<Vec<f32>>>,
     pub cols: usize,
 }
@@ -39,7 +40,22 @@ impl Parts {
             })
             .collect();
         let cols = weights.get(&keys[0].0).shape[1];
-        Self { keys, biases, cols }
+        let w = keys
+            .iter()
+            .flat_map(|(key, _)| weights.get(key).data.iter().copied())
+            .collect();
+        Self {
+            keys,
+            w,
+            biases,
+            cols,
+        }
+    }
+
+    /// Stacked values `[rows, cols]` as the `[cols, rows]` right-hand side of a product.
+    fn transposed(&self, q: &[f32], device: &Device) -> Tensor<2> {
+        let rows = q.len() / self.cols;
+        model::transformer::tensor_from(transpose(q, rows, self.cols), [self.cols, rows], device)
     }
 
     /// One burn linear per part from the stacked candidate `q` `[rows, cols]`.
@@ -80,15 +96,9 @@ fn sq_sum<const D: usize>(d: Tensor<D>) -> f64 {
 }
 
 impl Objective {
-    /// The group's own output on `x` `[n, cols]`, unrounded weights `w` stacked `[rows, cols]`.
-    pub fn own(x: Tensor<2>, w: &[f32], parts: &Parts, device: &Device) -> Self {
-        let rows: usize = parts.keys.iter().map(|p| p.1).sum();
-        let wt = model::transformer::tensor_from(
-            transpose(w, rows, parts.cols),
-            [parts.cols, rows],
-            device,
-        );
-        let reference = x.clone().matmul(wt);
+    /// The group's own output on `x` `[n, cols]` with its unrounded weights.
+    pub fn own(x: Tensor<2>, parts: &Parts, device: &Device) -> Self {
+        let reference = x.clone().matmul(parts.transposed(&parts.w, device));
         Self::Own { x, reference }
     }
 
@@ -132,13 +142,7 @@ impl Objective {
     pub fn error(&self, q: &[f32], parts: &Parts, rope: &Rope, device: &Device) -> f64 {
         match self {
             Self::Own { x, reference } => {
-                let rows: usize = parts.keys.iter().map(|p| p.1).sum();
-                let qt = model::transformer::tensor_from(
-                    transpose(q, rows, parts.cols),
-                    [parts.cols, rows],
-                    device,
-                );
-                let d = x.clone().matmul(qt) - reference.clone();
+                let d = x.clone().matmul(parts.transposed(q, device)) - reference.clone();
                 sq_sum(d) / reference.shape().num_elements() as f64
             }
             Self::Mlp { x, down, reference } => {
