@@ -4,6 +4,7 @@
 //! [`engine`] that runs one decoder block at a time over cached activations so a 7B model
 //! never has to fit in memory.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod compressed;
 pub mod config;

@@ -282,9 +282,16 @@ impl Attention {
             softcap: None,
             is_causal: causal,
         };
-        attention(q, k, v, mask, None, opts)
-            .swap_dims(1, 2)
-            .reshape([b, s, nh * hd])
+        let fused = causal
+            && mask.is_none()
+            && q.dims()[2] == t
+            && crate::attention::fused_applies(&q.device(), q.dtype());
+        let out = if fused {
+            crate::attention::causal_attention(q, k, v, 1.0 / (hd as f32).sqrt())
+        } else {
+            attention(q, k, v, mask, None, opts)
+        };
+        out.swap_dims(1, 2).reshape([b, s, nh * hd])
     }
 }
 
