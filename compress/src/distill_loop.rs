@@ -191,6 +191,7 @@ impl Run<'_> {
         trainer: &mut Trainer,
         log: &mut Vec<String>,
     ) -> anyhow::Result<(StepLog, f64, u64)> {
+        crate::alloc::keep_freed_memory();
         let (a, per_step) = (self.a, self.per_step);
         let order = distill::data::Order::new(self.items.len(), a.seed);
         let pb = crate::progress_bar("distill", self.sched.total as u64);

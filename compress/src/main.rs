@@ -2,6 +2,7 @@
 //! train decoder-only language models.
 //! Every failure prints one line naming the file and the problem and exits with code 2.
 
+mod alloc;
 mod calib;
 mod convert;
 mod distill_args;
