@@ -5,6 +5,7 @@
 //! optionally on LoRA adapters only ([`lora`]) or with fake-quantized linears
 //! (quantization-aware training, [`qat`]), or LoRA on a 4-bit NF4 base (QLoRA, [`qlora`]).
 
+pub mod adamw;
 pub mod cache;
 pub mod checkpoint;
 pub mod data;

@@ -117,7 +117,7 @@ impl CausalLm {
             .into_iter()
             .map(|t| t.expect("tapped block index within the model"))
             .collect();
-        (self.norm.forward(x), tapped)
+        (model::fused::rms_norm(&self.norm, x), tapped)
     }
 
     /// Logits `[batch * seq, vocab]` of equally long windows, rows in window-major order.

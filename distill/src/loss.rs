@@ -3,8 +3,8 @@
 //! mixed by weights. Every loss is summed over rows here; the training loop scales by the
 //! tokens of an optimizer step so accumulated micro-batches average correctly.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor};
+use model::fused::log_softmax;
 use serde::{Deserialize, Serialize};
 
 /// The divergence between teacher and student distributions.
@@ -65,7 +65,7 @@ impl LossSpec {
         let device = student.device();
         let w = weights.unwrap_or_else(|| Tensor::ones([n], &device));
         let rows = w.clone().sum().into_scalar::<f64>();
-        let logp = log_softmax(student.clone(), 1);
+        let logp = log_softmax(student.clone());
         let ce_rows = logp
             .clone()
             .gather(1, targets.unsqueeze_dim(1))
@@ -82,10 +82,10 @@ impl LossSpec {
             let s_log = if t == 1.0 {
                 logp
             } else {
-                log_softmax(student.div_scalar(t), 1)
+                log_softmax(student.div_scalar(t))
             };
             let (s_log, t_log) = match teacher {
-                Teacher::Logits(z) => (s_log, log_softmax(z.div_scalar(t), 1).detach()),
+                Teacher::Logits(z) => (s_log, log_softmax(z.div_scalar(t)).detach()),
                 Teacher::TopK { ids, logp } => bucketed(s_log, ids, logp.detach()),
             };
             let d_rows = divergence_rows(div, s_log, t_log) * w;
@@ -152,7 +152,7 @@ impl Teacher {
     /// Reduces live logits `[n, vocab]` to their top `k` at temperature `t`: the same
     /// coarsening a teacher cache stores, so a live run can use exactly a cached run's loss.
     pub fn top_k_of(logits: Tensor<2>, k: usize, t: f64) -> Self {
-        let (logp, ids) = log_softmax(logits.div_scalar(t), 1).topk_with_indices(k, 1);
+        let (logp, ids) = log_softmax(logits.div_scalar(t)).topk_with_indices(k, 1);
         Self::TopK { ids, logp }
     }
 }

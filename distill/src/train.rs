@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use model::transformer::Rope;
 use serde::{Deserialize, Serialize};
@@ -200,12 +200,12 @@ impl Trainer {
         clip: Option<f64>,
         device: &Device,
     ) -> Self {
-        let optim = AdamWConfig::new()
-            .with_beta_1(adamw.beta1 as f32)
-            .with_beta_2(adamw.beta2 as f32)
-            .with_epsilon(adamw.eps as f32)
-            .with_weight_decay(adamw.weight_decay as f32)
-            .init();
+        let optim = ModuleOptimizer::from(crate::adamw::FusedAdamW::new(crate::adamw::Hyper {
+            beta1: adamw.beta1 as f32,
+            beta2: adamw.beta2 as f32,
+            eps: adamw.eps as f32,
+            weight_decay: adamw.weight_decay as f32,
+        }));
         Self {
             // Path-derived ids: a saved optimizer record finds its parameters after a restart.
             student: Some(student.with_stable_ids()),

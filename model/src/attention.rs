@@ -14,7 +14,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::fused::{contiguous, flex};
 use rayon::prelude::*;
 
 /// Rows of the score matrix handled together: a block's columns stop at its last row.
@@ -24,9 +26,10 @@ const BLOCK: usize = 64;
 /// backend computes, autodiff records one node for the whole attention).
 #[backend_extension(Flex, Autodiff)]
 pub trait CausalAttentionOps: Backend {
-    /// `(out, lse)` of causal attention over `q`, `k`, `v` `[batch, heads, seq, head_dim]`
-    /// (keys and values already repeated to the query heads): `out` as `q`, `lse`
-    /// `[batch, heads, seq]` the log-sum-exp of each row's scaled scores.
+    /// `(out, lse)` of causal attention over `q` `[batch, heads, seq, head_dim]` and `k`,
+    /// `v` `[batch, kv_heads, seq, head_dim]` (grouped-query attention: query head `i` reads
+    /// key/value head `i / (heads / kv_heads)`): `out` as `q`, `lse` `[batch, heads, seq]`
+    /// the log-sum-exp of each row's scaled scores.
     fn causal_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -52,8 +55,9 @@ pub fn fused_applies(device: &Device, dtype: DType) -> bool {
     dtype == DType::F32 && device.is_autodiff() && device.clone().inner() == Device::flex()
 }
 
-/// Causal attention `[batch, heads, seq, head_dim]` through [`CausalAttentionOps`] with
-/// softmax scale `scale`; callers check [`fused_applies`] first.
+/// Causal attention of `q` `[batch, heads, seq, head_dim]` over `k`, `v` with `heads` or a
+/// divisor of it as their head count, through [`CausalAttentionOps`] with softmax scale
+/// `scale`; callers check [`fused_applies`] first.
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
     use burn::backend::Dispatch;
     let (out, _lse) = <Dispatch as CausalAttentionOps>::causal_attention_forward(
@@ -147,21 +151,19 @@ impl<B: Backend + CausalAttentionOps, C: CheckpointStrategy> CausalAttentionOps 
     }
 }
 
-/// Contiguous f32 values and the `[batch * heads, seq, head_dim]` sizes of a CPU tensor.
-fn values(t: &FlexTensor) -> (std::borrow::Cow<'_, [f32]>, [usize; 3]) {
+/// The sizes of a `[batch, heads, seq, head_dim]` tensor.
+fn dims4(t: &FlexTensor) -> [usize; 4] {
     let dims = t.layout().shape().to_vec();
     let [b, h, s, d] = dims[..] else {
         panic!("causal attention takes [batch, heads, seq, head_dim], got {dims:?}")
     };
-    let v = match t.as_slice::<f32>() {
-        Some(v) => std::borrow::Cow::Borrowed(v),
-        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
-    };
-    (v, [b * h, s, d])
+    [b, h, s, d]
 }
 
-fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
+/// Which key/value head (flat over batch) query head `i` (flat over batch) reads, with `h`
+/// query and `hk` key/value heads per batch row.
+fn kv_head(i: usize, h: usize, hk: usize) -> usize {
+    (i / h) * hk + (i % h) / (h / hk)
 }
 
 impl CausalAttentionOps for Flex {
@@ -171,19 +173,20 @@ impl CausalAttentionOps for Flex {
         v: FlexTensor,
         scale: f32,
     ) -> (FlexTensor, FlexTensor) {
-        let shape = q.layout().shape().to_vec();
-        let ((q, [n, s, d]), (k, _), (v, _)) = (values(&q), values(&k), values(&v));
-        let mut out = vec![0f32; n * s * d];
-        let mut lse = vec![0f32; n * s];
-        out.par_chunks_mut(s * d)
+        let ([b, h, s, d], [_, hk, _, _]) = (dims4(&q), dims4(&k));
+        let (q, k, v) = (contiguous(&q), contiguous(&k), contiguous(&v));
+        let sd = s * d;
+        let mut out = vec![0f32; b * h * sd];
+        let mut lse = vec![0f32; b * h * s];
+        out.par_chunks_mut(sd)
             .zip(lse.par_chunks_mut(s))
             .enumerate()
-            .for_each(|(h, (o, l))| {
-                let r = h * s * d..(h + 1) * s * d;
-                kernel::forward(&q[r.clone()], &k[r.clone()], &v[r], o, l, s, d, scale);
+            .for_each(|(i, (o, l))| {
+                let j = kv_head(i, h, hk);
+                let (kj, vj) = (&k[j * sd..(j + 1) * sd], &v[j * sd..(j + 1) * sd]);
+                kernel::forward(&q[i * sd..(i + 1) * sd], kj, vj, o, l, s, d, scale);
             });
-        let lse_shape = shape[..3].to_vec();
-        (flex(out, shape), flex(lse, lse_shape))
+        (flex(out, vec![b, h, s, d]), flex(lse, vec![b, h, s]))
     }
 
     fn causal_attention_backward(
@@ -195,42 +198,55 @@ impl CausalAttentionOps for Flex {
         grad: FlexTensor,
         scale: f32,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let shape = q.layout().shape().to_vec();
-        let (q, [n, s, d]) = values(&q);
-        let ((k, _), (v, _), (o, _), (g, _)) =
-            (values(&k), values(&v), values(&out), values(&grad));
-        let lse = lse.to_contiguous();
-        let lse = lse.as_slice::<f32>().expect("contiguous f32");
+        let ([b, h, s, d], [_, hk, _, _]) = (dims4(&q), dims4(&k));
+        let (q, k, v) = (contiguous(&q), contiguous(&k), contiguous(&v));
+        let (o, g, lse) = (contiguous(&out), contiguous(&grad), contiguous(&lse));
+        let sd = s * d;
+        // dk and dv per query head first, then summed over each key/value head's group.
         let (mut dq, mut dk, mut dv) = (
-            vec![0f32; n * s * d],
-            vec![0f32; n * s * d],
-            vec![0f32; n * s * d],
+            vec![0f32; b * h * sd],
+            vec![0f32; b * h * sd],
+            vec![0f32; b * h * sd],
         );
         (
-            dq.par_chunks_mut(s * d),
-            dk.par_chunks_mut(s * d),
-            dv.par_chunks_mut(s * d),
+            dq.par_chunks_mut(sd),
+            dk.par_chunks_mut(sd),
+            dv.par_chunks_mut(sd),
         )
             .into_par_iter()
             .enumerate()
-            .for_each(|(h, (dq, dk, dv))| {
-                let r = h * s * d..(h + 1) * s * d;
+            .for_each(|(i, (dq, dk, dv))| {
+                let (r, j) = (i * sd..(i + 1) * sd, kv_head(i, h, hk));
                 let head = kernel::Head {
                     q: &q[r.clone()],
-                    k: &k[r.clone()],
-                    v: &v[r.clone()],
+                    k: &k[j * sd..(j + 1) * sd],
+                    v: &v[j * sd..(j + 1) * sd],
                     o: &o[r.clone()],
-                    lse: &lse[h * s..(h + 1) * s],
+                    lse: &lse[i * s..(i + 1) * s],
                     s,
                     d,
                     scale,
                 };
                 kernel::backward(&head, &g[r], dq, dk, dv);
             });
+        let group = |per_query: Vec<f32>| -> Vec<f32> {
+            if hk == h {
+                return per_query;
+            }
+            let rep = h / hk;
+            let mut summed = vec![0f32; b * hk * sd];
+            summed.par_chunks_mut(sd).enumerate().for_each(|(j, dst)| {
+                let first = (j / hk) * h + (j % hk) * rep;
+                for src in per_query[first * sd..(first + rep) * sd].chunks(sd) {
+                    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+                }
+            });
+            summed
+        };
         (
-            flex(dq, shape.clone()),
-            flex(dk, shape.clone()),
-            flex(dv, shape),
+            flex(dq, vec![b, h, s, d]),
+            flex(group(dk), vec![b, hk, s, d]),
+            flex(group(dv), vec![b, hk, s, d]),
         )
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod fused;
 pub mod gguf;
 pub mod hash;
 pub mod io;

@@ -194,6 +194,9 @@ impl Rope {
 
 /// Rotates `x` `[batch, heads, seq, head_dim]` with tables `[seq, head_dim]`.
 fn rotate(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    if crate::fused::applies(&x.device(), x.dtype()) {
+        return crate::fused::rope(x, cos, sin);
+    }
     let hd = x.dims()[3];
     let (cos, sin) = (cos.unsqueeze::<4>(), sin.unsqueeze::<4>());
     let x1 = x.clone().narrow(3, 0, hd / 2);
@@ -266,6 +269,16 @@ impl Attention {
             }
         };
         let t = k.dims()[2];
+        let fused = causal
+            && mask.is_none()
+            && s == t
+            && crate::attention::fused_applies(&q.device(), q.dtype());
+        if fused {
+            // Grouped keys and values go in as they are: the kernel maps each query head to
+            // its key/value head.
+            let out = crate::attention::causal_attention(q, k, v, 1.0 / (hd as f32).sqrt());
+            return out.swap_dims(1, 2).reshape([b, s, nh * hd]);
+        }
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let expand = |x: Tensor<4>| {
@@ -282,15 +295,7 @@ impl Attention {
             softcap: None,
             is_causal: causal,
         };
-        let fused = causal
-            && mask.is_none()
-            && q.dims()[2] == t
-            && crate::attention::fused_applies(&q.device(), q.dtype());
-        let out = if fused {
-            crate::attention::causal_attention(q, k, v, 1.0 / (hd as f32).sqrt())
-        } else {
-            attention(q, k, v, mask, None, opts)
-        };
+        let out = attention(q, k, v, mask, None, opts);
         out.swap_dims(1, 2).reshape([b, s, nh * hd])
     }
 }
@@ -308,7 +313,7 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>, tap: &mut dyn FnMut(Tap, &Tensor<3>)) -> Tensor<3> {
-        let h = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        let h = crate::fused::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
         tap(Tap::DownInput, &h);
         self.down_proj.forward(h)
     }
@@ -418,7 +423,7 @@ impl DecoderLayer {
         }
         let lens: Vec<usize> = xs.iter().map(|x| x.dims()[1]).collect();
         let x = Tensor::cat(xs, 1);
-        let n = self.input_layernorm.forward(x.clone());
+        let n = crate::fused::rms_norm(&self.input_layernorm, x.clone());
         let a = &self.self_attn;
         let (q, k, v) = (
             a.q_proj.forward(n.clone()),
@@ -433,7 +438,7 @@ impl DecoderLayer {
             off += len;
         }
         let h = x + a.o_proj.forward(Tensor::cat(ctx, 1));
-        let n = self.post_attention_layernorm.forward(h.clone());
+        let n = crate::fused::rms_norm(&self.post_attention_layernorm, h.clone());
         let out = h + self.mlp.forward(n, &mut |_, _| {});
         let mut off = 0;
         lens.iter()
@@ -452,10 +457,10 @@ impl DecoderLayer {
         pos: Positions<'_>,
         tap: &mut dyn FnMut(Tap, &Tensor<3>),
     ) -> Tensor<3> {
-        let n = self.input_layernorm.forward(x.clone());
+        let n = crate::fused::rms_norm(&self.input_layernorm, x.clone());
         tap(Tap::QkvInput, &n);
         let h = x + self.self_attn.forward(n, pos, tap);
-        let n = self.post_attention_layernorm.forward(h.clone());
+        let n = crate::fused::rms_norm(&self.post_attention_layernorm, h.clone());
         tap(Tap::GateUpInput, &n);
         h + self.mlp.forward(n, tap)
     }

@@ -1,5 +1,7 @@
 use super::*;
-use burn::tensor::Distribution;
+use burn::tensor::TensorData;
+
+use crate::testkit::Rng;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
@@ -13,15 +15,20 @@ fn max_diff(a: &Tensor<4>, b: &Tensor<4>) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Output and gradients of q, k, v under `sum(out * w)`, by the fused op or burn's.
-fn run(fused: bool, shape: [usize; 4], seed: u64) -> [Tensor<4>; 4] {
+/// Output and gradients of q, k, v under `sum(out * w)`, by the fused op or burn's, with
+/// `kv` key/value heads.
+fn run(fused: bool, shape: [usize; 4], kv: usize, seed: u64) -> [Tensor<4>; 4] {
     let device = Device::flex().autodiff();
-    Device::flex().seed(seed);
-    let r = || Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex());
-    let (q, k, v, w) = (r(), r(), r(), r());
-    let on = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
-    let (q, k, v) = (on(&q), on(&k), on(&v));
-    let w = Tensor::<4>::from_data(w.to_data(), &device);
+    let [b, h, s, d] = shape;
+    // Deterministic values (the global RNG is shared by tests running in parallel).
+    let mut rng = Rng(seed);
+    let mut r = |shape: [usize; 4]| {
+        let n = shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n).map(|_| 2.0 * rng.next()).collect();
+        Tensor::<4>::from_data(TensorData::new(v, shape), &device)
+    };
+    let (q, k, v, w) = (r(shape), r([b, kv, s, d]), r([b, kv, s, d]), r(shape));
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
     let scale = 1.0 / (shape[3] as f32).sqrt();
     let out = if fused {
         assert!(fused_applies(&device, q.dtype()));
@@ -32,7 +39,19 @@ fn run(fused: bool, shape: [usize; 4], seed: u64) -> [Tensor<4>; 4] {
             softcap: None,
             is_causal: true,
         };
-        attention(q.clone(), k.clone(), v.clone(), None, None, opts)
+        let expand = |x: Tensor<4>| {
+            x.reshape([b, kv, 1, s, d])
+                .repeat_dim(2, h / kv)
+                .reshape([b, h, s, d])
+        };
+        attention(
+            q.clone(),
+            expand(k.clone()),
+            expand(v.clone()),
+            None,
+            None,
+            opts,
+        )
     };
     let grads = (out.clone() * w).sum().backward();
     let g = |t: &Tensor<4>| t.grad(&grads).expect("gradient");
@@ -41,13 +60,24 @@ fn run(fused: bool, shape: [usize; 4], seed: u64) -> [Tensor<4>; 4] {
 
 #[test]
 fn fused_attention_matches_burns_output_and_gradients() {
-    // 150 rows: three blocks, the last one partial.
-    for (shape, seed) in [([2, 3, 150, 16], 1), ([1, 2, 5, 8], 2), ([1, 1, 64, 4], 3)] {
-        let ours = run(true, shape, seed);
-        let burn = run(false, shape, seed);
+    // 150 rows: three blocks, the last one partial; grouped keys and values (6 query
+    // heads on 2 or 3 key/value heads) as in SmolLM2 and Llama.
+    let cases = [
+        ([2, 3, 150, 16], 3, 11),
+        ([1, 2, 5, 8], 2, 2),
+        ([1, 1, 64, 4], 1, 3),
+        ([2, 6, 70, 8], 2, 4),
+        ([1, 6, 33, 8], 3, 5),
+    ];
+    for (shape, kv, seed) in cases {
+        let ours = run(true, shape, kv, seed);
+        let burn = run(false, shape, kv, seed);
         for (name, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(ours.iter().zip(&burn)) {
             let diff = max_diff(a, b);
-            assert!(diff < 2e-5, "{shape:?} {name}: max difference {diff}");
+            assert!(
+                diff < 2e-5,
+                "{shape:?} kv {kv} {name}: max difference {diff}"
+            );
         }
     }
 }
