@@ -34,7 +34,9 @@ pub(super) fn rms_norm(x: &[f32], gamma: &[f32], eps: f32) -> (Vec<f32>, Vec<f32
 }
 
 /// `(dx, dgamma)` of RMSNorm: with `x̂ = x·rstd` and `ĝ = dy·gamma`,
-/// `dx = rstd·(ĝ − x̂·mean(ĝ·x̂))` and `dgamma = Σ_rows dy·x̂`.
+/// `dx = rstd·(ĝ − x̂·mean(ĝ·x̂))` and `dgamma = Σ_rows dy·x̂`. `dgamma` is summed over fixed
+/// blocks of rows, then block by block in order, so it does not depend on how rayon splits
+/// the work (a run's weights stay reproducible).
 pub(super) fn rms_norm_backward(
     x: &[f32],
     gamma: &[f32],
@@ -42,38 +44,40 @@ pub(super) fn rms_norm_backward(
     dy: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let n = gamma.len();
+    let block = min_rows(n);
     let mut dx = vec![0f32; x.len()];
-    let dgamma = dx
-        .par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .zip(dy.par_chunks(n))
-        .zip(rstd.par_iter())
-        .with_min_len(min_rows(n))
-        .fold(
-            || vec![0f32; n],
-            |mut acc, (((dx, x), dy), &r)| {
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(n * block)
+        .zip(x.par_chunks(n * block))
+        .zip(dy.par_chunks(n * block))
+        .zip(rstd.par_chunks(block))
+        .map(|(((dx, x), dy), rstd)| {
+            let mut acc = vec![0f32; n];
+            let rows = dx
+                .chunks_mut(n)
+                .zip(x.chunks(n))
+                .zip(dy.chunks(n))
+                .zip(rstd);
+            for (((dx, x), dy), &r) in rows {
                 let mut c = 0f32;
                 for ((x, dy), g) in x.iter().zip(dy).zip(gamma) {
                     c += dy * g * x * r;
                 }
                 c /= n as f32;
-                for ((((dx, x), dy), g), a) in
-                    dx.iter_mut().zip(x).zip(dy).zip(gamma).zip(acc.iter_mut())
-                {
+                let cols = dx.iter_mut().zip(x).zip(dy).zip(gamma).zip(acc.iter_mut());
+                for ((((dx, x), dy), g), a) in cols {
                     let xh = x * r;
                     *dx = r * (dy * g - xh * c);
                     *a += dy * xh;
                 }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+            }
+            acc
+        })
+        .collect();
+    let mut dgamma = vec![0f32; n];
+    for p in &partial {
+        dgamma.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
     (dx, dgamma)
 }
 

@@ -115,3 +115,28 @@ fn fused_ops_fall_back_off_the_autodiff_cpu_device() {
         0.0 + f32::EPSILON,
     );
 }
+
+#[test]
+fn rms_norm_weight_gradient_does_not_depend_on_the_thread_count() {
+    // Enough rows for many blocks; rayon splits them differently with 1 and 3 threads.
+    let (rows, n) = (5000, 48);
+    let mut rng = Rng(21);
+    let mut v = |len: usize| (0..len).map(|_| rng.next()).collect::<Vec<f32>>();
+    let (x, gamma, dy) = (v(rows * n), v(n), v(rows * n));
+    let rstd: Vec<f32> = x
+        .chunks(n)
+        .map(|r| 1.0 / (r.iter().map(|a| a * a).sum::<f32>() / n as f32 + 1e-5).sqrt())
+        .collect();
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| kernels::rms_norm_backward(&x, &gamma, &rstd, &dy).1)
+    };
+    let (one, three) = (on(1), on(3));
+    assert_eq!(
+        one.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+        three.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+    );
+}
