@@ -14,7 +14,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::Tensor;
 
 use crate::fused::{contiguous, flex};
 use rayon::prelude::*;
@@ -50,14 +50,9 @@ pub trait CausalAttentionOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// Whether [`causal_attention`] runs here: f32 tensors on the CPU backend's autodiff device.
-pub fn fused_applies(device: &Device, dtype: DType) -> bool {
-    dtype == DType::F32 && device.is_autodiff() && device.clone().inner() == Device::flex()
-}
-
 /// Causal attention of `q` `[batch, heads, seq, head_dim]` over `k`, `v` with `heads` or a
 /// divisor of it as their head count, through [`CausalAttentionOps`] with softmax scale
-/// `scale`; callers check [`fused_applies`] first.
+/// `scale`; callers check [`crate::fused::applies`] first.
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
     use burn::backend::Dispatch;
     let (out, _lse) = <Dispatch as CausalAttentionOps>::causal_attention_forward(

@@ -269,10 +269,8 @@ impl Attention {
             }
         };
         let t = k.dims()[2];
-        let fused = causal
-            && mask.is_none()
-            && s == t
-            && crate::attention::fused_applies(&q.device(), q.dtype());
+        let fused =
+            causal && mask.is_none() && s == t && crate::fused::applies(&q.device(), q.dtype());
         if fused {
             // Grouped keys and values go in as they are: the kernel maps each query head to
             // its key/value head.

@@ -1,5 +1,5 @@
 use super::*;
-use burn::tensor::TensorData;
+use burn::tensor::{Device, TensorData};
 
 use crate::testkit::Rng;
 use burn::tensor::module::attention;
@@ -31,7 +31,7 @@ fn run(fused: bool, shape: [usize; 4], kv: usize, seed: u64) -> [Tensor<4>; 4] {
     let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
     let scale = 1.0 / (shape[3] as f32).sqrt();
     let out = if fused {
-        assert!(fused_applies(&device, q.dtype()));
+        assert!(crate::fused::applies(&device, q.dtype()));
         causal_attention(q.clone(), k.clone(), v.clone(), scale)
     } else {
         let opts = AttentionModuleOptions {
@@ -80,11 +80,4 @@ fn fused_attention_matches_burns_output_and_gradients() {
             );
         }
     }
-}
-
-#[test]
-fn fused_attention_applies_only_to_f32_autodiff_on_the_cpu() {
-    assert!(fused_applies(&Device::flex().autodiff(), DType::F32));
-    assert!(!fused_applies(&Device::flex(), DType::F32));
-    assert!(!fused_applies(&Device::flex().autodiff(), DType::F64));
 }

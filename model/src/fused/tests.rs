@@ -106,7 +106,9 @@ fn fused_log_softmax_matches_burns_output_and_gradients() {
 
 #[test]
 fn fused_ops_fall_back_off_the_autodiff_cpu_device() {
+    assert!(applies(&Device::flex().autodiff(), DType::F32));
     assert!(!applies(&Device::flex(), DType::F32));
+    assert!(!applies(&Device::flex().autodiff(), DType::F64));
     let x = values_for([2, 8], 1.0, 17).inner();
     assert_close(
         "log_softmax",
