@@ -16,7 +16,8 @@ Run it with the peer virtualenv's python (scripts/bench/peer_lib.sh: peer_venv).
 llm-compressor settings, all its defaults except the scheme: integer weights, `group`
 strategy with --group columns per scale, asymmetric unless --sym, every Linear of the decoder
 blocks (lm_head ignored: tied to the embeddings here, and ours leaves it too); GPTQ
-dampening_frac 0.01, block_size 128, actorder None unless --actorder; AWQ its default
+dampening_frac 0.01, block_size 128, actorder None unless --actorder (passed to GPTQModifier
+itself: its own default, "static", overrides a scheme's None); AWQ its default
 mappings and duo scaling; pipeline "sequential" for the calibrated methods.
 """
 
@@ -86,7 +87,9 @@ def main():
     if a.method == "rtn":
         modifier = QuantizationModifier(**common)
     elif a.method == "gptq":
-        modifier = GPTQModifier(**common)
+        # GPTQModifier's own `actorder` defaults to "static" and overrides a scheme's None:
+        # pass ours explicitly, or the "no act-order" row would be static act-order.
+        modifier = GPTQModifier(**common, actorder=a.actorder)
     else:
         modifier = AWQModifier(**common)
 
