@@ -45,6 +45,42 @@ impl Lin {
     fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         matmul_t(x, m, &self.w, self.out, self.inp, self.b.as_deref())
     }
+
+    /// Linears sharing one input stacked into one (their output rows one after another):
+    /// one parallel matrix product instead of several per token.
+    fn stack(parts: Vec<Lin>) -> Self {
+        let inp = parts[0].inp;
+        debug_assert!(parts.iter().all(|p| p.inp == inp));
+        let bias = parts[0].b.is_some();
+        let mut w = Vec::with_capacity(parts.iter().map(|p| p.w.len()).sum());
+        let mut b = bias.then(Vec::new);
+        let mut out = 0;
+        for p in parts {
+            w.extend_from_slice(&p.w);
+            if let (Some(b), Some(pb)) = (b.as_mut(), p.b.as_ref()) {
+                b.extend_from_slice(pb);
+            }
+            out += p.out;
+        }
+        Self { w, b, out, inp }
+    }
+}
+
+/// The columns of `y [m, Σ widths]` split into one `[m, width]` matrix per width.
+fn split_cols(y: &[f32], m: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+    let n: usize = widths.iter().sum();
+    let mut start = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let mut part = Vec::with_capacity(m * w);
+            for r in 0..m {
+                part.extend_from_slice(&y[r * n + start..r * n + start + w]);
+            }
+            start += w;
+            part
+        })
+        .collect()
 }
 
 /// RMS norm of every row of `x` (width `gamma.len()`), in place.
@@ -59,16 +95,13 @@ fn rms_norm(x: &mut [f32], gamma: &[f32], eps: f32) {
     }
 }
 
-/// One decoder block's weights.
+/// One decoder block's weights; q/k/v and gate/up stacked ([`Lin::stack`]).
 struct Block {
     ln1: Vec<f32>,
-    q: Lin,
-    k: Lin,
-    v: Lin,
+    qkv: Lin,
     o: Lin,
     ln2: Vec<f32>,
-    gate: Lin,
-    up: Lin,
+    gate_up: Lin,
     down: Lin,
 }
 
@@ -118,13 +151,17 @@ impl Generator {
                     |n: &str, out, inp, bias| Lin::read(ckpt, &format!("{p}.{n}"), out, inp, bias);
                 Ok(Block {
                     ln1: ckpt.read(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    q: lin("self_attn.q_proj", q, h, c.qkv_bias())?,
-                    k: lin("self_attn.k_proj", kv, h, c.qkv_bias())?,
-                    v: lin("self_attn.v_proj", kv, h, c.qkv_bias())?,
+                    qkv: Lin::stack(vec![
+                        lin("self_attn.q_proj", q, h, c.qkv_bias())?,
+                        lin("self_attn.k_proj", kv, h, c.qkv_bias())?,
+                        lin("self_attn.v_proj", kv, h, c.qkv_bias())?,
+                    ]),
                     o: lin("self_attn.o_proj", h, q, c.o_bias())?,
                     ln2: ckpt.read(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    gate: lin("mlp.gate_proj", i, h, c.mlp_bias)?,
-                    up: lin("mlp.up_proj", i, h, c.mlp_bias)?,
+                    gate_up: Lin::stack(vec![
+                        lin("mlp.gate_proj", i, h, c.mlp_bias)?,
+                        lin("mlp.up_proj", i, h, c.mlp_bias)?,
+                    ]),
                     down: lin("mlp.down_proj", h, i, c.mlp_bias)?,
                 })
             })
@@ -264,9 +301,13 @@ impl Generator {
         for (l, blk) in self.blocks.iter().enumerate() {
             let mut a = x.clone();
             rms_norm(&mut a, &blk.ln1, d.eps);
-            let mut q = blk.q.forward(&a, m);
-            let mut k = blk.k.forward(&a, m);
-            let v = blk.v.forward(&a, m);
+            let (qd, kvd) = (d.heads * hd, d.kv_heads * hd);
+            let mut qkv = split_cols(&blk.qkv.forward(&a, m), m, &[qd, kvd, kvd]).into_iter();
+            let (mut q, mut k, v) = (
+                qkv.next().unwrap(),
+                qkv.next().unwrap(),
+                qkv.next().unwrap(),
+            );
             rotate(&mut q, d.heads, hd, batch, &cos, &sin);
             rotate(&mut k, d.kv_heads, hd, batch, &cos, &sin);
             self.keys[l].extend_from_slice(&k);
@@ -278,8 +319,9 @@ impl Generator {
             }
             let mut a = x.clone();
             rms_norm(&mut a, &blk.ln2, d.eps);
-            let mut g = blk.gate.forward(&a, m);
-            let u = blk.up.forward(&a, m);
+            let inter = blk.gate_up.out / 2;
+            let mut gu = split_cols(&blk.gate_up.forward(&a, m), m, &[inter, inter]).into_iter();
+            let (mut g, u) = (gu.next().unwrap(), gu.next().unwrap());
             for (gi, ui) in g.iter_mut().zip(&u) {
                 *gi = *gi / (1.0 + (-*gi).exp()) * ui;
             }

@@ -8,7 +8,8 @@
 #   LLAMA_BENCH (optional): a llama-bench binary built by hand from llama.cpp (this repository
 #   builds no peer). With it, single-sequence decoding is paired with llama.cpp's: the model
 #   converted to an F32 GGUF (`compress convert --type f32`), then ROUNDS (default 3) rounds
-#   of ours (`eval --speed`, TG tokens after a PP-token prompt) and llama-bench (`-p 0 -n TG`,
+#   of ours (`eval --speed`, TG tokens after a PP-token prompt) and llama-bench (`-d PP -n TG`:
+#   TG tokens generated after PP tokens of context,
 #   one repetition, same threads) in alternation, so both see the same machine; prints each
 #   round and the medians.
 set -euo pipefail
@@ -41,14 +42,14 @@ if [[ -n "${LLAMA_BENCH:-}" ]]; then
     [[ -f "$F32" ]] || "$BIN" convert "$MODEL" "$F32" --type f32 --force >/dev/null
     TH="${THREADS:-$(nproc)}"
     echo
-    echo "| round | ours tok/s (f32 reference engine) | llama.cpp F32 tok/s (llama-bench -n $TG) |"
+    echo "| round | ours tok/s (f32 reference engine) | llama.cpp F32 tok/s (llama-bench -d $PP -n $TG) |"
     echo "|---|---|---|"
     OURS_ALL=() PEER_ALL=()
     for r in $(seq 1 "${ROUNDS:-3}"); do
         "$BIN" eval "$MODEL" --speed --pp "$PP" --tg "$TG" --threads "$TH" \
             --json "$OUT/pair.json" --force >/dev/null
         O=$(python3 -c "import json;print('%.2f'%json.load(open('$OUT/pair.json'))['speed']['tg_tokens_per_second'])")
-        "$LLAMA_BENCH" -m "$F32" -p 0 -n "$TG" -t "$TH" -r 1 -o json >"$OUT/llama.json" 2>"$OUT/llama.log" ||
+        "$LLAMA_BENCH" -m "$F32" -p 0 -d "$PP" -n "$TG" -t "$TH" -r 1 -o json >"$OUT/llama.json" 2>"$OUT/llama.log" ||
             { echo "error: llama-bench failed ($OUT/llama.log)" >&2; tail -3 "$OUT/llama.log" >&2; exit 1; }
         P=$(python3 -c "import json;print('%.2f'%[x for x in json.load(open('$OUT/llama.json')) if x['n_gen'] > 0][0]['avg_ts'])")
         echo "| $r | $O | $P |"
