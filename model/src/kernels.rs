@@ -177,9 +177,7 @@ fn dot4x4_avx512(x: &[f32], w: &[f32]) -> [[f32; 4]; 4] {
             let mut lanes = [0f32; 16];
             // SAFETY: lanes holds 16 floats.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
-            let (xa, wb) = (&x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k]);
-            let tail: f32 = xa[full..].iter().zip(&wb[full..]).map(|(p, q)| p * q).sum();
-            lanes.iter().sum::<f32>() + tail
+            reduce(&lanes, &x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k], full)
         })
     })
 }
@@ -210,9 +208,7 @@ fn dot1xr_avx512<const R: usize>(x: &[f32], w: &[f32]) -> [f32; R] {
         let mut lanes = [0f32; 16];
         // SAFETY: lanes holds 16 floats.
         unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[b]) };
-        let wb = &w[b * k..(b + 1) * k];
-        let tail: f32 = x[full..].iter().zip(&wb[full..]).map(|(p, q)| p * q).sum();
-        lanes.iter().sum::<f32>() + tail
+        reduce(&lanes, x, &w[b * k..(b + 1) * k], full)
     })
 }
 
@@ -280,10 +276,16 @@ fn dot1xr_avx2<const R: usize>(x: &[f32], w: &[f32]) -> [f32; R] {
             _mm256_storeu_ps(lanes.as_mut_ptr(), lo[b]);
             _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi[b]);
         }
-        let wb = &w[b * k..(b + 1) * k];
-        let tail: f32 = x[full..].iter().zip(&wb[full..]).map(|(p, q)| p * q).sum();
-        lanes.iter().sum::<f32>() + tail
+        reduce(&lanes, x, &w[b * k..(b + 1) * k], full)
     })
+}
+
+/// The end of every vector kernel's dot product, as [`dot_plain`] ends it: the 16 partial
+/// sums added in order, then the products past the last whole 16 (`full` on) added to them.
+#[cfg(target_arch = "x86_64")]
+fn reduce(lanes: &[f32; 16], x: &[f32], w: &[f32], full: usize) -> f32 {
+    let tail: f32 = x[full..].iter().zip(&w[full..]).map(|(p, q)| p * q).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
