@@ -76,9 +76,10 @@ pub struct Args {
     /// AWQ: skip the per-channel scale search.
     #[arg(long)]
     pub(crate) no_awq_scale: bool,
-    /// AWQ: skip the clipping search.
+    /// AWQ: also run llm-awq's clipping search (each row and group's range shrunk to what best
+    /// keeps its partial outputs); off by default, as it made SmolLM2's W4 g64 student worse.
     #[arg(long)]
-    no_awq_clip: bool,
+    awq_clip: bool,
     /// AWQ: the candidate scales: `act` (default; mean|x|^α, llm-awq), `duo` (llm-compressor's
     /// duo scaling, mean|x|^α / mean|ŵ|^(1−α) with ŵ the weights over their group's largest,
     /// plus no scaling) or `both` (half the grid each).
@@ -131,7 +132,7 @@ pub struct Args {
     /// `load_in_8bit` for int8-absmax) and/or `dense`. The integer and calibration options do not apply.
     #[arg(long, value_enum, conflicts_with_all = [
         "bits", "group", "per_channel", "sym", "calib", "calib_samples", "calib_len", "seed",
-        "propagate", "act_order", "damp", "static_groups", "sink_weight", "no_awq_scale", "no_awq_clip", "awq_grid", "awq_objective",
+        "propagate", "act_order", "damp", "static_groups", "sink_weight", "no_awq_scale", "awq_clip", "awq_grid", "awq_objective",
         "sample_rows", "tensor_type", "target_bpw", "target_bytes",
     ])]
     pub(crate) scheme: Option<crate::quant_bnb::SchemeArg>,
@@ -559,7 +560,7 @@ pub(crate) fn method_options(a: &Args) -> MethodOptions {
         sink_weight: a.sink_weight,
         keep_latent: false,
         no_awq_scale: a.no_awq_scale,
-        no_awq_clip: a.no_awq_clip,
+        awq_clip: a.awq_clip,
         awq_grid: a.awq_grid,
         awq_objective: a.awq_objective,
         gguf: None,

@@ -173,8 +173,7 @@ fn dot4x4_avx512(x: &[f32], w: &[f32]) -> [[f32; 4]; 4] {
     }
     // The same reduction as dot_plain (the 16 partial sums in order, then the tail), for all
     // sixteen products at once.
-    // SAFETY: the CPU has AVX-512 (this function's own features).
-    let sums = unsafe { sum_lanes16(std::array::from_fn(|t| acc[t / 4][t % 4])) };
+    let sums = sum_lanes16(std::array::from_fn(|t| acc[t / 4][t % 4]));
     std::array::from_fn(|a| {
         std::array::from_fn(|b| {
             sums[a * 4 + b] + tail(&x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k], full)

@@ -297,9 +297,10 @@ fn methods_run_through_the_trait() {
     }
 }
 
-/// AWQ's integer path (scale search, clipping, then integer rounding of the folded weights):
-/// the integer forms are on the scheme's grid, the norms hold the folded 1/s, and the block
-/// built from them computes what the teacher does up to rounding, better than RTN does.
+/// AWQ's integer path (scale search, the clipping search when asked, then integer rounding of
+/// the folded weights): the integer forms are on the scheme's grid, the norms hold the folded
+/// 1/s, and the block built from them computes what the teacher does up to rounding: with
+/// clipping better than RTN, without it within 10% of RTN.
 /// Breakage caught: the clipping search keeping the worst ratio (`v < best_err[..]` made
 /// `v > best_err[..]`): the block error rose to RTN's.
 #[test]
@@ -307,9 +308,18 @@ fn awq_integer_path() {
     let tmp = tempfile::tempdir().unwrap();
     let b = block0(&tiny(tmp.path(), 4));
     let teacher = b.forward(&b.weights);
-    for sym in [false, true] {
+    let clipped = Awq {
+        clip_search: true,
+        ..Awq::default()
+    };
+    for (sym, awq_cfg) in [
+        (false, &Awq::default()),
+        (true, &Awq::default()),
+        (false, &clipped),
+        (true, &clipped),
+    ] {
         let scheme = QuantScheme::new(3, Some(32), sym).unwrap();
-        let (res, weights) = b.run(&Awq::default(), scheme);
+        let (res, weights) = b.run(awq_cfg, scheme);
         for (l, _) in LINEARS {
             let q = &res.linears[l];
             assert_eq!(q.groups, q.cols / 32);
@@ -333,7 +343,16 @@ fn awq_integer_path() {
         let awq = rel(&b.forward(&stored(&res, &weights)), &teacher);
         let (rtn_res, rtn_w) = b.run(&Rtn, scheme);
         let rtn = rel(&b.forward(&stored(&rtn_res, &rtn_w)), &teacher);
-        assert!(awq < 0.9 * rtn, "sym {sym}: awq {awq} vs rtn {rtn}");
+        // The clipping search is what beats RTN on this random block (it has none of the
+        // activation outliers the scales are for); the scales alone stay near RTN here,
+        // while on SmolLM2 they are what helps (BENCHMARKS.md, "AWQ without the clipping
+        // search").
+        let bound = if awq_cfg.clip_search { 0.9 } else { 1.1 };
+        assert!(
+            awq < bound * rtn,
+            "sym {sym} clip {}: awq {awq} vs rtn {rtn}",
+            awq_cfg.clip_search
+        );
     }
 }
 

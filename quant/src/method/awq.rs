@@ -82,7 +82,8 @@ pub enum AwqObjective {
 pub struct Awq {
     /// Search per-channel scales.
     pub scale_search: bool,
-    /// Search clipping ranges.
+    /// Search clipping ranges (llm-awq's `auto_clip`; off by default, see
+    /// [`super::MethodOptions::awq_clip`]).
     pub clip_search: bool,
     /// Grid points for alpha.
     pub grid: usize,
@@ -102,7 +103,7 @@ impl Awq {
     pub fn from_options(o: &super::MethodOptions) -> Self {
         Self {
             scale_search: !o.no_awq_scale,
-            clip_search: !o.no_awq_clip,
+            clip_search: o.awq_clip,
             candidates: o.awq_grid.unwrap_or_default(),
             objective: o.awq_objective.unwrap_or_default(),
             ..Self::default()
@@ -114,7 +115,7 @@ impl Default for Awq {
     fn default() -> Self {
         Self {
             scale_search: true,
-            clip_search: true,
+            clip_search: false,
             grid: 20,
             candidates: AwqGrid::default(),
             objective: AwqObjective::default(),

@@ -98,8 +98,9 @@ pub struct MethodOptions {
     pub gguf: Option<crate::gguf_export::TypePlan>,
     /// AWQ: skip the scale search.
     pub no_awq_scale: bool,
-    /// AWQ: skip the clipping search.
-    pub no_awq_clip: bool,
+    /// AWQ: run llm-awq's clipping search (off by default: on SmolLM2 W4 g64 it raised
+    /// perplexity from 26.31 to 29.56, BENCHMARKS.md "AWQ without the clipping search").
+    pub awq_clip: bool,
     /// AWQ: the grid's candidates (default [`awq::AwqGrid::Act`]).
     pub awq_grid: Option<awq::AwqGrid>,
     /// AWQ: the search objective (default [`awq::AwqObjective::Module`]).
@@ -133,7 +134,7 @@ impl MethodKind {
         }
     }
 
-    /// Errors when `o` sets an option of another method (`--damp` with RTN, `--no-awq-clip`
+    /// Errors when `o` sets an option of another method (`--damp` with RTN, `--awq-clip`
     /// with GPTQ): an option that does not apply is refused, never ignored.
     pub fn check_options(self, o: &MethodOptions) -> Result<(), QuantError> {
         let gptq = [
@@ -146,7 +147,7 @@ impl MethodKind {
         ];
         let awq = [
             (o.no_awq_scale, "--no-awq-scale"),
-            (o.no_awq_clip, "--no-awq-clip"),
+            (o.awq_clip, "--awq-clip"),
             (o.awq_grid.is_some(), "--awq-grid"),
             (o.awq_objective.is_some(), "--awq-objective"),
         ];
