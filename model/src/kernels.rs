@@ -330,15 +330,15 @@ fn dot1xr_avx2<const R: usize>(x: &[f32], w: &[f32]) -> [f32; R] {
     })
 }
 
-/// The end of every vector kernel's dot product, as [`dot_plain`] ends it: the 16 partial
+/// The end of every dot product here, vector kernels and [`dot_plain`] alike: the 16 partial
 /// sums added in order, then the products past the last whole 16 (`full` on) added to them.
-#[cfg(target_arch = "x86_64")]
+#[inline(always)]
 fn reduce(lanes: &[f32; 16], x: &[f32], w: &[f32], full: usize) -> f32 {
     lanes.iter().sum::<f32>() + tail(x, w, full)
 }
 
-/// The products past the last whole 16 (`full` on), summed as [`dot_plain`] sums them.
-#[cfg(target_arch = "x86_64")]
+/// The products past the last whole 16 (`full` on), in order.
+#[inline(always)]
 fn tail(x: &[f32], w: &[f32], full: usize) -> f32 {
     x[full..].iter().zip(&w[full..]).map(|(p, q)| p * q).sum()
 }
@@ -423,11 +423,12 @@ fn dot4_plain(x: &[f32], w: &[f32]) -> [f32; 4] {
             a3[i] = c3[i].mul_add(wc[i], a3[i]);
         }
     }
-    let fin = |a: &[f32; 16], xr: &[f32]| {
-        let tail: f32 = xr[full..].iter().zip(&w[full..]).map(|(p, q)| p * q).sum();
-        a.iter().sum::<f32>() + tail
-    };
-    [fin(&a0, x0), fin(&a1, x1), fin(&a2, x2), fin(&a3, x3)]
+    [
+        reduce(&a0, x0, w, full),
+        reduce(&a1, x1, w, full),
+        reduce(&a2, x2, w, full),
+        reduce(&a3, x3, w, full),
+    ]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -449,8 +450,8 @@ fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
             acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    debug_assert_eq!(ra.len(), rb.len(), "dot: rows of one length");
+    reduce(&acc, a, b, a.len() - ra.len())
 }
 
 #[cfg(test)]
