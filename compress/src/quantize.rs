@@ -89,7 +89,8 @@ pub struct Args {
     /// o_proj, gate/up through the whole MLP, as llm-awq) or `own` (each group's own outputs).
     #[arg(long, value_enum)]
     awq_objective: Option<quant::method::awq::AwqObjective>,
-    /// Calibration rows kept per layer for AWQ's searches and the error report.
+    /// Calibration tokens AWQ's scale search scores each candidate on (whole windows, rounded
+    /// up to a window), and rows kept per layer for the error report.
     #[arg(long, default_value_t = 2048)]
     pub(crate) sample_rows: usize,
     /// Output: an HF folder (dense or packed model and quant_report.json), or with a GGUF

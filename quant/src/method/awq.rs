@@ -8,9 +8,9 @@
 //! The candidates: `mean|x|^α` ([`AwqGrid::Act`], llm-awq's, the default), or llm-compressor's
 //! `mean|x|^α / mean|ŵ|^(1−α)` with ŵ the weights normalised per quantization group
 //! ([`AwqGrid::Duo`], whose grid also holds α = 0 without weights, i.e. no scaling). The objective is the module output (attention through `o_proj` for q/k/v, the
-//! whole MLP for gate/up, see [`objective`]) on `sample_rows` calibration tokens: whole
-//! windows for the attention, strided rows for the others (llm-compressor scores all
-//! tokens; a sample keeps CPU time near that of rounding).
+//! whole MLP for gate/up, see [`objective`]) on whole calibration windows, about
+//! `sample_rows` tokens (llm-compressor scores all tokens; a few windows keep CPU time near
+//! that of rounding, and whole windows keep the attention sink at its natural weight).
 
 mod clip;
 mod objective;
@@ -188,7 +188,33 @@ fn weight_means(
     Ok(sum.into_iter().map(|s| s / rows.max(1) as f64).collect())
 }
 
-/// Block inputs to score the attention on: whole windows spread over the calibration set,
+/// The inputs of the o, gate/up and down groups on whole `windows`, `[tokens, width]` each.
+/// Whole windows keep each position at its natural weight: the first position's activations
+/// (the attention sink) are outliers a strided sample either misses or over-weights.
+fn window_rows(
+    block: &model::transformer::DecoderLayer,
+    windows: &[Tensor<3>],
+    rope: &Rope,
+) -> HashMap<Tap, Tensor<2>> {
+    let mut parts: HashMap<Tap, Vec<Tensor<2>>> = HashMap::new();
+    for x in windows {
+        block.forward_tapped(x.clone(), rope, &mut |tap, t| {
+            if tap != Tap::QkvInput {
+                let [b, s, w] = t.dims();
+                parts
+                    .entry(tap)
+                    .or_default()
+                    .push(t.clone().reshape([b * s, w]));
+            }
+        });
+    }
+    parts
+        .into_iter()
+        .map(|(tap, ts)| (tap, Tensor::cat(ts, 0)))
+        .collect()
+}
+
+/// Block inputs to score the modules on: whole windows spread over the calibration set,
 /// about `rows` tokens (at least one window).
 fn pick_windows(inputs: &[Tensor<3>], rows: usize) -> Vec<Tensor<3>> {
     let mut out = Vec::new();
@@ -312,6 +338,14 @@ impl Awq {
         search: &mut ScaleSearch<'_, '_>,
     ) -> Result<(), QuantError> {
         let o_foldable = cfg.num_kv_heads() == cfg.num_attention_heads;
+        // The rows every objective is scored on: whole windows when the block inputs are
+        // at hand, else (a staged run without them) the strided sample of each tap.
+        let windows = pick_windows(search.inputs, search.stats[&Tap::QkvInput].sample_rows());
+        let mut rows = if windows.is_empty() {
+            HashMap::new()
+        } else {
+            window_rows(&weights.build(cfg, device), &windows, search.rope)
+        };
         let groups: Vec<(Tap, Vec<&str>, &str)> = vec![
             (
                 Tap::QkvInput,
@@ -333,28 +367,34 @@ impl Awq {
                 continue;
             }
             let stats = &search.stats[&tap];
-            let n = stats.sample_rows();
             let parts = Parts::of(weights, &linears);
+            let x = || {
+                rows.get(&tap).cloned().unwrap_or_else(|| {
+                    to_dev(
+                        stats.sample.clone(),
+                        stats.sample_rows(),
+                        stats.width,
+                        device,
+                    )
+                })
+            };
             // Built from the current weights: earlier groups' scales are folded in, so the
             // block still computes the original function on the original inputs.
             let objective = match (self.objective, tap) {
-                (AwqObjective::Module, Tap::QkvInput) if !search.inputs.is_empty() => {
-                    let block = weights.build(cfg, device);
-                    Objective::attention(&pick_windows(search.inputs, n), &block, search.rope)
+                (AwqObjective::Module, Tap::QkvInput) if !windows.is_empty() => {
+                    Objective::attention(&windows, &weights.build(cfg, device), search.rope)
                 }
                 (AwqObjective::Module, Tap::GateUpInput) => {
-                    let block = weights.build(cfg, device);
-                    Objective::mlp(to_dev(stats.sample.clone(), n, stats.width, device), &block)
+                    Objective::mlp(x(), &weights.build(cfg, device))
                 }
-                _ => {
-                    let x = to_dev(stats.sample.clone(), n, stats.width, device);
-                    Objective::own(x, &parts, device)
-                }
+                _ => Objective::own(x(), &parts, device),
             };
             let s = self.scale_group(
                 weights, device, stats, &parts, &linears, prev, &objective, search,
             )?;
-            // The inputs of the scaled group are now x / s.
+            // The inputs of the scaled group are now x / s. Its window rows are not used
+            // again: a fold changes only the inputs of the group it scales.
+            rows.remove(&tap);
             let e = search.stats.get_mut(&tap).expect("captured");
             let w = e.width;
             e.sample
@@ -456,5 +496,58 @@ impl QuantMethod for Awq {
             stats,
             outputs: Outputs::Teacher(outputs),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::testkit;
+
+    /// The rows AWQ scores o, gate/up and down on are every position of the picked windows,
+    /// the first (attention sink) included, exactly as the block computes them.
+    /// Breakage caught: starting the rows at position 1 (as the strided sample does) fails the
+    /// row count and the comparison.
+    #[test]
+    fn window_rows_are_every_position_of_the_windows() {
+        let tmp = tempfile::tempdir().unwrap();
+        testkit::write_hf(tmp.path(), &testkit::tiny_config(), 3, |_, _| {});
+        let ckpt = model::Checkpoint::open(tmp.path()).unwrap();
+        let cfg = ckpt.config().clone();
+        let device = model::default_device();
+        let block = BlockWeights::read(&ckpt, 0).unwrap().build(&cfg, &device);
+        let rope = Rope::new(&cfg, 8, &device);
+        let mut rng = testkit::Rng(0x9e37_79b9_7f4a_7c15);
+        let inputs: Vec<Tensor<3>> = (0..5)
+            .map(|_| {
+                let v: Vec<f32> = (0..8 * cfg.hidden_size).map(|_| rng.next()).collect();
+                model::transformer::tensor_from(v, [1, 8, cfg.hidden_size], &device)
+            })
+            .collect();
+        let windows = pick_windows(&inputs, 20);
+        assert_eq!(
+            windows.len(),
+            3,
+            "20 tokens of 8-token windows: three windows"
+        );
+        let rows = window_rows(&block, &windows, &rope);
+        assert!(!rows.contains_key(&Tap::QkvInput));
+        for tap in [Tap::OInput, Tap::GateUpInput, Tap::DownInput] {
+            let mut want = Vec::new();
+            for x in &windows {
+                block.forward_tapped(x.clone(), &rope, &mut |t, v| {
+                    if t == tap {
+                        want.extend(v.clone().into_data().try_into_vec::<f32>().unwrap());
+                    }
+                });
+            }
+            let got = rows[&tap]
+                .clone()
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
+            assert_eq!(rows[&tap].dims()[0], 24, "{tap:?}");
+            assert_eq!(got, want, "{tap:?}");
+        }
     }
 }
