@@ -10,12 +10,16 @@
 # CHUNKS chunks, KLD from the teacher). CPU seconds are user+sys of each tool's process.
 #   ROWS (space-separated globs of row keys, e.g. "gptq-*"; default all), OUT (default
 #   /tmp/peers-bench), CALIB_SAMPLES (128), THREADS (default: all cores), RESUME (0: redo
-#   everything; 1 keeps finished rows), BUILD, COMPRESS_BIN.
-# Writes OUT/rows.jsonl and OUT/table.md.
+#   everything; 1 keeps finished rows), PEER_CACHE (1: reuse a peer result measured on the
+#   same windows, arguments, peer version and peer_quant.py; 0: run the peer again), BUILD,
+#   COMPRESS_BIN.
+# Writes OUT/rows.jsonl and OUT/table.md; the table names every peer row taken from the cache
+# and when it was measured.
 set -euo pipefail
 OUT="${OUT:-/tmp/peers-bench}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 RESUME="${RESUME:-0}"
+PEER_CACHE="${PEER_CACHE:-1}"
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/peer_lib.sh"
 peer_venv
@@ -46,6 +50,18 @@ score() {
 cost() { python3 -c "w,u,s,m=open('$OUT/time').read().split();print('{\"wall_s\":%s,\"cpu_s\":%.2f,\"rss_mib\":%.1f}'%(w,float(u)+float(s),int(m)/1024))"; }
 
 IDS="$OUT/calib-ids.json"
+mkdir -p "$OUT/peer-cache"
+# peer_hash: what the peer's row is a function of (its version, peer_quant.py, its arguments
+# and the calibration windows' token ids, not where OUT is), so a cached row is only reused
+# for the same inputs.
+peer_hash() {
+    {
+        echo "$VERSIONS"
+        cat "$ROOT/scripts/bench/peer_quant.py" "$ROOT/scripts/bench/peer_common.py"
+        echo "${PEER[*]//"$OUT"/OUT}"
+        if [[ " ${PEER[*]} " == *" --calib-ids "* ]]; then cat "$IDS"; fi
+    } | sha256sum | cut -c1-16
+}
 for KEY in rtn-g64-asym gptq-g64-asym gptqao-g64-asym awq-g64-asym rtn-g128-sym gptq-g128-sym gptqao-g128-sym awq-g128-sym; do
     want "$KEY" || continue
     [[ "$RESUME" == 1 ]] && grep -q "\"key\": \"$KEY\"" "$ROWS_FILE" && continue
@@ -65,6 +81,13 @@ for KEY in rtn-g64-asym gptq-g64-asym gptqao-g64-asym awq-g64-asym rtn-g128-sym 
     fi
     OC=$(cost)
     OS=$(score "$OUT/$KEY-ours")
+    CACHED="$OUT/peer-cache/$KEY-$(peer_hash).json"
+    if [[ "$PEER_CACHE" == 1 && -s "$CACHED" ]]; then
+        say "$KEY: llm-compressor's row from $CACHED (same windows, arguments and version)"
+        python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(json.dumps({'key':sys.argv[2],'ours':json.loads(sys.argv[3]),'ours_cost':json.loads(sys.argv[4]),**d}))" \
+            "$CACHED" "$KEY" "$OS" "$OC" >>"$ROWS_FILE"
+        continue
+    fi
     say "$KEY: llm-compressor"
     if timed "$OUT/$KEY-peer.log" "$PEER_PY" "$ROOT/scripts/bench/peer_quant.py" --model "$HF" "${PEER[@]}" \
         ${THREADS:+--threads "$THREADS"} --out "$OUT/$KEY-peer"; then
@@ -75,6 +98,7 @@ for KEY in rtn-g64-asym gptq-g64-asym gptqao-g64-asym awq-g64-asym rtn-g128-sym 
         PC=null
         PS=$(python3 -c "import json,sys;print(json.dumps({'refused':sys.argv[1]}))" "$(grep -v '^\s*$' "$OUT/$KEY-peer.log" | tail -1 | cut -c1-160)")
     fi
+    echo "{\"peer\": $PS, \"peer_cost\": $PC, \"peer_measured\": \"$(date -u +%FT%TZ)\"}" >"$CACHED"
     echo "{\"key\": \"$KEY\", \"ours\": $OS, \"ours_cost\": $OC, \"peer\": $PS, \"peer_cost\": $PC}" >>"$ROWS_FILE"
 done
 
@@ -92,6 +116,10 @@ for r in rows:
         out.append(f"| {r['key']} | {o['ppl']:.3f} ± {o['se']:.3f} | refused: {p['refused']} | {o['kld']:.5f} | - | {oc['cpu_s']:.0f} | - | {oc['rss_mib']:.0f} | - |")
     else:
         out.append(f"| {r['key']} | {o['ppl']:.3f} ± {o['se']:.3f} | {p['ppl']:.3f} ± {p['se']:.3f} | {o['kld']:.5f} | {p['kld']:.5f} | {oc['cpu_s']:.0f} | {pc['cpu_s']:.0f} | {oc['rss_mib']:.0f} | {pc['rss_mib']:.0f} |")
+cached = [f"{r['key']} (measured {r['peer_measured']})" for r in rows if "peer_measured" in r]
+if cached:
+    out += ["", "Peer rows reused from an earlier run on the same windows, arguments and version: "
+            + ", ".join(cached) + "."]
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 EOF
