@@ -188,18 +188,19 @@ fn weight_means(
     Ok(sum.into_iter().map(|s| s / rows.max(1) as f64).collect())
 }
 
-/// The inputs of the o, gate/up and down groups on whole `windows`, `[tokens, width]` each.
+/// The inputs of the groups at `taps` on whole `windows`, `[tokens, width]` each.
 /// Whole windows keep each position at its natural weight: the first position's activations
 /// (the attention sink) are outliers a strided sample either misses or over-weights.
 fn window_rows(
     block: &model::transformer::DecoderLayer,
     windows: &[Tensor<3>],
     rope: &Rope,
+    taps: &[Tap],
 ) -> HashMap<Tap, Tensor<2>> {
     let mut parts: HashMap<Tap, Vec<Tensor<2>>> = HashMap::new();
     for x in windows {
         block.forward_tapped(x.clone(), rope, &mut |tap, t| {
-            if tap != Tap::QkvInput {
+            if taps.contains(&tap) {
                 let [b, s, w] = t.dims();
                 parts
                     .entry(tap)
@@ -341,10 +342,16 @@ impl Awq {
         // The rows every objective is scored on: whole windows when the block inputs are
         // at hand, else (a staged run without them) the strided sample of each tap.
         let windows = pick_windows(search.inputs, search.stats[&Tap::QkvInput].sample_rows());
+        // (q/k/v are scored through the attention on the windows themselves.)
+        let taps: &[Tap] = if o_foldable {
+            &[Tap::OInput, Tap::GateUpInput, Tap::DownInput]
+        } else {
+            &[Tap::GateUpInput, Tap::DownInput]
+        };
         let mut rows = if windows.is_empty() {
             HashMap::new()
         } else {
-            window_rows(&weights.build(cfg, device), &windows, search.rope)
+            window_rows(&weights.build(cfg, device), &windows, search.rope, taps)
         };
         let groups: Vec<(Tap, Vec<&str>, &str)> = vec![
             (
@@ -530,8 +537,9 @@ mod tests {
             3,
             "20 tokens of 8-token windows: three windows"
         );
-        let rows = window_rows(&block, &windows, &rope);
-        assert!(!rows.contains_key(&Tap::QkvInput));
+        let taps = [Tap::OInput, Tap::GateUpInput, Tap::DownInput];
+        let rows = window_rows(&block, &windows, &rope, &taps);
+        assert_eq!(rows.len(), 3);
         for tap in [Tap::OInput, Tap::GateUpInput, Tap::DownInput] {
             let mut want = Vec::new();
             for x in &windows {
