@@ -11,7 +11,7 @@
 #   ROWS (space-separated globs of row keys, e.g. "gptq-*"; default all), OUT (default
 #   /tmp/peers-bench), CALIB_SAMPLES (128), THREADS (default: all cores), RESUME (0: redo
 #   everything; 1 keeps finished rows), PEER_CACHE (1: reuse a peer result measured on the
-#   same windows, arguments, peer version and peer_quant.py; 0: run the peer again), BUILD,
+#   same windows, arguments, peer version and peer scripts; 0: run the peer again), BUILD,
 #   COMPRESS_BIN.
 # Writes OUT/rows.jsonl and OUT/table.md; the table names every peer row taken from the cache
 # and when it was measured.
@@ -62,6 +62,12 @@ peer_hash() {
         if [[ " ${PEER[*]} " == *" --calib-ids "* ]]; then cat "$IDS"; fi
     } | sha256sum | cut -c1-16
 }
+# row CACHED CACHED_OR_FRESH: one line of rows.jsonl, our figures with the peer's from CACHED
+# (a fresh row drops the measurement time, which the table only names for reused rows).
+row() {
+    python3 -c "import json,sys;d=json.load(open(sys.argv[1]));sys.argv[5]=='fresh' and d.pop('peer_measured');print(json.dumps({'key':sys.argv[2],'ours':json.loads(sys.argv[3]),'ours_cost':json.loads(sys.argv[4]),**d}))" \
+        "$1" "$KEY" "$OS" "$OC" "$2" >>"$ROWS_FILE"
+}
 for KEY in rtn-g64-asym gptq-g64-asym gptqao-g64-asym awq-g64-asym rtn-g128-sym gptq-g128-sym gptqao-g128-sym awq-g128-sym; do
     want "$KEY" || continue
     [[ "$RESUME" == 1 ]] && grep -q "\"key\": \"$KEY\"" "$ROWS_FILE" && continue
@@ -84,8 +90,7 @@ for KEY in rtn-g64-asym gptq-g64-asym gptqao-g64-asym awq-g64-asym rtn-g128-sym 
     CACHED="$OUT/peer-cache/$KEY-$(peer_hash).json"
     if [[ "$PEER_CACHE" == 1 && -s "$CACHED" ]]; then
         say "$KEY: llm-compressor's row from $CACHED (same windows, arguments and version)"
-        python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(json.dumps({'key':sys.argv[2],'ours':json.loads(sys.argv[3]),'ours_cost':json.loads(sys.argv[4]),**d}))" \
-            "$CACHED" "$KEY" "$OS" "$OC" >>"$ROWS_FILE"
+        row "$CACHED" cached
         continue
     fi
     say "$KEY: llm-compressor"
@@ -98,8 +103,10 @@ for KEY in rtn-g64-asym gptq-g64-asym gptqao-g64-asym awq-g64-asym rtn-g128-sym 
         PC=null
         PS=$(python3 -c "import json,sys;print(json.dumps({'refused':sys.argv[1]}))" "$(grep -v '^\s*$' "$OUT/$KEY-peer.log" | tail -1 | cut -c1-160)")
     fi
-    echo "{\"peer\": $PS, \"peer_cost\": $PC, \"peer_measured\": \"$(date -u +%FT%TZ)\"}" >"$CACHED"
-    echo "{\"key\": \"$KEY\", \"ours\": $OS, \"ours_cost\": $OC, \"peer\": $PS, \"peer_cost\": $PC}" >>"$ROWS_FILE"
+    # Written whole, then renamed: an interrupted run leaves no partial cache entry.
+    echo "{\"peer\": $PS, \"peer_cost\": $PC, \"peer_measured\": \"$(date -u +%FT%TZ)\"}" >"$CACHED.tmp"
+    mv "$CACHED.tmp" "$CACHED"
+    row "$CACHED" fresh
 done
 
 python3 - "$ROWS_FILE" "$OUT/table.md" "$VERSIONS" "$CHUNKS" "$CALIB_SAMPLES" <<'EOF'
